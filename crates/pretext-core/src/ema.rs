@@ -1,0 +1,118 @@
+//! Exponential moving average of one set of parameters into another
+//! (MoCo's key encoder, mean-teacher style twins).
+
+use crate::{Error, Result};
+use candle_nn::VarMap;
+use std::collections::HashMap;
+
+/// `target = momentum * target + (1 - momentum) * source`, parameter by parameter, by name.
+///
+/// Both maps must hold the same names with the same shapes; `target` is
+/// never seen by an optimizer.
+///
+/// # Errors
+/// [`Error::Config`] listing names present in one map and not the other, or a shape mismatch.
+pub fn ema_update(target: &VarMap, source: &VarMap, momentum: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&momentum) {
+        return Err(Error::Config(format!("EMA momentum {momentum} must lie in [0, 1]")));
+    }
+    let src: HashMap<String, candle_core::Var> = crate::init::named_vars(source).into_iter().collect();
+    let dst = crate::init::named_vars(target);
+    let missing: Vec<&String> = dst.iter().map(|(n, _)| n).filter(|n| !src.contains_key(*n)).collect();
+    if !missing.is_empty() || src.len() != dst.len() {
+        let extra: Vec<&String> = src.keys().filter(|k| !dst.iter().any(|(n, _)| n == *k)).collect();
+        return Err(Error::Config(format!(
+            "EMA: parameter sets differ (only in target: {missing:?}, only in source: {extra:?})"
+        )));
+    }
+    for (name, t) in dst {
+        let s = &src[&name];
+        if s.dims() != t.dims() {
+            return Err(Error::Config(format!(
+                "EMA: {name} has shape {:?} in the target and {:?} in the source",
+                t.dims(),
+                s.dims()
+            )));
+        }
+        let new = ((t.as_tensor().detach() * momentum)? + (s.as_tensor().detach() * (1.0 - momentum))?)?;
+        t.set(&new)?;
+    }
+    Ok(())
+}
+
+/// Copies every parameter of `source` into `target` (by name), e.g. to start
+/// a key encoder equal to the query encoder. Values are copied, not shared.
+///
+/// # Errors
+/// As [`ema_update`].
+pub fn copy_params(target: &VarMap, source: &VarMap) -> Result<()> {
+    ema_update(target, source, 0.0)
+}
+
+/// MoCo's / BYOL's momentum schedule: from `base` at step 0 up to 1 at
+/// `total`, following `1 - (1 - base) * (cos(pi * step / total) + 1) / 2`.
+pub fn cosine_momentum(step: u64, total: u64, base: f64) -> f64 {
+    if total == 0 || step >= total {
+        return 1.0;
+    }
+    let p = step as f64 / total as f64;
+    1.0 - (1.0 - base) * ((std::f64::consts::PI * p).cos() + 1.0) / 2.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::Init;
+
+    fn map_with(name: &str, vals: &[f32]) -> Result<VarMap> {
+        let m = VarMap::new();
+        let v = m.get(vals.len(), name, Init::Const(0.0), DType::F32, &Device::Cpu)?;
+        let _ = v;
+        let mut m2 = m.clone();
+        m2.set_one(name, Tensor::new(vals, &Device::Cpu)?)?;
+        Ok(m)
+    }
+
+    #[test]
+    fn ema_update_matches_formula() -> Result<()> {
+        let target = map_with("w", &[1.0, 2.0, 3.0])?;
+        let source = map_with("w", &[3.0, 2.0, -1.0])?;
+        ema_update(&target, &source, 0.9)?;
+        let t = crate::init::named_tensors(&target);
+        let v = t[0].1.to_vec1::<f32>()?;
+        let want = [0.9 * 1.0 + 0.1 * 3.0, 2.0, 0.9 * 3.0 - 0.1];
+        for (a, b) in v.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{v:?}");
+        }
+        // the source is untouched
+        assert_eq!(crate::init::named_tensors(&source)[0].1.to_vec1::<f32>()?, vec![3.0, 2.0, -1.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn copy_params_copies_not_shares() -> Result<()> {
+        let target = map_with("w", &[0.0, 0.0])?;
+        let mut source = map_with("w", &[5.0, 6.0])?;
+        copy_params(&target, &source)?;
+        source.set_one("w", Tensor::new(&[7.0f32, 7.0], &Device::Cpu)?)?;
+        assert_eq!(crate::init::named_tensors(&target)[0].1.to_vec1::<f32>()?, vec![5.0, 6.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn ema_rejects_mismatched_maps() -> Result<()> {
+        let target = map_with("a", &[0.0])?;
+        let source = map_with("b", &[0.0])?;
+        let err = ema_update(&target, &source, 0.5).expect_err("names differ");
+        assert!(err.to_string().contains("\"a\""), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn cosine_momentum_goes_to_one() {
+        assert!((cosine_momentum(0, 100, 0.99) - 0.99).abs() < 1e-12);
+        assert!((cosine_momentum(50, 100, 0.99) - 0.995).abs() < 1e-12);
+        assert_eq!(cosine_momentum(100, 100, 0.99), 1.0);
+    }
+}

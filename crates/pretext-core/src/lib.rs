@@ -1,0 +1,35 @@
+//! The shared core of pretext: what every paradigm needs and nothing
+//! paradigm-specific.
+//!
+//! - [`device`]: `cpu` / `cuda:N` selection with clear errors;
+//! - [`seed`]: one seed, counter-based random streams (init, data order,
+//!   augmentation, masking), so resuming needs no generator state;
+//! - [`init`]: seeded parameter initialisation ([`SeededVarMap`]);
+//! - [`optim`]: AdamW, SGD (momentum, Nesterov) and LARS with state by parameter name;
+//! - [`schedule`]: warmup + cosine / linear / constant learning rates as pure functions;
+//! - [`ema`]: exponential moving averages of parameters (MoCo's key encoder);
+//! - [`checkpoint`]: atomic safetensors checkpoints, `latest`, retention, strict loading;
+//! - [`run`]: the run directory, `config.toml` and `metrics.jsonl`;
+//! - [`trainer`]: the training loop ([`Trainer`], [`Method`], [`BatchSource`], [`Observer`]).
+//!
+//! This crate must not know about datasets, models or losses of a particular paradigm.
+
+pub mod checkpoint;
+pub mod device;
+pub mod ema;
+mod error;
+pub mod init;
+pub mod optim;
+pub mod run;
+pub mod schedule;
+pub mod seed;
+pub mod trainer;
+
+pub use checkpoint::{Checkpoint, CheckpointManager, TrainerState};
+pub use device::{select_device, DeviceSpec};
+pub use error::{Error, Result};
+pub use init::SeededVarMap;
+pub use optim::{Optim, OptimConfig, OptimKind};
+pub use run::{MetricsLog, RunDir};
+pub use schedule::{ScheduleConfig, ScheduleKind};
+pub use trainer::{BatchSource, Method, NullObserver, Observer, StepCx, StepOut, StepReport, TrainConfig, Trainer};

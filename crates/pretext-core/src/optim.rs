@@ -1,0 +1,621 @@
+//! Optimizers whose state is kept by parameter name: AdamW, SGD (momentum,
+//! Nesterov) and LARS.
+//!
+//! Every optimizer follows the update rule of its PyTorch namesake
+//! (`torch.optim.AdamW`, `torch.optim.SGD`) or, for LARS, of the SimCLR
+//! reference implementation, so the same hyper-parameters mean the same thing.
+//! Moments are saved as `<param>.exp_avg`, `<param>.exp_avg_sq` and
+//! `<param>.momentum_buffer`, plus the scalar `step`.
+
+use crate::{Error, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// An optimizer over a fixed set of named parameters.
+pub trait Optim: Send {
+    /// Applies one update with learning rate `lr`. Parameters without a
+    /// gradient are left unchanged (as in PyTorch).
+    ///
+    /// # Errors
+    /// A tensor operation failed.
+    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()>;
+
+    /// The optimizer state, by name (moments keyed by parameter name, and `step`).
+    fn state(&self) -> Vec<(String, Tensor)>;
+
+    /// Restores a state produced by [`Optim::state`].
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the key when a moment is missing, unexpected or of the wrong shape.
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
+
+    /// Number of updates applied so far.
+    fn steps_taken(&self) -> u64;
+}
+
+/// Which optimizer to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimKind {
+    /// Adam with decoupled weight decay.
+    AdamW,
+    /// Stochastic gradient descent, optionally with (Nesterov) momentum.
+    Sgd,
+    /// Layer-wise adaptive rate scaling on top of SGD with momentum.
+    Lars,
+}
+
+/// Optimizer settings (the `optim` section of a config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// `adamw`, `sgd` or `lars`.
+    pub name: OptimKind,
+    /// Base learning rate (the schedule scales it).
+    pub lr: f64,
+    /// Weight decay (decoupled for AdamW, L2 for SGD and LARS).
+    pub weight_decay: f64,
+    /// Adam's `beta1`.
+    pub beta1: f64,
+    /// Adam's `beta2`.
+    pub beta2: f64,
+    /// Adam's `eps`.
+    pub eps: f64,
+    /// Momentum of SGD and LARS.
+    pub momentum: f64,
+    /// Nesterov momentum (SGD and LARS).
+    pub nesterov: bool,
+    /// LARS trust coefficient `eta`.
+    pub trust_coefficient: f64,
+    /// Exclude every one-dimensional parameter (biases, norm scales and shifts)
+    /// from weight decay and from LARS adaptation.
+    pub exclude_1d: bool,
+    /// More parameters to exclude, as name patterns where `*` matches any run
+    /// of characters, e.g. `"*.bias"`, `"embeddings.*"`.
+    pub exclude: Vec<String>,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            name: OptimKind::AdamW,
+            lr: 1e-3,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            momentum: 0.9,
+            nesterov: false,
+            trust_coefficient: 0.001,
+            exclude_1d: true,
+            exclude: Vec::new(),
+        }
+    }
+}
+
+impl OptimConfig {
+    /// Checks the ranges of every field.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the bad field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |f: &str, v: f64, why: &str| Err(Error::Config(format!("optim.{f} = {v}: {why}")));
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return bad("lr", self.lr, "must be finite and >= 0");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay", self.weight_decay, "must be finite and >= 0");
+        }
+        for (f, v) in [("beta1", self.beta1), ("beta2", self.beta2), ("momentum", self.momentum)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(f, v, "must lie in [0, 1)");
+            }
+        }
+        if !(self.eps > 0.0) {
+            return bad("eps", self.eps, "must be > 0");
+        }
+        if !(self.trust_coefficient > 0.0) {
+            return bad("trust_coefficient", self.trust_coefficient, "must be > 0");
+        }
+        Ok(())
+    }
+
+    /// Whether parameter `name` of shape `dims` is excluded from weight decay
+    /// (and from LARS adaptation).
+    pub fn is_excluded(&self, name: &str, dims: &[usize]) -> bool {
+        (self.exclude_1d && dims.len() <= 1) || self.exclude.iter().any(|p| glob_match(p, name))
+    }
+
+    /// Builds the optimizer over `params` (name, variable).
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the config is invalid.
+    pub fn build(&self, params: Vec<(String, Var)>) -> Result<Box<dyn Optim>> {
+        self.validate()?;
+        let params: Vec<Param> = params
+            .into_iter()
+            .map(|(name, var)| {
+                let excluded = self.is_excluded(&name, var.dims());
+                Param {
+                    name,
+                    var,
+                    excluded,
+                }
+            })
+            .collect();
+        Ok(match self.name {
+            OptimKind::AdamW => Box::new(AdamW::new(params, self.clone())),
+            OptimKind::Sgd => Box::new(Sgd::new(params, self.clone(), false)),
+            OptimKind::Lars => Box::new(Sgd::new(params, self.clone(), true)),
+        })
+    }
+}
+
+/// `*`-wildcard match of `name` against `pattern` (`*` matches any run, also empty).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let p = pattern.as_bytes();
+    let s = name.as_bytes();
+    let (mut pi, mut si) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while si < s.len() {
+        if pi < p.len() && p[pi] != b'*' && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// One optimised parameter.
+struct Param {
+    name: String,
+    var: Var,
+    /// No weight decay, no LARS adaptation.
+    excluded: bool,
+}
+
+fn state_to_vec(step: u64, moments: &BTreeMap<String, Tensor>) -> Vec<(String, Tensor)> {
+    let mut out: Vec<(String, Tensor)> = moments.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let step_t = Tensor::new(&[step as i64], &candle_core::Device::Cpu)
+        .and_then(|t| t.reshape(()));
+    if let Ok(t) = step_t {
+        out.push(("step".to_string(), t));
+    }
+    out
+}
+
+/// Validates and loads moments for `params` with the given suffixes.
+/// `required`: whether every suffix must be present for every parameter once `step > 0`.
+fn load_moments(
+    params: &[Param],
+    suffixes: &[&str],
+    state: &HashMap<String, Tensor>,
+    required: bool,
+) -> Result<(u64, BTreeMap<String, Tensor>)> {
+    let step = match state.get("step") {
+        Some(t) => {
+            let v = t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+            match v.as_slice() {
+                [s] if *s >= 0 => *s as u64,
+                _ => return Err(Error::Config("optimizer state: `step` must be one non-negative integer".into())),
+            }
+        }
+        None => return Err(Error::Config("optimizer state: missing `step`".into())),
+    };
+    let mut expected: HashMap<String, &Param> = HashMap::new();
+    for p in params {
+        for s in suffixes {
+            expected.insert(format!("{}.{s}", p.name), p);
+        }
+    }
+    let unexpected: Vec<&String> = state
+        .keys()
+        .filter(|k| k.as_str() != "step" && !expected.contains_key(*k))
+        .collect();
+    if !unexpected.is_empty() {
+        return Err(Error::Config(format!(
+            "optimizer state has entries for unknown parameters: {unexpected:?}"
+        )));
+    }
+    let mut moments = BTreeMap::new();
+    for (key, p) in expected {
+        match state.get(&key) {
+            Some(t) => {
+                if t.dims() != p.var.dims() {
+                    return Err(Error::Config(format!(
+                        "optimizer state {key:?} has shape {:?}, parameter has {:?}",
+                        t.dims(),
+                        p.var.dims()
+                    )));
+                }
+                let t = t.to_device(p.var.device())?.to_dtype(p.var.dtype())?;
+                moments.insert(key, t);
+            }
+            None if required && step > 0 => {
+                return Err(Error::Config(format!("optimizer state: missing {key:?}")));
+            }
+            None => {}
+        }
+    }
+    Ok((step, moments))
+}
+
+/// AdamW as in `torch.optim.AdamW` (decoupled weight decay, bias correction).
+pub struct AdamW {
+    params: Vec<Param>,
+    cfg: OptimConfig,
+    step: u64,
+    /// `<name>.exp_avg` and `<name>.exp_avg_sq`.
+    moments: BTreeMap<String, Tensor>,
+}
+
+impl AdamW {
+    fn new(params: Vec<Param>, cfg: OptimConfig) -> Self {
+        Self {
+            params,
+            cfg,
+            step: 0,
+            moments: BTreeMap::new(),
+        }
+    }
+}
+
+impl Optim for AdamW {
+    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2 = 1.0 - b2.powi(t);
+        for p in &self.params {
+            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            let theta = p.var.as_tensor().detach();
+            let wd = if p.excluded { 0.0 } else { self.cfg.weight_decay };
+            let theta = if wd != 0.0 { theta.affine(1.0 - lr * wd, 0.0)? } else { theta };
+            let (km, kv) = (format!("{}.exp_avg", p.name), format!("{}.exp_avg_sq", p.name));
+            let m = match self.moments.get(&km) {
+                Some(m) => ((m * b1)? + (g * (1.0 - b1))?)?,
+                None => (g * (1.0 - b1))?,
+            };
+            let g2 = g.sqr()?;
+            let v = match self.moments.get(&kv) {
+                Some(v) => ((v * b2)? + (g2 * (1.0 - b2))?)?,
+                None => (g2 * (1.0 - b2))?,
+            };
+            // denom = sqrt(v) / sqrt(bc2) + eps ; p -= lr / bc1 * m / denom
+            let denom = (v.sqrt()? / bc2.sqrt())?.affine(1.0, self.cfg.eps)?;
+            let update = (m.div(&denom)? * (lr / bc1))?;
+            p.var.set(&(theta - update)?)?;
+            self.moments.insert(km, m);
+            self.moments.insert(kv, v);
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        state_to_vec(self.step, &self.moments)
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let (step, moments) = load_moments(&self.params, &["exp_avg", "exp_avg_sq"], state, false)?;
+        self.step = step;
+        self.moments = moments;
+        Ok(())
+    }
+
+    fn steps_taken(&self) -> u64 {
+        self.step
+    }
+}
+
+/// SGD as in `torch.optim.SGD` (L2 weight decay, momentum with the first
+/// buffer equal to the gradient, optional Nesterov) and, with `lars`, LARS as
+/// in SimCLR: for parameters not excluded, the gradient (with weight decay) is
+/// scaled by the trust ratio `eta * ||w|| / ||g||` before entering the momentum
+/// buffer `v = momentum * v + lr * trust * g`, and `w -= v`.
+pub struct Sgd {
+    params: Vec<Param>,
+    cfg: OptimConfig,
+    lars: bool,
+    step: u64,
+    /// `<name>.momentum_buffer`.
+    moments: BTreeMap<String, Tensor>,
+}
+
+impl Sgd {
+    fn new(params: Vec<Param>, cfg: OptimConfig, lars: bool) -> Self {
+        Self {
+            params,
+            cfg,
+            lars,
+            step: 0,
+            moments: BTreeMap::new(),
+        }
+    }
+
+    fn sgd_update(&self, p: &Param, g: &Tensor, lr: f64) -> Result<(Tensor, Option<Tensor>)> {
+        let theta = p.var.as_tensor().detach();
+        let wd = if p.excluded { 0.0 } else { self.cfg.weight_decay };
+        let d = if wd != 0.0 { (g + (&theta * wd)?)? } else { g.clone() };
+        let mu = self.cfg.momentum;
+        let key = format!("{}.momentum_buffer", p.name);
+        let (d, buf) = if mu != 0.0 {
+            let buf = match self.moments.get(&key) {
+                Some(b) => ((b * mu)? + &d)?,
+                None => d.clone(),
+            };
+            let d = if self.cfg.nesterov { (d + (&buf * mu)?)? } else { buf.clone() };
+            (d, Some(buf))
+        } else {
+            (d, None)
+        };
+        Ok(((theta - (d * lr)?)?, buf))
+    }
+
+    fn lars_update(&self, p: &Param, g: &Tensor, lr: f64) -> Result<(Tensor, Option<Tensor>)> {
+        let theta = p.var.as_tensor().detach();
+        let (d, trust) = if p.excluded {
+            (g.clone(), 1.0)
+        } else {
+            let wd = self.cfg.weight_decay;
+            let d = if wd != 0.0 { (g + (&theta * wd)?)? } else { g.clone() };
+            let wn = l2_norm(&theta)?;
+            let gn = l2_norm(&d)?;
+            let trust = if wn > 0.0 && gn > 0.0 { self.cfg.trust_coefficient * wn / gn } else { 1.0 };
+            (d, trust)
+        };
+        let scaled = (d * (lr * trust))?;
+        let mu = self.cfg.momentum;
+        let key = format!("{}.momentum_buffer", p.name);
+        let buf = match self.moments.get(&key) {
+            Some(b) => ((b * mu)? + &scaled)?,
+            None => scaled.clone(),
+        };
+        let delta = if self.cfg.nesterov { ((&buf * mu)? + scaled)? } else { buf.clone() };
+        Ok(((theta - delta)?, Some(buf)))
+    }
+}
+
+/// Euclidean norm of a tensor, as f64.
+pub fn l2_norm(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
+}
+
+impl Optim for Sgd {
+    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step += 1;
+        let mut new_moments = Vec::new();
+        for p in &self.params {
+            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            let (theta, buf) = if self.lars { self.lars_update(p, g, lr)? } else { self.sgd_update(p, g, lr)? };
+            p.var.set(&theta)?;
+            if let Some(b) = buf {
+                new_moments.push((format!("{}.momentum_buffer", p.name), b));
+            }
+        }
+        self.moments.extend(new_moments);
+        Ok(())
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        state_to_vec(self.step, &self.moments)
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let (step, moments) = load_moments(&self.params, &["momentum_buffer"], state, false)?;
+        self.step = step;
+        self.moments = moments;
+        Ok(())
+    }
+
+    fn steps_taken(&self) -> u64 {
+        self.step
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    const W0: [f32; 3] = [1.0, -2.0, 0.5];
+    const G: [f32; 3] = [0.1, -0.2, 0.3];
+
+    fn setup(cfg: &OptimConfig) -> Result<(Var, Box<dyn Optim>)> {
+        let var = Var::new(&W0, &Device::Cpu)?;
+        // a 3-element weight: switch off the 1-d exclusion so decay and adaptation apply
+        let cfg = OptimConfig { exclude_1d: false, ..cfg.clone() };
+        let opt = cfg.build(vec![("layer.weight".into(), var.clone())])?;
+        Ok((var, opt))
+    }
+
+    /// grads such that d(loss)/dw = G: loss = sum(w * G)
+    fn grads_for(var: &Var) -> Result<GradStore> {
+        let g = Tensor::new(&G, &Device::Cpu)?;
+        Ok((var.as_tensor() * g)?.sum_all()?.backward()?)
+    }
+
+    fn values(v: &Var) -> Vec<f32> {
+        v.as_tensor().to_vec1::<f32>().unwrap_or_default()
+    }
+
+    fn close(a: &[f32], b: &[f64]) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((*x as f64 - y).abs() < 1e-6, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn adamw_two_steps_match_hand_computation() -> Result<()> {
+        let cfg = OptimConfig { lr: 0.1, weight_decay: 0.01, ..Default::default() };
+        let (var, mut opt) = setup(&cfg)?;
+        // Hand computation of torch.optim.AdamW (b1=.9, b2=.999, eps=1e-8).
+        let mut w: Vec<f64> = W0.iter().map(|&x| x as f64).collect();
+        let (mut m, mut v) = (vec![0.0; 3], vec![0.0; 3]);
+        for t in 1..=2 {
+            let grads = grads_for(&var)?;
+            opt.step(&grads, 0.1)?;
+            for i in 0..3 {
+                let g = G[i] as f64;
+                w[i] *= 1.0 - 0.1 * 0.01;
+                m[i] = 0.9 * m[i] + 0.1 * g;
+                v[i] = 0.999 * v[i] + 0.001 * g * g;
+                let mh = m[i] / (1.0 - 0.9f64.powi(t));
+                let vh = v[i] / (1.0 - 0.999f64.powi(t));
+                w[i] -= 0.1 * mh / (vh.sqrt() + 1e-8);
+            }
+            close(&values(&var), &w);
+        }
+        // first step of Adam moves each weight by ~lr against the gradient sign
+        // (plus the decay): w1 = w0 * (1 - 1e-3) - 0.1 * sign(g)
+        let state: HashMap<String, Tensor> = opt.state().into_iter().collect();
+        assert!(state.contains_key("layer.weight.exp_avg"));
+        assert!(state.contains_key("layer.weight.exp_avg_sq"));
+        close(&state["layer.weight.exp_avg"].to_vec1::<f32>()?, &m);
+        assert_eq!(opt.steps_taken(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn adamw_first_step_known_values() -> Result<()> {
+        // With bias correction the first step is lr * g/|g| (eps aside), plus decay.
+        let cfg = OptimConfig { lr: 0.1, weight_decay: 0.01, ..Default::default() };
+        let (var, mut opt) = setup(&cfg)?;
+        opt.step(&grads_for(&var)?, 0.1)?;
+        close(&values(&var), &[1.0 * 0.999 - 0.1, -2.0 * 0.999 + 0.1, 0.5 * 0.999 - 0.1]);
+        Ok(())
+    }
+
+    #[test]
+    fn sgd_momentum_matches_torch_formula() -> Result<()> {
+        let cfg = OptimConfig { name: OptimKind::Sgd, momentum: 0.9, weight_decay: 0.1, ..Default::default() };
+        let (var, mut opt) = setup(&cfg)?;
+        // step 1: d = g + .1 w ; buf = d ; w -= .5 buf
+        opt.step(&grads_for(&var)?, 0.5)?;
+        let d1: Vec<f64> = (0..3).map(|i| G[i] as f64 + 0.1 * W0[i] as f64).collect();
+        let w1: Vec<f64> = (0..3).map(|i| W0[i] as f64 - 0.5 * d1[i]).collect();
+        close(&values(&var), &w1);
+        // step 2: d = g + .1 w1 ; buf = .9 buf + d ; w -= .5 buf
+        opt.step(&grads_for(&var)?, 0.5)?;
+        let w2: Vec<f64> = (0..3)
+            .map(|i| {
+                let d2 = G[i] as f64 + 0.1 * w1[i];
+                w1[i] - 0.5 * (0.9 * d1[i] + d2)
+            })
+            .collect();
+        close(&values(&var), &w2);
+        Ok(())
+    }
+
+    #[test]
+    fn sgd_nesterov_matches_torch_formula() -> Result<()> {
+        let cfg = OptimConfig { name: OptimKind::Sgd, momentum: 0.9, nesterov: true, ..Default::default() };
+        let (var, mut opt) = setup(&cfg)?;
+        opt.step(&grads_for(&var)?, 0.5)?;
+        opt.step(&grads_for(&var)?, 0.5)?;
+        // buf1 = g, step1: w -= .5 (g + .9 g); buf2 = .9 g + g, step2: w -= .5 (g + .9 buf2)
+        let w2: Vec<f64> = (0..3)
+            .map(|i| {
+                let g = G[i] as f64;
+                W0[i] as f64 - 0.5 * 1.9 * g - 0.5 * (g + 0.9 * 1.9 * g)
+            })
+            .collect();
+        close(&values(&var), &w2);
+        Ok(())
+    }
+
+    #[test]
+    fn lars_step_uses_trust_ratio() -> Result<()> {
+        let cfg = OptimConfig {
+            name: OptimKind::Lars,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            trust_coefficient: 0.001,
+            ..Default::default()
+        };
+        let (var, mut opt) = setup(&cfg)?;
+        let lr = 4.8;
+        let mut w: Vec<f64> = W0.iter().map(|&x| x as f64).collect();
+        let mut buf = vec![0.0; 3];
+        for _ in 0..2 {
+            opt.step(&grads_for(&var)?, lr)?;
+            let d: Vec<f64> = (0..3).map(|i| G[i] as f64 + 1e-4 * w[i]).collect();
+            let wn = w.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let dn = d.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let trust = 0.001 * wn / dn;
+            for i in 0..3 {
+                buf[i] = 0.9 * buf[i] + lr * trust * d[i];
+                w[i] -= buf[i];
+            }
+            close(&values(&var), &w);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn lars_excluded_params_skip_adaptation_and_decay() -> Result<()> {
+        let var = Var::new(&W0, &Device::Cpu)?; // 1-d: a bias
+        let cfg = OptimConfig { name: OptimKind::Lars, momentum: 0.0, weight_decay: 0.5, ..Default::default() };
+        let mut opt = cfg.build(vec![("fc.bias".into(), var.clone())])?;
+        opt.step(&grads_for(&var)?, 0.1)?;
+        let w: Vec<f64> = (0..3).map(|i| W0[i] as f64 - 0.1 * G[i] as f64).collect();
+        close(&values(&var), &w);
+        Ok(())
+    }
+
+    #[test]
+    fn state_round_trip_and_bad_state() -> Result<()> {
+        let cfg = OptimConfig::default();
+        let (var, mut opt) = setup(&cfg)?;
+        opt.step(&grads_for(&var)?, 0.1)?;
+        let state: HashMap<String, Tensor> = opt.state().into_iter().collect();
+        let (var2, mut opt2) = setup(&cfg)?;
+        opt2.load_state(&state)?;
+        var2.set(var.as_tensor())?;
+        opt.step(&grads_for(&var)?, 0.1)?;
+        opt2.step(&grads_for(&var2)?, 0.1)?;
+        assert_eq!(values(&var), values(&var2));
+
+        let mut bad = state.clone();
+        bad.insert("other.weight.exp_avg".into(), Tensor::zeros(3, DType::F32, &Device::Cpu)?);
+        let err = opt2.load_state(&bad).expect_err("unknown key");
+        assert!(err.to_string().contains("other.weight.exp_avg"), "{err}");
+        let mut bad = state.clone();
+        bad.insert("layer.weight.exp_avg".into(), Tensor::zeros(4, DType::F32, &Device::Cpu)?);
+        assert!(opt2.load_state(&bad).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn glob_patterns() {
+        assert!(glob_match("*.bias", "layer1.0.conv.bias"));
+        assert!(glob_match("embeddings.*", "embeddings.word.weight"));
+        assert!(glob_match("*norm*", "encoder.LayerNorm.weight") == false);
+        assert!(glob_match("*Norm*", "encoder.LayerNorm.weight"));
+        assert!(!glob_match("*.bias", "bias_weight"));
+        assert!(glob_match("*", ""));
+    }
+
+    #[test]
+    fn validate_rejects_bad_values() {
+        let cfg = OptimConfig { beta1: 1.0, ..Default::default() };
+        assert!(cfg.validate().unwrap_err().to_string().contains("beta1"));
+        let cfg = OptimConfig { lr: f64::NAN, ..Default::default() };
+        assert!(cfg.validate().is_err());
+    }
+}

@@ -1,0 +1,518 @@
+//! The training loop shared by every paradigm.
+//!
+//! A paradigm supplies a [`Method`] (its model and loss) and a
+//! [`BatchSource`] (its data); [`Trainer`] runs the steps: schedule,
+//! forward, NaN/Inf guard, backward, gradient clipping, optimizer update,
+//! the method's post-update hook (EMA, queue), metrics, checkpoints and
+//! exact resume. Progress goes to an [`Observer`]; the trainer draws nothing.
+
+use crate::checkpoint::{check_finite, match_tensors, Checkpoint, CheckpointManager, TrainerState};
+use crate::init::{named_tensors, named_vars};
+use crate::optim::{Optim, OptimConfig};
+use crate::run::{MetricsLog, RunDir};
+use crate::schedule::ScheduleConfig;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use candle_nn::VarMap;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Instant;
+
+/// What a method returns from one step.
+#[derive(Debug)]
+pub struct StepOut {
+    /// The scalar loss to minimise.
+    pub loss: Tensor,
+    /// Extra statistics to log (name, value).
+    pub stats: Vec<(&'static str, f64)>,
+}
+
+/// Context of one training step.
+#[derive(Debug, Clone)]
+pub struct StepCx {
+    /// 0-based index of this step.
+    pub step: u64,
+    /// Epoch of this step.
+    pub epoch: u64,
+    /// Total steps of the run.
+    pub total_steps: u64,
+    /// The run's seed.
+    pub seed: u64,
+    /// Learning rate of this step.
+    pub lr: f64,
+}
+
+impl StepCx {
+    /// A generator for `stream` that is a pure function of (seed, stream, step):
+    /// use it for noise, dropout masks and permutations inside a step.
+    pub fn rng(&self, stream: &str) -> StdRng {
+        crate::seed::stream_rng(self.seed, stream, &[self.step])
+    }
+}
+
+/// A trainable pretext task: model, loss and any state of its own.
+pub trait Method {
+    /// What one step consumes.
+    type Batch;
+
+    /// The trainable parameters (the optimizer sees exactly these).
+    fn vars(&self) -> &VarMap;
+
+    /// Non-trainable tensors that belong with the weights in
+    /// `model.safetensors` (BatchNorm running statistics).
+    fn model_buffers(&self) -> Option<&VarMap> {
+        None
+    }
+
+    /// Forward pass and loss of one step (in training mode).
+    ///
+    /// # Errors
+    /// A tensor operation failed.
+    fn step(&mut self, batch: &Self::Batch, cx: &StepCx) -> Result<StepOut>;
+
+    /// Called after each optimizer update (EMA of a key encoder, queue update).
+    ///
+    /// # Errors
+    /// A tensor operation failed.
+    fn after_update(&mut self, _cx: &StepCx) -> Result<()> {
+        Ok(())
+    }
+
+    /// Method state for `state.safetensors` (queue, EMA twin, ...).
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        vec![]
+    }
+
+    /// Restores what [`Method::buffers`] returned.
+    ///
+    /// # Errors
+    /// A buffer is missing or has the wrong shape.
+    fn load_buffers(&mut self, buffers: &HashMap<String, Tensor>) -> Result<()> {
+        if buffers.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "this method keeps no state, but the checkpoint has {:?}",
+                buffers.keys().collect::<Vec<_>>()
+            )))
+        }
+    }
+
+    /// Metadata for `model.safetensors` (`pretext.paradigm`, `pretext.architecture`, ...).
+    fn metadata(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+}
+
+/// A deterministic, random-access stream of batches: the batch of a step is a
+/// pure function of the step (and the seed), so a resumed run sees exactly the
+/// batches it would have seen.
+pub trait BatchSource {
+    /// The batch type.
+    type Batch;
+
+    /// Batches in one epoch.
+    fn steps_per_epoch(&self) -> u64;
+
+    /// The batch of 0-based global step `step` (epoch = step / steps_per_epoch).
+    ///
+    /// # Errors
+    /// Reading or augmenting the data failed.
+    fn batch(&mut self, step: u64) -> Result<Self::Batch>;
+}
+
+/// One completed step, as reported to observers and the metrics log.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Completed steps so far (1 after the first step).
+    pub step: u64,
+    /// Total steps of the run.
+    pub total_steps: u64,
+    /// Epoch of the step.
+    pub epoch: u64,
+    /// The loss.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Extra statistics from the method.
+    pub stats: Vec<(&'static str, f64)>,
+    /// Seconds since training (re)started.
+    pub elapsed_s: f64,
+}
+
+/// Receives progress; the CLI draws progress bars from it.
+pub trait Observer {
+    /// Training starts (or resumes) at `start_step` of `total_steps`.
+    fn on_start(&mut self, _start_step: u64, _total_steps: u64) {}
+    /// A step completed.
+    fn on_step(&mut self, _report: &StepReport) {}
+    /// Something noteworthy happened (checkpoint saved, evaluation done).
+    fn on_message(&mut self, _message: &str) {}
+    /// Training stopped after `steps` completed steps.
+    fn on_finish(&mut self, _steps: u64) {}
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullObserver;
+
+impl Observer for NullObserver {}
+
+/// The `train` section of every config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Passes over the data (ignored when `max_steps` > 0).
+    pub epochs: u64,
+    /// Stop after this many steps; 0 = run `epochs` epochs.
+    pub max_steps: u64,
+    /// Samples per step.
+    pub batch_size: usize,
+    /// Seed of every random stream (init, data order, augmentation, masking).
+    pub seed: u64,
+    /// Save a checkpoint every N steps (and always at the end); 0 = only at the end.
+    pub checkpoint_every: u64,
+    /// Keep the newest K checkpoints; 0 keeps all.
+    pub keep_checkpoints: usize,
+    /// Clip the global gradient norm to this value; 0 = no clipping.
+    pub clip_grad_norm: f64,
+    /// Write a metrics record every N steps.
+    pub log_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            max_steps: 0,
+            batch_size: 256,
+            seed: 0,
+            checkpoint_every: 500,
+            keep_checkpoints: 3,
+            clip_grad_norm: 0.0,
+            log_every: 1,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the fields.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the bad field.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 && self.max_steps == 0 {
+            return Err(Error::Config("train.epochs and train.max_steps are both 0: nothing to train".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::Config("train.batch_size must be > 0".into()));
+        }
+        if !(self.clip_grad_norm.is_finite() && self.clip_grad_norm >= 0.0) {
+            return Err(Error::Config(format!("train.clip_grad_norm = {}: must be >= 0", self.clip_grad_norm)));
+        }
+        if self.log_every == 0 {
+            return Err(Error::Config("train.log_every must be > 0".into()));
+        }
+        Ok(())
+    }
+
+    /// Total steps for a stream of `steps_per_epoch` batches per epoch.
+    pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
+        if self.max_steps > 0 {
+            self.max_steps
+        } else {
+            self.epochs * steps_per_epoch
+        }
+    }
+}
+
+/// Where training stopped.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Completed steps.
+    pub steps: u64,
+    /// Loss of each step run by this call, in order.
+    pub losses: Vec<f64>,
+}
+
+/// Runs a [`Method`] on a [`BatchSource`].
+pub struct Trainer<M: Method> {
+    /// The method being trained.
+    pub method: M,
+    optim: Box<dyn Optim>,
+    optim_cfg: OptimConfig,
+    schedule: ScheduleConfig,
+    cfg: TrainConfig,
+    step: u64,
+    last_lr: f64,
+    last_loss: Option<f64>,
+    checkpoints: Option<CheckpointManager>,
+    metrics: Option<MetricsLog>,
+}
+
+impl<M: Method> Trainer<M> {
+    /// A trainer starting at step 0, without a run folder.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when a config is invalid.
+    pub fn new(method: M, optim: &OptimConfig, schedule: &ScheduleConfig, train: &TrainConfig) -> Result<Self> {
+        train.validate()?;
+        schedule.validate()?;
+        let opt = optim.build(named_vars(method.vars()))?;
+        Ok(Self {
+            method,
+            optim: opt,
+            optim_cfg: optim.clone(),
+            schedule: schedule.clone(),
+            cfg: train.clone(),
+            step: 0,
+            last_lr: 0.0,
+            last_loss: None,
+            checkpoints: None,
+            metrics: None,
+        })
+    }
+
+    /// Logs metrics to `run/metrics.jsonl` and saves checkpoints in
+    /// `run/checkpoints`. Call after [`Trainer::resume`] when resuming.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the metrics log cannot be opened.
+    pub fn attach_run(&mut self, run: &RunDir) -> Result<()> {
+        self.checkpoints = Some(run.checkpoints(self.cfg.keep_checkpoints));
+        self.metrics = Some(if self.step > 0 {
+            MetricsLog::resume(run.metrics_path(), self.step)?
+        } else {
+            MetricsLog::append(run.metrics_path())?
+        });
+        Ok(())
+    }
+
+    /// Completed steps.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The optimizer (for inspection).
+    pub fn optimizer(&self) -> &dyn Optim {
+        self.optim.as_ref()
+    }
+
+    /// Every tensor of `model.safetensors`: trainable weights and model buffers, sorted by name.
+    pub fn model_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut all: BTreeMap<String, Tensor> = named_tensors(self.method.vars()).into_iter().collect();
+        if let Some(b) = self.method.model_buffers() {
+            all.extend(named_tensors(b));
+        }
+        all.into_iter().collect()
+    }
+
+    /// A snapshot of everything needed to resume, for a stream of
+    /// `steps_per_epoch` batches per epoch. Tensors are copies.
+    ///
+    /// # Errors
+    /// A tensor could not be copied.
+    pub fn checkpoint(&self, steps_per_epoch: u64) -> Result<Checkpoint> {
+        let copy = |v: Vec<(String, Tensor)>| -> Result<Vec<(String, Tensor)>> {
+            v.into_iter().map(|(n, t)| Ok((n, t.copy()?))).collect()
+        };
+        let spe = steps_per_epoch.max(1);
+        Ok(Checkpoint {
+            model: copy(self.model_tensors())?,
+            optimizer: copy(self.optim.state())?,
+            state: copy(self.method.buffers())?,
+            trainer: TrainerState {
+                step: self.step,
+                epoch: self.step / spe,
+                batch_in_epoch: self.step % spe,
+                steps_per_epoch: spe,
+                total_steps: self.cfg.total_steps(spe),
+                seed: self.cfg.seed,
+                rng_scheme: "counter-v1".into(),
+                lr: self.last_lr,
+                last_loss: self.last_loss,
+                pretext_version: env!("CARGO_PKG_VERSION").into(),
+            },
+            metadata: self.method.metadata(),
+        })
+    }
+
+    /// Restores weights, buffers, optimizer state and the step from `ckpt`
+    /// (which was read from `path`, named in errors).
+    ///
+    /// # Errors
+    /// [`Error::Keys`] / [`Error::Shape`] when the checkpoint does not fit the
+    /// model; [`Error::Config`] when it was written with another seed.
+    pub fn resume(&mut self, ckpt: &Checkpoint, path: &Path) -> Result<()> {
+        if ckpt.trainer.seed != self.cfg.seed {
+            return Err(Error::Config(format!(
+                "{}: written with seed {}, this run has seed {}",
+                path.display(),
+                ckpt.trainer.seed,
+                self.cfg.seed
+            )));
+        }
+        let expected = self.model_tensors();
+        let found: HashMap<String, Tensor> = ckpt.model.iter().cloned().collect();
+        let matched = match_tensors(&path.join(crate::checkpoint::MODEL_FILE), &expected, &found)?;
+        let mut vars: HashMap<String, candle_core::Var> = named_vars(self.method.vars()).into_iter().collect();
+        if let Some(b) = self.method.model_buffers() {
+            vars.extend(named_vars(b));
+        }
+        for (name, t) in matched {
+            if let Some(v) = vars.get(&name) {
+                v.set(&t)?;
+            }
+        }
+        let opt: HashMap<String, Tensor> = ckpt.optimizer.iter().cloned().collect();
+        self.optim.load_state(&opt).map_err(|e| match e {
+            Error::Config(m) => Error::corrupt(path.join(crate::checkpoint::OPTIMIZER_FILE), m),
+            other => other,
+        })?;
+        let st: HashMap<String, Tensor> = ckpt.state.iter().cloned().collect();
+        self.method.load_buffers(&st).map_err(|e| match e {
+            Error::Config(m) => Error::corrupt(path.join(crate::checkpoint::STATE_FILE), m),
+            other => other,
+        })?;
+        self.step = ckpt.trainer.step;
+        self.last_lr = ckpt.trainer.lr;
+        self.last_loss = ckpt.trainer.last_loss;
+        Ok(())
+    }
+
+    /// Trains to the end of the run.
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`] naming the step when the loss or gradients diverge
+    /// (no checkpoint is written for it); data, tensor or I/O errors.
+    pub fn fit<D: BatchSource<Batch = M::Batch>>(&mut self, data: &mut D, observer: &mut dyn Observer) -> Result<TrainSummary> {
+        let total = self.cfg.total_steps(data.steps_per_epoch());
+        self.fit_until(data, observer, total)
+    }
+
+    /// Trains until `stop` completed steps (at most the run's total), then
+    /// saves a checkpoint if a run is attached.
+    ///
+    /// # Errors
+    /// As [`Trainer::fit`].
+    pub fn fit_until<D: BatchSource<Batch = M::Batch>>(
+        &mut self,
+        data: &mut D,
+        observer: &mut dyn Observer,
+        stop: u64,
+    ) -> Result<TrainSummary> {
+        let spe = data.steps_per_epoch().max(1);
+        let total = self.cfg.total_steps(spe);
+        let stop = stop.min(total);
+        let started = Instant::now();
+        let mut losses = Vec::new();
+        observer.on_start(self.step, total);
+        while self.step < stop {
+            let step = self.step;
+            let cx = StepCx {
+                step,
+                epoch: step / spe,
+                total_steps: total,
+                seed: self.cfg.seed,
+                lr: self.schedule.lr(step, total, self.optim_cfg.lr),
+            };
+            let batch = data.batch(step)?;
+            let out = self.method.step(&batch, &cx)?;
+            let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !loss.is_finite() {
+                return Err(Error::NonFinite { step, what: "loss".into(), value: loss.to_string() });
+            }
+            let mut grads = out.loss.backward()?;
+            let grad_norm = self.clip_gradients(&mut grads, step)?;
+            self.optim.step(&grads, cx.lr)?;
+            self.method.after_update(&cx)?;
+            self.step += 1;
+            self.last_lr = cx.lr;
+            self.last_loss = Some(loss);
+            losses.push(loss);
+            let report = StepReport {
+                step: self.step,
+                total_steps: total,
+                epoch: cx.epoch,
+                loss,
+                lr: cx.lr,
+                grad_norm,
+                stats: out.stats,
+                elapsed_s: started.elapsed().as_secs_f64(),
+            };
+            if let Some(m) = self.metrics.as_mut() {
+                if self.step % self.cfg.log_every == 0 || self.step == total {
+                    let mut rec = serde_json::json!({
+                        "step": report.step, "epoch": report.epoch, "loss": report.loss,
+                        "lr": report.lr, "grad_norm": report.grad_norm, "elapsed_s": report.elapsed_s,
+                    });
+                    for (k, v) in &report.stats {
+                        rec[*k] = serde_json::json!(v);
+                    }
+                    m.log(&rec)?;
+                }
+            }
+            observer.on_step(&report);
+            let due = self.cfg.checkpoint_every > 0 && self.step % self.cfg.checkpoint_every == 0;
+            if due && self.step < stop {
+                self.save_checkpoint(spe, observer)?;
+            }
+        }
+        if self.checkpoints.is_some() && !losses.is_empty() {
+            self.save_checkpoint(spe, observer)?;
+        }
+        observer.on_finish(self.step);
+        Ok(TrainSummary { steps: self.step, losses })
+    }
+
+    fn save_checkpoint(&self, spe: u64, observer: &mut dyn Observer) -> Result<()> {
+        if let Some(mgr) = &self.checkpoints {
+            let ck = self.checkpoint(spe)?;
+            let dir = mgr.save(&ck)?;
+            observer.on_message(&format!("checkpoint {}", dir.display()));
+        }
+        Ok(())
+    }
+
+    /// Computes the global gradient norm, fails on NaN/Inf, clips if configured.
+    fn clip_gradients(&self, grads: &mut candle_core::backprop::GradStore, step: u64) -> Result<f64> {
+        let vars = named_vars(self.method.vars());
+        let mut sq = 0.0f64;
+        for (_, v) in &vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            }
+        }
+        let norm = sq.sqrt();
+        if !norm.is_finite() {
+            // Find the culprit for the message.
+            let mut bad = Vec::new();
+            for (n, v) in &vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    if check_finite(step, "gradient", &[(n.clone(), g.clone())]).is_err() {
+                        bad.push(n.clone());
+                    }
+                }
+            }
+            return Err(Error::NonFinite {
+                step,
+                what: format!("gradient norm (non-finite in {bad:?})"),
+                value: norm.to_string(),
+            });
+        }
+        let max = self.cfg.clip_grad_norm;
+        if max > 0.0 && norm > max {
+            let scale = max / (norm + 1e-6);
+            for (_, v) in &vars {
+                if let Some(g) = grads.remove(v.as_tensor()) {
+                    grads.insert(v.as_tensor(), (g * scale)?);
+                }
+            }
+        }
+        Ok(norm)
+    }
+}

@@ -1,1 +1,36 @@
-//! x
+//! What the pretext command-line tools share: config files with `--set`
+//! overrides, the device flag, logging, progress bars and error reporting.
+//!
+//! The binaries (`pretext-contrastive`, `pretext-generative`, `pretext-mlm`)
+//! are thin: they parse flags with the types here and call the libraries.
+
+pub mod args;
+pub mod config;
+pub mod progress;
+
+use std::process::ExitCode;
+
+/// Installs the tracing subscriber: `RUST_LOG` if set, else `warn`
+/// (`info` with `verbose`). Logs go to stderr.
+pub fn init_tracing(verbose: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if verbose { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Runs `f`, printing an error with its whole context chain
+/// (`error: while X: because Y`) and returning a failing exit code.
+pub fn run_main(f: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    match f() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -145,8 +145,12 @@ pub fn parse_safetensors(
     path: &Path,
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::corrupt(path, format!("not a valid safetensors file ({e}); it may be truncated or corrupted")))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::corrupt(
+            path,
+            format!("not a valid safetensors file ({e}); it may be truncated or corrupted"),
+        )
+    })?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| Error::corrupt(path, format!("unreadable safetensors header ({e})")))?;
     let mut out = HashMap::new();
@@ -313,8 +317,7 @@ impl CheckpointManager {
             (STATE_FILE, safetensors_bytes(&ckpt.state, &BTreeMap::new())?),
             (
                 TRAINER_FILE,
-                serde_json::to_vec_pretty(&ckpt.trainer)
-                    .map_err(|e| Error::Config(format!("trainer state: {e}")))?,
+                serde_json::to_vec_pretty(&ckpt.trainer).map_err(|e| Error::Config(format!("trainer state: {e}")))?,
             ),
         ];
         for (file, bytes) in files {
@@ -393,7 +396,10 @@ impl CheckpointManager {
         };
         let name = text.trim();
         if name.is_empty() || name.contains('/') || name.contains("..") {
-            return Err(Error::corrupt(&p, format!("does not name a checkpoint folder: {name:?}")));
+            return Err(Error::corrupt(
+                &p,
+                format!("does not name a checkpoint folder: {name:?}"),
+            ));
         }
         let dir = self.dir.join(name);
         if !dir.is_dir() {
@@ -428,8 +434,8 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let (state, _) = read_safetensors(&dir.join(STATE_FILE), device)?;
     let tp = dir.join(TRAINER_FILE);
     let bytes = std::fs::read(&tp).map_err(|e| Error::io(&tp, e))?;
-    let trainer: TrainerState = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::corrupt(&tp, format!("not a valid trainer state ({e})")))?;
+    let trainer: TrainerState =
+        serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(&tp, format!("not a valid trainer state ({e})")))?;
     let metadata = meta
         .into_iter()
         .filter(|(k, _)| k != "format")
@@ -453,9 +459,15 @@ mod tests {
         Ok(Checkpoint {
             model: vec![
                 ("fc.weight".into(), Tensor::new(&[[1.5f32, -2.0], [0.25, 1e-7]], &dev)?),
-                ("bn.num_batches_tracked".into(), Tensor::new(&[7i64], &dev)?.reshape(())?),
+                (
+                    "bn.num_batches_tracked".into(),
+                    Tensor::new(&[7i64], &dev)?.reshape(())?,
+                ),
             ],
-            optimizer: vec![("fc.weight.exp_avg".into(), Tensor::new(&[[0.1f32, 0.2], [0.3, 0.4]], &dev)?)],
+            optimizer: vec![(
+                "fc.weight.exp_avg".into(),
+                Tensor::new(&[[0.1f32, 0.2], [0.3, 0.4]], &dev)?,
+            )],
             state: vec![("queue".into(), Tensor::new(&[[1f32, 0.0, 0.0]], &dev)?)],
             trainer: TrainerState {
                 step,
@@ -469,7 +481,9 @@ mod tests {
                 last_loss: Some(1.25),
                 pretext_version: "test".into(),
             },
-            metadata: [("pretext.paradigm".to_string(), "test".to_string())].into_iter().collect(),
+            metadata: [("pretext.paradigm".to_string(), "test".to_string())]
+                .into_iter()
+                .collect(),
         })
     }
 
@@ -483,11 +497,25 @@ mod tests {
         let back = mgr.load_latest(&Device::Cpu)?;
         assert_eq!(back.trainer, ck.trainer);
         assert_eq!(back.metadata["pretext.paradigm"], "test");
-        let w = back.model.iter().find(|(n, _)| n == "fc.weight").map(|(_, t)| t.clone());
-        assert_eq!(w.map(|t| t.to_vec2::<f32>()).transpose()?, Some(vec![vec![1.5, -2.0], vec![0.25, 1e-7]]));
-        let nb = back.model.iter().find(|(n, _)| n == "bn.num_batches_tracked").map(|(_, t)| t.clone());
+        let w = back
+            .model
+            .iter()
+            .find(|(n, _)| n == "fc.weight")
+            .map(|(_, t)| t.clone());
+        assert_eq!(
+            w.map(|t| t.to_vec2::<f32>()).transpose()?,
+            Some(vec![vec![1.5, -2.0], vec![0.25, 1e-7]])
+        );
+        let nb = back
+            .model
+            .iter()
+            .find(|(n, _)| n == "bn.num_batches_tracked")
+            .map(|(_, t)| t.clone());
         assert_eq!(nb.map(|t| t.to_scalar::<i64>()).transpose()?, Some(7));
-        assert_eq!(back.optimizer[0].1.to_vec2::<f32>()?, vec![vec![0.1, 0.2], vec![0.3, 0.4]]);
+        assert_eq!(
+            back.optimizer[0].1.to_vec2::<f32>()?,
+            vec![vec![0.1, 0.2], vec![0.3, 0.4]]
+        );
         assert_eq!(back.state[0].1.to_vec2::<f32>()?, vec![vec![1.0, 0.0, 0.0]]);
         // Python loaders need `format: pt`.
         let (_, meta) = read_safetensors(&dir.join(MODEL_FILE), &Device::Cpu)?;
@@ -536,7 +564,14 @@ mod tests {
         // A save writes 4 files + `latest` = 5 writes. Fail inside the second save's optimizer file.
         for fail_at in [5, 6, 7, 8, 9] {
             let dir = tmp.path().join(format!("ck{fail_at}"));
-            let mgr = CheckpointManager::with_sink(&dir, 0, Box::new(FailingSink { n: fail_at, count: AtomicUsize::new(0) }));
+            let mgr = CheckpointManager::with_sink(
+                &dir,
+                0,
+                Box::new(FailingSink {
+                    n: fail_at,
+                    count: AtomicUsize::new(0),
+                }),
+            );
             mgr.save(&sample(10)?)?;
             let err = mgr.save(&sample(20)?).expect_err("second save must fail");
             assert!(err.to_string().contains("simulated failure"), "{err}");
@@ -551,7 +586,10 @@ mod tests {
             for dir in visible {
                 load_checkpoint(&dir, &Device::Cpu)?;
             }
-            assert!(!std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".tmp-")));
+            assert!(!std::fs::read_dir(&dir)
+                .map_err(|e| Error::io(&dir, e))?
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-")));
         }
         Ok(())
     }
@@ -604,11 +642,17 @@ mod tests {
         found.insert("c".to_string(), Tensor::zeros(3, DType::F32, &dev)?);
         let err = match_tensors(Path::new("m.safetensors"), &expected, &found).expect_err("keys");
         let msg = err.to_string();
-        assert!(msg.contains("missing [\"b\"]") && msg.contains("unexpected [\"c\"]"), "{msg}");
+        assert!(
+            msg.contains("missing [\"b\"]") && msg.contains("unexpected [\"c\"]"),
+            "{msg}"
+        );
         found.remove("c");
         found.insert("b".to_string(), Tensor::zeros(4, DType::F32, &dev)?);
         let err = match_tensors(Path::new("m.safetensors"), &expected, &found).expect_err("shape");
-        assert!(err.to_string().contains("\"b\"") && err.to_string().contains("[4]"), "{err}");
+        assert!(
+            err.to_string().contains("\"b\"") && err.to_string().contains("[4]"),
+            "{err}"
+        );
         Ok(())
     }
 

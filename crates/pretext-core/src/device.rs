@@ -70,7 +70,8 @@ fn open_cuda(n: usize, requested: &str) -> Result<Device> {
 fn open_cuda(_n: usize, requested: &str) -> Result<Device> {
     Err(Error::Device {
         requested: requested.to_string(),
-        reason: "this build of pretext has no CUDA support; rebuild with `--features cuda` or use `--device cpu`".into(),
+        reason: "this build of pretext has no CUDA support; rebuild with `--features cuda` or use `--device cpu`"
+            .into(),
     })
 }
 

@@ -86,7 +86,10 @@ mod tests {
             assert!((a - b).abs() < 1e-6, "{v:?}");
         }
         // the source is untouched
-        assert_eq!(crate::init::named_tensors(&source)[0].1.to_vec1::<f32>()?, vec![3.0, 2.0, -1.0]);
+        assert_eq!(
+            crate::init::named_tensors(&source)[0].1.to_vec1::<f32>()?,
+            vec![3.0, 2.0, -1.0]
+        );
         Ok(())
     }
 
@@ -96,7 +99,10 @@ mod tests {
         let mut source = map_with("w", &[5.0, 6.0])?;
         copy_params(&target, &source)?;
         source.set_one("w", Tensor::new(&[7.0f32, 7.0], &Device::Cpu)?)?;
-        assert_eq!(crate::init::named_tensors(&target)[0].1.to_vec1::<f32>()?, vec![5.0, 6.0]);
+        assert_eq!(
+            crate::init::named_tensors(&target)[0].1.to_vec1::<f32>()?,
+            vec![5.0, 6.0]
+        );
         Ok(())
     }
 

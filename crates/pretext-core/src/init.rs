@@ -78,10 +78,7 @@ pub fn named_vars(map: &VarMap) -> Vec<(String, Var)> {
         Err(poisoned) => poisoned.into_inner(),
     };
     let sorted: BTreeMap<&String, &Var> = data.iter().collect();
-    sorted
-        .into_iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+    sorted.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// The tensors of `map` by name, sorted: what goes into `model.safetensors`.
@@ -126,14 +123,7 @@ fn sample(init: Init, shape: &Shape, rng: &mut StdRng) -> Vec<f64> {
 }
 
 impl SimpleBackend for SeededVarMap {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let mut data = match self.map.data().lock() {
             Ok(d) => d,
             Err(p) => p.into_inner(),
@@ -141,10 +131,7 @@ impl SimpleBackend for SeededVarMap {
         if let Some(var) = data.get(name) {
             let t = var.as_tensor();
             if t.shape() != &s {
-                candle_core::bail!(
-                    "shape mismatch for {name}: existing {:?}, requested {s:?}",
-                    t.shape()
-                );
+                candle_core::bail!("shape mismatch for {name}: existing {:?}, requested {s:?}", t.shape());
             }
             return t.to_dtype(dtype);
         }

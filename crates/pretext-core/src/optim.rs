@@ -108,15 +108,19 @@ impl OptimConfig {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return bad("weight_decay", self.weight_decay, "must be finite and >= 0");
         }
-        for (f, v) in [("beta1", self.beta1), ("beta2", self.beta2), ("momentum", self.momentum)] {
+        for (f, v) in [
+            ("beta1", self.beta1),
+            ("beta2", self.beta2),
+            ("momentum", self.momentum),
+        ] {
             if !(0.0..1.0).contains(&v) {
                 return bad(f, v, "must lie in [0, 1)");
             }
         }
-        if !(self.eps > 0.0) {
+        if self.eps.is_nan() || self.eps <= 0.0 {
             return bad("eps", self.eps, "must be > 0");
         }
-        if !(self.trust_coefficient > 0.0) {
+        if self.trust_coefficient.is_nan() || self.trust_coefficient <= 0.0 {
             return bad("trust_coefficient", self.trust_coefficient, "must be > 0");
         }
         Ok(())
@@ -138,11 +142,7 @@ impl OptimConfig {
             .into_iter()
             .map(|(name, var)| {
                 let excluded = self.is_excluded(&name, var.dims());
-                Param {
-                    name,
-                    var,
-                    excluded,
-                }
+                Param { name, var, excluded }
             })
             .collect();
         Ok(match self.name {
@@ -191,8 +191,7 @@ struct Param {
 
 fn state_to_vec(step: u64, moments: &BTreeMap<String, Tensor>) -> Vec<(String, Tensor)> {
     let mut out: Vec<(String, Tensor)> = moments.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let step_t = Tensor::new(&[step as i64], &candle_core::Device::Cpu)
-        .and_then(|t| t.reshape(()));
+    let step_t = Tensor::new(&[step as i64], &candle_core::Device::Cpu).and_then(|t| t.reshape(()));
     if let Ok(t) = step_t {
         out.push(("step".to_string(), t));
     }
@@ -212,7 +211,11 @@ fn load_moments(
             let v = t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
             match v.as_slice() {
                 [s] if *s >= 0 => *s as u64,
-                _ => return Err(Error::Config("optimizer state: `step` must be one non-negative integer".into())),
+                _ => {
+                    return Err(Error::Config(
+                        "optimizer state: `step` must be one non-negative integer".into(),
+                    ))
+                }
             }
         }
         None => return Err(Error::Config("optimizer state: missing `step`".into())),
@@ -283,10 +286,16 @@ impl Optim for AdamW {
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
         for p in &self.params {
-            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
             let theta = p.var.as_tensor().detach();
             let wd = if p.excluded { 0.0 } else { self.cfg.weight_decay };
-            let theta = if wd != 0.0 { theta.affine(1.0 - lr * wd, 0.0)? } else { theta };
+            let theta = if wd != 0.0 {
+                theta.affine(1.0 - lr * wd, 0.0)?
+            } else {
+                theta
+            };
             let (km, kv) = (format!("{}.exp_avg", p.name), format!("{}.exp_avg_sq", p.name));
             let m = match self.moments.get(&km) {
                 Some(m) => ((m * b1)? + (g * (1.0 - b1))?)?,
@@ -359,7 +368,11 @@ impl Sgd {
                 Some(b) => ((b * mu)? + &d)?,
                 None => d.clone(),
             };
-            let d = if self.cfg.nesterov { (d + (&buf * mu)?)? } else { buf.clone() };
+            let d = if self.cfg.nesterov {
+                (d + (&buf * mu)?)?
+            } else {
+                buf.clone()
+            };
             (d, Some(buf))
         } else {
             (d, None)
@@ -376,7 +389,11 @@ impl Sgd {
             let d = if wd != 0.0 { (g + (&theta * wd)?)? } else { g.clone() };
             let wn = l2_norm(&theta)?;
             let gn = l2_norm(&d)?;
-            let trust = if wn > 0.0 && gn > 0.0 { self.cfg.trust_coefficient * wn / gn } else { 1.0 };
+            let trust = if wn > 0.0 && gn > 0.0 {
+                self.cfg.trust_coefficient * wn / gn
+            } else {
+                1.0
+            };
             (d, trust)
         };
         let scaled = (d * (lr * trust))?;
@@ -386,7 +403,11 @@ impl Sgd {
             Some(b) => ((b * mu)? + &scaled)?,
             None => scaled.clone(),
         };
-        let delta = if self.cfg.nesterov { ((&buf * mu)? + scaled)? } else { buf.clone() };
+        let delta = if self.cfg.nesterov {
+            ((&buf * mu)? + scaled)?
+        } else {
+            buf.clone()
+        };
         Ok(((theta - delta)?, Some(buf)))
     }
 }
@@ -401,8 +422,14 @@ impl Optim for Sgd {
         self.step += 1;
         let mut new_moments = Vec::new();
         for p in &self.params {
-            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
-            let (theta, buf) = if self.lars { self.lars_update(p, g, lr)? } else { self.sgd_update(p, g, lr)? };
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            let (theta, buf) = if self.lars {
+                self.lars_update(p, g, lr)?
+            } else {
+                self.sgd_update(p, g, lr)?
+            };
             p.var.set(&theta)?;
             if let Some(b) = buf {
                 new_moments.push((format!("{}.momentum_buffer", p.name), b));
@@ -439,7 +466,10 @@ mod tests {
     fn setup(cfg: &OptimConfig) -> Result<(Var, Box<dyn Optim>)> {
         let var = Var::new(&W0, &Device::Cpu)?;
         // a 3-element weight: switch off the 1-d exclusion so decay and adaptation apply
-        let cfg = OptimConfig { exclude_1d: false, ..cfg.clone() };
+        let cfg = OptimConfig {
+            exclude_1d: false,
+            ..cfg.clone()
+        };
         let opt = cfg.build(vec![("layer.weight".into(), var.clone())])?;
         Ok((var, opt))
     }
@@ -462,7 +492,11 @@ mod tests {
 
     #[test]
     fn adamw_two_steps_match_hand_computation() -> Result<()> {
-        let cfg = OptimConfig { lr: 0.1, weight_decay: 0.01, ..Default::default() };
+        let cfg = OptimConfig {
+            lr: 0.1,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
         let (var, mut opt) = setup(&cfg)?;
         // Hand computation of torch.optim.AdamW (b1=.9, b2=.999, eps=1e-8).
         let mut w: Vec<f64> = W0.iter().map(|&x| x as f64).collect();
@@ -494,16 +528,28 @@ mod tests {
     #[test]
     fn adamw_first_step_known_values() -> Result<()> {
         // With bias correction the first step is lr * g/|g| (eps aside), plus decay.
-        let cfg = OptimConfig { lr: 0.1, weight_decay: 0.01, ..Default::default() };
+        let cfg = OptimConfig {
+            lr: 0.1,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
         let (var, mut opt) = setup(&cfg)?;
         opt.step(&grads_for(&var)?, 0.1)?;
-        close(&values(&var), &[1.0 * 0.999 - 0.1, -2.0 * 0.999 + 0.1, 0.5 * 0.999 - 0.1]);
+        close(
+            &values(&var),
+            &[1.0 * 0.999 - 0.1, -2.0 * 0.999 + 0.1, 0.5 * 0.999 - 0.1],
+        );
         Ok(())
     }
 
     #[test]
     fn sgd_momentum_matches_torch_formula() -> Result<()> {
-        let cfg = OptimConfig { name: OptimKind::Sgd, momentum: 0.9, weight_decay: 0.1, ..Default::default() };
+        let cfg = OptimConfig {
+            name: OptimKind::Sgd,
+            momentum: 0.9,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
         let (var, mut opt) = setup(&cfg)?;
         // step 1: d = g + .1 w ; buf = d ; w -= .5 buf
         opt.step(&grads_for(&var)?, 0.5)?;
@@ -524,7 +570,12 @@ mod tests {
 
     #[test]
     fn sgd_nesterov_matches_torch_formula() -> Result<()> {
-        let cfg = OptimConfig { name: OptimKind::Sgd, momentum: 0.9, nesterov: true, ..Default::default() };
+        let cfg = OptimConfig {
+            name: OptimKind::Sgd,
+            momentum: 0.9,
+            nesterov: true,
+            ..Default::default()
+        };
         let (var, mut opt) = setup(&cfg)?;
         opt.step(&grads_for(&var)?, 0.5)?;
         opt.step(&grads_for(&var)?, 0.5)?;
@@ -551,7 +602,7 @@ mod tests {
         let (var, mut opt) = setup(&cfg)?;
         let lr = 4.8;
         let mut w: Vec<f64> = W0.iter().map(|&x| x as f64).collect();
-        let mut buf = vec![0.0; 3];
+        let mut buf = [0.0; 3];
         for _ in 0..2 {
             opt.step(&grads_for(&var)?, lr)?;
             let d: Vec<f64> = (0..3).map(|i| G[i] as f64 + 1e-4 * w[i]).collect();
@@ -570,7 +621,12 @@ mod tests {
     #[test]
     fn lars_excluded_params_skip_adaptation_and_decay() -> Result<()> {
         let var = Var::new(&W0, &Device::Cpu)?; // 1-d: a bias
-        let cfg = OptimConfig { name: OptimKind::Lars, momentum: 0.0, weight_decay: 0.5, ..Default::default() };
+        let cfg = OptimConfig {
+            name: OptimKind::Lars,
+            momentum: 0.0,
+            weight_decay: 0.5,
+            ..Default::default()
+        };
         let mut opt = cfg.build(vec![("fc.bias".into(), var.clone())])?;
         opt.step(&grads_for(&var)?, 0.1)?;
         let w: Vec<f64> = (0..3).map(|i| W0[i] as f64 - 0.1 * G[i] as f64).collect();
@@ -592,11 +648,17 @@ mod tests {
         assert_eq!(values(&var), values(&var2));
 
         let mut bad = state.clone();
-        bad.insert("other.weight.exp_avg".into(), Tensor::zeros(3, DType::F32, &Device::Cpu)?);
+        bad.insert(
+            "other.weight.exp_avg".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu)?,
+        );
         let err = opt2.load_state(&bad).expect_err("unknown key");
         assert!(err.to_string().contains("other.weight.exp_avg"), "{err}");
         let mut bad = state.clone();
-        bad.insert("layer.weight.exp_avg".into(), Tensor::zeros(4, DType::F32, &Device::Cpu)?);
+        bad.insert(
+            "layer.weight.exp_avg".into(),
+            Tensor::zeros(4, DType::F32, &Device::Cpu)?,
+        );
         assert!(opt2.load_state(&bad).is_err());
         Ok(())
     }
@@ -605,7 +667,7 @@ mod tests {
     fn glob_patterns() {
         assert!(glob_match("*.bias", "layer1.0.conv.bias"));
         assert!(glob_match("embeddings.*", "embeddings.word.weight"));
-        assert!(glob_match("*norm*", "encoder.LayerNorm.weight") == false);
+        assert!(!glob_match("*norm*", "encoder.LayerNorm.weight"));
         assert!(glob_match("*Norm*", "encoder.LayerNorm.weight"));
         assert!(!glob_match("*.bias", "bias_weight"));
         assert!(glob_match("*", ""));
@@ -613,9 +675,15 @@ mod tests {
 
     #[test]
     fn validate_rejects_bad_values() {
-        let cfg = OptimConfig { beta1: 1.0, ..Default::default() };
+        let cfg = OptimConfig {
+            beta1: 1.0,
+            ..Default::default()
+        };
         assert!(cfg.validate().unwrap_err().to_string().contains("beta1"));
-        let cfg = OptimConfig { lr: f64::NAN, ..Default::default() };
+        let cfg = OptimConfig {
+            lr: f64::NAN,
+            ..Default::default()
+        };
         assert!(cfg.validate().is_err());
     }
 }

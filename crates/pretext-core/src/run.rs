@@ -115,7 +115,10 @@ impl RunDir {
 /// # Errors
 /// [`Error::Io`] naming the file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let res = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -233,7 +236,10 @@ mod tests {
         assert_eq!(run.config_text()?, "[train]\nseed = 1\n");
         assert!(RunDir::create(&root, "").is_err());
         assert!(RunDir::open(&root).is_ok());
-        assert!(RunDir::open(tmp.path()).unwrap_err().to_string().contains("not a pretext run"));
+        assert!(RunDir::open(tmp.path())
+            .unwrap_err()
+            .to_string()
+            .contains("not a pretext run"));
         Ok(())
     }
 

@@ -131,7 +131,10 @@ mod tests {
     #[test]
     fn cosine_without_warmup_starts_at_base() {
         assert_eq!(cosine_warmup(0, 10, 0, 1.0), 1.0);
-        let c = ScheduleConfig { min_lr_ratio: 0.1, ..Default::default() };
+        let c = ScheduleConfig {
+            min_lr_ratio: 0.1,
+            ..Default::default()
+        };
         assert!((c.lr(10, 10, 1.0) - 0.1).abs() < 1e-12);
     }
 
@@ -147,7 +150,11 @@ mod tests {
 
     #[test]
     fn constant_schedule() {
-        let c = ScheduleConfig { kind: ScheduleKind::Constant, warmup_steps: 2, min_lr_ratio: 0.0 };
+        let c = ScheduleConfig {
+            kind: ScheduleKind::Constant,
+            warmup_steps: 2,
+            min_lr_ratio: 0.0,
+        };
         assert_eq!(c.lr(0, 10, 1.0), 0.5);
         assert_eq!(c.lr(1, 10, 1.0), 1.0);
         assert_eq!(c.lr(9, 10, 1.0), 1.0);
@@ -156,7 +163,11 @@ mod tests {
     #[test]
     fn schedules_are_monotone_after_warmup() {
         for kind in [ScheduleKind::Cosine, ScheduleKind::Linear] {
-            let c = ScheduleConfig { kind, warmup_steps: 5, min_lr_ratio: 0.0 };
+            let c = ScheduleConfig {
+                kind,
+                warmup_steps: 5,
+                min_lr_ratio: 0.0,
+            };
             let lrs: Vec<f64> = (5..50).map(|s| c.lr(s, 50, 1.0)).collect();
             assert!(lrs.windows(2).all(|w| w[1] <= w[0]), "{kind:?}");
         }

@@ -206,13 +206,18 @@ impl TrainConfig {
     /// [`Error::Config`] naming the bad field.
     pub fn validate(&self) -> Result<()> {
         if self.epochs == 0 && self.max_steps == 0 {
-            return Err(Error::Config("train.epochs and train.max_steps are both 0: nothing to train".into()));
+            return Err(Error::Config(
+                "train.epochs and train.max_steps are both 0: nothing to train".into(),
+            ));
         }
         if self.batch_size == 0 {
             return Err(Error::Config("train.batch_size must be > 0".into()));
         }
         if !(self.clip_grad_norm.is_finite() && self.clip_grad_norm >= 0.0) {
-            return Err(Error::Config(format!("train.clip_grad_norm = {}: must be >= 0", self.clip_grad_norm)));
+            return Err(Error::Config(format!(
+                "train.clip_grad_norm = {}: must be >= 0",
+                self.clip_grad_norm
+            )));
         }
         if self.log_every == 0 {
             return Err(Error::Config("train.log_every must be > 0".into()));
@@ -389,7 +394,11 @@ impl<M: Method> Trainer<M> {
     /// # Errors
     /// [`Error::NonFinite`] naming the step when the loss or gradients diverge
     /// (no checkpoint is written for it); data, tensor or I/O errors.
-    pub fn fit<D: BatchSource<Batch = M::Batch>>(&mut self, data: &mut D, observer: &mut dyn Observer) -> Result<TrainSummary> {
+    pub fn fit<D: BatchSource<Batch = M::Batch>>(
+        &mut self,
+        data: &mut D,
+        observer: &mut dyn Observer,
+    ) -> Result<TrainSummary> {
         let total = self.cfg.total_steps(data.steps_per_epoch());
         self.fit_until(data, observer, total)
     }
@@ -424,7 +433,11 @@ impl<M: Method> Trainer<M> {
             let out = self.method.step(&batch, &cx)?;
             let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss.is_finite() {
-                return Err(Error::NonFinite { step, what: "loss".into(), value: loss.to_string() });
+                return Err(Error::NonFinite {
+                    step,
+                    what: "loss".into(),
+                    value: loss.to_string(),
+                });
             }
             let mut grads = out.loss.backward()?;
             let grad_norm = self.clip_gradients(&mut grads, step)?;
@@ -466,7 +479,10 @@ impl<M: Method> Trainer<M> {
             self.save_checkpoint(spe, observer)?;
         }
         observer.on_finish(self.step);
-        Ok(TrainSummary { steps: self.step, losses })
+        Ok(TrainSummary {
+            steps: self.step,
+            losses,
+        })
     }
 
     fn save_checkpoint(&self, spe: u64, observer: &mut dyn Observer) -> Result<()> {

@@ -31,13 +31,27 @@ impl TinyMlp {
         let fc1 = candle_nn::linear(4, 8, vb.pp("fc1"))?;
         let fc2 = candle_nn::linear(8, 3, vb.pp("fc2"))?;
         let buffers = VarMap::new();
-        buffers.get(4, "input.running_mean", candle_nn::Init::Const(0.0), DType::F32, &Device::Cpu)?;
+        buffers.get(
+            4,
+            "input.running_mean",
+            candle_nn::Init::Const(0.0),
+            DType::F32,
+            &Device::Cpu,
+        )?;
         let twin = VarMap::new();
         for (name, t) in named_tensors(vars.var_map()) {
             twin.get(t.shape(), &name, candle_nn::Init::Const(0.0), DType::F32, &Device::Cpu)?;
         }
         pretext_core::ema::copy_params(&twin, vars.var_map())?;
-        Ok(Self { vars, buffers, twin, fc1, fc2, scale_loss: 1.0, poison_grad: false })
+        Ok(Self {
+            vars,
+            buffers,
+            twin,
+            fc1,
+            fc2,
+            scale_loss: 1.0,
+            poison_grad: false,
+        })
     }
 }
 
@@ -65,10 +79,19 @@ impl Method for TinyMlp {
         let mut loss = (candle_nn::loss::cross_entropy(&logits, y)? * self.scale_loss)?;
         if self.poison_grad {
             let w = self.fc2.weight();
-            loss = (loss + (w - w)?.sum_all()?.sqrt()?)?;
+            let zero = w.sub(&w.copy()?)?.sum_all()?;
+            loss = (loss + zero.sqrt()?)?;
         }
-        let acc = logits.argmax(D::Minus1)?.eq(y)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
-        Ok(StepOut { loss, stats: vec![("acc", f64::from(acc))] })
+        let acc = logits
+            .argmax(D::Minus1)?
+            .eq(y)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()?;
+        Ok(StepOut {
+            loss,
+            stats: vec![("acc", f64::from(acc))],
+        })
     }
 
     fn after_update(&mut self, _cx: &StepCx) -> Result<()> {
@@ -76,12 +99,17 @@ impl Method for TinyMlp {
     }
 
     fn buffers(&self) -> Vec<(String, Tensor)> {
-        named_tensors(&self.twin).into_iter().map(|(n, t)| (format!("twin.{n}"), t)).collect()
+        named_tensors(&self.twin)
+            .into_iter()
+            .map(|(n, t)| (format!("twin.{n}"), t))
+            .collect()
     }
 
     fn load_buffers(&mut self, b: &HashMap<String, Tensor>) -> Result<()> {
         for (name, _) in named_tensors(&self.twin) {
-            let t = b.get(&format!("twin.{name}")).ok_or_else(|| Error::Config(format!("missing twin.{name}")))?;
+            let t = b
+                .get(&format!("twin.{name}"))
+                .ok_or_else(|| Error::Config(format!("missing twin.{name}")))?;
             self.twin.set_one(&name, t)?;
         }
         Ok(())
@@ -128,21 +156,48 @@ impl BatchSource for Blobs {
         let idx = &order[i * self.batch..(i + 1) * self.batch];
         let xs: Vec<f32> = idx.iter().flat_map(|&k| self.x[k]).collect();
         let ys: Vec<u32> = idx.iter().map(|&k| self.y[k]).collect();
-        Ok((Tensor::from_vec(xs, (self.batch, 4), &Device::Cpu)?, Tensor::new(ys, &Device::Cpu)?))
+        Ok((
+            Tensor::from_vec(xs, (self.batch, 4), &Device::Cpu)?,
+            Tensor::new(ys, &Device::Cpu)?,
+        ))
     }
 }
 
 fn configs(max_steps: u64) -> (OptimConfig, ScheduleConfig, TrainConfig) {
-    let optim = OptimConfig { name: OptimKind::AdamW, lr: 0.05, weight_decay: 0.01, ..Default::default() };
-    let schedule = ScheduleConfig { warmup_steps: 2, ..Default::default() };
-    let train = TrainConfig { max_steps, seed: 7, checkpoint_every: 0, keep_checkpoints: 2, ..Default::default() };
+    let optim = OptimConfig {
+        name: OptimKind::AdamW,
+        lr: 0.05,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    let schedule = ScheduleConfig {
+        warmup_steps: 2,
+        ..Default::default()
+    };
+    let train = TrainConfig {
+        max_steps,
+        seed: 7,
+        checkpoint_every: 0,
+        keep_checkpoints: 2,
+        ..Default::default()
+    };
     (optim, schedule, train)
 }
 
 fn bits(ts: &[(String, Tensor)]) -> Result<Vec<(String, Vec<u32>)>> {
     ts.iter()
         .filter(|(n, _)| n != "step")
-        .map(|(n, t)| Ok((n.clone(), t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())))
+        .map(|(n, t)| {
+            Ok((
+                n.clone(),
+                t.flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect(),
+            ))
+        })
         .collect()
 }
 
@@ -173,15 +228,27 @@ fn four_steps_equal_two_then_resume_then_two_bit_for_bit() -> Result<()> {
     let uninterrupted: Vec<u64> = full.losses.iter().map(|l| l.to_bits()).collect();
     assert_eq!(resumed, uninterrupted, "losses differ");
     assert_eq!(bits(&a.model_tensors())?, bits(&c.model_tensors())?, "weights differ");
-    assert_eq!(bits(&a.optimizer().state())?, bits(&c.optimizer().state())?, "optimizer moments differ");
-    assert_eq!(bits(&a.method.buffers())?, bits(&c.method.buffers())?, "EMA twin differs");
+    assert_eq!(
+        bits(&a.optimizer().state())?,
+        bits(&c.optimizer().state())?,
+        "optimizer moments differ"
+    );
+    assert_eq!(
+        bits(&a.method.buffers())?,
+        bits(&c.method.buffers())?,
+        "EMA twin differs"
+    );
     assert_eq!(c.optimizer().steps_taken(), 4);
 
     // The metrics log reads as one run of 4 steps.
     let recs = pretext_core::run::read_metrics(&run.metrics_path())?;
     let steps: Vec<u64> = recs.iter().filter_map(|r| r["step"].as_u64()).collect();
     assert_eq!(steps, vec![1, 2, 3, 4]);
-    let logged: Vec<u64> = recs.iter().filter_map(|r| r["loss"].as_f64()).map(f64::to_bits).collect();
+    let logged: Vec<u64> = recs
+        .iter()
+        .filter_map(|r| r["loss"].as_f64())
+        .map(f64::to_bits)
+        .collect();
     assert_eq!(logged, uninterrupted);
 
     // And the final checkpoint equals the uninterrupted trainer's state.
@@ -211,7 +278,9 @@ fn nan_loss_stops_with_the_step_and_no_checkpoint() -> Result<()> {
     t.attach_run(&run)?;
     t.fit_until(&mut Blobs::new(1), &mut NullObserver, 2)?;
     t.method.scale_loss = f64::NAN;
-    let err = t.fit(&mut Blobs::new(1), &mut NullObserver).expect_err("NaN must stop training");
+    let err = t
+        .fit(&mut Blobs::new(1), &mut NullObserver)
+        .expect_err("NaN must stop training");
     assert!(matches!(err, Error::NonFinite { step: 2, .. }), "{err}");
     assert!(err.to_string().contains("step 2"), "{err}");
     // latest still names the last good step
@@ -232,12 +301,27 @@ fn infinite_gradients_are_caught() -> Result<()> {
 #[test]
 fn gradient_clipping_bounds_the_update() -> Result<()> {
     // With SGD and no momentum, the update is lr * clipped gradient: its norm is at most lr * max_norm.
-    let optim = OptimConfig { name: OptimKind::Sgd, lr: 1.0, momentum: 0.0, ..Default::default() };
-    let schedule = ScheduleConfig { kind: pretext_core::ScheduleKind::Constant, ..Default::default() };
-    let train = TrainConfig { max_steps: 1, clip_grad_norm: 0.01, ..Default::default() };
+    let optim = OptimConfig {
+        name: OptimKind::Sgd,
+        lr: 1.0,
+        momentum: 0.0,
+        ..Default::default()
+    };
+    let schedule = ScheduleConfig {
+        kind: pretext_core::ScheduleKind::Constant,
+        ..Default::default()
+    };
+    let train = TrainConfig {
+        max_steps: 1,
+        clip_grad_norm: 0.01,
+        ..Default::default()
+    };
     let mut t = Trainer::new(TinyMlp::new(3)?, &optim, &schedule, &train)?;
-    let before: Vec<(String, Tensor)> =
-        t.model_tensors().into_iter().map(|(n, v)| Ok((n, v.copy()?))).collect::<Result<_>>()?;
+    let before: Vec<(String, Tensor)> = t
+        .model_tensors()
+        .into_iter()
+        .map(|(n, v)| Ok((n, v.copy()?)))
+        .collect::<Result<_>>()?;
     t.fit(&mut Blobs::new(3), &mut NullObserver)?;
     let after = t.model_tensors();
     let mut sq = 0.0f64;
@@ -261,11 +345,14 @@ fn resume_rejects_a_checkpoint_of_another_model() -> Result<()> {
     t.fit(&mut Blobs::new(1), &mut NullObserver)?;
     let mut ck = run.checkpoints(0).load_latest(&Device::Cpu)?;
     ck.model.retain(|(n, _)| n != "fc2.bias");
-    ck.model.push(("head.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu)?));
+    ck.model
+        .push(("head.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu)?));
     let mut fresh = Trainer::new(TinyMlp::new(1)?, &optim, &schedule, &train)?;
     let err = fresh.resume(&ck, tmp.path()).expect_err("keys differ");
     let msg = err.to_string();
-    assert!(msg.contains("fc2.bias") && msg.contains("head.weight") && msg.contains("model.safetensors"), "{msg}");
+    assert!(
+        msg.contains("fc2.bias") && msg.contains("head.weight") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
     Ok(())
 }
-

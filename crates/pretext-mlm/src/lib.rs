@@ -1,1 +1,4 @@
-//! x
+//! Masked language modeling: a trainable BERT encoder, the tied MLM head and
+//! the masking collator.
+//!
+//! This crate must not depend on another paradigm crate.

@@ -1,0 +1,410 @@
+//! Batches of augmented images: a seeded order per epoch, one or two views
+//! per image, augmentation on the rayon pool, a background thread that
+//! prepares the next batches (bounded prefetch).
+//!
+//! The batch of a step is a pure function of (seed, step): the order of epoch
+//! `e` comes from the `data-order` stream at `[e]`, and view `v` of sample `i`
+//! from the `augment` stream at `[e, i, v]`. Restoring a position is therefore
+//! just asking for the step; prefetching cannot change what a step sees.
+
+use crate::augment::Pipeline;
+use crate::dataset::ImageDataset;
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use pretext_core::seed::{permutation, stream_rng, AUGMENT, DATA_ORDER};
+use pretext_core::trainer::BatchSource;
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// One batch: each view `(b, c, h, w)` f32, labels `(b,)` u32 if known, and the dataset indices.
+#[derive(Debug, Clone)]
+pub struct ImageBatch {
+    /// The views (1 or 2), each `(b, c, h, w)`.
+    pub views: Vec<Tensor>,
+    /// Labels `(b,)` (u32), if the dataset has them.
+    pub labels: Option<Tensor>,
+    /// Dataset index of each sample.
+    pub indices: Vec<usize>,
+}
+
+/// Batching settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatcherConfig {
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Views per sample (2 for contrastive methods).
+    pub views: usize,
+    /// Seed of the order and augmentation streams.
+    pub seed: u64,
+    /// Shuffle each epoch (off: dataset order, e.g. for evaluation).
+    pub shuffle: bool,
+    /// Drop the last incomplete batch of an epoch.
+    pub drop_last: bool,
+    /// Batches prepared ahead in a background thread (0 = none).
+    pub prefetch: usize,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            views: 2,
+            seed: 0,
+            shuffle: true,
+            drop_last: true,
+            prefetch: 2,
+        }
+    }
+}
+
+/// A batch before it becomes tensors (made off the main thread).
+#[derive(Debug)]
+struct RawBatch {
+    views: Vec<Vec<f32>>,
+    labels: Option<Vec<u32>>,
+    indices: Vec<usize>,
+}
+
+struct Inner {
+    data: Arc<ImageDataset>,
+    pipeline: Arc<Pipeline>,
+    cfg: BatcherConfig,
+    order: Mutex<Option<(u64, Arc<Vec<usize>>)>>,
+}
+
+impl Inner {
+    fn steps_per_epoch(&self) -> u64 {
+        let n = self.data.len();
+        let b = self.cfg.batch_size;
+        (if self.cfg.drop_last { n / b } else { n.div_ceil(b) }) as u64
+    }
+
+    fn order(&self, epoch: u64) -> Arc<Vec<usize>> {
+        let mut cache = match self.order.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        if let Some((e, o)) = cache.as_ref() {
+            if *e == epoch {
+                return o.clone();
+            }
+        }
+        let n = self.data.len();
+        let o = Arc::new(if self.cfg.shuffle {
+            permutation(n, &mut stream_rng(self.cfg.seed, DATA_ORDER, &[epoch]))
+        } else {
+            (0..n).collect()
+        });
+        *cache = Some((epoch, o.clone()));
+        o
+    }
+
+    fn make(&self, step: u64) -> RawBatch {
+        let spe = self.steps_per_epoch().max(1);
+        let (epoch, i) = (step / spe, (step % spe) as usize);
+        let order = self.order(epoch);
+        let b = self.cfg.batch_size;
+        let start = (i * b).min(order.len());
+        let end = ((i + 1) * b).min(order.len());
+        let indices: Vec<usize> = order[start..end].to_vec();
+        let (oh, ow) = self.pipeline.out_size();
+        let c = self.data.channels;
+        let per = c * oh * ow;
+        let (h, w) = (self.data.height, self.data.width);
+        let views: Vec<Vec<f32>> = (0..self.cfg.views)
+            .map(|v| {
+                let mut buf = vec![0f32; indices.len() * per];
+                buf.par_chunks_mut(per).zip(indices.par_iter()).for_each(|(out, &idx)| {
+                    let mut rng = stream_rng(self.cfg.seed, AUGMENT, &[epoch, idx as u64, v as u64]);
+                    self.pipeline.view_into(self.data.image(idx), h, w, c, &mut rng, out);
+                });
+                buf
+            })
+            .collect();
+        let labels = self
+            .data
+            .labels
+            .as_ref()
+            .map(|l| indices.iter().map(|&k| l[k]).collect());
+        RawBatch { views, labels, indices }
+    }
+}
+
+struct Prefetch {
+    rx: Receiver<(u64, RawBatch)>,
+    next: u64,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Unblock a worker waiting on a full channel.
+        while self.rx.try_recv().is_ok() {}
+        if let Some(h) = self.handle.take() {
+            // Dropping `rx` (after this) makes a blocked send fail; drain once more first.
+            let _ = self.rx.try_recv();
+            drop(h);
+        }
+    }
+}
+
+/// Augmented image batches as a [`BatchSource`].
+pub struct ImageBatcher {
+    inner: Arc<Inner>,
+    device: Device,
+    prefetch: Option<Prefetch>,
+}
+
+impl std::fmt::Debug for ImageBatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageBatcher")
+            .field("cfg", &self.inner.cfg)
+            .field("n", &self.inner.data.len())
+            .finish()
+    }
+}
+
+impl ImageBatcher {
+    /// A batcher over `data` through `pipeline`, producing tensors on `device`.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for an empty dataset, a batch larger than the data
+    /// with `drop_last`, or 0 views / batch size.
+    pub fn new(data: Arc<ImageDataset>, pipeline: Arc<Pipeline>, cfg: BatcherConfig, device: &Device) -> Result<Self> {
+        if data.is_empty() {
+            return Err(Error::Invalid("cannot batch an empty dataset".into()));
+        }
+        if cfg.batch_size == 0 || cfg.views == 0 {
+            return Err(Error::Invalid("batch size and views must be > 0".into()));
+        }
+        if cfg.drop_last && cfg.batch_size > data.len() {
+            return Err(Error::Invalid(format!(
+                "batch size {} is larger than the dataset ({} images)",
+                cfg.batch_size,
+                data.len()
+            )));
+        }
+        let inner = Arc::new(Inner {
+            data,
+            pipeline,
+            cfg,
+            order: Mutex::new(None),
+        });
+        Ok(Self {
+            inner,
+            device: device.clone(),
+            prefetch: None,
+        })
+    }
+
+    /// The dataset order of `epoch` (what the batches of that epoch walk through).
+    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        self.inner.order(epoch).to_vec()
+    }
+
+    fn start_prefetch(&mut self, from: u64) {
+        self.prefetch = None;
+        let depth = self.inner.cfg.prefetch;
+        if depth == 0 {
+            return;
+        }
+        let (tx, rx) = sync_channel(depth);
+        let stop = Arc::new(AtomicBool::new(false));
+        let inner = self.inner.clone();
+        let stop2 = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("pretext-batcher".into())
+            .spawn(move || {
+                let mut s = from;
+                while !stop2.load(Ordering::SeqCst) {
+                    let b = inner.make(s);
+                    if tx.send((s, b)).is_err() {
+                        break;
+                    }
+                    s += 1;
+                }
+            })
+            .ok();
+        self.prefetch = Some(Prefetch {
+            rx,
+            next: from,
+            stop,
+            handle,
+        });
+    }
+
+    fn to_batch(&self, raw: RawBatch) -> Result<ImageBatch> {
+        let (oh, ow) = self.inner.pipeline.out_size();
+        let c = self.inner.data.channels;
+        let n = raw.indices.len();
+        let views = raw
+            .views
+            .into_iter()
+            .map(|v| Tensor::from_vec(v, (n, c, oh, ow), &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let labels = match raw.labels {
+            Some(l) => Some(Tensor::from_vec(l, n, &self.device)?),
+            None => None,
+        };
+        Ok(ImageBatch {
+            views,
+            labels,
+            indices: raw.indices,
+        })
+    }
+
+    /// The batch of `step`, built on this thread (no prefetch).
+    ///
+    /// # Errors
+    /// Tensor creation failed.
+    pub fn batch_now(&self, step: u64) -> Result<ImageBatch> {
+        self.to_batch(self.inner.make(step))
+    }
+}
+
+impl BatchSource for ImageBatcher {
+    type Batch = ImageBatch;
+
+    fn steps_per_epoch(&self) -> u64 {
+        self.inner.steps_per_epoch()
+    }
+
+    fn batch(&mut self, step: u64) -> pretext_core::Result<ImageBatch> {
+        if self.inner.cfg.prefetch == 0 {
+            return Ok(self.batch_now(step)?);
+        }
+        if self.prefetch.as_ref().is_none_or(|p| p.next != step) {
+            self.start_prefetch(step);
+        }
+        let raw = match self.prefetch.as_mut() {
+            Some(p) => match p.rx.recv() {
+                Ok((s, raw)) if s == step => {
+                    p.next += 1;
+                    Some(raw)
+                }
+                _ => None,
+            },
+            None => None,
+        };
+        let raw = match raw {
+            Some(r) => r,
+            None => {
+                self.prefetch = None;
+                self.inner.make(step)
+            }
+        };
+        Ok(self.to_batch(raw)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::augment::AugmentConfig;
+
+    fn dataset(n: usize) -> Arc<ImageDataset> {
+        let pixels: Vec<u8> = (0..n * 64).map(|i| ((i * 37) % 256) as u8).collect();
+        Arc::new(ImageDataset {
+            height: 8,
+            width: 8,
+            channels: 1,
+            pixels,
+            labels: Some((0..n as u32).map(|i| i % 4).collect()),
+            classes: vec![],
+        })
+    }
+
+    fn batcher(prefetch: usize) -> Result<ImageBatcher> {
+        let p = Arc::new(Pipeline::new(AugmentConfig::fashion_mnist(), 8, 8).map_err(Error::Invalid)?);
+        let cfg = BatcherConfig {
+            batch_size: 4,
+            views: 2,
+            seed: 3,
+            prefetch,
+            ..Default::default()
+        };
+        ImageBatcher::new(dataset(18), p, cfg, &Device::Cpu)
+    }
+
+    fn flat(b: &ImageBatch) -> Result<Vec<Vec<f32>>> {
+        Ok(b.views
+            .iter()
+            .map(|v| v.flatten_all().and_then(|t| t.to_vec1::<f32>()))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
+    #[test]
+    fn epochs_cover_the_data_and_shuffle_differently() -> Result<()> {
+        let mut b = batcher(0)?;
+        assert_eq!(b.steps_per_epoch(), 4); // 18 / 4, last 2 dropped
+        let mut seen = Vec::new();
+        for s in 0..4 {
+            let batch = b.batch(s)?;
+            assert_eq!(batch.views.len(), 2);
+            assert_eq!(batch.views[0].dims(), &[4, 1, 8, 8]);
+            seen.extend(batch.indices);
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 16);
+        assert_ne!(b.epoch_order(0), b.epoch_order(1));
+        // two views of one image differ
+        let batch = b.batch(0)?;
+        let v = flat(&batch)?;
+        assert_ne!(v[0], v[1]);
+        // labels follow the indices
+        let labels = batch
+            .labels
+            .map(|l| l.to_vec1::<u32>())
+            .transpose()?
+            .unwrap_or_default();
+        assert_eq!(
+            labels,
+            batch.indices.iter().map(|&i| (i % 4) as u32).collect::<Vec<_>>()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn restored_position_gives_the_same_next_batches() -> Result<()> {
+        // Run A: steps 0..7 in order, with prefetch. Run B: a fresh batcher
+        // "resumed" at step 5 (with prefetch). Steps 5, 6 must be identical.
+        let mut a = batcher(2)?;
+        let mut from_a = Vec::new();
+        for s in 0..7 {
+            from_a.push(flat(&a.batch(s)?)?);
+        }
+        let mut b = batcher(2)?;
+        assert_eq!(flat(&b.batch(5)?)?, from_a[5]);
+        assert_eq!(flat(&b.batch(6)?)?, from_a[6]);
+        // and without prefetch, and out of order
+        let mut c = batcher(0)?;
+        assert_eq!(flat(&c.batch(6)?)?, from_a[6]);
+        assert_eq!(flat(&c.batch(1)?)?, from_a[1]);
+        Ok(())
+    }
+
+    #[test]
+    fn errors_for_impossible_setups() {
+        let p = Arc::new(Pipeline::new(AugmentConfig::default(), 8, 8).unwrap_or_else(|e| panic!("{e}")));
+        let cfg = BatcherConfig {
+            batch_size: 100,
+            ..Default::default()
+        };
+        assert!(ImageBatcher::new(dataset(10), p.clone(), cfg, &Device::Cpu).is_err());
+        let empty = Arc::new(ImageDataset {
+            height: 8,
+            width: 8,
+            channels: 1,
+            pixels: vec![],
+            labels: None,
+            classes: vec![],
+        });
+        assert!(ImageBatcher::new(empty, p, BatcherConfig::default(), &Device::Cpu).is_err());
+    }
+}

@@ -1,0 +1,474 @@
+//! Text corpora: fortune files, plain text, JSONL and Parquet.
+//!
+//! - **fortune**: entries separated by a line holding only `%`; the category is
+//!   the file name; backspace overstrike (`_\bx`, `x\bx`) is stripped.
+//! - **plain text**: one document per line, or per blank-line-separated paragraph.
+//! - **JSONL**: one JSON object per line with a named text field (and optional label field).
+//! - **Parquet**: a named text column (and optional label column), as Hugging Face datasets store them.
+//!
+//! Non-UTF-8 bytes are an error naming the file and the byte offset.
+
+use crate::dataset::TextDataset;
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn read_utf8(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let off = e.utf8_error().valid_up_to();
+        Error::format_at(path, format!("byte {off}"), "not valid UTF-8 text")
+    })
+}
+
+/// Removes backspace overstrike: each `\x08` deletes itself and the character before it.
+pub fn strip_overstrike(s: &str) -> String {
+    if !s.contains('\u{8}') {
+        return s.to_string();
+    }
+    let mut out: Vec<char> = Vec::with_capacity(s.len());
+    for c in s.chars() {
+        if c == '\u{8}' {
+            out.pop();
+        } else {
+            out.push(c);
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Splits fortune-file text into entries (trimmed, overstrike removed, empty ones dropped).
+pub fn parse_fortunes(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut flush = |cur: &mut String| {
+        let e = strip_overstrike(cur.trim());
+        if !e.trim().is_empty() {
+            out.push(e.trim().to_string());
+        }
+        cur.clear();
+    };
+    for line in text.lines() {
+        if line.trim_end() == "%" {
+            flush(&mut cur);
+        } else {
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    flush(&mut cur);
+    out
+}
+
+/// Whether a file in a fortune directory is a fortune file (not an index or licence).
+fn is_fortune_file(p: &Path) -> bool {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let skip_ext = [".dat", ".u8", ".md", ".txt", ".json", ".gz"];
+    p.is_file()
+        && !name.starts_with('.')
+        && !skip_ext.iter().any(|e| name.ends_with(e))
+        && !["LICENSE", "README", "COPYING"].contains(&name.as_str())
+}
+
+/// Reads fortune files: a single file, or every fortune file of a directory
+/// (sorted by name). Each entry is labelled with its file's category.
+/// `categories` keeps only those files (in the order given).
+///
+/// # Errors
+/// [`Error::Io`]; [`Error::Format`] for non-UTF-8; [`Error::Invalid`] when no entry is found.
+pub fn read_fortunes(path: &Path, categories: Option<&[String]>) -> Result<TextDataset> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_fortune_file(p))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let name_of = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
+    };
+    let files: Vec<PathBuf> = match categories {
+        Some(cats) => {
+            let mut sel = Vec::new();
+            for c in cats {
+                match files.iter().find(|f| name_of(f) == *c) {
+                    Some(f) => sel.push(f.clone()),
+                    None => {
+                        return Err(Error::Invalid(format!(
+                            "{}: no fortune file named {c:?}",
+                            path.display()
+                        )))
+                    }
+                }
+            }
+            sel
+        }
+        None => files,
+    };
+    let mut ds = TextDataset {
+        docs: Vec::new(),
+        labels: Some(Vec::new()),
+        classes: Vec::new(),
+    };
+    for f in &files {
+        let entries = parse_fortunes(&read_utf8(f)?);
+        let label = ds.classes.len() as u32;
+        ds.classes.push(name_of(f));
+        if let Some(l) = ds.labels.as_mut() {
+            l.extend(std::iter::repeat_n(label, entries.len()));
+        }
+        ds.docs.extend(entries);
+    }
+    if ds.docs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: empty corpus (no fortune entries found)",
+            path.display()
+        )));
+    }
+    Ok(ds)
+}
+
+/// How plain text is cut into documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlainSplit {
+    /// One document per non-empty line.
+    Lines,
+    /// One document per blank-line-separated paragraph.
+    Paragraphs,
+}
+
+/// Reads a plain-text file as unlabelled documents.
+///
+/// # Errors
+/// [`Error::Io`]; [`Error::Format`] for non-UTF-8; [`Error::Invalid`] when empty.
+pub fn read_plain_text(path: &Path, split: PlainSplit) -> Result<TextDataset> {
+    let text = read_utf8(path)?;
+    let docs: Vec<String> = match split {
+        PlainSplit::Lines => text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
+        PlainSplit::Paragraphs => {
+            let mut out = Vec::new();
+            let mut cur: Vec<&str> = Vec::new();
+            for line in text.lines() {
+                if line.trim().is_empty() {
+                    if !cur.is_empty() {
+                        out.push(cur.join("\n"));
+                        cur.clear();
+                    }
+                } else {
+                    cur.push(line.trim_end());
+                }
+            }
+            if !cur.is_empty() {
+                out.push(cur.join("\n"));
+            }
+            out
+        }
+    };
+    if docs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: empty corpus (no non-blank text)",
+            path.display()
+        )));
+    }
+    Ok(TextDataset {
+        docs,
+        labels: None,
+        classes: Vec::new(),
+    })
+}
+
+/// Maps label values (strings or numbers, as text) to dense indices in sorted order.
+fn index_labels(raw: Vec<String>) -> (Vec<u32>, Vec<String>) {
+    let mut classes: Vec<String> = raw.clone();
+    classes.sort_by(|a, b| match (a.parse::<i64>(), b.parse::<i64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        _ => a.cmp(b),
+    });
+    classes.dedup();
+    let idx: BTreeMap<&String, u32> = classes.iter().enumerate().map(|(i, c)| (c, i as u32)).collect();
+    let labels = raw.iter().map(|r| idx[r]).collect();
+    (labels, classes)
+}
+
+fn label_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Reads JSONL: each non-blank line an object with string field `text_field`
+/// (and, if given, `label_field`: string or number).
+///
+/// # Errors
+/// [`Error::Format`] naming the file and line for non-JSON lines, missing or
+/// non-string fields; [`Error::Invalid`] when empty.
+pub fn read_jsonl(path: &Path, text_field: &str, label_field: Option<&str>) -> Result<TextDataset> {
+    let text = read_utf8(path)?;
+    let mut docs = Vec::new();
+    let mut raw_labels = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("line {}", i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| Error::format_at(path, &at, format!("not JSON ({e})")))?;
+        let t = v
+            .get(text_field)
+            .ok_or_else(|| Error::format_at(path, &at, format!("no field {text_field:?}")))?
+            .as_str()
+            .ok_or_else(|| Error::format_at(path, &at, format!("field {text_field:?} is not a string")))?;
+        docs.push(t.to_string());
+        if let Some(lf) = label_field {
+            let l = v
+                .get(lf)
+                .and_then(label_text)
+                .ok_or_else(|| Error::format_at(path, &at, format!("no string or number field {lf:?}")))?;
+            raw_labels.push(l);
+        }
+    }
+    if docs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: empty corpus (no JSON lines)",
+            path.display()
+        )));
+    }
+    let (labels, classes) = if label_field.is_some() {
+        let (l, c) = index_labels(raw_labels);
+        (Some(l), c)
+    } else {
+        (None, Vec::new())
+    };
+    Ok(TextDataset { docs, labels, classes })
+}
+
+/// Reads a Parquet file's string column `text_column` (and, if given, the
+/// string or integer column `label_column`).
+///
+/// # Errors
+/// [`Error::Format`] naming the file (and row) for unreadable files, missing
+/// or non-string columns; [`Error::Invalid`] when empty.
+#[cfg(feature = "text")]
+pub fn read_parquet(path: &Path, text_column: &str, label_column: Option<&str>) -> Result<TextDataset> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| Error::format(path, format!("not a readable Parquet file ({e})")))?;
+    let schema = reader.metadata().file_metadata().schema_descr();
+    let names: Vec<String> = schema.columns().iter().map(|c| c.name().to_string()).collect();
+    for col in std::iter::once(text_column).chain(label_column) {
+        if !names.iter().any(|n| n == col) {
+            return Err(Error::format(path, format!("no column {col:?} (columns: {names:?})")));
+        }
+    }
+    let rows = reader
+        .get_row_iter(None)
+        .map_err(|e| Error::format(path, format!("cannot read rows ({e})")))?;
+    let mut docs = Vec::new();
+    let mut raw_labels = Vec::new();
+    for (r, row) in rows.enumerate() {
+        let at = format!("row {r}");
+        let row = row.map_err(|e| Error::format_at(path, &at, e.to_string()))?;
+        let mut text = None;
+        let mut label = None;
+        for (name, field) in row.get_column_iter() {
+            if name == text_column {
+                text = match field {
+                    Field::Str(s) => Some(s.clone()),
+                    Field::Null => None,
+                    other => {
+                        return Err(Error::format_at(
+                            path,
+                            &at,
+                            format!("column {text_column:?} holds {other}, not text"),
+                        ))
+                    }
+                };
+            } else if Some(name.as_str()) == label_column {
+                label = match field {
+                    Field::Str(s) => Some(s.clone()),
+                    Field::Int(i) => Some(i.to_string()),
+                    Field::Long(i) => Some(i.to_string()),
+                    Field::Short(i) => Some(i.to_string()),
+                    Field::Byte(i) => Some(i.to_string()),
+                    Field::UInt(i) => Some(i.to_string()),
+                    Field::ULong(i) => Some(i.to_string()),
+                    Field::Bool(b) => Some(b.to_string()),
+                    other => return Err(Error::format_at(path, &at, format!("label column holds {other}"))),
+                };
+            }
+        }
+        let Some(t) = text else {
+            return Err(Error::format_at(path, &at, format!("null in column {text_column:?}")));
+        };
+        docs.push(t);
+        if let Some(lc) = label_column {
+            raw_labels.push(label.ok_or_else(|| Error::format_at(path, &at, format!("null in column {lc:?}")))?);
+        }
+    }
+    if docs.is_empty() {
+        return Err(Error::Invalid(format!("{}: empty corpus (no rows)", path.display())));
+    }
+    let (labels, classes) = if label_column.is_some() {
+        let (l, c) = index_labels(raw_labels);
+        (Some(l), c)
+    } else {
+        (None, Vec::new())
+    };
+    Ok(TextDataset { docs, labels, classes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp() -> Result<tempfile::TempDir> {
+        tempfile::tempdir().map_err(|e| Error::io("tmp", e))
+    }
+
+    fn write(p: &Path, b: impl AsRef<[u8]>) -> Result<()> {
+        std::fs::write(p, b).map_err(|e| Error::io(p, e))
+    }
+
+    #[test]
+    fn fortunes_split_and_strip_overstrike() -> Result<()> {
+        let d = tmp()?;
+        write(
+            &d.path().join("science"),
+            "E = mc^2\n%\nThe _\u{8}f_\u{8}a_\u{8}s_\u{8}t one.\n  -- B\u{8}Bo\u{8}ob\n%\n%\n",
+        )?;
+        write(&d.path().join("love"), "All you need.\n")?;
+        write(&d.path().join("love.dat"), [0u8, 1, 2])?;
+        let ds = read_fortunes(d.path(), None)?;
+        assert_eq!(ds.classes, vec!["love", "science"]);
+        assert_eq!(ds.docs, vec!["All you need.", "E = mc^2", "The fast one.\n  -- Bob"]);
+        assert_eq!(ds.labels, Some(vec![0, 1, 1]));
+        let only = read_fortunes(d.path(), Some(&["science".to_string()]))?;
+        assert_eq!(only.docs.len(), 2);
+        assert!(read_fortunes(d.path(), Some(&["sports".to_string()])).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn empty_and_non_utf8_are_errors() -> Result<()> {
+        let d = tmp()?;
+        let e = d.path().join("empty");
+        write(&e, "%\n%\n")?;
+        assert!(read_fortunes(&e, None)
+            .expect_err("empty")
+            .to_string()
+            .contains("empty corpus"));
+        let b = d.path().join("latin1.txt");
+        write(&b, b"caf\xe9\n")?;
+        let err = read_plain_text(&b, PlainSplit::Lines).expect_err("utf8");
+        assert!(
+            err.to_string().contains("latin1.txt") && err.to_string().contains("byte 3"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn plain_text_lines_and_paragraphs() -> Result<()> {
+        let d = tmp()?;
+        let p = d.path().join("c.txt");
+        write(&p, "a b\nc\n\n\nd e\n")?;
+        assert_eq!(read_plain_text(&p, PlainSplit::Lines)?.docs, vec!["a b", "c", "d e"]);
+        assert_eq!(read_plain_text(&p, PlainSplit::Paragraphs)?.docs, vec!["a b\nc", "d e"]);
+        Ok(())
+    }
+
+    #[test]
+    fn jsonl_fields_labels_and_errors() -> Result<()> {
+        let d = tmp()?;
+        let p = d.path().join("c.jsonl");
+        write(
+            &p,
+            "{\"text\": \"hi\", \"label\": \"pos\"}\n\n{\"text\": \"bye\", \"label\": \"neg\"}\n",
+        )?;
+        let ds = read_jsonl(&p, "text", Some("label"))?;
+        assert_eq!(ds.docs, vec!["hi", "bye"]);
+        assert_eq!(ds.classes, vec!["neg", "pos"]);
+        assert_eq!(ds.labels, Some(vec![1, 0]));
+        write(&p, "{\"text\": \"hi\"}\n{\"txt\": \"x\"}\n")?;
+        let err = read_jsonl(&p, "text", None).expect_err("field");
+        assert!(
+            err.to_string().contains("line 2") && err.to_string().contains("\"text\""),
+            "{err}"
+        );
+        write(&p, "{\"text\": \"hi\"}\nnot json\n")?;
+        let err = read_jsonl(&p, "text", None).expect_err("json");
+        assert!(err.to_string().contains("c.jsonl (line 2)"), "{err}");
+        Ok(())
+    }
+
+    #[cfg(feature = "text")]
+    #[test]
+    fn parquet_round_trip() -> Result<()> {
+        use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use parquet::schema::parser::parse_message_type;
+        use std::sync::Arc;
+        let d = tmp()?;
+        let p = d.path().join("train.parquet");
+        let perr = |e: parquet::errors::ParquetError| Error::format("write", e.to_string());
+        let schema = Arc::new(
+            parse_message_type("message s { REQUIRED BYTE_ARRAY text (UTF8); REQUIRED INT64 label; }").map_err(perr)?,
+        );
+        let props = Arc::new(
+            WriterProperties::builder()
+                .set_compression(parquet::basic::Compression::SNAPPY)
+                .build(),
+        );
+        let file = std::fs::File::create(&p).map_err(|e| Error::io(&p, e))?;
+        let mut w = SerializedFileWriter::new(file, schema, props).map_err(perr)?;
+        let mut rg = w.next_row_group().map_err(perr)?;
+        if let Some(mut c) = rg.next_column().map_err(perr)? {
+            let vals: Vec<ByteArray> = ["one", "two", "three"].iter().map(|s| ByteArray::from(*s)).collect();
+            c.typed::<ByteArrayType>()
+                .write_batch(&vals, None, None)
+                .map_err(perr)?;
+            c.close().map_err(perr)?;
+        }
+        if let Some(mut c) = rg.next_column().map_err(perr)? {
+            c.typed::<Int64Type>()
+                .write_batch(&[5, 1, 5], None, None)
+                .map_err(perr)?;
+            c.close().map_err(perr)?;
+        }
+        rg.close().map_err(perr)?;
+        w.close().map_err(perr)?;
+        let ds = read_parquet(&p, "text", Some("label"))?;
+        assert_eq!(ds.docs, vec!["one", "two", "three"]);
+        assert_eq!(ds.classes, vec!["1", "5"]);
+        assert_eq!(ds.labels, Some(vec![1, 0, 1]));
+        let err = read_parquet(&p, "content", None).expect_err("column");
+        assert!(err.to_string().contains("\"content\""), "{err}");
+        let bad = d.path().join("bad.parquet");
+        write(&bad, b"PAR1 garbage")?;
+        assert!(read_parquet(&bad, "text", None)
+            .expect_err("bad")
+            .to_string()
+            .contains("bad.parquet"));
+        Ok(())
+    }
+}

@@ -10,6 +10,8 @@
 //! - [`ema`]: exponential moving averages of parameters (MoCo's key encoder);
 //! - [`checkpoint`]: atomic safetensors checkpoints, `latest`, retention, strict loading;
 //! - [`run`]: the run directory, `config.toml` and `metrics.jsonl`;
+//! - [`ops`]: fast CPU kernels (NHWC convolution, batch norm, pooling) as candle custom ops;
+//! - [`nn`]: trainable layers on those kernels (`Conv2d`, `BatchNorm`) with PyTorch names;
 //! - [`trainer`]: the training loop ([`Trainer`], [`Method`], [`BatchSource`], [`Observer`]).
 //!
 //! This crate must not know about datasets, models or losses of a particular paradigm.
@@ -19,6 +21,8 @@ pub mod device;
 pub mod ema;
 mod error;
 pub mod init;
+pub mod nn;
+pub mod ops;
 pub mod optim;
 pub mod run;
 pub mod schedule;

@@ -1,0 +1,234 @@
+//! Trainable layers on the fast ops, with PyTorch parameter names and
+//! PyTorch's default initialisation.
+//!
+//! Activations of convolutional layers are channels-last, `(n, h, w, c)`.
+//! Weights keep PyTorch's layouts (`conv.weight` is `(out, in, kh, kw)`), so a
+//! state dict saved from these layers loads into the matching torch module.
+
+use crate::ops::{self, NormStats};
+use candle_core::{DType, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+/// Builders for trainable parameters and for buffers (BatchNorm statistics)
+/// that share one name prefix but live in different stores.
+#[derive(Clone)]
+pub struct Builders {
+    /// Trainable parameters (seen by the optimizer).
+    pub params: VarBuilder<'static>,
+    /// Buffers (saved with the model, never optimised).
+    pub buffers: VarBuilder<'static>,
+}
+
+impl Builders {
+    /// Both builders one level down: `pp("layer1")`.
+    pub fn pp(&self, name: impl ToString) -> Self {
+        let n = name.to_string();
+        Self {
+            params: self.params.pp(&n),
+            buffers: self.buffers.pp(&n),
+        }
+    }
+}
+
+fn uniform(bound: f64) -> Init {
+    Init::Uniform { lo: -bound, up: bound }
+}
+
+/// A fully connected layer initialised like `torch.nn.Linear`
+/// (weight and bias uniform in ±1/√in). Names: `weight` `(out, in)`, `bias`.
+///
+/// # Errors
+/// The builder failed.
+pub fn linear(din: usize, dout: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<candle_nn::Linear> {
+    let bound = 1.0 / (din as f64).sqrt();
+    let w = vb.get_with_hints((dout, din), "weight", uniform(bound))?;
+    let b = if bias {
+        Some(vb.get_with_hints(dout, "bias", uniform(bound))?)
+    } else {
+        None
+    };
+    Ok(candle_nn::Linear::new(w, b))
+}
+
+/// A 2-D convolution over NHWC activations (`torch.nn.Conv2d` names and init).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    pad: usize,
+}
+
+impl Conv2d {
+    /// A `k × k` convolution from `cin` to `cout` channels.
+    ///
+    /// # Errors
+    /// The builder failed.
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let bound = 1.0 / ((cin * k * k) as f64).sqrt();
+        let weight = vb.get_with_hints((cout, cin, k, k), "weight", uniform(bound))?;
+        let bias = if bias {
+            Some(vb.get_with_hints(cout, "bias", uniform(bound))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            pad,
+        })
+    }
+
+    /// `(n, h, w, cin)` → `(n, oh, ow, cout)`.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = ops::conv2d_nhwc(x, &self.weight, self.stride, self.pad)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// The weight `(out, in, kh, kw)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+/// Batch normalisation over the last dimension (`BatchNorm2d` on NHWC maps,
+/// `BatchNorm1d` on `(n, c)`), with running statistics as in PyTorch
+/// (momentum 0.1, unbiased running variance). Names: `weight`, `bias`,
+/// `running_mean`, `running_var`, `num_batches_tracked`.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    num_batches_tracked: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+fn buffer(vb: &VarBuilder, shape: usize, name: &str, init: f64, dtype: DType) -> candle_core::Result<Var> {
+    let t = vb.get_with_hints_dtype(shape, name, Init::Const(init), dtype)?;
+    // Builders backed by a VarMap hand out the variable's own tensor.
+    Var::from_tensor(&t)
+}
+
+impl BatchNorm {
+    /// Batch norm over `c` channels (eps 1e-5, momentum 0.1).
+    ///
+    /// # Errors
+    /// The builders failed.
+    pub fn new(c: usize, b: &Builders) -> candle_core::Result<Self> {
+        let weight = b.params.get_with_hints(c, "weight", Init::Const(1.0))?;
+        let bias = b.params.get_with_hints(c, "bias", Init::Const(0.0))?;
+        let running_mean = buffer(&b.buffers, c, "running_mean", 0.0, DType::F32)?;
+        let running_var = buffer(&b.buffers, c, "running_var", 1.0, DType::F32)?;
+        let nbt = b
+            .buffers
+            .get_with_hints_dtype((), "num_batches_tracked", Init::Const(0.0), DType::I64)?;
+        let num_batches_tracked = Var::from_tensor(&nbt)?;
+        Ok(Self {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            eps: 1e-5,
+            momentum: 0.1,
+        })
+    }
+
+    /// Normalises `x` (channels last), with batch statistics when `train` (and
+    /// updates the running statistics), else with the running ones; applies
+    /// ReLU after when `relu`.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+        if train {
+            let (y, stats) = ops::batch_norm(x, &self.weight, &self.bias, NormStats::Batch, self.eps, relu)?;
+            if let Some((mean, var)) = stats {
+                let n = (x.elem_count() / mean.len().max(1)) as f64;
+                let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+                let m = self.momentum;
+                let dev = self.running_mean.device();
+                let mean = Tensor::new(mean, dev)?;
+                let var = (Tensor::new(var, dev)? * unbias)?;
+                let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?;
+                let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (var * m)?)?;
+                self.running_mean.set(&rm)?;
+                self.running_var.set(&rv)?;
+                self.num_batches_tracked
+                    .set(&(self.num_batches_tracked.as_tensor() + 1.0)?)?;
+            }
+            Ok(y)
+        } else {
+            let stats = NormStats::Fixed(
+                self.running_mean.as_tensor().to_vec1::<f32>()?,
+                self.running_var.as_tensor().to_vec1::<f32>()?,
+            );
+            Ok(ops::batch_norm(x, &self.weight, &self.bias, stats, self.eps, relu)?.0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::{named_tensors, SeededVarMap};
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    #[test]
+    fn names_and_running_statistics_follow_pytorch() -> candle_core::Result<()> {
+        let params = SeededVarMap::from_seed(0, crate::seed::INIT);
+        let buffers = VarMap::new();
+        let b = Builders {
+            params: params.var_builder(DType::F32, &Device::Cpu),
+            buffers: VarBuilder::from_varmap(&buffers, DType::F32, &Device::Cpu),
+        };
+        let conv = Conv2d::new(2, 3, 3, 1, 1, false, b.params.pp("conv1"))?;
+        let bn = BatchNorm::new(3, &b.pp("bn1"))?;
+        let names: Vec<String> = named_tensors(params.var_map()).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["bn1.bias", "bn1.weight", "conv1.weight"]);
+        let bufs: Vec<String> = named_tensors(&buffers).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(bufs, ["bn1.num_batches_tracked", "bn1.running_mean", "bn1.running_var"]);
+        // conv weights are uniform in ±1/sqrt(fan_in)
+        let w = conv.weight().flatten_all()?.to_vec1::<f32>()?;
+        assert!(w.iter().all(|v| v.abs() <= 1.0 / 18f32.sqrt()));
+
+        // running stats: x with per-channel mean (1, 2, 3), values spread so var is known
+        let x = Tensor::new(&[[1f32, 2.0, 3.0], [3.0, 4.0, 5.0]], &Device::Cpu)?; // mean (2,3,4), biased var 1, unbiased 2
+        let y = bn.forward_t(&x, true, false)?;
+        let bufs = named_tensors(&buffers);
+        assert_eq!(bufs[0].1.to_scalar::<i64>()?, 1);
+        let rm = bufs[1].1.to_vec1::<f32>()?;
+        let rv = bufs[2].1.to_vec1::<f32>()?;
+        for j in 0..3 {
+            assert!((rm[j] - 0.1 * (j as f32 + 2.0)).abs() < 1e-6);
+            assert!((rv[j] - (0.9 + 0.1 * 2.0)).abs() < 1e-6);
+        }
+        // train output normalised to -1, +1 (within eps)
+        let yv = y.to_vec2::<f32>()?;
+        assert!((yv[0][0] + 1.0).abs() < 1e-4 && (yv[1][2] - 1.0).abs() < 1e-4);
+        // eval uses running stats
+        let ye = bn.forward_t(&x, false, true)?.to_vec2::<f32>()?;
+        let want = (1.0 - 0.2) / (1.1f32 + 1e-5).sqrt();
+        assert!((ye[0][0] - want).abs() < 1e-5, "{} vs {want}", ye[0][0]);
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! 2-D convolution over channels-last (NHWC) activations: im2col + one large
+//! matrix product per chunk of images, chunks in parallel on the rayon pool.
+//!
+//! Weights keep PyTorch's `(out, in, kh, kw)` layout (and names); they are
+//! rearranged to a `(kh·kw·in, out)` matrix per call, which is cheap.
+//!
+//! - forward: `Y (m, out) = col(X) (m, K) · Wk (K, out)`
+//! - input gradient: `dcol (m, K) = dY (m, out) · Wkᵀ`, scattered back by col2im
+//! - weight gradient: `dWk (K, out) = Σ_chunks col(X)ᵀ · dY`
+//!
+//! `m` counts output pixels of the chunk, `K = kh·kw·in`. A 1×1, stride-1,
+//! unpadded convolution uses `X` itself as `col(X)`.
+
+use super::gemm::{sgemm, Mat};
+use rayon::prelude::*;
+
+/// The shapes of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    /// Images.
+    pub n: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Output channels.
+    pub o: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride (both directions).
+    pub stride: usize,
+    /// Zero padding (both directions).
+    pub pad: usize,
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+}
+
+impl ConvGeom {
+    /// Geometry of a convolution; `None` if the kernel does not fit the padded input or stride is 0.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        o: usize,
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Option<Self> {
+        if stride == 0 || kh == 0 || kw == 0 || h + 2 * pad < kh || w + 2 * pad < kw {
+            return None;
+        }
+        let oh = (h + 2 * pad - kh) / stride + 1;
+        let ow = (w + 2 * pad - kw) / stride + 1;
+        Some(Self {
+            n,
+            h,
+            w,
+            c,
+            o,
+            kh,
+            kw,
+            stride,
+            pad,
+            oh,
+            ow,
+        })
+    }
+
+    /// Rows of the weight matrix: `kh · kw · c`.
+    pub fn k(&self) -> usize {
+        self.kh * self.kw * self.c
+    }
+
+    /// Output pixels per image.
+    pub fn out_pixels(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// Images per work chunk: large enough for efficient products, small
+    /// enough that the im2col buffer stays within a few MB, and at least two
+    /// chunks per thread when the batch allows.
+    fn images_per_chunk(&self) -> usize {
+        let px = self.out_pixels().max(1);
+        let want_rows = 4096usize;
+        let max_rows = (4 << 20) / self.k().max(1); // ~16 MB of f32 im2col
+        let by_rows = want_rows.div_ceil(px).max(1);
+        let by_mem = (max_rows / px).max(1);
+        let threads = rayon::current_num_threads().max(1);
+        let by_par = self.n.div_ceil(2 * threads).max(1);
+        by_rows.min(by_mem).min(by_par).max(1)
+    }
+}
+
+/// `(o, c, kh, kw)` → `(kh·kw·c, o)` row-major.
+pub fn weight_to_matrix(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let (o, c, kh, kw) = (g.o, g.c, g.kh, g.kw);
+    let mut out = vec![0f32; g.k() * o];
+    for oc in 0..o {
+        for ic in 0..c {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    out[((ky * kw + kx) * c + ic) * o + oc] = w[((oc * c + ic) * kh + ky) * kw + kx];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `(kh·kw·c, o)` → `(o, c, kh, kw)`.
+pub fn matrix_to_weight(m: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let (o, c, kh, kw) = (g.o, g.c, g.kh, g.kw);
+    let mut out = vec![0f32; m.len()];
+    for oc in 0..o {
+        for ic in 0..c {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    out[((oc * c + ic) * kh + ky) * kw + kx] = m[((ky * kw + kx) * c + ic) * o + oc];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// im2col of `imgs` images (NHWC, `x` starts at the first) into `col` (`imgs·oh·ow × K`).
+fn im2col(x: &[f32], g: &ConvGeom, imgs: usize, col: &mut [f32]) {
+    let (h, w, c) = (g.h, g.w, g.c);
+    let k = g.k();
+    let img_len = h * w * c;
+    for i in 0..imgs {
+        let xi = &x[i * img_len..(i + 1) * img_len];
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let row = &mut col[((i * g.oh + oy) * g.ow + ox) * k..][..k];
+                for ky in 0..g.kh {
+                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                    for kx in 0..g.kw {
+                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                        let dst = &mut row[(ky * g.kw + kx) * c..][..c];
+                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                            dst.fill(0.0);
+                        } else {
+                            let s = ((iy as usize) * w + ix as usize) * c;
+                            dst.copy_from_slice(&xi[s..s + c]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds `dcol` (`imgs·oh·ow × K`) back into `dx` (NHWC, zeroed by the caller).
+fn col2im_add(dcol: &[f32], g: &ConvGeom, imgs: usize, dx: &mut [f32]) {
+    let (h, w, c) = (g.h, g.w, g.c);
+    let k = g.k();
+    let img_len = h * w * c;
+    for i in 0..imgs {
+        let di = &mut dx[i * img_len..(i + 1) * img_len];
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let row = &dcol[((i * g.oh + oy) * g.ow + ox) * k..][..k];
+                for ky in 0..g.kh {
+                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    for kx in 0..g.kw {
+                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                        if ix < 0 || ix >= w as isize {
+                            continue;
+                        }
+                        let s = ((iy as usize) * w + ix as usize) * c;
+                        let src = &row[(ky * g.kw + kx) * c..][..c];
+                        for (d, v) in di[s..s + c].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forward: `x` NHWC `(n, h, w, c)`, `weight` `(o, c, kh, kw)` → NHWC `(n, oh, ow, o)`.
+pub fn conv2d_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let wk = weight_to_matrix(weight, g);
+    let (k, o, px) = (g.k(), g.o, g.out_pixels());
+    let in_len = g.h * g.w * g.c;
+    let ipc = g.images_per_chunk();
+    let mut out = vec![0f32; g.n * px * o];
+    out.par_chunks_mut(ipc * px * o)
+        .enumerate()
+        .for_each_init(Vec::new, |col, (ci, yc)| {
+            let imgs = yc.len() / (px * o);
+            let rows = imgs * px;
+            let xc = &x[ci * ipc * in_len..(ci * ipc + imgs) * in_len];
+            let a: &[f32] = if g.pointwise() {
+                xc
+            } else {
+                col.resize(rows * k, 0.0);
+                im2col(xc, g, imgs, col);
+                col
+            };
+            sgemm(
+                a,
+                Mat::row_major(rows, k),
+                &wk,
+                Mat::row_major(k, o),
+                yc,
+                Mat::row_major(rows, o),
+                false,
+            );
+        });
+    out
+}
+
+/// Input gradient: `dy` NHWC `(n, oh, ow, o)`, `weight` `(o, c, kh, kw)` → `dx` `(n, h, w, c)`.
+pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let wk = weight_to_matrix(weight, g);
+    let (k, o, px) = (g.k(), g.o, g.out_pixels());
+    let in_len = g.h * g.w * g.c;
+    let ipc = g.images_per_chunk();
+    let mut dx = vec![0f32; g.n * in_len];
+    dx.par_chunks_mut(ipc * in_len)
+        .enumerate()
+        .for_each_init(Vec::new, |dcol, (ci, dxc)| {
+            let imgs = dxc.len() / in_len;
+            let rows = imgs * px;
+            let dyc = &dy[ci * ipc * px * o..(ci * ipc + imgs) * px * o];
+            if g.pointwise() {
+                sgemm(
+                    dyc,
+                    Mat::row_major(rows, o),
+                    &wk,
+                    Mat::row_major(k, o).t(),
+                    dxc,
+                    Mat::row_major(rows, k),
+                    false,
+                );
+            } else {
+                dcol.resize(rows * k, 0.0);
+                sgemm(
+                    dyc,
+                    Mat::row_major(rows, o),
+                    &wk,
+                    Mat::row_major(k, o).t(),
+                    dcol,
+                    Mat::row_major(rows, k),
+                    false,
+                );
+                col2im_add(dcol, g, imgs, dxc);
+            }
+        });
+    dx
+}
+
+/// Weight gradient: `x` NHWC, `dy` NHWC → `dw` `(o, c, kh, kw)`.
+pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let (k, o, px) = (g.k(), g.o, g.out_pixels());
+    let in_len = g.h * g.w * g.c;
+    let ipc = g.images_per_chunk();
+    let chunks: Vec<usize> = (0..g.n.div_ceil(ipc)).collect();
+    let dwk = chunks
+        .par_iter()
+        .fold(
+            || (vec![0f32; k * o], Vec::new()),
+            |(mut acc, mut col), &ci| {
+                let first = ci * ipc;
+                let imgs = ipc.min(g.n - first);
+                let rows = imgs * px;
+                let xc = &x[first * in_len..(first + imgs) * in_len];
+                let dyc = &dy[first * px * o..(first + imgs) * px * o];
+                let a: &[f32] = if g.pointwise() {
+                    xc
+                } else {
+                    col.resize(rows * k, 0.0);
+                    im2col(xc, g, imgs, &mut col);
+                    &col
+                };
+                sgemm(
+                    a,
+                    Mat::row_major(rows, k).t(),
+                    dyc,
+                    Mat::row_major(rows, o),
+                    &mut acc,
+                    Mat::row_major(k, o),
+                    true,
+                );
+                (acc, col)
+            },
+        )
+        .map(|(acc, _)| acc)
+        .reduce(
+            || vec![0f32; k * o],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+                a
+            },
+        );
+    matrix_to_weight(&dwk, g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct 7-loop convolution, NHWC in/out, OIHW weights.
+    fn naive(x: &[f32], wt: &[f32], g: &ConvGeom) -> Vec<f32> {
+        let mut y = vec![0f32; g.n * g.oh * g.ow * g.o];
+        for n in 0..g.n {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    for oc in 0..g.o {
+                        let mut s = 0f32;
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                                let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                                if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                                    continue;
+                                }
+                                for ic in 0..g.c {
+                                    s += x[((n * g.h + iy as usize) * g.w + ix as usize) * g.c + ic]
+                                        * wt[((oc * g.c + ic) * g.kh + ky) * g.kw + kx];
+                                }
+                            }
+                        }
+                        y[((n * g.oh + oy) * g.ow + ox) * g.o + oc] = s;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn forward_matches_naive_loops() {
+        for &(n, h, w, c, o, k, s, p) in &[
+            (3, 5, 6, 2, 4, 3, 1, 1),
+            (2, 7, 7, 3, 5, 3, 2, 1),
+            (4, 4, 4, 3, 2, 1, 1, 0),
+            (1, 5, 5, 2, 3, 1, 2, 0),
+        ] {
+            let g = ConvGeom::new(n, h, w, c, o, k, k, s, p).expect("geom");
+            let x: Vec<f32> = (0..n * h * w * c)
+                .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+                .collect();
+            let wt: Vec<f32> = (0..o * c * k * k)
+                .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5)
+                .collect();
+            let y = conv2d_forward(&x, &wt, &g);
+            let r = naive(&x, &wt, &g);
+            for (a, b) in y.iter().zip(&r) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+            assert_eq!(matrix_to_weight(&weight_to_matrix(&wt, &g), &g), wt);
+        }
+    }
+}

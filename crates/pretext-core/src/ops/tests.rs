@@ -1,0 +1,142 @@
+//! The fast ops against candle's generic ops: values and gradients.
+
+use super::*;
+use crate::seed::stream_rng;
+use candle_core::{Device, Var};
+use rand::Rng;
+
+fn rand_tensor(dims: &[usize], seed: u64) -> candle_core::Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let mut rng = stream_rng(seed, "test", &[]);
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)
+}
+
+/// max |a - b| / max(|b|, 1e-3), over all elements.
+fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.flatten_all()?.to_vec1::<f32>()?;
+    let b = b.flatten_all()?.to_vec1::<f32>()?;
+    let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    Ok(a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale)
+}
+
+type Case = (usize, usize, usize, usize, usize, usize, usize, usize); // n, h, w, c, o, k, stride, pad
+
+const CONV_CASES: [Case; 9] = [
+    (2, 8, 8, 3, 4, 3, 1, 1),
+    (2, 8, 8, 3, 4, 3, 2, 1),
+    (1, 7, 5, 2, 3, 3, 1, 0),
+    (3, 9, 9, 4, 5, 3, 2, 0),
+    (2, 6, 6, 5, 3, 1, 1, 0),
+    (2, 7, 7, 4, 6, 1, 2, 0),
+    (1, 1, 1, 3, 2, 1, 1, 0),
+    (1, 5, 5, 1, 8, 3, 1, 1),
+    (4, 11, 13, 6, 7, 3, 2, 1),
+];
+
+#[test]
+fn conv_forward_and_gradients_match_candle() -> candle_core::Result<()> {
+    for (i, &(n, h, w, c, o, k, s, p)) in CONV_CASES.iter().enumerate() {
+        let x = Var::from_tensor(&rand_tensor(&[n, h, w, c], i as u64)?)?;
+        let wt = Var::from_tensor(&rand_tensor(&[o, c, k, k], 100 + i as u64)?)?;
+        let fast = conv2d_nhwc(x.as_tensor(), wt.as_tensor(), s, p)?;
+        let slow = reference_conv2d_nhwc(x.as_tensor(), wt.as_tensor(), s, p)?;
+        assert!(rel_err(&fast, &slow)? < 1e-4, "case {i}: forward");
+        let r = rand_tensor(fast.dims(), 200 + i as u64)?;
+        let gf = (fast * &r)?.sum_all()?.backward()?;
+        let gs = (slow * &r)?.sum_all()?.backward()?;
+        for (name, v) in [("input", &x), ("weight", &wt)] {
+            let (a, b) = (gf.get(v.as_tensor()), gs.get(v.as_tensor()));
+            let (Some(a), Some(b)) = (a, b) else {
+                panic!("case {i}: no {name} gradient")
+            };
+            let e = rel_err(a, b)?;
+            assert!(e < 1e-4, "case {i}: {name} gradient rel err {e}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn batch_norm_train_and_eval_match_candle() -> candle_core::Result<()> {
+    for (i, relu) in [(0u64, false), (1, true)] {
+        let x = Var::from_tensor(&rand_tensor(&[3, 5, 4, 6], i)?.affine(2.0, 0.5)?)?;
+        let g = Var::from_tensor(&(rand_tensor(&[6], 10 + i)? + 1.0)?)?;
+        let b = Var::from_tensor(&rand_tensor(&[6], 20 + i)?)?;
+        let r = rand_tensor(&[3, 5, 4, 6], 30 + i)?;
+        let fixed = NormStats::Fixed(vec![0.1, -0.2, 0.0, 0.3, 0.5, -0.5], vec![1.0, 0.5, 2.0, 1.5, 0.8, 1.2]);
+        for stats in [NormStats::Batch, fixed] {
+            let (yf, sf) = batch_norm(x.as_tensor(), g.as_tensor(), b.as_tensor(), stats.clone(), 1e-5, relu)?;
+            let (ys, ss) =
+                reference_batch_norm(x.as_tensor(), g.as_tensor(), b.as_tensor(), stats.clone(), 1e-5, relu)?;
+            assert!(rel_err(&yf, &ys)? < 1e-4, "forward relu={relu}");
+            if let (Some((mf, vf)), Some((ms, vs))) = (sf, ss) {
+                for (a, b) in mf.iter().zip(&ms).chain(vf.iter().zip(&vs)) {
+                    assert!((a - b).abs() < 1e-4);
+                }
+            }
+            let gf = (yf * &r)?.sum_all()?.backward()?;
+            let gs = (ys * &r)?.sum_all()?.backward()?;
+            for (name, v) in [("x", &x), ("gamma", &g), ("beta", &b)] {
+                let (Some(a), Some(bb)) = (gf.get(v.as_tensor()), gs.get(v.as_tensor())) else {
+                    panic!("no {name} gradient")
+                };
+                let e = rel_err(a, bb)?;
+                assert!(e < 1e-4, "{name} gradient (relu={relu}, {stats:?}) rel err {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn add_relu_and_pool_match_candle() -> candle_core::Result<()> {
+    let a = Var::from_tensor(&rand_tensor(&[2, 3, 3, 4], 1)?)?;
+    let b = Var::from_tensor(&rand_tensor(&[2, 3, 3, 4], 2)?)?;
+    let fast = global_avg_pool_nhwc(&add_relu(a.as_tensor(), b.as_tensor())?)?;
+    let slow = (a.as_tensor() + b.as_tensor())?.relu()?.mean((1, 2))?;
+    assert!(rel_err(&fast, &slow)? < 1e-5);
+    let r = rand_tensor(&[2, 4], 3)?;
+    let gf = (fast * &r)?.sum_all()?.backward()?;
+    let gs = (slow * &r)?.sum_all()?.backward()?;
+    for v in [&a, &b] {
+        let (Some(x), Some(y)) = (gf.get(v.as_tensor()), gs.get(v.as_tensor())) else {
+            panic!("no gradient")
+        };
+        assert!(rel_err(x, y)? < 1e-5);
+    }
+    Ok(())
+}
+
+#[test]
+fn conv_gradient_matches_finite_differences() -> candle_core::Result<()> {
+    // An independent check of the analytic weight gradient (f64 finite differences on f32 ops).
+    let x = rand_tensor(&[1, 4, 4, 2], 5)?;
+    let w0 = rand_tensor(&[3, 2, 3, 3], 6)?;
+    let r = rand_tensor(&[1, 2, 2, 3], 7)?;
+    let f = |w: &Tensor| -> candle_core::Result<f64> {
+        Ok(f64::from(
+            (conv2d_nhwc(&x, w, 2, 1)? * &r)?.sum_all()?.to_scalar::<f32>()?,
+        ))
+    };
+    let wv = Var::from_tensor(&w0)?;
+    let grads = (conv2d_nhwc(&x, wv.as_tensor(), 2, 1)? * &r)?.sum_all()?.backward()?;
+    let g = grads
+        .get(wv.as_tensor())
+        .map(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()))
+        .transpose()?
+        .unwrap_or_default();
+    let base = w0.flatten_all()?.to_vec1::<f32>()?;
+    for idx in [0, 7, 20, 53] {
+        let eps = 1e-2f32;
+        let mut p = base.clone();
+        p[idx] += eps;
+        let up = f(&Tensor::from_vec(p.clone(), w0.shape(), &Device::Cpu)?)?;
+        p[idx] -= 2.0 * eps;
+        let down = f(&Tensor::from_vec(p, w0.shape(), &Device::Cpu)?)?;
+        let fd = (up - down) / (2.0 * f64::from(eps));
+        assert!((fd - f64::from(g[idx])).abs() < 1e-3, "w[{idx}]: fd {fd} vs {}", g[idx]);
+    }
+    Ok(())
+}

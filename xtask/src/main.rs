@@ -1,7 +1,9 @@
-//! Project automation: `cargo xtask train-all`, `cargo xtask bench`, `cargo xtask push`.
+//! Project automation: `cargo xtask bench`, `cargo xtask train-all`, `cargo xtask push`.
 
-use clap::{Parser, Subcommand};
-use std::process::ExitCode;
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
 
 /// pretext project tasks.
 #[derive(Parser)]
@@ -11,24 +13,44 @@ struct Cli {
     command: Task,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BenchWhat {
+    /// The SimCLR training step of the reference encoder (fast convolution path).
+    Conv,
+    /// The two-view augmentation pipeline.
+    Data,
+    /// Both.
+    All,
+}
+
 #[derive(Subcommand)]
 enum Task {
-    /// Pretrain and probe every paradigm on the shipped data; writes runs/<date>/summary.md.
+    /// Benchmarks, side by side with the PyTorch reference when it is available.
+    ///
+    /// The reference is `$PRETEXT_REFERENCE` (default `../shared/reference`), run with
+    /// `$PRETEXT_PYTHON` (default `<reference>/.venv/bin/python`). Without it only our
+    /// figures are printed. Results are appended to docs/performance.md.
+    Bench {
+        /// What to measure.
+        #[arg(value_enum, default_value = "all")]
+        what: BenchWhat,
+        /// Timed steps per measurement.
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Print only; do not append to docs/performance.md.
+        #[arg(long)]
+        no_record: bool,
+    },
+    /// Pretrain and probe every paradigm on the shipped data (not available yet).
     TrainAll {
-        /// `quick` (about 10 minutes on 2 cores) or `full`.
+        /// `quick` or `full`.
         #[arg(long, default_value = "quick")]
         preset: String,
     },
-    /// Benchmarks, side by side with the PyTorch reference when it is available.
-    Bench {
-        /// conv, data, contrastive, vae, mlm or all.
-        #[arg(default_value = "all")]
-        what: String,
-    },
-    /// Upload a run's export/ folder to the Hugging Face Hub.
+    /// Upload a run's export/ folder to the Hugging Face Hub (not available yet).
     Push {
         /// The run folder.
-        run: std::path::PathBuf,
+        run: PathBuf,
         /// Target repository, namespace/name.
         #[arg(long)]
         repo: String,
@@ -38,13 +60,236 @@ enum Task {
     },
 }
 
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs a command, echoing stderr, returning stdout.
+fn run(cmd: &mut Command, what: &str) -> Result<String> {
+    eprintln!("$ {what}");
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")).and_then(|v| v.parse().ok()))
+}
+
+fn ours_simclr(iters: usize) -> Result<f64> {
+    let out = run(
+        Command::new("cargo")
+            .args(["bench", "-q", "-p", "pretext-contrastive", "--bench", "simclr_step"])
+            .env("PRETEXT_BENCH_ITERS", iters.to_string())
+            .current_dir(root()),
+        "cargo bench -p pretext-contrastive --bench simclr_step",
+    )?;
+    out.lines()
+        .find(|l| l.starts_with("RESULT simclr_step"))
+        .and_then(|l| field(l, "img_per_s"))
+        .context("no RESULT line from simclr_step")
+}
+
+struct Reference {
+    dir: PathBuf,
+    python: PathBuf,
+}
+
+fn reference() -> Option<Reference> {
+    let dir = std::env::var_os("PRETEXT_REFERENCE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/reference"));
+    let python = std::env::var_os("PRETEXT_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.join(".venv/bin/python"));
+    (dir.join("reference.py").is_file() && python.is_file()).then_some(Reference { dir, python })
+}
+
+/// Runs `reference.py simclr-bench` and returns its `[result]` lines.
+fn reference_simclr(r: &Reference, args: &[&str]) -> Result<Vec<(String, f64)>> {
+    let tmp = std::env::temp_dir().join(format!("pretext-ref-{}.jsonl", std::process::id()));
+    let out = run(
+        Command::new(&r.python)
+            .arg("reference.py")
+            .arg("simclr-bench")
+            .args(args)
+            .env("REF_RESULTS", &tmp)
+            .current_dir(&r.dir),
+        &format!("reference.py simclr-bench {}", args.join(" ")),
+    )?;
+    let _ = std::fs::remove_file(tmp);
+    Ok(out
+        .lines()
+        .filter_map(|l| l.strip_prefix("[result] "))
+        .filter_map(|l| {
+            let (what, rest) = l.split_once(": ")?;
+            let v = rest.split_whitespace().next()?.parse().ok()?;
+            Some((what.to_string(), v))
+        })
+        .collect())
+}
+
+fn find(results: &[(String, f64)], needle: &str) -> Option<f64> {
+    results.iter().find(|(w, _)| w.contains(needle)).map(|(_, v)| *v)
+}
+
+fn bench_conv(iters: usize) -> Result<String> {
+    let a = ours_simclr(iters)?;
+    let mut md = String::new();
+    match reference() {
+        Some(r) => {
+            let nchw = reference_simclr(&r, &["--skip-aug", "--iters", &iters.to_string()])?;
+            let cl = reference_simclr(&r, &["--skip-aug", "--channels-last", "--iters", &iters.to_string()])?;
+            let b = ours_simclr(iters)?;
+            let ours = (a + b) / 2.0;
+            let t_nchw = find(&nchw, "pre-augmented").context("no NCHW step figure from the reference")?;
+            let t_cl = find(&cl, "pre-augmented").context("no channels_last step figure from the reference")?;
+            md.push_str("| SimCLR step, batch 256 pairs, fp32 | images/s | ratio pretext / this |\n|---|---|---|\n");
+            md.push_str(&format!("| pretext (CPU, fused NHWC trunk), mean of runs before and after the reference ({a:.1}, {b:.1}) | {ours:.1} | 1.00 |\n"));
+            md.push_str(&format!(
+                "| PyTorch 2.15, NCHW | {t_nchw:.1} | {:.2} |\n",
+                ours / t_nchw
+            ));
+            md.push_str(&format!(
+                "| PyTorch 2.15, channels_last | {t_cl:.1} | {:.2} |\n",
+                ours / t_cl
+            ));
+            if let Some(p) = find(&cl, "sgemm probe") {
+                md.push_str(&format!("\nsgemm probe during the reference runs: {p:.0} GFLOP/s (the machine's speed drifts; compare ratios).\n"));
+            }
+        }
+        None => {
+            md.push_str(&format!("pretext SimCLR step, batch 256 pairs, fp32: {a:.1} images/s (no PyTorch reference found: set PRETEXT_REFERENCE)\n"));
+        }
+    }
+    Ok(md)
+}
+
+fn bench_data() -> Result<String> {
+    let out = run(
+        Command::new("cargo")
+            .args([
+                "bench",
+                "-q",
+                "-p",
+                "pretext-data",
+                "--bench",
+                "pipeline",
+                "--",
+                "--warm-up-time",
+                "1",
+                "--measurement-time",
+                "4",
+            ])
+            .current_dir(root()),
+        "cargo bench -p pretext-data --bench pipeline",
+    )?;
+    let mut md = String::from("| two-view pipeline | views/s |\n|---|---|\n");
+    let mut name = String::new();
+    for line in out.lines() {
+        if line.starts_with("two-view pipeline/") {
+            name = line.trim_start_matches("two-view pipeline/").to_string();
+        }
+        if let Some(rest) = line.trim().strip_prefix("thrpt:") {
+            // [low mid high]: take the middle estimate
+            let parts: Vec<&str> = rest.trim().trim_matches(['[', ']']).split_whitespace().collect();
+            if parts.len() >= 4 {
+                let v: f64 = parts[2].parse().unwrap_or(0.0);
+                let scale = match parts[3] {
+                    "Kelem/s" => 1e3,
+                    "Melem/s" => 1e6,
+                    _ => 1.0,
+                };
+                md.push_str(&format!("| pretext, {name} | {:.0} |\n", v * scale));
+            }
+        }
+    }
+    if let Some(r) = reference() {
+        let res = reference_simclr(&r, &["--iters", "3", "--warmup", "1"])?;
+        for (key, label) in [
+            (
+                "batched (grid_sample)",
+                "PyTorch batched grid_sample (whole batch, in-process), 28x28",
+            ),
+            ("per-image, in-process", "torchvision v2 per image, in-process, 28x28"),
+            (
+                "DataLoader 2 workers",
+                "torchvision v2 per image, DataLoader 2 workers, 28x28",
+            ),
+        ] {
+            if let Some(v) = find(&res, key) {
+                md.push_str(&format!("| {label} | {v:.0} |\n"));
+            }
+        }
+    }
+    Ok(md)
+}
+
+fn record(section: &str, body: &str) -> Result<()> {
+    let path = root().join("docs/performance.md");
+    let date = run(Command::new("date").arg("+%Y-%m-%d %H:%M"), "date")?;
+    let mut text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Performance\n".into());
+    text.push_str(&format!(
+        "\n### {section} — `cargo xtask bench`, {}\n\n{body}",
+        date.trim()
+    ));
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let name = match cli.command {
-        Task::TrainAll { .. } => "train-all",
-        Task::Bench { .. } => "bench",
-        Task::Push { .. } => "push",
+    let res = match cli.command {
+        Task::Bench { what, iters, no_record } => (|| -> Result<()> {
+            if matches!(what, BenchWhat::Conv | BenchWhat::All) {
+                let md = bench_conv(iters)?;
+                println!("{md}");
+                if !no_record {
+                    record("SimCLR training step", &md)?;
+                }
+            }
+            if matches!(what, BenchWhat::Data | BenchWhat::All) {
+                let md = bench_data()?;
+                println!("{md}");
+                if !no_record {
+                    record("Augmentation pipeline", &md)?;
+                }
+            }
+            Ok(())
+        })(),
+        Task::TrainAll { .. } => Err(anyhow::anyhow!(
+            "`cargo xtask train-all` is not available yet: the paradigm trainers it drives are still being built"
+        )),
+        Task::Push { .. } => Err(anyhow::anyhow!("`cargo xtask push` is not available yet")),
     };
-    eprintln!("error: `cargo xtask {name}` is not available yet; the paradigms it drives are still being built (see README.md)");
-    ExitCode::FAILURE
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_result_fields() {
+        let l = "RESULT simclr_step img_per_s=206.21 median_ms=1241.4 gflops=91.89";
+        assert_eq!(field(l, "img_per_s"), Some(206.21));
+        assert_eq!(field(l, "gflops"), Some(91.89));
+        assert_eq!(field(l, "nope"), None);
+    }
 }

@@ -1,4 +1,16 @@
 //! Contrastive pretraining of image encoders: trainable ResNets, projection
-//! heads, SimCLR (NT-Xent) and MoCo v2 (momentum encoder, queue).
+//! heads, the NT-Xent and InfoNCE losses, SimCLR.
 //!
+//! Encoders run on pretext-core's fast channels-last ops; parameter names
+//! follow the PyTorch modules they mirror, so exported weights load there.
 //! This crate must not depend on another paradigm crate.
+
+pub mod encoder;
+pub mod head;
+pub mod loss;
+pub mod simclr;
+
+pub use encoder::{SmallResNet, SmallResNetConfig};
+pub use head::{HeadConfig, ProjectionHead};
+pub use loss::{info_nce, nt_xent};
+pub use simclr::{SimClr, SimClrConfig};

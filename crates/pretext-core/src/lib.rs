@@ -1,6 +1,7 @@
 //! The shared core of pretext: what every paradigm needs and nothing
 //! paradigm-specific.
 //!
+//! - [`alloc`]: allocator tuning for training loops;
 //! - [`device`]: `cpu` / `cuda:N` selection with clear errors;
 //! - [`seed`]: one seed, counter-based random streams (init, data order,
 //!   augmentation, masking), so resuming needs no generator state;
@@ -16,6 +17,7 @@
 //!
 //! This crate must not know about datasets, models or losses of a particular paradigm.
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod device;
 pub mod ema;

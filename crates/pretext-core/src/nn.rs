@@ -104,6 +104,11 @@ impl Conv2d {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    /// Whether the layer has a bias.
+    pub fn has_bias(&self) -> bool {
+        self.bias.is_some()
+    }
 }
 
 /// Batch normalisation over the last dimension (`BatchNorm2d` on NHWC maps,
@@ -150,6 +155,47 @@ impl BatchNorm {
             eps: 1e-5,
             momentum: 0.1,
         })
+    }
+
+    /// The scale `(c)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The shift `(c)`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// The running mean and variance, as used in evaluation mode.
+    ///
+    /// # Errors
+    /// A tensor could not be read.
+    pub fn running_stats(&self) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        Ok((
+            self.running_mean.as_tensor().to_vec1::<f32>()?,
+            self.running_var.as_tensor().to_vec1::<f32>()?,
+        ))
+    }
+
+    /// Folds one batch's statistics (mean, biased variance over `count`
+    /// values per channel) into the running ones, as PyTorch does.
+    ///
+    /// # Errors
+    /// A tensor operation failed.
+    pub fn update_running(&self, mean: Vec<f32>, var: Vec<f32>, count: usize) -> candle_core::Result<()> {
+        let n = count as f64;
+        let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        let m = self.momentum;
+        let dev = self.running_mean.device();
+        let mean = Tensor::new(mean, dev)?;
+        let var = (Tensor::new(var, dev)? * unbias)?;
+        let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?;
+        let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (var * m)?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)?;
+        self.num_batches_tracked
+            .set(&(self.num_batches_tracked.as_tensor() + 1.0)?)
     }
 
     /// Normalises `x` (channels last), with batch statistics when `train` (and

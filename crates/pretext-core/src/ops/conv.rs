@@ -13,6 +13,23 @@
 
 use super::gemm::{sgemm, Mat};
 use rayon::prelude::*;
+use std::cell::RefCell;
+
+thread_local! {
+    /// Per-thread im2col / col2im scratch, reused across calls (never read before written).
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a scratch buffer of at least `len` floats (contents unspecified).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut buf = s.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
 
 /// The shapes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,29 +220,20 @@ pub fn conv2d_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
     let in_len = g.h * g.w * g.c;
     let ipc = g.images_per_chunk();
     let mut out = vec![0f32; g.n * px * o];
-    out.par_chunks_mut(ipc * px * o)
-        .enumerate()
-        .for_each_init(Vec::new, |col, (ci, yc)| {
-            let imgs = yc.len() / (px * o);
-            let rows = imgs * px;
-            let xc = &x[ci * ipc * in_len..(ci * ipc + imgs) * in_len];
-            let a: &[f32] = if g.pointwise() {
-                xc
-            } else {
-                col.resize(rows * k, 0.0);
+    out.par_chunks_mut(ipc * px * o).enumerate().for_each(|(ci, yc)| {
+        let imgs = yc.len() / (px * o);
+        let rows = imgs * px;
+        let xc = &x[ci * ipc * in_len..(ci * ipc + imgs) * in_len];
+        let (am, bm, cm) = (Mat::row_major(rows, k), Mat::row_major(k, o), Mat::row_major(rows, o));
+        if g.pointwise() {
+            sgemm(xc, am, &wk, bm, yc, cm, false);
+        } else {
+            with_scratch(rows * k, |col| {
                 im2col(xc, g, imgs, col);
-                col
-            };
-            sgemm(
-                a,
-                Mat::row_major(rows, k),
-                &wk,
-                Mat::row_major(k, o),
-                yc,
-                Mat::row_major(rows, o),
-                false,
-            );
-        });
+                sgemm(col, am, &wk, bm, yc, cm, false);
+            });
+        }
+    });
     out
 }
 
@@ -236,36 +244,24 @@ pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f3
     let in_len = g.h * g.w * g.c;
     let ipc = g.images_per_chunk();
     let mut dx = vec![0f32; g.n * in_len];
-    dx.par_chunks_mut(ipc * in_len)
-        .enumerate()
-        .for_each_init(Vec::new, |dcol, (ci, dxc)| {
-            let imgs = dxc.len() / in_len;
-            let rows = imgs * px;
-            let dyc = &dy[ci * ipc * px * o..(ci * ipc + imgs) * px * o];
-            if g.pointwise() {
-                sgemm(
-                    dyc,
-                    Mat::row_major(rows, o),
-                    &wk,
-                    Mat::row_major(k, o).t(),
-                    dxc,
-                    Mat::row_major(rows, k),
-                    false,
-                );
-            } else {
-                dcol.resize(rows * k, 0.0);
-                sgemm(
-                    dyc,
-                    Mat::row_major(rows, o),
-                    &wk,
-                    Mat::row_major(k, o).t(),
-                    dcol,
-                    Mat::row_major(rows, k),
-                    false,
-                );
+    dx.par_chunks_mut(ipc * in_len).enumerate().for_each(|(ci, dxc)| {
+        let imgs = dxc.len() / in_len;
+        let rows = imgs * px;
+        let dyc = &dy[ci * ipc * px * o..(ci * ipc + imgs) * px * o];
+        let (am, bm, cm) = (
+            Mat::row_major(rows, o),
+            Mat::row_major(k, o).t(),
+            Mat::row_major(rows, k),
+        );
+        if g.pointwise() {
+            sgemm(dyc, am, &wk, bm, dxc, cm, false);
+        } else {
+            with_scratch(rows * k, |dcol| {
+                sgemm(dyc, am, &wk, bm, dcol, cm, false);
                 col2im_add(dcol, g, imgs, dxc);
-            }
-        });
+            });
+        }
+    });
     dx
 }
 
@@ -278,33 +274,29 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
     let dwk = chunks
         .par_iter()
         .fold(
-            || (vec![0f32; k * o], Vec::new()),
-            |(mut acc, mut col), &ci| {
+            || vec![0f32; k * o],
+            |mut acc, &ci| {
                 let first = ci * ipc;
                 let imgs = ipc.min(g.n - first);
                 let rows = imgs * px;
                 let xc = &x[first * in_len..(first + imgs) * in_len];
                 let dyc = &dy[first * px * o..(first + imgs) * px * o];
-                let a: &[f32] = if g.pointwise() {
-                    xc
-                } else {
-                    col.resize(rows * k, 0.0);
-                    im2col(xc, g, imgs, &mut col);
-                    &col
-                };
-                sgemm(
-                    a,
+                let (am, bm, cm) = (
                     Mat::row_major(rows, k).t(),
-                    dyc,
                     Mat::row_major(rows, o),
-                    &mut acc,
                     Mat::row_major(k, o),
-                    true,
                 );
-                (acc, col)
+                if g.pointwise() {
+                    sgemm(xc, am, dyc, bm, &mut acc, cm, true);
+                } else {
+                    with_scratch(rows * k, |col| {
+                        im2col(xc, g, imgs, col);
+                        sgemm(col, am, dyc, bm, &mut acc, cm, true);
+                    });
+                }
+                acc
             },
         )
-        .map(|(acc, _)| acc)
         .reduce(
             || vec![0f32; k * o],
             |mut a, b| {

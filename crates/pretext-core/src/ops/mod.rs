@@ -16,6 +16,7 @@
 pub mod conv;
 pub mod gemm;
 pub mod norm;
+pub mod resnet;
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use std::sync::{Arc, Mutex};
@@ -183,11 +184,14 @@ pub enum NormStats {
     Fixed(Vec<f32>, Vec<f32>),
 }
 
+/// Mean, biased variance and inverse standard deviation saved by a forward pass.
+type SavedStats = Arc<Mutex<Option<(Vec<f32>, Vec<f32>, Vec<f32>)>>>;
+
 struct BatchNormOp {
     eps: f64,
     relu: bool,
     stats: NormStats,
-    saved: Arc<Mutex<Option<(Vec<f32>, Vec<f32>, Vec<f32>)>>>, // mean, var, invstd
+    saved: SavedStats,
 }
 
 impl CustomOp3 for BatchNormOp {

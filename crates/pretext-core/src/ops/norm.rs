@@ -99,12 +99,45 @@ pub fn bn_backward(
     relu: bool,
     batch_stats: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    if relu {
+        bn_backward_impl::<true>(x, dy, y, c, mean, invstd, gamma, batch_stats)
+    } else {
+        bn_backward_impl::<false>(x, dy, y, c, mean, invstd, gamma, batch_stats)
+    }
+}
+
+/// The incoming gradient, masked by the ReLU when `RELU` (branch-free, so it vectorises).
+#[inline(always)]
+fn masked<const RELU: bool>(d: f32, y: f32) -> f32 {
+    if RELU {
+        if y > 0.0 {
+            d
+        } else {
+            0.0
+        }
+    } else {
+        d
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bn_backward_impl<const RELU: bool>(
+    x: &[f32],
+    dy: &[f32],
+    y: &[f32],
+    c: usize,
+    mean: &[f32],
+    invstd: &[f32],
+    gamma: &[f32],
+    batch_stats: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = x.len() / c;
-    // Pass 1: sum(g) and sum(g * xhat) per channel.
+    let chunk = ROWS_PER_CHUNK * c;
+    // Pass 1: sum(g) and sum(g * (x - mean)) per channel.
     let (sg, sgx) = x
-        .par_chunks(ROWS_PER_CHUNK * c)
-        .zip(dy.par_chunks(ROWS_PER_CHUNK * c))
-        .zip(y.par_chunks(ROWS_PER_CHUNK * c))
+        .par_chunks(chunk)
+        .zip(dy.par_chunks(chunk))
+        .zip(y.par_chunks(chunk))
         .map(|((xc, dc), yc)| {
             let mut sg = vec![0f64; c];
             let mut sgx = vec![0f64; c];
@@ -116,10 +149,16 @@ pub fn bn_backward(
                 .zip(yc.chunks_exact(c))
                 .enumerate()
             {
-                for j in 0..c {
-                    let g = if relu && yr[j] <= 0.0 { 0.0 } else { dr[j] };
-                    pg[j] += g;
-                    pgx[j] += g * (xr[j] - mean[j]) * invstd[j];
+                for ((((a, b), &xv), &dv), (&yv, &m)) in pg
+                    .iter_mut()
+                    .zip(pgx.iter_mut())
+                    .zip(xr)
+                    .zip(dr)
+                    .zip(yr.iter().zip(mean))
+                {
+                    let g = masked::<RELU>(dv, yv);
+                    *a += g;
+                    *b += g * (xv - m);
                 }
                 if r % 64 == 63 {
                     for j in 0..c {
@@ -147,16 +186,23 @@ pub fn bn_backward(
             },
         );
     let dbeta: Vec<f32> = sg.iter().map(|v| *v as f32).collect();
-    let dgamma: Vec<f32> = sgx.iter().map(|v| *v as f32).collect();
+    let dgamma: Vec<f32> = sgx
+        .iter()
+        .zip(invstd)
+        .map(|(v, s)| (*v * f64::from(*s)) as f32)
+        .collect();
     let n = rows.max(1) as f32;
+    // dx = k * (g - mg - (x - mean) * invstd * mgx) = k * g + a * x + b
     let k: Vec<f32> = (0..c).map(|j| gamma[j] * invstd[j]).collect();
     let mg: Vec<f32> = (0..c).map(|j| if batch_stats { dbeta[j] / n } else { 0.0 }).collect();
     let mgx: Vec<f32> = (0..c).map(|j| if batch_stats { dgamma[j] / n } else { 0.0 }).collect();
+    let ca: Vec<f32> = (0..c).map(|j| -k[j] * invstd[j] * mgx[j]).collect();
+    let cb: Vec<f32> = (0..c).map(|j| -k[j] * mg[j] - ca[j] * mean[j]).collect();
     let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(ROWS_PER_CHUNK * c)
-        .zip(x.par_chunks(ROWS_PER_CHUNK * c))
-        .zip(dy.par_chunks(ROWS_PER_CHUNK * c))
-        .zip(y.par_chunks(ROWS_PER_CHUNK * c))
+    dx.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .zip(dy.par_chunks(chunk))
+        .zip(y.par_chunks(chunk))
         .for_each(|(((oc, xc), dc), yc)| {
             for (((or, xr), dr), yr) in oc
                 .chunks_exact_mut(c)
@@ -164,10 +210,10 @@ pub fn bn_backward(
                 .zip(dc.chunks_exact(c))
                 .zip(yc.chunks_exact(c))
             {
-                for j in 0..c {
-                    let g = if relu && yr[j] <= 0.0 { 0.0 } else { dr[j] };
-                    let xhat = (xr[j] - mean[j]) * invstd[j];
-                    or[j] = k[j] * (g - mg[j] - xhat * mgx[j]);
+                for (((((o, &xv), &dv), &yv), &kk), (&a, &b)) in
+                    or.iter_mut().zip(xr).zip(dr).zip(yr).zip(&k).zip(ca.iter().zip(&cb))
+                {
+                    *o = kk * masked::<RELU>(dv, yv) + a * xv + b;
                 }
             }
         });

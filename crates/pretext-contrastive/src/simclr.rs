@@ -1,0 +1,118 @@
+//! SimCLR: two augmented views per image, encoder + projection head, NT-Xent.
+
+use crate::encoder::{SmallResNet, SmallResNetConfig};
+use crate::head::{HeadConfig, ProjectionHead};
+use crate::loss::nt_xent;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use pretext_core::nn::Builders;
+use pretext_core::trainer::{Method, StepCx, StepOut};
+use pretext_core::SeededVarMap;
+use pretext_data::ImageBatch;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// SimCLR settings (the `model` section).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimClrConfig {
+    /// The encoder.
+    pub encoder: SmallResNetConfig,
+    /// The projection head.
+    pub head: HeadConfig,
+    /// NT-Xent temperature.
+    pub temperature: f64,
+}
+
+impl Default for SimClrConfig {
+    fn default() -> Self {
+        Self {
+            encoder: SmallResNetConfig::default(),
+            head: HeadConfig::default(),
+            temperature: 0.5,
+        }
+    }
+}
+
+/// The SimCLR method: weights under `encoder.*` and `head.*`.
+pub struct SimClr {
+    params: SeededVarMap,
+    buffers: VarMap,
+    /// The encoder (what transfers).
+    pub encoder: SmallResNet,
+    head: ProjectionHead,
+    cfg: SimClrConfig,
+}
+
+impl SimClr {
+    /// Builds the model with parameters drawn from the `init` stream of `seed`.
+    ///
+    /// # Errors
+    /// An invalid config.
+    pub fn new(cfg: &SimClrConfig, seed: u64, device: &Device) -> candle_core::Result<Self> {
+        let params = SeededVarMap::from_seed(seed, pretext_core::seed::INIT);
+        let buffers = VarMap::new();
+        let b = Builders {
+            params: params.var_builder(DType::F32, device),
+            buffers: VarBuilder::from_varmap(&buffers, DType::F32, device),
+        };
+        let encoder = SmallResNet::new(&cfg.encoder, &b.pp("encoder"))?;
+        let mut head_cfg = cfg.head.clone();
+        head_cfg.input = encoder.out_dim();
+        let head = ProjectionHead::new(&head_cfg, &b.pp("head"))?;
+        Ok(Self {
+            params,
+            buffers,
+            encoder,
+            head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The loss of one batch of two views (both views through the encoder together).
+    ///
+    /// # Errors
+    /// Fewer than two views, or shapes that do not fit.
+    pub fn loss(&self, v1: &Tensor, v2: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let n = v1.dim(0)?;
+        let h = self.encoder.forward_t(&Tensor::cat(&[v1, v2], 0)?, train)?;
+        let z = self.head.forward_t(&h, train)?;
+        nt_xent(&z.narrow(0, 0, n)?, &z.narrow(0, n, n)?, self.cfg.temperature)
+    }
+}
+
+impl Method for SimClr {
+    type Batch = ImageBatch;
+
+    fn vars(&self) -> &VarMap {
+        self.params.var_map()
+    }
+
+    fn model_buffers(&self) -> Option<&VarMap> {
+        Some(&self.buffers)
+    }
+
+    fn step(&mut self, batch: &ImageBatch, _cx: &StepCx) -> pretext_core::Result<StepOut> {
+        let [v1, v2] = batch.views.as_slice() else {
+            return Err(pretext_core::Error::Config(format!(
+                "SimCLR needs 2 views per image, got {}",
+                batch.views.len()
+            )));
+        };
+        Ok(StepOut {
+            loss: self.loss(v1, v2, true)?,
+            stats: vec![],
+        })
+    }
+
+    fn metadata(&self) -> BTreeMap<String, String> {
+        [
+            ("pretext.paradigm", "contrastive"),
+            ("pretext.method", "simclr"),
+            ("pretext.architecture", "small-resnet"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}

@@ -132,12 +132,16 @@ fn reference_simclr(r: &Reference, args: &[&str]) -> Result<Vec<(String, f64)>> 
     Ok(out
         .lines()
         .filter_map(|l| l.strip_prefix("[result] "))
-        .filter_map(|l| {
-            let (what, rest) = l.split_once(": ")?;
-            let v = rest.split_whitespace().next()?.parse().ok()?;
-            Some((what.to_string(), v))
-        })
+        .filter_map(parse_result)
         .collect())
+}
+
+/// `what: value unit notes`, where `what` may itself contain `: `.
+fn parse_result(line: &str) -> Option<(String, f64)> {
+    line.match_indices(": ").find_map(|(i, _)| {
+        let v: f64 = line[i + 2..].split_whitespace().next()?.parse().ok()?;
+        Some((line[..i].to_string(), v))
+    })
 }
 
 fn find(results: &[(String, f64)], needle: &str) -> Option<f64> {
@@ -291,5 +295,15 @@ mod tests {
         assert_eq!(field(l, "img_per_s"), Some(206.21));
         assert_eq!(field(l, "gflops"), Some(91.89));
         assert_eq!(field(l, "nope"), None);
+        let r = parse_result(
+            "augmentation views/s: batched (grid_sample) in-process, 2 threads: 1.027e+05 views/s  batch 256",
+        );
+        assert_eq!(
+            r,
+            Some((
+                "augmentation views/s: batched (grid_sample) in-process, 2 threads".to_string(),
+                102700.0
+            ))
+        );
     }
 }

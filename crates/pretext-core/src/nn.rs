@@ -111,6 +111,63 @@ impl Conv2d {
     }
 }
 
+/// A transposed 2-D convolution over NHWC activations (`torch.nn.ConvTranspose2d`
+/// names, layout `(in, out, kh, kw)` and init), e.g. for VAE decoders.
+#[derive(Debug, Clone)]
+pub struct ConvTranspose2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    pad: usize,
+    out_pad: usize,
+}
+
+impl ConvTranspose2d {
+    /// A `k × k` transposed convolution from `cin` to `cout` channels.
+    ///
+    /// # Errors
+    /// The builder failed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        out_pad: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        // PyTorch computes fan-in from dim 1 of the weight: cout * k * k.
+        let bound = 1.0 / ((cout * k * k) as f64).sqrt();
+        let weight = vb.get_with_hints((cin, cout, k, k), "weight", uniform(bound))?;
+        let bias = if bias {
+            Some(vb.get_with_hints(cout, "bias", uniform(bound))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            pad,
+            out_pad,
+        })
+    }
+
+    /// `(n, h, w, cin)` → `(n, (h-1)·stride - 2·pad + k + out_pad, …, cout)`.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = ops::conv_transpose2d_nhwc(x, &self.weight, self.stride, self.pad, self.out_pad)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
 /// Batch normalisation over the last dimension (`BatchNorm2d` on NHWC maps,
 /// `BatchNorm1d` on `(n, c)`), with running statistics as in PyTorch
 /// (momentum 0.1, unbiased running variance). Names: `weight`, `bias`,

@@ -172,6 +172,153 @@ pub fn reference_conv2d_nhwc(x: &Tensor, weight: &Tensor, stride: usize, pad: us
         .contiguous()
 }
 
+/// Geometry of a transposed convolution as the convolution it transposes:
+/// `x` `(n, h, w, cin)` is that convolution's output, `weight` `(cin, cout, kh, kw)`.
+fn transpose_geom(
+    x: &[usize],
+    w: &[usize],
+    stride: usize,
+    pad: usize,
+    out_pad: usize,
+) -> candle_core::Result<conv::ConvGeom> {
+    let (&[n, h, wd, c], &[wc, o, kh, kw]) = (x, w) else {
+        bail!("conv_transpose2d: expects x (n, h, w, c) and weight (c, o, kh, kw), got {x:?} and {w:?}")
+    };
+    if wc != c {
+        bail!("conv_transpose2d: input has {c} channels, weight expects {wc}")
+    }
+    if h == 0 || wd == 0 || out_pad >= stride.max(1) || (h - 1) * stride + kh + out_pad < 2 * pad + 1 {
+        bail!("conv_transpose2d: invalid geometry (input {h}x{wd}, kernel {kh}x{kw}, stride {stride}, padding {pad}, output padding {out_pad})")
+    }
+    let oh = (h - 1) * stride + kh + out_pad - 2 * pad;
+    let ow = (wd - 1) * stride + kw + out_pad - 2 * pad;
+    match conv::ConvGeom::new(n, oh, ow, o, c, kh, kw, stride, pad) {
+        Some(g) if g.oh == h && g.ow == wd => Ok(g),
+        _ => bail!("conv_transpose2d: no convolution maps {oh}x{ow} back to {h}x{wd}"),
+    }
+}
+
+struct ConvTranspose2dOp {
+    stride: usize,
+    pad: usize,
+    out_pad: usize,
+}
+
+impl CustomOp2 for ConvTranspose2dOp {
+    fn name(&self) -> &'static str {
+        "pretext-conv-transpose2d-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = transpose_geom(l1.dims(), l2.dims(), self.stride, self.pad, self.out_pad)?;
+        // The forward of a transposed convolution is the input gradient of the convolution.
+        let y = conv::conv2d_backward_input(
+            f32_slice(s1, l1, "conv_transpose2d x")?,
+            f32_slice(s2, l2, "conv_transpose2d weight")?,
+            &g,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.h, g.w, g.c))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        // dx: the convolution's forward on the output gradient; dw: its weight gradient.
+        let dx = grad.apply_op2_no_bwd(
+            &w.contiguous()?,
+            &Conv2dFwdRaw {
+                stride: self.stride,
+                pad: self.pad,
+            },
+        )?;
+        let dw = grad.apply_op2_no_bwd(
+            &x.contiguous()?,
+            &ConvBwdWeight {
+                stride: self.stride,
+                pad: self.pad,
+                w_dims: w.dims().to_vec(),
+            },
+        )?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// The convolution forward without autograd (used inside backward passes).
+struct Conv2dFwdRaw {
+    stride: usize,
+    pad: usize,
+}
+
+impl CustomOp2 for Conv2dFwdRaw {
+    fn name(&self) -> &'static str {
+        "pretext-conv2d-nhwc-raw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Conv2dOp {
+            stride: self.stride,
+            pad: self.pad,
+        }
+        .cpu_fwd(s1, l1, s2, l2)
+    }
+}
+
+/// Transposed 2-D convolution (`torch.nn.ConvTranspose2d`) of channels-last
+/// `x` `(n, h, w, cin)` with `weight` `(cin, cout, kh, kw)` (PyTorch's layout),
+/// no bias → `(n, (h-1)·stride - 2·pad + kh + out_pad, …, cout)`.
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn conv_transpose2d_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    pad: usize,
+    out_pad: usize,
+) -> candle_core::Result<Tensor> {
+    if fast_path(&[x, weight]) {
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, ConvTranspose2dOp { stride, pad, out_pad })
+    } else {
+        reference_conv_transpose2d_nhwc(x, weight, stride, pad, out_pad)
+    }
+}
+
+/// [`conv_transpose2d_nhwc`] through candle's `conv_transpose2d` (NCHW).
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn reference_conv_transpose2d_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    pad: usize,
+    out_pad: usize,
+) -> candle_core::Result<Tensor> {
+    x.permute((0, 3, 1, 2))?
+        .contiguous()?
+        .conv_transpose2d(weight, pad, out_pad, stride, 1)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()
+}
+
 /// Batch statistics of one forward pass: per-channel mean and biased variance.
 pub type BatchStats = (Vec<f32>, Vec<f32>);
 

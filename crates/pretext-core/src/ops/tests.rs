@@ -140,3 +140,34 @@ fn conv_gradient_matches_finite_differences() -> candle_core::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn conv_transpose_forward_and_gradients_match_candle() -> candle_core::Result<()> {
+    // (n, h, w, cin, cout, k, stride, pad, out_pad)
+    let cases = [
+        (2, 4, 4, 3, 2, 3, 2, 1, 1),
+        (1, 5, 3, 2, 4, 3, 1, 1, 0),
+        (2, 3, 3, 4, 3, 4, 2, 1, 0),
+        (3, 2, 2, 2, 2, 1, 2, 0, 1),
+        (1, 7, 7, 3, 1, 3, 2, 0, 0),
+    ];
+    for (i, &(n, h, w, c, o, k, s, p, op)) in cases.iter().enumerate() {
+        let x = Var::from_tensor(&rand_tensor(&[n, h, w, c], 300 + i as u64)?)?;
+        let wt = Var::from_tensor(&rand_tensor(&[c, o, k, k], 400 + i as u64)?)?;
+        let fast = conv_transpose2d_nhwc(x.as_tensor(), wt.as_tensor(), s, p, op)?;
+        let slow = reference_conv_transpose2d_nhwc(x.as_tensor(), wt.as_tensor(), s, p, op)?;
+        assert_eq!(fast.dims(), slow.dims(), "case {i}: shape");
+        assert!(rel_err(&fast, &slow)? < 1e-4, "case {i}: forward");
+        let r = rand_tensor(fast.dims(), 500 + i as u64)?;
+        let gf = (fast * &r)?.sum_all()?.backward()?;
+        let gs = (slow * &r)?.sum_all()?.backward()?;
+        for (name, v) in [("input", &x), ("weight", &wt)] {
+            let (Some(a), Some(b)) = (gf.get(v.as_tensor()), gs.get(v.as_tensor())) else {
+                panic!("case {i}: no {name} gradient")
+            };
+            let e = rel_err(a, b)?;
+            assert!(e < 1e-4, "case {i}: {name} gradient rel err {e}");
+        }
+    }
+    Ok(())
+}

@@ -5,11 +5,14 @@
 //! follow the PyTorch modules they mirror, so exported weights load there.
 //! This crate must not depend on another paradigm crate.
 
+pub mod app;
+pub mod config;
 pub mod encoder;
 pub mod head;
 pub mod loss;
 pub mod simclr;
 
+pub use config::{ContrastiveConfig, DataConfig, EvalConfig, DEFAULT_CONFIG};
 pub use encoder::{SmallResNet, SmallResNetConfig};
 pub use head::{HeadConfig, ProjectionHead};
 pub use loss::{info_nce, nt_xent};

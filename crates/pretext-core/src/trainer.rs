@@ -297,6 +297,18 @@ impl<M: Method> Trainer<M> {
         Ok(())
     }
 
+    /// Appends a record (an evaluation, an event) to the run's `metrics.jsonl`;
+    /// a no-op without an attached run.
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub fn log_record(&mut self, record: &serde_json::Value) -> Result<()> {
+        match self.metrics.as_mut() {
+            Some(m) => m.log(record),
+            None => Ok(()),
+        }
+    }
+
     /// Completed steps.
     pub fn step(&self) -> u64 {
         self.step

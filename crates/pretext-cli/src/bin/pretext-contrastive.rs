@@ -1,7 +1,9 @@
 //! `pretext-contrastive`: SimCLR and MoCo v2 pretraining of image encoders.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use pretext_cli::args::{CommonArgs, ProbeArgs};
+use pretext_contrastive::{app, ContrastiveConfig, DEFAULT_CONFIG};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -53,18 +55,54 @@ enum Command {
     },
 }
 
+fn default_out(method: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    PathBuf::from("runs").join(format!("contrastive-{method}-{secs}"))
+}
+
 fn main() -> ExitCode {
+    pretext_core::alloc::keep_freed_memory();
     let cli = Cli::parse();
     pretext_cli::run_main(|| {
-        let name = match cli.command {
-            Command::Pretrain { common, .. } => {
-                pretext_cli::init_tracing(common.verbose);
-                "pretrain"
+        match cli.command {
+        Command::Pretrain { method, data, common } => {
+            pretext_cli::init_tracing(common.verbose);
+            let method = match method {
+                MethodArg::Simclr => "simclr",
+                MethodArg::Moco => anyhow::bail!("MoCo v2 is not available in this build yet; use --method simclr"),
+            };
+            let mut overrides = vec![format!("method={method:?}")];
+            if let Some(d) = &data {
+                overrides.push(format!("data.path={:?}", d.display().to_string()));
             }
-            Command::Resume { .. } => "resume",
-            Command::Probe(_) => "probe",
-            Command::Export { .. } => "export",
-        };
-        anyhow::bail!("`pretext-contrastive {name}` is not available in this build yet: contrastive training lands with the SimCLR/MoCo work (see docs/architecture.md)")
+            overrides.extend(common.all_overrides());
+            let resolved: pretext_cli::config::Resolved<ContrastiveConfig> =
+                pretext_cli::config::resolve(DEFAULT_CONFIG, common.config.as_deref(), &overrides)?;
+            resolved.config.validate().map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+            let device = pretext_core::select_device(&common.device)?;
+            let out = common.out.clone().unwrap_or_else(|| default_out(method));
+            let mut observer = pretext_cli::progress::ProgressObserver::new(method, common.quiet);
+            let run = app::pretrain(&resolved.config, &resolved.toml, &out, &device, &mut observer)
+                .with_context(|| format!("pretraining into {}", out.display()))?;
+            println!("run folder: {}", run.root().display());
+            Ok(())
+        }
+        Command::Resume { run, quiet } => {
+            pretext_cli::init_tracing(false);
+            let text = std::fs::read_to_string(run.join("config.toml"))
+                .with_context(|| format!("{} is not a run folder (no config.toml)", run.display()))?;
+            let cfg: ContrastiveConfig = toml::from_str(&text).with_context(|| format!("parsing {}/config.toml", run.display()))?;
+            let device = pretext_core::select_device("cpu")?;
+            let mut observer = pretext_cli::progress::ProgressObserver::new(&cfg.method, quiet);
+            app::resume(&run, &cfg, &device, &mut observer).with_context(|| format!("resuming {}", run.display()))?;
+            println!("run folder: {}", run.display());
+            Ok(())
+        }
+        Command::Probe(_) => anyhow::bail!("`pretext-contrastive probe` is not available in this build yet: the evaluation report lands with the evaluation work"),
+        Command::Export { .. } => anyhow::bail!("`pretext-contrastive export` is not available in this build yet"),
+    }
     })
 }

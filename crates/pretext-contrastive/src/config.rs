@@ -1,0 +1,144 @@
+//! The config of a contrastive run (`config.toml` of its run folder).
+
+use crate::simclr::SimClrConfig;
+use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig};
+use pretext_data::source::ImageFormat;
+use pretext_data::AugmentConfig;
+use serde::{Deserialize, Serialize};
+
+/// The built-in default: SimCLR on the shipped Fashion-MNIST.
+pub const DEFAULT_CONFIG: &str = include_str!("../configs/simclr-fmnist.toml");
+
+/// Where the images come from and how they are augmented (`data`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Images (IDX, CIFAR, image folder); empty = the shipped Fashion-MNIST.
+    pub path: String,
+    /// Reader; `auto` detects it.
+    pub format: ImageFormat,
+    /// Side of the (square) training views.
+    pub image_size: usize,
+    /// 1 = grayscale, 3 = RGB.
+    pub channels: usize,
+    /// Augmentations of each view.
+    pub augment: AugmentConfig,
+    /// Batches prepared ahead in the background.
+    pub prefetch: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            format: ImageFormat::Auto,
+            image_size: 28,
+            channels: 1,
+            augment: AugmentConfig::fashion_mnist(),
+            prefetch: 2,
+        }
+    }
+}
+
+/// Online monitoring (`eval`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// kNN accuracy every N epochs (and at the end); 0 = only at the end.
+    pub knn_every: u64,
+    /// Labelled training images used as the kNN memory bank.
+    pub knn_train: usize,
+    /// Held-out labelled images scored.
+    pub knn_test: usize,
+    /// Neighbours.
+    pub knn_k: usize,
+    /// Vote temperature.
+    pub knn_temperature: f32,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            knn_every: 1,
+            knn_train: 10_000,
+            knn_test: 2_000,
+            knn_k: 20,
+            knn_temperature: 0.07,
+        }
+    }
+}
+
+/// A whole contrastive run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContrastiveConfig {
+    /// `simclr` (MoCo v2 is planned).
+    pub method: String,
+    /// The model.
+    pub model: SimClrConfig,
+    /// The optimizer.
+    pub optim: OptimConfig,
+    /// The learning-rate schedule.
+    pub schedule: ScheduleConfig,
+    /// The data.
+    pub data: DataConfig,
+    /// The loop.
+    pub train: TrainConfig,
+    /// Online monitoring.
+    pub eval: EvalConfig,
+}
+
+impl Default for ContrastiveConfig {
+    fn default() -> Self {
+        Self {
+            method: "simclr".into(),
+            model: SimClrConfig::default(),
+            optim: OptimConfig::default(),
+            schedule: ScheduleConfig::default(),
+            data: DataConfig::default(),
+            train: TrainConfig::default(),
+            eval: EvalConfig::default(),
+        }
+    }
+}
+
+impl ContrastiveConfig {
+    /// Checks every section.
+    ///
+    /// # Errors
+    /// A message naming the bad key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.method != "simclr" {
+            return Err(format!(
+                "method = {:?}: only \"simclr\" is available in this build (MoCo v2 is planned)",
+                self.method
+            ));
+        }
+        self.optim.validate().map_err(|e| e.to_string())?;
+        self.schedule.validate().map_err(|e| e.to_string())?;
+        self.train.validate().map_err(|e| e.to_string())?;
+        self.data.augment.validate()?;
+        if self.data.channels != 1 && self.data.channels != 3 {
+            return Err(format!("data.channels = {}: must be 1 or 3", self.data.channels));
+        }
+        if self.data.image_size < 8 {
+            return Err(format!(
+                "data.image_size = {}: must be at least 8",
+                self.data.image_size
+            ));
+        }
+        if self.model.encoder.in_channels != self.data.channels {
+            return Err(format!(
+                "model.encoder.in_channels = {} but data.channels = {}",
+                self.model.encoder.in_channels, self.data.channels
+            ));
+        }
+        if self.train.batch_size < 2 {
+            return Err("train.batch_size must be at least 2 for a contrastive loss".into());
+        }
+        if self.model.temperature <= 0.0 {
+            return Err(format!("model.temperature = {}: must be > 0", self.model.temperature));
+        }
+        Ok(())
+    }
+}

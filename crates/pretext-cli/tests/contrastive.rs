@@ -136,3 +136,98 @@ fn bad_config_and_data_are_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("config.toml"));
 }
+
+/// Writes an IDX file of `n` 8×8 images in two classes (bright left or right half, with noise).
+fn write_idx_pair(dir: &Path, prefix: &str, n: usize, seed: u64) {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u8
+    };
+    let mut img = vec![0u8, 0, 8, 3];
+    for d in [n as u32, 8, 8] {
+        img.extend_from_slice(&d.to_be_bytes());
+    }
+    let mut lab = vec![0u8, 0, 8, 1];
+    lab.extend_from_slice(&(n as u32).to_be_bytes());
+    for i in 0..n {
+        let class = (i % 2) as u8;
+        for _y in 0..8 {
+            for x in 0..8 {
+                let bright = (x < 4) == (class == 0);
+                img.push(if bright { 160 + next() % 90 } else { next() % 90 });
+            }
+        }
+        lab.push(class);
+    }
+    std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).expect("write images");
+    std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).expect("write labels");
+}
+
+#[test]
+fn probe_writes_a_report_with_baselines() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    write_idx_pair(&data, "train", 48, 1);
+    write_idx_pair(&data, "t10k", 20, 2);
+    let run = tmp.path().join("run");
+    let out = bin()
+        .arg("pretrain")
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .args([
+            "--set",
+            "data.image_size=8",
+            "--set",
+            "data.augment.mean=[0.5]",
+            "--set",
+            "data.augment.std=[0.3]",
+        ])
+        .args([
+            "--set",
+            "eval.knn_train=16",
+            "--set",
+            "eval.knn_test=10",
+            "--set",
+            "eval.knn_k=3",
+        ])
+        .args(&TINY[..20])
+        .arg("--quiet")
+        .output()
+        .expect("pretrain");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bin()
+        .arg("probe")
+        .arg(&run)
+        .args(["--labels", "50%,100%", "--quiet"])
+        .output()
+        .expect("probe");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("report/eval.json")).expect("eval.json")).expect("json");
+    let recs = report["records"].as_array().expect("records");
+    assert_eq!(recs.len(), 3 * 2 * 2, "{report}");
+    for feat in ["pretrained", "random-init", "raw"] {
+        for proto in ["linear", "knn"] {
+            assert!(
+                recs.iter()
+                    .any(|r| r["features"] == feat && r["protocol"] == proto && r["labels"] == 1.0),
+                "{feat} {proto}"
+            );
+        }
+    }
+    let raw_linear = recs
+        .iter()
+        .find(|r| r["features"] == "raw" && r["protocol"] == "linear" && r["labels"] == 1.0)
+        .expect("raw");
+    assert!(raw_linear["accuracy"].as_f64().unwrap_or(0.0) >= 0.9, "{raw_linear}");
+    assert_eq!(raw_linear["n_test"], 20);
+    assert!(std::fs::read_to_string(run.join("report/eval.md"))
+        .expect("eval.md")
+        .contains("| raw | linear |"));
+}

@@ -222,3 +222,90 @@ pub fn resume(dir: &Path, cfg: &ContrastiveConfig, device: &Device, observer: &m
     train(&mut trainer, &mut batcher, &data, &cfg, device, observer)?;
     Ok(run)
 }
+
+/// Linear probe and kNN at each label fraction for the run's pretrained
+/// encoder, the same encoder randomly initialised, and raw pixels; writes
+/// `report/eval.json` and `report/eval.md` and returns the report.
+///
+/// # Errors
+/// No run or checkpoint, unlabelled data, invalid fractions.
+pub fn probe(
+    dir: &Path,
+    cfg: &ContrastiveConfig,
+    fractions: &[f64],
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<pretext_eval::EvalReport> {
+    let run = RunDir::open(dir)?;
+    let data = load_data(cfg)?;
+    let held = data
+        .held_out
+        .as_ref()
+        .ok_or_else(|| Error::Config("probing needs labelled data".into()))?;
+    let (mut trainer, _) = build(cfg, &data, device)?;
+    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
+    let latest = mgr
+        .latest()?
+        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
+    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
+    trainer.resume(&ckpt, &latest)?;
+    let random = SimClr::new(&cfg.model, cfg.train.seed, device)?;
+    let all_train: Vec<usize> = (0..data.train.len()).collect();
+    let all_test: Vec<usize> = (0..held.len()).collect();
+    let eval_err = |e: pretext_eval::Error| Error::Config(e.to_string());
+    let probe_cfg = pretext_eval::LinearProbeConfig {
+        seed: cfg.train.seed,
+        ..Default::default()
+    };
+    let knn = KnnConfig {
+        k: cfg.eval.knn_k,
+        temperature: cfg.eval.knn_temperature,
+        ..Default::default()
+    };
+    let mut records = Vec::new();
+    for (name, model) in [
+        ("pretrained", Some(&trainer.method)),
+        ("random-init", Some(&random)),
+        ("raw", None),
+    ] {
+        observer.on_message(&format!(
+            "probing {name} features ({} train, {} test images)",
+            all_train.len(),
+            all_test.len()
+        ));
+        let (tr, te) = match model {
+            Some(m) => (
+                embed(
+                    m,
+                    &data.train,
+                    &all_train,
+                    &cfg.data.augment,
+                    cfg.data.image_size,
+                    device,
+                )?,
+                embed(m, held, &all_test, &cfg.data.augment, cfg.data.image_size, device)?,
+            ),
+            None => (
+                Embedded::from_pixels(&data.train).map_err(eval_err)?,
+                Embedded::from_pixels(held).map_err(eval_err)?,
+            ),
+        };
+        records.extend(
+            pretext_eval::evaluate_features(name, &tr, &te, fractions, cfg.train.seed, &probe_cfg, &knn)
+                .map_err(eval_err)?,
+        );
+    }
+    let dataset = if cfg.data.path.is_empty() {
+        "fashion-mnist".to_string()
+    } else {
+        cfg.data.path.clone()
+    };
+    let report = pretext_eval::EvalReport {
+        paradigm: "contrastive".into(),
+        method: cfg.method.clone(),
+        dataset,
+        records,
+    };
+    report.write(&run.report_dir()?).map_err(eval_err)?;
+    Ok(report)
+}

@@ -7,8 +7,10 @@ mod error;
 pub mod features;
 pub mod knn;
 pub mod linear;
+pub mod report;
 
 pub use error::{Error, Result};
 pub use features::Embedded;
 pub use knn::{knn_accuracy, KnnConfig};
 pub use linear::{LinearProbe, LinearProbeConfig};
+pub use report::{evaluate_features, EvalRecord, EvalReport};

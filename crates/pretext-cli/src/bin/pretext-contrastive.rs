@@ -46,7 +46,8 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
-    /// Evaluate the frozen encoder: linear probe, kNN, few-label fine-tuning -> RUN/report/.
+    /// Evaluate the frozen encoder against a random-init encoder and raw pixels:
+    /// linear probe and kNN at each label fraction -> RUN/report/eval.{json,md}.
     Probe(ProbeArgs),
     /// Write the backbone, config.json and a model card for the Hub -> RUN/export/.
     Export {
@@ -66,8 +67,7 @@ fn default_out(method: &str) -> PathBuf {
 fn main() -> ExitCode {
     pretext_core::alloc::keep_freed_memory();
     let cli = Cli::parse();
-    pretext_cli::run_main(|| {
-        match cli.command {
+    pretext_cli::run_main(|| match cli.command {
         Command::Pretrain { method, data, common } => {
             pretext_cli::init_tracing(common.verbose);
             let method = match method {
@@ -81,7 +81,10 @@ fn main() -> ExitCode {
             overrides.extend(common.all_overrides());
             let resolved: pretext_cli::config::Resolved<ContrastiveConfig> =
                 pretext_cli::config::resolve(DEFAULT_CONFIG, common.config.as_deref(), &overrides)?;
-            resolved.config.validate().map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+            resolved
+                .config
+                .validate()
+                .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
             let device = pretext_core::select_device(&common.device)?;
             let out = common.out.clone().unwrap_or_else(|| default_out(method));
             let mut observer = pretext_cli::progress::ProgressObserver::new(method, common.quiet);
@@ -94,15 +97,33 @@ fn main() -> ExitCode {
             pretext_cli::init_tracing(false);
             let text = std::fs::read_to_string(run.join("config.toml"))
                 .with_context(|| format!("{} is not a run folder (no config.toml)", run.display()))?;
-            let cfg: ContrastiveConfig = toml::from_str(&text).with_context(|| format!("parsing {}/config.toml", run.display()))?;
+            let cfg: ContrastiveConfig =
+                toml::from_str(&text).with_context(|| format!("parsing {}/config.toml", run.display()))?;
             let device = pretext_core::select_device("cpu")?;
             let mut observer = pretext_cli::progress::ProgressObserver::new(&cfg.method, quiet);
             app::resume(&run, &cfg, &device, &mut observer).with_context(|| format!("resuming {}", run.display()))?;
             println!("run folder: {}", run.display());
             Ok(())
         }
-        Command::Probe(_) => anyhow::bail!("`pretext-contrastive probe` is not available in this build yet: the evaluation report lands with the evaluation work"),
+        Command::Probe(args) => {
+            pretext_cli::init_tracing(false);
+            let fractions = args
+                .labels
+                .iter()
+                .map(|l| pretext_cli::args::parse_fraction(l))
+                .collect::<anyhow::Result<Vec<f64>>>()?;
+            let text = std::fs::read_to_string(args.run.join("config.toml"))
+                .with_context(|| format!("{} is not a run folder (no config.toml)", args.run.display()))?;
+            let cfg: ContrastiveConfig =
+                toml::from_str(&text).with_context(|| format!("parsing {}/config.toml", args.run.display()))?;
+            let device = pretext_core::select_device(&args.device)?;
+            let mut observer = pretext_cli::progress::ProgressObserver::new("probe", args.quiet);
+            let report = app::probe(&args.run, &cfg, &fractions, &device, &mut observer)
+                .with_context(|| format!("probing {}", args.run.display()))?;
+            println!("{}", report.markdown());
+            println!("report: {}", args.run.join("report").display());
+            Ok(())
+        }
         Command::Export { .. } => anyhow::bail!("`pretext-contrastive export` is not available in this build yet"),
-    }
     })
 }

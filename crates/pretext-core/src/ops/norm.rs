@@ -6,48 +6,76 @@ use rayon::prelude::*;
 
 const ROWS_PER_CHUNK: usize = 2048;
 
+/// Two per-channel running sums: accumulated in f32 over runs of 64 rows (so
+/// the per-row loop vectorises), promoted to f64 between runs.
+struct PairSums {
+    a: Vec<f64>,
+    b: Vec<f64>,
+    pa: Vec<f32>,
+    pb: Vec<f32>,
+    rows: usize,
+}
+
+impl PairSums {
+    fn new(c: usize) -> Self {
+        Self {
+            a: vec![0.0; c],
+            b: vec![0.0; c],
+            pa: vec![0.0; c],
+            pb: vec![0.0; c],
+            rows: 0,
+        }
+    }
+
+    #[inline]
+    fn row_done(&mut self) {
+        self.rows += 1;
+        if self.rows % 64 == 0 {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        for j in 0..self.a.len() {
+            self.a[j] += f64::from(self.pa[j]);
+            self.b[j] += f64::from(self.pb[j]);
+            self.pa[j] = 0.0;
+            self.pb[j] = 0.0;
+        }
+    }
+
+    fn finish(mut self) -> (Vec<f64>, Vec<f64>) {
+        self.flush();
+        (self.a, self.b)
+    }
+}
+
+/// Adds two pairs of per-channel sums (the reduction of [`PairSums`] over chunks).
+fn add_pairs((mut a, mut b): (Vec<f64>, Vec<f64>), (x, y): (Vec<f64>, Vec<f64>)) -> (Vec<f64>, Vec<f64>) {
+    for j in 0..a.len() {
+        a[j] += x[j];
+        b[j] += y[j];
+    }
+    (a, b)
+}
+
 /// Per-channel mean and biased variance of `x` (`rows × c`).
 pub fn channel_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / c;
     let (s, ss) = x
         .par_chunks(ROWS_PER_CHUNK * c)
         .map(|chunk| {
-            let mut s = vec![0f64; c];
-            let mut ss = vec![0f64; c];
-            // f32 partial sums over short runs keep the inner loop vectorised;
-            // promoted to f64 every 64 rows.
-            let mut ps = vec![0f32; c];
-            let mut pss = vec![0f32; c];
-            for (r, row) in chunk.chunks_exact(c).enumerate() {
-                for ((a, b), &v) in ps.iter_mut().zip(pss.iter_mut()).zip(row) {
-                    *a += v;
-                    *b += v * v;
+            let mut acc = PairSums::new(c);
+            for row in chunk.chunks_exact(c) {
+                for ((p, q), &v) in acc.pa.iter_mut().zip(acc.pb.iter_mut()).zip(row) {
+                    *p += v;
+                    *q += v * v;
                 }
-                if r % 64 == 63 {
-                    for j in 0..c {
-                        s[j] += f64::from(ps[j]);
-                        ss[j] += f64::from(pss[j]);
-                        ps[j] = 0.0;
-                        pss[j] = 0.0;
-                    }
-                }
+                acc.row_done();
             }
-            for j in 0..c {
-                s[j] += f64::from(ps[j]);
-                ss[j] += f64::from(pss[j]);
-            }
-            (s, ss)
+            acc.finish()
         })
-        .reduce(
-            || (vec![0f64; c], vec![0f64; c]),
-            |(mut a, mut b), (x, y)| {
-                for j in 0..c {
-                    a[j] += x[j];
-                    b[j] += y[j];
-                }
-                (a, b)
-            },
-        );
+        .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
     let n = rows.max(1) as f64;
     let mean: Vec<f64> = s.iter().map(|v| v / n).collect();
     let var: Vec<f32> = ss
@@ -139,52 +167,25 @@ fn bn_backward_impl<const RELU: bool>(
         .zip(dy.par_chunks(chunk))
         .zip(y.par_chunks(chunk))
         .map(|((xc, dc), yc)| {
-            let mut sg = vec![0f64; c];
-            let mut sgx = vec![0f64; c];
-            let mut pg = vec![0f32; c];
-            let mut pgx = vec![0f32; c];
-            for (r, ((xr, dr), yr)) in xc
-                .chunks_exact(c)
-                .zip(dc.chunks_exact(c))
-                .zip(yc.chunks_exact(c))
-                .enumerate()
-            {
-                for ((((a, b), &xv), &dv), (&yv, &m)) in pg
+            let mut acc = PairSums::new(c);
+            for ((xr, dr), yr) in xc.chunks_exact(c).zip(dc.chunks_exact(c)).zip(yc.chunks_exact(c)) {
+                for ((((p, q), &xv), &dv), (&yv, &m)) in acc
+                    .pa
                     .iter_mut()
-                    .zip(pgx.iter_mut())
+                    .zip(acc.pb.iter_mut())
                     .zip(xr)
                     .zip(dr)
                     .zip(yr.iter().zip(mean))
                 {
                     let g = masked::<RELU>(dv, yv);
-                    *a += g;
-                    *b += g * (xv - m);
+                    *p += g;
+                    *q += g * (xv - m);
                 }
-                if r % 64 == 63 {
-                    for j in 0..c {
-                        sg[j] += f64::from(pg[j]);
-                        sgx[j] += f64::from(pgx[j]);
-                        pg[j] = 0.0;
-                        pgx[j] = 0.0;
-                    }
-                }
+                acc.row_done();
             }
-            for j in 0..c {
-                sg[j] += f64::from(pg[j]);
-                sgx[j] += f64::from(pgx[j]);
-            }
-            (sg, sgx)
+            acc.finish()
         })
-        .reduce(
-            || (vec![0f64; c], vec![0f64; c]),
-            |(mut a, mut b), (x, y)| {
-                for j in 0..c {
-                    a[j] += x[j];
-                    b[j] += y[j];
-                }
-                (a, b)
-            },
-        );
+        .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
     let dbeta: Vec<f32> = sg.iter().map(|v| *v as f32).collect();
     let dgamma: Vec<f32> = sgx
         .iter()

@@ -46,6 +46,23 @@ impl CommonArgs {
     }
 }
 
+/// Flags of `resume`.
+#[derive(Debug, Clone, Args)]
+pub struct ResumeArgs {
+    /// The run folder.
+    pub run: PathBuf,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Flags of commands that take only a run folder (`export`).
+#[derive(Debug, Clone, Args)]
+pub struct RunArg {
+    /// The run folder.
+    pub run: PathBuf,
+}
+
 /// Flags of `probe`.
 #[derive(Debug, Clone, Args)]
 pub struct ProbeArgs {

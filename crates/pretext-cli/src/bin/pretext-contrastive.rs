@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use pretext_cli::args::{CommonArgs, ProbeArgs};
+use pretext_cli::args::{CommonArgs, ProbeArgs, ResumeArgs, RunArg};
 use pretext_contrastive::{app, ContrastiveConfig, DEFAULT_CONFIG};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,21 +39,12 @@ enum Command {
         common: CommonArgs,
     },
     /// Continue a run from its latest checkpoint (same trajectory as uninterrupted).
-    Resume {
-        /// The run folder.
-        run: PathBuf,
-        /// No progress bar.
-        #[arg(long, short)]
-        quiet: bool,
-    },
+    Resume(ResumeArgs),
     /// Evaluate the frozen encoder against a random-init encoder and raw pixels:
     /// linear probe and kNN at each label fraction -> RUN/report/eval.{json,md}.
     Probe(ProbeArgs),
     /// Write the backbone, config.json and a model card for the Hub -> RUN/export/.
-    Export {
-        /// The run folder.
-        run: PathBuf,
-    },
+    Export(RunArg),
 }
 
 fn default_out(method: &str) -> PathBuf {
@@ -93,7 +84,7 @@ fn main() -> ExitCode {
             println!("run folder: {}", run.root().display());
             Ok(())
         }
-        Command::Resume { run, quiet } => {
+        Command::Resume(ResumeArgs { run, quiet }) => {
             pretext_cli::init_tracing(false);
             let text = std::fs::read_to_string(run.join("config.toml"))
                 .with_context(|| format!("{} is not a run folder (no config.toml)", run.display()))?;
@@ -124,6 +115,6 @@ fn main() -> ExitCode {
             println!("report: {}", args.run.join("report").display());
             Ok(())
         }
-        Command::Export { .. } => anyhow::bail!("`pretext-contrastive export` is not available in this build yet"),
+        Command::Export(_) => anyhow::bail!("`pretext-contrastive export` is not available in this build yet"),
     })
 }

@@ -1,7 +1,7 @@
 //! `pretext-generative`: VAE pretraining.
 
 use clap::{Parser, Subcommand};
-use pretext_cli::args::{CommonArgs, ProbeArgs};
+use pretext_cli::args::{CommonArgs, ProbeArgs, ResumeArgs, RunArg};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,13 +26,7 @@ enum Command {
         common: CommonArgs,
     },
     /// Continue a run from its latest checkpoint.
-    Resume {
-        /// The run folder.
-        run: PathBuf,
-        /// No progress bar.
-        #[arg(long, short)]
-        quiet: bool,
-    },
+    Resume(ResumeArgs),
     /// Evaluate the encoder's posterior means as features -> RUN/report/.
     Probe(ProbeArgs),
     /// Draw images from the prior -> RUN/report/samples.png.
@@ -44,10 +38,7 @@ enum Command {
         n: usize,
     },
     /// Write the weights, config.json and a model card for the Hub -> RUN/export/.
-    Export {
-        /// The run folder.
-        run: PathBuf,
-    },
+    Export(RunArg),
 }
 
 fn main() -> ExitCode {
@@ -55,10 +46,10 @@ fn main() -> ExitCode {
     pretext_cli::run_main(|| {
         let name = match cli.command {
             Command::Pretrain { .. } => "pretrain",
-            Command::Resume { .. } => "resume",
+            Command::Resume(_) => "resume",
             Command::Probe(_) => "probe",
             Command::Sample { .. } => "sample",
-            Command::Export { .. } => "export",
+            Command::Export(_) => "export",
         };
         anyhow::bail!("`pretext-generative {name}` is not available in this build yet: VAE training lands with the generative work (see docs/architecture.md)")
     })

@@ -1,7 +1,7 @@
 //! `pretext-mlm`: BERT-style masked language modeling.
 
 use clap::{Parser, Subcommand};
-use pretext_cli::args::{CommonArgs, ProbeArgs};
+use pretext_cli::args::{CommonArgs, ProbeArgs, ResumeArgs, RunArg};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -45,13 +45,7 @@ enum Command {
         common: CommonArgs,
     },
     /// Continue a run from its latest checkpoint.
-    Resume {
-        /// The run folder.
-        run: PathBuf,
-        /// No progress bar.
-        #[arg(long, short)]
-        quiet: bool,
-    },
+    Resume(ResumeArgs),
     /// Evaluate frozen sentence features on a labelled text task -> RUN/report/.
     Probe(ProbeArgs),
     /// Predict the [MASK] tokens of a sentence (top-k).
@@ -65,10 +59,7 @@ enum Command {
         top_k: usize,
     },
     /// Write the Hugging Face layout (config.json, model.safetensors, tokenizer) -> RUN/export/.
-    Export {
-        /// The run folder.
-        run: PathBuf,
-    },
+    Export(RunArg),
 }
 
 fn main() -> ExitCode {
@@ -77,10 +68,10 @@ fn main() -> ExitCode {
         let name = match cli.command {
             Command::Tokenizer(_) => "tokenizer train",
             Command::Pretrain { .. } => "pretrain",
-            Command::Resume { .. } => "resume",
+            Command::Resume(_) => "resume",
             Command::Probe(_) => "probe",
             Command::FillMask { .. } => "fill-mask",
-            Command::Export { .. } => "export",
+            Command::Export(_) => "export",
         };
         anyhow::bail!("`pretext-mlm {name}` is not available in this build yet: masked language modeling lands with the MLM work (see docs/architecture.md)")
     })

@@ -129,13 +129,6 @@ struct TrunkOp {
     stats: Arc<Mutex<TrunkStats>>,
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("resnet trunk: expects contiguous f32 tensors"),
-    }
-}
-
 impl TrunkOp {
     #[allow(clippy::too_many_arguments)]
     fn unit_forward(
@@ -233,8 +226,8 @@ impl CustomOp2 for TrunkOp {
                 self.plan.stem.cin
             )
         }
-        let x = f32s(s1, l1)?;
-        let params = f32s(s2, l2)?;
+        let x = super::f32_slice(s1, l1, "resnet trunk x")?;
+        let params = super::f32_slice(s2, l2, "resnet trunk parameters")?;
         if params.len() != self.plan.param_len() {
             bail!(
                 "resnet trunk: {} parameters, the plan needs {}",

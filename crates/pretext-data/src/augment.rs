@@ -307,25 +307,19 @@ impl Default for ColorJitter {
     }
 }
 
-impl Augment for ColorJitter {
-    fn apply(&self, img: &mut Image, rng: &mut StdRng) {
-        if rng.random::<f64>() >= self.p {
-            return;
-        }
+impl ColorJitter {
+    /// Applies the four adjustments (each with strength > 0) to CHW `data`
+    /// of `c` channels, in a random order when `random_order`, else
+    /// brightness, contrast, saturation, hue. The probability `p` is the caller's.
+    fn adjust(&self, data: &mut [f32], c: usize, random_order: bool, rng: &mut StdRng) {
         let mut order = [0usize, 1, 2, 3];
-        for i in (1..4).rev() {
-            let j = rng.random_range(0..=i);
-            order.swap(i, j);
-        }
-        let factor = |s: f64, rng: &mut StdRng| -> f32 {
-            if s > 0.0 {
-                rng.random_range((1.0 - s).max(0.0)..=1.0 + s) as f32
-            } else {
-                1.0
+        if random_order {
+            for i in (1..4).rev() {
+                let k = rng.random_range(0..=i);
+                order.swap(i, k);
             }
-        };
-        let c = img.c;
-        let data = &mut img.data[..];
+        }
+        let factor = |s: f64, rng: &mut StdRng| rng.random_range((1.0 - s).max(0.0)..=1.0 + s) as f32;
         for op in order {
             match op {
                 0 if self.brightness > 0.0 => adjust_brightness(data, factor(self.brightness, rng)),
@@ -335,6 +329,15 @@ impl Augment for ColorJitter {
                 _ => {}
             }
         }
+    }
+}
+
+impl Augment for ColorJitter {
+    fn apply(&self, img: &mut Image, rng: &mut StdRng) {
+        if rng.random::<f64>() >= self.p {
+            return;
+        }
+        self.adjust(&mut img.data, img.c, true, rng);
     }
 }
 
@@ -667,23 +670,7 @@ impl Pipeline {
         let data = &mut out[..];
         let j = &cfg.jitter;
         if j.p > 0.0 && rng.random::<f64>() < j.p {
-            let factor = |x: f64, rng: &mut StdRng| rng.random_range((1.0 - x).max(0.0)..=1.0 + x) as f32;
-            let mut order = [0usize, 1, 2, 3];
-            if !cfg.jitter_fixed_order {
-                for i in (1..4).rev() {
-                    let k = rng.random_range(0..=i);
-                    order.swap(i, k);
-                }
-            }
-            for op in order {
-                match op {
-                    0 if j.brightness > 0.0 => adjust_brightness(data, factor(j.brightness, rng)),
-                    1 if j.contrast > 0.0 => adjust_contrast(data, c, factor(j.contrast, rng)),
-                    2 if j.saturation > 0.0 => adjust_saturation(data, c, factor(j.saturation, rng)),
-                    3 if j.hue > 0.0 => adjust_hue(data, c, rng.random_range(-j.hue..=j.hue) as f32),
-                    _ => {}
-                }
-            }
+            j.adjust(data, c, !cfg.jitter_fixed_order, rng);
         }
         if cfg.grayscale_p > 0.0 && rng.random::<f64>() < cfg.grayscale_p {
             to_grayscale(data, c);

@@ -237,7 +237,7 @@ impl CustomOp2 for ConvTranspose2dOp {
         // dx: the convolution's forward on the output gradient; dw: its weight gradient.
         let dx = grad.apply_op2_no_bwd(
             &w.contiguous()?,
-            &Conv2dFwdRaw {
+            &Conv2dOp {
                 stride: self.stride,
                 pad: self.pad,
             },
@@ -251,32 +251,6 @@ impl CustomOp2 for ConvTranspose2dOp {
             },
         )?;
         Ok((Some(dx), Some(dw)))
-    }
-}
-
-/// The convolution forward without autograd (used inside backward passes).
-struct Conv2dFwdRaw {
-    stride: usize,
-    pad: usize,
-}
-
-impl CustomOp2 for Conv2dFwdRaw {
-    fn name(&self) -> &'static str {
-        "pretext-conv2d-nhwc-raw"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Conv2dOp {
-            stride: self.stride,
-            pad: self.pad,
-        }
-        .cpu_fwd(s1, l1, s2, l2)
     }
 }
 

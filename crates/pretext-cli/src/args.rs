@@ -71,6 +71,13 @@ pub struct ProbeArgs {
     /// Label fractions to evaluate, comma separated (`1%,10%,100%` or `0.01,0.1,1`).
     #[arg(long, default_value = "1%,10%,100%", value_delimiter = ',')]
     pub labels: Vec<String>,
+    /// Skip few-label fine-tuning (pretrained vs. from scratch); linear probe and kNN only.
+    #[arg(long)]
+    pub no_finetune: bool,
+    /// Override an evaluation key of the run's config, e.g.
+    /// `--set eval.finetune.budget_images=30000` or `--set eval.finetune_max_labels=0.01`. Repeatable
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
     /// Device: `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,

@@ -27,10 +27,9 @@ impl ProgressObserver {
                 ProgressDrawTarget::hidden()
             },
         );
-        let style = ProgressStyle::with_template(
-            "{prefix:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} steps ({eta} left) {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let style =
+            ProgressStyle::with_template("{prefix:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta} left) {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
         bar.set_prefix(label.to_string());
         Self {
@@ -60,6 +59,7 @@ pub fn format_status(r: &StepReport) -> String {
 
 impl Observer for ProgressObserver {
     fn on_start(&mut self, start: u64, total: u64) {
+        self.bar.reset();
         self.bar.set_length(total);
         self.bar.set_position(start);
         self.bar.reset_eta();
@@ -88,5 +88,21 @@ impl Observer for ProgressObserver {
 
     fn on_finish(&mut self, _steps: u64) {
         self.bar.finish_and_clear();
+    }
+
+    fn on_progress(&mut self, task: &str, done: u64, total: u64) {
+        if self.interactive {
+            if done == 0 {
+                self.bar.reset();
+                self.bar.set_length(total);
+            }
+            self.bar.set_position(done);
+            self.bar.set_message(task.to_string());
+            if done >= total {
+                self.bar.finish_and_clear();
+            }
+        } else if !self.quiet && done >= total {
+            eprintln!("{} {task}: done ({total})", self.label);
+        }
     }
 }

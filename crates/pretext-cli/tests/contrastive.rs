@@ -49,11 +49,22 @@ fn records(run: &Path) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn killed_and_resumed_run_matches_the_uninterrupted_one() {
+fn killed_and_resumed_simclr_run_matches_the_uninterrupted_one() {
+    killed_and_resumed_run_matches_the_uninterrupted_one("simclr");
+}
+
+#[test]
+fn killed_and_resumed_moco_run_matches_the_uninterrupted_one() {
+    killed_and_resumed_run_matches_the_uninterrupted_one("moco");
+}
+
+fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
     let tmp = tempfile::tempdir().expect("tmp");
     let a = tmp.path().join("a");
     let out = bin()
         .arg("pretrain")
+        .args(["--method", method])
+        .args(["--set", "model.moco.queue_size=20", "--set", "model.moco.bn_groups=2"])
         .arg("--out")
         .arg(&a)
         .args(TINY)
@@ -110,6 +121,26 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one() {
     let (wa, wb) = (load(&a), load(&b));
     assert!(wa.len() > 10);
     assert!(wa == wb, "final weights differ");
+    if method == "moco" {
+        // the queue, its pointer and the key encoder resumed too
+        let state = |run: &Path| {
+            candle_core::safetensors::load(
+                run.join("checkpoints/step-00000004/state.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+            .expect("state")
+        };
+        let (sa, sb) = (state(&a), state(&b));
+        // 4 steps × 8 keys into a queue of 20: the pointer wrapped to 12
+        assert_eq!(sa["queue_ptr"].to_vec1::<u32>().expect("ptr"), [12]);
+        for (k, t) in &sa {
+            let d = (t.to_dtype(candle_core::DType::F64).expect("f64")
+                - sb[k].to_dtype(candle_core::DType::F64).expect("f64"))
+            .and_then(|d| d.abs()?.sum_all()?.to_scalar::<f64>())
+            .expect("diff");
+            assert_eq!(d, 0.0, "{k} differs after resume");
+        }
+    }
 }
 
 #[test]
@@ -195,6 +226,12 @@ fn probe_writes_a_report_with_baselines() {
             "eval.knn_test=10",
             "--set",
             "eval.knn_k=3",
+            "--set",
+            "eval.finetune_max_labels=0.5",
+            "--set",
+            "eval.finetune.budget_images=96",
+            "--set",
+            "eval.finetune.batch_size=8",
         ])
         .args(&TINY[..20])
         .arg("--quiet")
@@ -211,7 +248,19 @@ fn probe_writes_a_report_with_baselines() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("report/eval.json")).expect("eval.json")).expect("json");
     let recs = report["records"].as_array().expect("records");
-    assert_eq!(recs.len(), 3 * 2 * 2, "{report}");
+    // linear + kNN for 3 feature sets at 2 fractions, fine-tuning for 2 at 50%
+    assert_eq!(recs.len(), 3 * 2 * 2 + 2, "{report}");
+    for feat in ["pretrained", "random-init"] {
+        let ft = recs
+            .iter()
+            .find(|r| r["features"] == feat && r["protocol"] == "finetune")
+            .expect("finetune record");
+        assert_eq!(
+            (ft["labels"].as_f64(), ft["n_train"].as_u64()),
+            (Some(0.5), Some(24)),
+            "{ft}"
+        );
+    }
     for feat in ["pretrained", "random-init", "raw"] {
         for proto in ["linear", "knn"] {
             assert!(
@@ -230,4 +279,50 @@ fn probe_writes_a_report_with_baselines() {
     assert!(std::fs::read_to_string(run.join("report/eval.md"))
         .expect("eval.md")
         .contains("| raw | linear |"));
+    // the plots decode as PNG images and the page carries them inline
+    for png in ["label_efficiency.png", "loss.png", "knn.png", "pca.png"] {
+        let img = image::open(run.join("report").join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+        assert!(img.width() >= 600 && img.height() >= 400, "{png}");
+    }
+    let html = std::fs::read_to_string(run.join("report/index.html")).expect("index.html");
+    assert_eq!(html.matches("src=\"data:image/png;base64,").count(), 4);
+    assert!(html.contains("<td>finetune</td>"), "{html}");
+
+    // export: the backbone alone, PyTorch names, config and card
+    let out = bin().arg("export").arg(&run).output().expect("export");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let exp = run.join("export");
+    let weights =
+        candle_core::safetensors::load(exp.join("model.safetensors"), &candle_core::Device::Cpu).expect("weights");
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    assert!(
+        names.iter().all(|n| n.starts_with("stem.") || n.starts_with("stages.")),
+        "{names:?}"
+    );
+    assert_eq!(weights["stem.0.weight"].dims(), [4, 1, 3, 3]);
+    assert!(weights.contains_key("stages.1.short.1.running_var"));
+    let ckpt = candle_core::safetensors::load(
+        run.join("checkpoints/step-00000004/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .expect("ckpt");
+    let same = (&weights["stages.1.conv2.weight"] - &ckpt["encoder.stages.1.conv2.weight"])
+        .and_then(|d| d.abs()?.sum_all()?.to_scalar::<f32>())
+        .expect("diff");
+    assert_eq!(same, 0.0);
+    let conf: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(exp.join("config.json")).expect("config.json")).expect("json");
+    assert_eq!(
+        (conf["architecture"].as_str(), conf["feature_dim"].as_u64()),
+        (Some("small-resnet"), Some(8))
+    );
+    let card = std::fs::read_to_string(exp.join("README.md")).expect("card");
+    assert!(card.starts_with("---\nlibrary_name: pretext\n"), "{card}");
+    assert!(
+        card.contains("- self-supervised\n") && card.contains("- simclr\n"),
+        "{card}"
+    );
+    assert!(card.contains("type: accuracy"), "{card}");
+    assert!(card.contains("model.load_state_dict(state)"), "{card}");
 }

@@ -9,7 +9,7 @@
 //! `RESULT simclr_step img_per_s=<x> median_ms=<y> gflops=<z>`.
 
 use candle_core::Device;
-use pretext_contrastive::{SimClr, SimClrConfig};
+use pretext_contrastive::{ModelConfig, SimClr};
 use pretext_core::trainer::{BatchSource, NullObserver, TrainConfig, Trainer};
 use pretext_core::{OptimConfig, OptimKind, ScheduleConfig, ScheduleKind};
 use pretext_data::{AugmentConfig, BatcherConfig, ImageBatch, ImageBatcher, Pipeline};
@@ -60,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()?;
     let mut source = Prebuilt(batches);
 
-    let model = SimClr::new(&SimClrConfig::default(), 0, &dev)?;
+    let model = SimClr::new(&ModelConfig::default(), 0, &dev)?;
     let optim = OptimConfig {
         name: OptimKind::AdamW,
         lr: 1e-3,

@@ -1,14 +1,14 @@
 //! Where a SimCLR step spends its time: forward, backward, optimizer.
 //! `cargo run --release -p pretext-contrastive --example step_profile`
 use candle_core::{DType, Device, Tensor};
-use pretext_contrastive::{SimClr, SimClrConfig};
+use pretext_contrastive::{ModelConfig, SimClr};
 use pretext_core::trainer::Method;
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     pretext_core::alloc::keep_freed_memory();
     let dev = Device::Cpu;
-    let model = SimClr::new(&SimClrConfig::default(), 0, &dev)?;
+    let model = SimClr::new(&ModelConfig::default(), 0, &dev)?;
     let v1 = Tensor::randn(0f32, 1.0, (256, 1, 28, 28), &dev)?;
     let v2 = Tensor::randn(0f32, 1.0, (256, 1, 28, 28), &dev)?;
     let vars = pretext_core::init::named_vars(model.vars());

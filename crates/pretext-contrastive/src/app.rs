@@ -2,12 +2,12 @@
 //! folder, online kNN monitoring, resume. The CLI is a thin layer over this.
 
 use crate::config::ContrastiveConfig;
-use crate::simclr::SimClr;
-use candle_core::{Device, Tensor};
+use crate::model::{ContrastiveModel, MethodKind};
+use candle_core::Device;
 use pretext_core::trainer::{Observer, Trainer};
 use pretext_core::{Error, Result, RunDir};
 use pretext_data::source::load_images;
-use pretext_data::{AugmentConfig, BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
+use pretext_data::{BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
 use pretext_eval::{knn_accuracy, Embedded, KnnConfig};
 use std::path::Path;
 use std::sync::Arc;
@@ -61,38 +61,33 @@ pub fn load_data(cfg: &ContrastiveConfig) -> Result<RunData> {
 /// # Errors
 /// Tensor errors; [`Error::Config`] for unlabelled data.
 pub fn embed(
-    model: &SimClr,
+    model: &ContrastiveModel,
     ds: &ImageDataset,
     indices: &[usize],
-    augment: &AugmentConfig,
-    size: usize,
+    cfg: &ContrastiveConfig,
     device: &Device,
+    observer: &mut dyn Observer,
+    task: &str,
 ) -> Result<Embedded> {
-    let plain = Pipeline::new(
-        AugmentConfig::none(augment.mean.clone(), augment.std.clone()),
-        size,
-        size,
+    pretext_eval::extract_features(
+        model,
+        ds,
+        indices,
+        &cfg.data.augment.mean,
+        &cfg.data.augment.std,
+        cfg.data.image_size,
+        device,
+        observer,
+        task,
     )
-    .map_err(Error::Config)?;
-    let labels = ds
-        .labels
-        .as_ref()
-        .ok_or_else(|| Error::Config("kNN monitoring needs labelled data".into()))?;
-    let per = ds.channels * size * size;
-    let mut feats = Vec::new();
-    let mut dim = 0;
-    for chunk in indices.chunks(500) {
-        let mut buf = vec![0f32; chunk.len() * per];
-        let mut rng = pretext_core::seed::stream_rng(0, pretext_core::seed::EVAL, &[]);
-        for (out, &i) in buf.chunks_mut(per).zip(chunk) {
-            plain.view_into(ds.image(i), ds.height, ds.width, ds.channels, &mut rng, out);
-        }
-        let x = Tensor::from_vec(buf, (chunk.len(), ds.channels, size, size), device)?;
-        let h = model.encoder.forward_t(&x, false)?;
-        dim = h.dim(1)?;
-        feats.extend(h.flatten_all()?.to_vec1::<f32>()?);
+    .map_err(eval_err)
+}
+
+fn eval_err(e: pretext_eval::Error) -> Error {
+    match e {
+        pretext_eval::Error::Core(c) => c,
+        other => Error::Config(other.to_string()),
     }
-    Embedded::new(feats, dim, indices.iter().map(|&i| labels[i]).collect()).map_err(|e| Error::Config(e.to_string()))
 }
 
 /// kNN accuracy of the current encoder: a memory bank of labelled training
@@ -100,7 +95,13 @@ pub fn embed(
 ///
 /// # Errors
 /// As [`embed`].
-pub fn monitor_knn(model: &SimClr, data: &RunData, cfg: &ContrastiveConfig, device: &Device) -> Result<Option<f64>> {
+pub fn monitor_knn(
+    model: &ContrastiveModel,
+    data: &RunData,
+    cfg: &ContrastiveConfig,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<Option<f64>> {
     let (Some(held), Some(train_labels)) = (&data.held_out, &data.train.labels) else {
         return Ok(None);
     };
@@ -110,28 +111,48 @@ pub fn monitor_knn(model: &SimClr, data: &RunData, cfg: &ContrastiveConfig, devi
     let held_labels = held.labels.as_deref().unwrap_or_default();
     let test = pretext_data::subset::balanced_count(held_labels, cfg.eval.knn_test.min(held.len()), cfg.train.seed)
         .map_err(data_err)?;
-    let a = embed(
-        model,
-        &data.train,
-        &bank,
-        &cfg.data.augment,
-        cfg.data.image_size,
-        device,
-    )?;
-    let b = embed(model, held, &test, &cfg.data.augment, cfg.data.image_size, device)?;
+    let a = embed(model, &data.train, &bank, cfg, device, observer, "kNN: memory bank")?;
+    let b = embed(model, held, &test, cfg, device, observer, "kNN: held-out")?;
     let knn = KnnConfig {
         k: cfg.eval.knn_k,
         temperature: cfg.eval.knn_temperature,
         ..Default::default()
     };
-    Ok(Some(
-        knn_accuracy(&a, &b, &knn).map_err(|e| Error::Config(e.to_string()))?,
-    ))
+    Ok(Some(knn_accuracy(&a, &b, &knn).map_err(eval_err)?))
 }
 
-fn build(cfg: &ContrastiveConfig, data: &RunData, device: &Device) -> Result<(Trainer<SimClr>, ImageBatcher)> {
+/// A freshly initialised model of the config's method (seeded by `train.seed`).
+///
+/// # Errors
+/// An invalid config.
+pub fn new_model(cfg: &ContrastiveConfig, device: &Device) -> Result<ContrastiveModel> {
     cfg.validate().map_err(Error::Config)?;
-    let model = SimClr::new(&cfg.model, cfg.train.seed, device)?;
+    let method = MethodKind::parse(&cfg.method).map_err(Error::Config)?;
+    Ok(ContrastiveModel::new(method, &cfg.model, cfg.train.seed, device)?)
+}
+
+/// The model of the run in `dir` with the weights of its latest checkpoint.
+///
+/// # Errors
+/// No run or checkpoint there; a checkpoint that does not fit the config.
+pub fn load_trained(dir: &Path, cfg: &ContrastiveConfig, device: &Device) -> Result<(RunDir, ContrastiveModel)> {
+    let run = RunDir::open(dir)?;
+    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
+    let latest = mgr
+        .latest()?
+        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
+    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
+    let model = new_model(cfg, device)?;
+    pretext_core::trainer::load_model_weights(&model, &ckpt, &latest)?;
+    Ok((run, model))
+}
+
+fn build(
+    cfg: &ContrastiveConfig,
+    data: &RunData,
+    device: &Device,
+) -> Result<(Trainer<ContrastiveModel>, ImageBatcher)> {
+    let model = new_model(cfg, device)?;
     let trainer = Trainer::new(model, &cfg.optim, &cfg.schedule, &cfg.train)?;
     let pipeline = Arc::new(
         Pipeline::new(cfg.data.augment.clone(), cfg.data.image_size, cfg.data.image_size).map_err(Error::Config)?,
@@ -151,7 +172,7 @@ fn build(cfg: &ContrastiveConfig, data: &RunData, device: &Device) -> Result<(Tr
 /// Trains from the trainer's current step to the end, with kNN monitoring at
 /// epoch ends (every `eval.knn_every` epochs) and at the end.
 fn train(
-    trainer: &mut Trainer<SimClr>,
+    trainer: &mut Trainer<ContrastiveModel>,
     batcher: &mut ImageBatcher,
     data: &RunData,
     cfg: &ContrastiveConfig,
@@ -169,7 +190,7 @@ fn train(
         let at_end = trainer.step() >= total;
         let due = cfg.eval.knn_every > 0 && trainer.step() % spe == 0 && epoch % cfg.eval.knn_every == 0;
         if due || at_end {
-            if let Some(acc) = monitor_knn(&trainer.method, data, cfg, device)? {
+            if let Some(acc) = monitor_knn(&trainer.method, data, cfg, device, observer)? {
                 trainer.log_record(
                     &serde_json::json!({ "event": "knn", "step": trainer.step(), "epoch": epoch, "knn_accuracy": acc }),
                 )?;
@@ -223,9 +244,21 @@ pub fn resume(dir: &Path, cfg: &ContrastiveConfig, device: &Device, observer: &m
     Ok(run)
 }
 
-/// Linear probe and kNN at each label fraction for the run's pretrained
-/// encoder, the same encoder randomly initialised, and raw pixels; writes
-/// `report/eval.json` and `report/eval.md` and returns the report.
+/// The dataset name for reports: `fashion-mnist` for the shipped default, else the path.
+pub fn dataset_name(cfg: &ContrastiveConfig) -> String {
+    if cfg.data.path.is_empty() {
+        "fashion-mnist".to_string()
+    } else {
+        cfg.data.path.clone()
+    }
+}
+
+/// The transfer report of the run in `dir`: linear probe and kNN at each
+/// label fraction for the pretrained encoder, the same encoder randomly
+/// initialised, and raw pixels; then, at the fractions up to
+/// `eval.finetune_max_labels`, fine-tuning of the pretrained encoder and of
+/// the random-init one (the supervised-from-scratch baseline) with the same
+/// budget. Writes `report/` (eval.json, eval.md, plots, index.html).
 ///
 /// # Errors
 /// No run or checkpoint, unlabelled data, invalid fractions.
@@ -233,26 +266,24 @@ pub fn probe(
     dir: &Path,
     cfg: &ContrastiveConfig,
     fractions: &[f64],
+    finetune: bool,
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<pretext_eval::EvalReport> {
-    let run = RunDir::open(dir)?;
+    let (run, pretrained) = load_trained(dir, cfg, device)?;
     let data = load_data(cfg)?;
     let held = data
         .held_out
         .as_ref()
         .ok_or_else(|| Error::Config("probing needs labelled data".into()))?;
-    let (mut trainer, _) = build(cfg, &data, device)?;
-    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
-    let latest = mgr
-        .latest()?
-        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
-    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
-    trainer.resume(&ckpt, &latest)?;
-    let random = SimClr::new(&cfg.model, cfg.train.seed, device)?;
+    let train_labels = data
+        .train
+        .labels
+        .as_ref()
+        .ok_or_else(|| Error::Config("probing needs labelled training images".into()))?;
+    let random = new_model(cfg, device)?;
     let all_train: Vec<usize> = (0..data.train.len()).collect();
     let all_test: Vec<usize> = (0..held.len()).collect();
-    let eval_err = |e: pretext_eval::Error| Error::Config(e.to_string());
     let probe_cfg = pretext_eval::LinearProbeConfig {
         seed: cfg.train.seed,
         ..Default::default()
@@ -263,8 +294,9 @@ pub fn probe(
         ..Default::default()
     };
     let mut records = Vec::new();
+    let mut test_features = None;
     for (name, model) in [
-        ("pretrained", Some(&trainer.method)),
+        ("pretrained", Some(&pretrained)),
         ("random-init", Some(&random)),
         ("raw", None),
     ] {
@@ -279,33 +311,101 @@ pub fn probe(
                     m,
                     &data.train,
                     &all_train,
-                    &cfg.data.augment,
-                    cfg.data.image_size,
+                    cfg,
                     device,
+                    observer,
+                    &format!("{name}: train features"),
                 )?,
-                embed(m, held, &all_test, &cfg.data.augment, cfg.data.image_size, device)?,
+                embed(
+                    m,
+                    held,
+                    &all_test,
+                    cfg,
+                    device,
+                    observer,
+                    &format!("{name}: test features"),
+                )?,
             ),
             None => (
                 Embedded::from_pixels(&data.train).map_err(eval_err)?,
                 Embedded::from_pixels(held).map_err(eval_err)?,
             ),
         };
-        records.extend(
-            pretext_eval::evaluate_features(name, &tr, &te, fractions, cfg.train.seed, &probe_cfg, &knn)
-                .map_err(eval_err)?,
-        );
+        let recs = pretext_eval::evaluate_features(name, &tr, &te, fractions, cfg.train.seed, &probe_cfg, &knn)
+            .map_err(eval_err)?;
+        for r in &recs {
+            observer.on_message(&format!(
+                "  {name} {} @ {}: {:.2}%",
+                r.protocol,
+                pretext_eval::report::fraction_label(r.labels),
+                r.accuracy * 100.0
+            ));
+        }
+        records.extend(recs);
+        if name == "pretrained" {
+            test_features = Some(te);
+        }
     }
-    let dataset = if cfg.data.path.is_empty() {
-        "fashion-mnist".to_string()
-    } else {
-        cfg.data.path.clone()
-    };
+    if finetune {
+        for &f in fractions.iter().filter(|&&f| f <= cfg.eval.finetune_max_labels) {
+            let idx = pretext_data::subset::balanced_subset(train_labels, f, cfg.train.seed).map_err(data_err)?;
+            let subset = data.train.select(&idx);
+            for name in ["pretrained", "random-init"] {
+                let model = if name == "pretrained" {
+                    load_trained(dir, cfg, device)?.1
+                } else {
+                    new_model(cfg, device)?
+                };
+                observer.on_message(&format!(
+                    "fine-tuning {name} encoder on {} labelled images ({})",
+                    subset.len(),
+                    pretext_eval::report::fraction_label(f)
+                ));
+                let r = pretext_eval::fine_tune(
+                    &model,
+                    &subset,
+                    held,
+                    &cfg.data.augment.mean,
+                    &cfg.data.augment.std,
+                    cfg.data.image_size,
+                    &cfg.eval.finetune,
+                    cfg.train.seed,
+                    device,
+                    observer,
+                )
+                .map_err(eval_err)?;
+                observer.on_message(&format!(
+                    "  {name} finetune @ {}: {:.2}% ({} epochs, {:.0} s)",
+                    pretext_eval::report::fraction_label(f),
+                    r.accuracy * 100.0,
+                    r.epochs,
+                    r.train_seconds
+                ));
+                records.push(pretext_eval::EvalRecord {
+                    features: name.into(),
+                    protocol: "finetune".into(),
+                    labels: f,
+                    accuracy: r.accuracy,
+                    n_train: r.n_train,
+                    n_test: r.n_test,
+                });
+            }
+        }
+    }
     let report = pretext_eval::EvalReport {
         paradigm: "contrastive".into(),
         method: cfg.method.clone(),
-        dataset,
+        dataset: dataset_name(cfg),
         records,
     };
-    report.write(&run.report_dir()?).map_err(eval_err)?;
+    let report_dir = run.report_dir()?;
+    report.write(&report_dir).map_err(eval_err)?;
+    let metrics_path = run.metrics_path();
+    let figures = pretext_eval::plots::RunFigures {
+        metrics: Some(&metrics_path),
+        test_features: test_features.as_ref(),
+        class_names: &held.classes,
+    };
+    pretext_eval::plots::write_report_page(&report_dir, &report, &figures).map_err(eval_err)?;
     Ok(report)
 }

@@ -1,6 +1,6 @@
 //! The config of a contrastive run (`config.toml` of its run folder).
 
-use crate::simclr::SimClrConfig;
+use crate::model::{MethodKind, ModelConfig};
 use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig};
 use pretext_data::source::ImageFormat;
 use pretext_data::AugmentConfig;
@@ -54,6 +54,12 @@ pub struct EvalConfig {
     pub knn_k: usize,
     /// Vote temperature.
     pub knn_temperature: f32,
+    /// `probe` fine-tunes (pretrained and from scratch) at the requested
+    /// label fractions up to this one (fine-tuning on all labels is a
+    /// supervised run of its own); 0 = no fine-tuning.
+    pub finetune_max_labels: f64,
+    /// The fine-tuning recipe (same budget for pretrained and from scratch).
+    pub finetune: pretext_eval::FineTuneConfig,
 }
 
 impl Default for EvalConfig {
@@ -64,6 +70,8 @@ impl Default for EvalConfig {
             knn_test: 2_000,
             knn_k: 20,
             knn_temperature: 0.07,
+            finetune_max_labels: 0.1,
+            finetune: pretext_eval::FineTuneConfig::default(),
         }
     }
 }
@@ -72,10 +80,10 @@ impl Default for EvalConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContrastiveConfig {
-    /// `simclr` (MoCo v2 is planned).
+    /// `simclr` or `moco` (MoCo v2).
     pub method: String,
     /// The model.
-    pub model: SimClrConfig,
+    pub model: ModelConfig,
     /// The optimizer.
     pub optim: OptimConfig,
     /// The learning-rate schedule.
@@ -92,7 +100,7 @@ impl Default for ContrastiveConfig {
     fn default() -> Self {
         Self {
             method: "simclr".into(),
-            model: SimClrConfig::default(),
+            model: ModelConfig::default(),
             optim: OptimConfig::default(),
             schedule: ScheduleConfig::default(),
             data: DataConfig::default(),
@@ -108,12 +116,11 @@ impl ContrastiveConfig {
     /// # Errors
     /// A message naming the bad key.
     pub fn validate(&self) -> Result<(), String> {
-        if self.method != "simclr" {
-            return Err(format!(
-                "method = {:?}: only \"simclr\" is available in this build (MoCo v2 is planned)",
-                self.method
-            ));
+        let method = MethodKind::parse(&self.method)?;
+        if method == MethodKind::MoCo {
+            self.model.moco.validate(self.train.batch_size)?;
         }
+        self.model.encoder.validate()?;
         self.optim.validate().map_err(|e| e.to_string())?;
         self.schedule.validate().map_err(|e| e.to_string())?;
         self.train.validate().map_err(|e| e.to_string())?;

@@ -1,10 +1,19 @@
-//! The "small-resnet" encoder of the PyTorch reference: a 3×3 stem and one
-//! ResNet BasicBlock per stage, global average pooling.
+//! ResNet encoders: the PyTorch reference's "small-resnet" (a 3×3 stem and
+//! BasicBlock stages, global average pooling) and ResNet-18 in its CIFAR
+//! (3×3 stem, no max-pool) and ImageNet (7×7/2 stem + 3×3/2 max-pool) forms.
 //!
-//! Names match the reference's `SmallResNet` state dict: `stem.0.weight`,
-//! `stem.1.{weight,bias,running_mean,running_var,num_batches_tracked}`,
-//! `stages.{i}.conv1.weight`, `stages.{i}.bn1.*`, `stages.{i}.conv2.weight`,
-//! `stages.{i}.bn2.*`, `stages.{i}.short.0.weight`, `stages.{i}.short.1.*`.
+//! Parameter names follow the model each architecture comes from, so the
+//! exported backbone loads in PyTorch unchanged:
+//! - `small-resnet` (the reference's `ResNet`): `stem.0.weight`,
+//!   `stem.1.*` (batch norm), `stages.{i}.conv1.weight`, `stages.{i}.bn1.*`,
+//!   `stages.{i}.conv2.weight`, `stages.{i}.bn2.*`, `stages.{i}.short.{0,1}.*`
+//!   (one block per stage), `stages.{i}.{j}.*` with several blocks per stage;
+//! - `resnet18`, `resnet18-cifar` (torchvision's `resnet18` without `fc`):
+//!   `conv1.weight`, `bn1.*`, `layer{1-4}.{0,1}.{conv1,bn1,conv2,bn2}.*`,
+//!   `layer{2-4}.0.downsample.{0,1}.*`.
+//!
+//! Batch-norm tensors are `weight`, `bias`, `running_mean`, `running_var`,
+//! `num_batches_tracked` as in PyTorch.
 
 use candle_core::{Result, Tensor};
 use pretext_core::nn::{BatchNorm, Builders, Conv2d};
@@ -13,25 +22,99 @@ use pretext_core::ops::resnet::{resnet_trunk, BlockSpec, ConvBnSpec, TrunkMode, 
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Shape of a [`SmallResNet`].
+/// Which ResNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arch {
+    /// The reference's small ResNet: `widths`, `strides`, `blocks` as configured, 3×3 stem.
+    SmallResnet,
+    /// ResNet-18 for 32×32 inputs: 3×3 stem, no max-pool, widths 64–512, two blocks per stage.
+    Resnet18Cifar,
+    /// ResNet-18 as in torchvision: 7×7/2 stem and 3×3/2 max-pool, widths 64–512.
+    Resnet18,
+}
+
+impl Arch {
+    /// The name used in configs and metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::SmallResnet => "small-resnet",
+            Arch::Resnet18Cifar => "resnet18-cifar",
+            Arch::Resnet18 => "resnet18",
+        }
+    }
+
+    fn torchvision_names(self) -> bool {
+        self != Arch::SmallResnet
+    }
+}
+
+/// Shape of a [`ResNet`] (the `model.encoder` section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SmallResNetConfig {
+pub struct ResNetConfig {
+    /// `small-resnet` (default), `resnet18-cifar` or `resnet18`. The ResNet-18
+    /// variants fix widths, strides and blocks and ignore those keys.
+    pub arch: Arch,
     /// Input channels (1 for Fashion-MNIST, 3 for CIFAR).
     pub in_channels: usize,
     /// Output channels of each stage (the stem has the first width).
     pub widths: Vec<usize>,
     /// Stride of each stage.
     pub strides: Vec<usize>,
+    /// BasicBlocks per stage (empty = one each).
+    pub blocks: Vec<usize>,
 }
 
-impl Default for SmallResNetConfig {
+impl Default for ResNetConfig {
     fn default() -> Self {
         Self {
+            arch: Arch::SmallResnet,
             in_channels: 1,
             widths: vec![32, 64, 128],
             strides: vec![1, 2, 2],
+            blocks: vec![],
         }
+    }
+}
+
+impl ResNetConfig {
+    /// Stage widths, strides and block counts after the architecture's presets.
+    pub fn stages(&self) -> Vec<(usize, usize, usize)> {
+        match self.arch {
+            Arch::SmallResnet => self
+                .widths
+                .iter()
+                .zip(&self.strides)
+                .enumerate()
+                .map(|(i, (&w, &s))| (w, s, self.blocks.get(i).copied().unwrap_or(1)))
+                .collect(),
+            Arch::Resnet18Cifar | Arch::Resnet18 => vec![(64, 1, 2), (128, 2, 2), (256, 2, 2), (512, 2, 2)],
+        }
+    }
+
+    /// Checks the shape.
+    ///
+    /// # Errors
+    /// A message naming the bad key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.in_channels == 0 {
+            return Err("model.encoder.in_channels must be > 0".into());
+        }
+        if self.arch == Arch::SmallResnet {
+            if self.widths.is_empty() || self.widths.len() != self.strides.len() {
+                return Err(
+                    "model.encoder.widths and model.encoder.strides must be non-empty and of equal length".into(),
+                );
+            }
+            if !self.blocks.is_empty() && self.blocks.len() != self.widths.len() {
+                return Err("model.encoder.blocks must be empty or have one count per stage".into());
+            }
+            if self.widths.contains(&0) || self.strides.contains(&0) || self.blocks.contains(&0) {
+                return Err("model.encoder.widths, strides and blocks must be > 0".into());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -47,17 +130,18 @@ pub struct BasicBlock {
 }
 
 impl BasicBlock {
-    /// A block from `cin` to `cout` channels with `stride`.
+    /// A block from `cin` to `cout` channels with `stride`;
+    /// `torchvision` names the shortcut `downsample` (else `short`).
     ///
     /// # Errors
     /// The builders failed.
-    pub fn new(cin: usize, cout: usize, stride: usize, b: &Builders) -> Result<Self> {
+    pub fn new(cin: usize, cout: usize, stride: usize, b: &Builders, torchvision: bool) -> Result<Self> {
         let conv1 = Conv2d::new(cin, cout, 3, stride, 1, false, b.params.pp("conv1"))?;
         let bn1 = BatchNorm::new(cout, &b.pp("bn1"))?;
         let conv2 = Conv2d::new(cout, cout, 3, 1, 1, false, b.params.pp("conv2"))?;
         let bn2 = BatchNorm::new(cout, &b.pp("bn2"))?;
         let short = if stride != 1 || cin != cout {
-            let s = b.pp("short");
+            let s = b.pp(if torchvision { "downsample" } else { "short" });
             Some((
                 Conv2d::new(cin, cout, 1, stride, 0, false, s.params.pp("0"))?,
                 BatchNorm::new(cout, &s.pp("1"))?,
@@ -89,37 +173,53 @@ impl BasicBlock {
     }
 }
 
-/// The reference encoder: stem conv3×3 + BN + ReLU, one [`BasicBlock`] per
-/// stage, global average pooling → `widths.last()` features.
+/// A ResNet encoder: stem conv + BN + ReLU (+ max-pool for `resnet18`),
+/// BasicBlock stages, global average pooling → `out_dim` features.
 #[derive(Debug, Clone)]
-pub struct SmallResNet {
+pub struct ResNet {
     stem_conv: Conv2d,
     stem_bn: BatchNorm,
+    max_pool: bool,
     stages: Vec<BasicBlock>,
     out_dim: usize,
     plan: Arc<TrunkPlan>,
-    /// Run the whole trunk as one fused op on the CPU (default); off = layer by layer.
+    arch: Arch,
+    /// Run the whole trunk as one fused op on the CPU (default; not with the
+    /// max-pool stem); off = layer by layer.
     pub fused: bool,
 }
 
-impl SmallResNet {
+impl ResNet {
     /// Builds the encoder.
     ///
     /// # Errors
-    /// An invalid config (empty or mismatched widths/strides) or a builder failure.
-    pub fn new(cfg: &SmallResNetConfig, b: &Builders) -> Result<Self> {
-        if cfg.widths.is_empty() || cfg.widths.len() != cfg.strides.len() {
-            candle_core::bail!("model.widths and model.strides must be non-empty and of equal length")
-        }
-        let stem = b.pp("stem");
-        let stem_conv = Conv2d::new(cfg.in_channels, cfg.widths[0], 3, 1, 1, false, stem.params.pp("0"))?;
-        let stem_bn = BatchNorm::new(cfg.widths[0], &stem.pp("1"))?;
-        let mut stages = Vec::new();
-        let mut cin = cfg.widths[0];
-        for (i, (&w, &s)) in cfg.widths.iter().zip(&cfg.strides).enumerate() {
-            stages.push(BasicBlock::new(cin, w, s, &b.pp("stages").pp(i))?);
-            cin = w;
-        }
+    /// An invalid config or a builder failure.
+    pub fn new(cfg: &ResNetConfig, b: &Builders) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        let stages_cfg = cfg.stages();
+        let tv = cfg.arch.torchvision_names();
+        let w0 = stages_cfg[0].0;
+        let (stem_k, stem_stride) = if cfg.arch == Arch::Resnet18 { (7, 2) } else { (3, 1) };
+        let (stem_conv, stem_bn) = if tv {
+            (
+                Conv2d::new(
+                    cfg.in_channels,
+                    w0,
+                    stem_k,
+                    stem_stride,
+                    stem_k / 2,
+                    false,
+                    b.params.pp("conv1"),
+                )?,
+                BatchNorm::new(w0, &b.pp("bn1"))?,
+            )
+        } else {
+            let stem = b.pp("stem");
+            (
+                Conv2d::new(cfg.in_channels, w0, 3, 1, 1, false, stem.params.pp("0"))?,
+                BatchNorm::new(w0, &stem.pp("1"))?,
+            )
+        };
         let unit = |cin: usize, cout: usize, k: usize, stride: usize| ConvBnSpec {
             cin,
             cout,
@@ -127,29 +227,48 @@ impl SmallResNet {
             stride,
             pad: k / 2,
         };
+        let mut stages = Vec::new();
         let mut blocks = Vec::new();
-        let mut c = cfg.widths[0];
-        for (&w, &s) in cfg.widths.iter().zip(&cfg.strides) {
-            blocks.push(BlockSpec {
-                conv1: unit(c, w, 3, s),
-                conv2: unit(w, w, 3, 1),
-                short: (s != 1 || c != w).then(|| unit(c, w, 1, s)),
-            });
-            c = w;
+        let mut cin = w0;
+        for (i, &(w, s, n)) in stages_cfg.iter().enumerate() {
+            for j in 0..n {
+                let stride = if j == 0 { s } else { 1 };
+                let bb = if tv {
+                    b.pp(format!("layer{}", i + 1)).pp(j)
+                } else if n == 1 {
+                    b.pp("stages").pp(i)
+                } else {
+                    b.pp("stages").pp(i).pp(j)
+                };
+                stages.push(BasicBlock::new(cin, w, stride, &bb, tv)?);
+                blocks.push(BlockSpec {
+                    conv1: unit(cin, w, 3, stride),
+                    conv2: unit(w, w, 3, 1),
+                    short: (stride != 1 || cin != w).then(|| unit(cin, w, 1, stride)),
+                });
+                cin = w;
+            }
         }
         let plan = Arc::new(TrunkPlan {
-            stem: unit(cfg.in_channels, cfg.widths[0], 3, 1),
+            stem: unit(cfg.in_channels, w0, 3, 1),
             blocks,
             eps: 1e-5,
         });
         Ok(Self {
             stem_conv,
             stem_bn,
+            max_pool: cfg.arch == Arch::Resnet18,
             stages,
             out_dim: cin,
             plan,
+            arch: cfg.arch,
             fused: true,
         })
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> Arch {
+        self.arch
     }
 
     /// Every conv–BN unit in the fused trunk's order.
@@ -219,15 +338,29 @@ impl SmallResNet {
         } else {
             xs.permute((0, 2, 3, 1))?.contiguous()?
         };
-        if self.fused && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        if self.fused && !self.max_pool && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
             return self.forward_fused(&x, train);
         }
         let mut x = self.stem_bn.forward_t(&self.stem_conv.forward(&x)?, train, true)?;
+        if self.max_pool {
+            x = max_pool_3x3_s2_nhwc(&x)?;
+        }
         for s in &self.stages {
             x = s.forward_t(&x, train)?;
         }
         ops::global_avg_pool_nhwc(&x)
     }
+}
+
+/// 3×3 max-pool, stride 2, padding 1 on `(n, h, w, c)` (as torchvision's
+/// ResNet stem). Inputs are post-ReLU (≥ 0), so zero padding equals
+/// PyTorch's −∞ padding.
+fn max_pool_3x3_s2_nhwc(x: &Tensor) -> Result<Tensor> {
+    let nchw = x
+        .permute((0, 3, 1, 2))?
+        .pad_with_zeros(2, 1, 1)?
+        .pad_with_zeros(3, 1, 1)?;
+    nchw.max_pool2d_with_stride(3, 2)?.permute((0, 2, 3, 1))?.contiguous()
 }
 
 #[cfg(test)]
@@ -238,14 +371,14 @@ mod tests {
     use pretext_core::init::{named_tensors, named_vars};
     use pretext_core::SeededVarMap;
 
-    fn build(cfg: &SmallResNetConfig) -> Result<(SmallResNet, SeededVarMap, VarMap)> {
+    fn build(cfg: &ResNetConfig) -> Result<(ResNet, SeededVarMap, VarMap)> {
         let params = SeededVarMap::from_seed(1, pretext_core::seed::INIT);
         let buffers = VarMap::new();
         let b = Builders {
             params: params.var_builder(DType::F32, &Device::Cpu),
             buffers: VarBuilder::from_varmap(&buffers, DType::F32, &Device::Cpu),
         };
-        Ok((SmallResNet::new(cfg, &b)?, params, buffers))
+        Ok((ResNet::new(cfg, &b)?, params, buffers))
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -258,15 +391,18 @@ mod tests {
     #[test]
     fn fused_trunk_matches_layer_by_layer() -> Result<()> {
         for cfg in [
-            SmallResNetConfig {
+            ResNetConfig {
                 in_channels: 1,
                 widths: vec![4, 8, 8],
                 strides: vec![1, 2, 1],
+                blocks: vec![1, 2, 1],
+                ..ResNetConfig::default()
             },
-            SmallResNetConfig {
+            ResNetConfig {
                 in_channels: 3,
                 widths: vec![6, 6],
                 strides: vec![1, 2],
+                ..ResNetConfig::default()
             },
         ] {
             let (fused, pf, bf) = build(&cfg)?;
@@ -298,5 +434,98 @@ mod tests {
             assert!(max_rel(&fused.forward_t(&x, false)?, &slow.forward_t(&x, false)?)? < 1e-4);
         }
         Ok(())
+    }
+
+    /// torchvision's `resnet18().state_dict()` keys without `fc.*`, and
+    /// the shapes of a few of them.
+    #[test]
+    fn resnet18_has_torchvision_names_and_shapes() -> Result<()> {
+        let cfg = ResNetConfig {
+            arch: Arch::Resnet18,
+            in_channels: 3,
+            ..ResNetConfig::default()
+        };
+        let (net, params, buffers) = build(&cfg)?;
+        let mut names: Vec<String> = named_tensors(params.var_map())
+            .into_iter()
+            .chain(named_tensors(&buffers))
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        let bn = |p: &str| {
+            ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+                .map(|k| format!("{p}.{k}"))
+                .to_vec()
+        };
+        let mut want = vec!["conv1.weight".to_string()];
+        want.extend(bn("bn1"));
+        for l in 1..=4 {
+            for j in 0..2 {
+                let p = format!("layer{l}.{j}");
+                want.push(format!("{p}.conv1.weight"));
+                want.extend(bn(&format!("{p}.bn1")));
+                want.push(format!("{p}.conv2.weight"));
+                want.extend(bn(&format!("{p}.bn2")));
+                if l > 1 && j == 0 {
+                    want.push(format!("{p}.downsample.0.weight"));
+                    want.extend(bn(&format!("{p}.downsample.1")));
+                }
+            }
+        }
+        want.sort();
+        assert_eq!(names, want);
+        assert_eq!(want.len(), 122 - 2); // torchvision resnet18: 122 entries with fc.weight/fc.bias
+        let shapes: std::collections::HashMap<String, Vec<usize>> = named_tensors(params.var_map())
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect();
+        assert_eq!(shapes["conv1.weight"], [64, 3, 7, 7]);
+        assert_eq!(shapes["layer3.0.downsample.0.weight"], [256, 128, 1, 1]);
+        assert_eq!(shapes["layer4.1.conv2.weight"], [512, 512, 3, 3]);
+        // 64×64 → stem /2 → pool /2 → 3 strided stages /8 → 2×2 → 512 features
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu)?;
+        assert_eq!(net.forward_t(&x, true)?.dims(), [2, 512]);
+        assert_eq!(net.out_dim(), 512);
+        Ok(())
+    }
+
+    #[test]
+    fn resnet18_cifar_keeps_the_resolution_in_the_stem_and_runs_fused() -> Result<()> {
+        let cfg = ResNetConfig {
+            arch: Arch::Resnet18Cifar,
+            in_channels: 3,
+            ..ResNetConfig::default()
+        };
+        let (fused, pf, _) = build(&cfg)?;
+        let shapes: std::collections::HashMap<String, Vec<usize>> = named_tensors(pf.var_map())
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect();
+        assert_eq!(shapes["conv1.weight"], [64, 3, 3, 3]);
+        let (mut slow, _, _) = build(&cfg)?;
+        slow.fused = false;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu)?;
+        let yf = fused.forward_t(&x, false)?;
+        assert_eq!(yf.dims(), [2, 512]);
+        assert!(max_rel(&yf, &slow.forward_t(&x, false)?)? < 1e-4);
+        Ok(())
+    }
+
+    #[test]
+    fn max_pool_matches_pytorch_padding() -> Result<()> {
+        // 1×4×4×1 post-ReLU input 0..15: PyTorch MaxPool2d(3, 2, 1) gives [[5, 7], [13, 15]]
+        let x = Tensor::arange(0f32, 16.0, &Device::Cpu)?.reshape((1, 4, 4, 1))?;
+        let y = max_pool_3x3_s2_nhwc(&x)?;
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [5.0, 7.0, 13.0, 15.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn invalid_shapes_are_rejected_by_key() {
+        let cfg = ResNetConfig {
+            blocks: vec![1, 2],
+            ..ResNetConfig::default()
+        };
+        assert!(cfg.validate().unwrap_err().contains("model.encoder.blocks"));
     }
 }

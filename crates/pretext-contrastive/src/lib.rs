@@ -1,5 +1,5 @@
 //! Contrastive pretraining of image encoders: trainable ResNets, projection
-//! heads, the NT-Xent and InfoNCE losses, SimCLR.
+//! heads, the NT-Xent and InfoNCE losses, SimCLR and MoCo v2.
 //!
 //! Encoders run on pretext-core's fast channels-last ops; parameter names
 //! follow the PyTorch modules they mirror, so exported weights load there.
@@ -8,12 +8,17 @@
 pub mod app;
 pub mod config;
 pub mod encoder;
+pub mod export;
 pub mod head;
 pub mod loss;
+pub mod moco;
+pub mod model;
 pub mod simclr;
 
 pub use config::{ContrastiveConfig, DataConfig, EvalConfig, DEFAULT_CONFIG};
-pub use encoder::{SmallResNet, SmallResNetConfig};
+pub use encoder::{Arch, ResNet, ResNetConfig};
 pub use head::{HeadConfig, ProjectionHead};
 pub use loss::{info_nce, nt_xent};
-pub use simclr::{SimClr, SimClrConfig};
+pub use moco::{MoCo, MoCoConfig, MomentumQueue};
+pub use model::{ContrastiveModel, MethodKind, ModelConfig};
+pub use simclr::SimClr;

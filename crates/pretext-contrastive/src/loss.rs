@@ -2,7 +2,11 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-fn l2_normalize(z: &Tensor) -> Result<Tensor> {
+/// Rows scaled to unit L2 norm (norms clamped at 1e-12).
+///
+/// # Errors
+/// A tensor operation failed.
+pub fn l2_normalize(z: &Tensor) -> Result<Tensor> {
     let norm = z.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
     z.broadcast_div(&norm)
 }

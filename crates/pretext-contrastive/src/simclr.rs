@@ -1,47 +1,24 @@
 //! SimCLR: two augmented views per image, encoder + projection head, NT-Xent.
 
-use crate::encoder::{SmallResNet, SmallResNetConfig};
-use crate::head::{HeadConfig, ProjectionHead};
+use crate::encoder::ResNet;
+use crate::head::ProjectionHead;
 use crate::loss::nt_xent;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use pretext_core::nn::Builders;
+use crate::model::{build_encoder_and_head, ModelConfig};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
 use pretext_core::trainer::{Method, StepCx, StepOut};
 use pretext_core::SeededVarMap;
 use pretext_data::ImageBatch;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-
-/// SimCLR settings (the `model` section).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SimClrConfig {
-    /// The encoder.
-    pub encoder: SmallResNetConfig,
-    /// The projection head.
-    pub head: HeadConfig,
-    /// NT-Xent temperature.
-    pub temperature: f64,
-}
-
-impl Default for SimClrConfig {
-    fn default() -> Self {
-        Self {
-            encoder: SmallResNetConfig::default(),
-            head: HeadConfig::default(),
-            temperature: 0.5,
-        }
-    }
-}
 
 /// The SimCLR method: weights under `encoder.*` and `head.*`.
 pub struct SimClr {
     params: SeededVarMap,
     buffers: VarMap,
     /// The encoder (what transfers).
-    pub encoder: SmallResNet,
+    pub encoder: ResNet,
     head: ProjectionHead,
-    cfg: SimClrConfig,
+    cfg: ModelConfig,
 }
 
 impl SimClr {
@@ -49,17 +26,8 @@ impl SimClr {
     ///
     /// # Errors
     /// An invalid config.
-    pub fn new(cfg: &SimClrConfig, seed: u64, device: &Device) -> candle_core::Result<Self> {
-        let params = SeededVarMap::from_seed(seed, pretext_core::seed::INIT);
-        let buffers = VarMap::new();
-        let b = Builders {
-            params: params.var_builder(DType::F32, device),
-            buffers: VarBuilder::from_varmap(&buffers, DType::F32, device),
-        };
-        let encoder = SmallResNet::new(&cfg.encoder, &b.pp("encoder"))?;
-        let mut head_cfg = cfg.head.clone();
-        head_cfg.input = encoder.out_dim();
-        let head = ProjectionHead::new(&head_cfg, &b.pp("head"))?;
+    pub fn new(cfg: &ModelConfig, seed: u64, device: &Device) -> candle_core::Result<Self> {
+        let (params, buffers, encoder, head) = build_encoder_and_head(cfg, seed, device)?;
         Ok(Self {
             params,
             buffers,
@@ -109,7 +77,7 @@ impl Method for SimClr {
         [
             ("pretext.paradigm", "contrastive"),
             ("pretext.method", "simclr"),
-            ("pretext.architecture", "small-resnet"),
+            ("pretext.architecture", self.encoder.arch().name()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

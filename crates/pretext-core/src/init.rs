@@ -11,7 +11,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 use rand::rngs::StdRng;
 use rand::Rng;
-use rand_distr_shim::standard_normal;
+pub use rand_distr_shim::standard_normal;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 

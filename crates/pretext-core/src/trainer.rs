@@ -144,6 +144,37 @@ pub struct StepReport {
     pub elapsed_s: f64,
 }
 
+/// Every tensor of a method's `model.safetensors`: trainable weights and
+/// model buffers, sorted by name.
+pub fn model_tensors<M: Method>(method: &M) -> Vec<(String, Tensor)> {
+    let mut all: BTreeMap<String, Tensor> = named_tensors(method.vars()).into_iter().collect();
+    if let Some(b) = method.model_buffers() {
+        all.extend(named_tensors(b));
+    }
+    all.into_iter().collect()
+}
+
+/// Loads the weights and model buffers of checkpoint `ckpt` (read from
+/// `path`) into `method`, e.g. to evaluate or export a trained model.
+///
+/// # Errors
+/// Missing, unexpected or mis-shaped tensors, named with the file.
+pub fn load_model_weights<M: Method>(method: &M, ckpt: &Checkpoint, path: &Path) -> Result<()> {
+    let expected = model_tensors(method);
+    let found: HashMap<String, Tensor> = ckpt.model.iter().cloned().collect();
+    let matched = match_tensors(&path.join(crate::checkpoint::MODEL_FILE), &expected, &found)?;
+    let mut vars: HashMap<String, candle_core::Var> = named_vars(method.vars()).into_iter().collect();
+    if let Some(b) = method.model_buffers() {
+        vars.extend(named_vars(b));
+    }
+    for (name, t) in matched {
+        if let Some(v) = vars.get(&name) {
+            v.set(&t)?;
+        }
+    }
+    Ok(())
+}
+
 /// Receives progress; the CLI draws progress bars from it.
 pub trait Observer {
     /// Training starts (or resumes) at `start_step` of `total_steps`.
@@ -154,6 +185,9 @@ pub trait Observer {
     fn on_message(&mut self, _message: &str) {}
     /// Training stopped after `steps` completed steps.
     fn on_finish(&mut self, _steps: u64) {}
+    /// Progress of a task that is not a training loop (feature extraction,
+    /// evaluation): `done` of `total` units of `task`; `done == total` ends it.
+    fn on_progress(&mut self, _task: &str, _done: u64, _total: u64) {}
 }
 
 /// An observer that ignores everything.
@@ -321,11 +355,7 @@ impl<M: Method> Trainer<M> {
 
     /// Every tensor of `model.safetensors`: trainable weights and model buffers, sorted by name.
     pub fn model_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut all: BTreeMap<String, Tensor> = named_tensors(self.method.vars()).into_iter().collect();
-        if let Some(b) = self.method.model_buffers() {
-            all.extend(named_tensors(b));
-        }
-        all.into_iter().collect()
+        model_tensors(&self.method)
     }
 
     /// A snapshot of everything needed to resume, for a stream of
@@ -373,18 +403,7 @@ impl<M: Method> Trainer<M> {
                 self.cfg.seed
             )));
         }
-        let expected = self.model_tensors();
-        let found: HashMap<String, Tensor> = ckpt.model.iter().cloned().collect();
-        let matched = match_tensors(&path.join(crate::checkpoint::MODEL_FILE), &expected, &found)?;
-        let mut vars: HashMap<String, candle_core::Var> = named_vars(self.method.vars()).into_iter().collect();
-        if let Some(b) = self.method.model_buffers() {
-            vars.extend(named_vars(b));
-        }
-        for (name, t) in matched {
-            if let Some(v) = vars.get(&name) {
-                v.set(&t)?;
-            }
-        }
+        load_model_weights(&self.method, ckpt, path)?;
         let opt: HashMap<String, Tensor> = ckpt.optimizer.iter().cloned().collect();
         self.optim.load_state(&opt).map_err(|e| match e {
             Error::Config(m) => Error::corrupt(path.join(crate::checkpoint::OPTIMIZER_FILE), m),

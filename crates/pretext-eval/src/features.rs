@@ -75,3 +75,101 @@ impl Embedded {
         Self::new(features, ds.image_len(), labels)
     }
 }
+
+/// An image encoder that evaluation can run and train: frozen for feature
+/// extraction (linear probe, kNN), end to end for fine-tuning.
+///
+/// Implemented by each paradigm's model; this crate never needs to know how
+/// the encoder was pretrained.
+pub trait ImageEncoder {
+    /// Images `(n, c, h, w)` (normalised, NCHW) → features `(n, feature_dim)`.
+    /// `train` selects training-mode normalisation (batch statistics, running
+    /// statistics updated) over evaluation mode.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    fn encode(&self, images: &candle_core::Tensor, train: bool) -> candle_core::Result<candle_core::Tensor>;
+
+    /// Size of a feature vector.
+    fn feature_dim(&self) -> usize;
+
+    /// The parameters that fine-tuning trains, by name.
+    fn trainable(&self) -> Vec<(String, candle_core::Var)>;
+}
+
+/// Rows per forward pass in [`extract_features`].
+pub const EXTRACT_CHUNK: usize = 500;
+
+/// Frozen features of `ds[indices]`: eval mode, no augmentation (resize to
+/// `size` and normalise with `mean`/`std`), batched, no autograd graph kept.
+/// Reports progress to `observer` as task `task`.
+///
+/// # Errors
+/// [`Error::Invalid`] for unlabelled data; tensor errors.
+#[allow(clippy::too_many_arguments)]
+pub fn extract_features(
+    encoder: &dyn ImageEncoder,
+    ds: &pretext_data::ImageDataset,
+    indices: &[usize],
+    mean: &[f32],
+    std: &[f32],
+    size: usize,
+    device: &candle_core::Device,
+    observer: &mut dyn pretext_core::trainer::Observer,
+    task: &str,
+) -> Result<Embedded> {
+    let labels = ds
+        .labels
+        .as_ref()
+        .ok_or_else(|| Error::Invalid("feature extraction for evaluation needs labelled data".into()))?;
+    let plain = eval_pipeline(mean, std, size)?;
+    let per = ds.channels * size * size;
+    let total = indices.len() as u64;
+    let mut feats = Vec::with_capacity(indices.len() * encoder.feature_dim());
+    observer.on_progress(task, 0, total);
+    let mut done = 0u64;
+    for chunk in indices.chunks(EXTRACT_CHUNK) {
+        let x = eval_batch(&plain, ds, chunk, per, size, device)?;
+        let h = encoder.encode(&x, false).map_err(core_err)?.detach();
+        feats.extend(h.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(core_err)?);
+        done += chunk.len() as u64;
+        observer.on_progress(task, done, total);
+    }
+    Embedded::new(
+        feats,
+        encoder.feature_dim(),
+        indices.iter().map(|&i| labels[i]).collect(),
+    )
+}
+
+/// The evaluation transform: resize only, then normalise.
+pub(crate) fn eval_pipeline(mean: &[f32], std: &[f32], size: usize) -> Result<pretext_data::Pipeline> {
+    pretext_data::Pipeline::new(
+        pretext_data::AugmentConfig::none(mean.to_vec(), std.to_vec()),
+        size,
+        size,
+    )
+    .map_err(Error::Invalid)
+}
+
+/// Images `ds[chunk]` through `plain` as one `(n, c, size, size)` tensor.
+pub(crate) fn eval_batch(
+    plain: &pretext_data::Pipeline,
+    ds: &pretext_data::ImageDataset,
+    chunk: &[usize],
+    per: usize,
+    size: usize,
+    device: &candle_core::Device,
+) -> Result<candle_core::Tensor> {
+    let mut buf = vec![0f32; chunk.len() * per];
+    // the eval pipeline draws nothing; the generator only fills the signature
+    let mut rng = pretext_core::seed::stream_rng(0, pretext_core::seed::EVAL, &[]);
+    for (out, &i) in buf.chunks_mut(per).zip(chunk) {
+        plain.view_into(ds.image(i), ds.height, ds.width, ds.channels, &mut rng, out);
+    }
+    candle_core::Tensor::from_vec(buf, (chunk.len(), ds.channels, size, size), device).map_err(core_err)
+}
+
+pub(crate) fn core_err(e: candle_core::Error) -> Error {
+    Error::Core(pretext_core::Error::from(e))
+}

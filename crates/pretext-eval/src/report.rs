@@ -71,6 +71,11 @@ pub fn evaluate_features(
     Ok(out)
 }
 
+/// A label fraction as people write it: `1%`, `10%`, `100%`, `0.5%`.
+pub fn fraction_label(f: f64) -> String {
+    format!("{}%", (f * 1000.0).round() / 10.0)
+}
+
 impl EvalReport {
     /// The Markdown table: one row per feature set and protocol, one column per label fraction.
     pub fn markdown(&self) -> String {
@@ -89,7 +94,7 @@ impl EvalReport {
             self.method, self.paradigm, self.dataset
         );
         for f in &fracs {
-            s.push_str(&format!(" {}% |", f * 100.0));
+            s.push_str(&format!(" {} |", fraction_label(*f)));
         }
         s.push_str("\n|---|---|");
         s.push_str(&"---|".repeat(fracs.len()));

@@ -40,10 +40,12 @@ enum Command {
     },
     /// Continue a run from its latest checkpoint (same trajectory as uninterrupted).
     Resume(ResumeArgs),
-    /// Evaluate the frozen encoder against a random-init encoder and raw pixels:
-    /// linear probe and kNN at each label fraction -> RUN/report/eval.{json,md}.
+    /// Evaluate the encoder against a random-init encoder and raw pixels: linear
+    /// probe and kNN at each label fraction, fine-tuning vs. supervised from
+    /// scratch at 1% and 10% -> RUN/report/ (eval.json, eval.md, PNG plots, index.html).
     Probe(ProbeArgs),
-    /// Write the backbone, config.json and a model card for the Hub -> RUN/export/.
+    /// Write the backbone (model.safetensors, PyTorch names), config.json and a
+    /// model card (README.md) for the Hub -> RUN/export/.
     Export(RunArg),
 }
 
@@ -63,7 +65,7 @@ fn main() -> ExitCode {
             pretext_cli::init_tracing(common.verbose);
             let method = match method {
                 MethodArg::Simclr => "simclr",
-                MethodArg::Moco => anyhow::bail!("MoCo v2 is not available in this build yet; use --method simclr"),
+                MethodArg::Moco => "moco",
             };
             let mut overrides = vec![format!("method={method:?}")];
             if let Some(d) = &data {
@@ -103,18 +105,33 @@ fn main() -> ExitCode {
                 .iter()
                 .map(|l| pretext_cli::args::parse_fraction(l))
                 .collect::<anyhow::Result<Vec<f64>>>()?;
+            if let Some(bad) = args.overrides.iter().find(|o| !o.trim_start().starts_with("eval.")) {
+                anyhow::bail!("probe --set {bad:?}: only eval.* keys can change after pretraining");
+            }
             let text = std::fs::read_to_string(args.run.join("config.toml"))
                 .with_context(|| format!("{} is not a run folder (no config.toml)", args.run.display()))?;
-            let cfg: ContrastiveConfig =
-                toml::from_str(&text).with_context(|| format!("parsing {}/config.toml", args.run.display()))?;
+            let cfg: ContrastiveConfig = pretext_cli::config::resolve(&text, None, &args.overrides)
+                .with_context(|| format!("parsing {}/config.toml", args.run.display()))?
+                .config;
             let device = pretext_core::select_device(&args.device)?;
             let mut observer = pretext_cli::progress::ProgressObserver::new("probe", args.quiet);
-            let report = app::probe(&args.run, &cfg, &fractions, &device, &mut observer)
+            let report = app::probe(&args.run, &cfg, &fractions, !args.no_finetune, &device, &mut observer)
                 .with_context(|| format!("probing {}", args.run.display()))?;
             println!("{}", report.markdown());
             println!("report: {}", args.run.join("report").display());
             Ok(())
         }
-        Command::Export(_) => anyhow::bail!("`pretext-contrastive export` is not available in this build yet"),
+        Command::Export(RunArg { run }) => {
+            pretext_cli::init_tracing(false);
+            let text = std::fs::read_to_string(run.join("config.toml"))
+                .with_context(|| format!("{} is not a run folder (no config.toml)", run.display()))?;
+            let cfg: ContrastiveConfig =
+                toml::from_str(&text).with_context(|| format!("parsing {}/config.toml", run.display()))?;
+            let device = pretext_core::select_device("cpu")?;
+            let out = pretext_contrastive::export::export(&run, &cfg, &device)
+                .with_context(|| format!("exporting {}", run.display()))?;
+            println!("exported: {}", out.display());
+            Ok(())
+        }
     })
 }

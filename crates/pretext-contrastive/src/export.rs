@@ -1,0 +1,261 @@
+//! `export`: the backbone of a trained run, ready for the Hub and for
+//! PyTorch: `export/model.safetensors` (encoder only, names as the PyTorch
+//! module: torchvision's `resnet18` or the reference's `SmallResNet`),
+//! `export/config.json` and `export/README.md` (a model card with YAML
+//! metadata and the probe's figures when `report/eval.json` exists).
+
+use crate::config::ContrastiveConfig;
+use crate::encoder::Arch;
+use crate::model::ContrastiveModel;
+use pretext_core::{Error, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// `config.json` of an exported backbone.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExportConfig {
+    /// `small-resnet`, `resnet18-cifar` or `resnet18`.
+    pub architecture: String,
+    /// Input channels.
+    pub in_channels: usize,
+    /// Stage widths, strides and blocks.
+    pub stages: Vec<[usize; 3]>,
+    /// Size of the feature vector (after global average pooling).
+    pub feature_dim: usize,
+    /// Side of the square training images.
+    pub image_size: usize,
+    /// Per-channel normalisation applied to inputs in [0, 1].
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation.
+    pub std: Vec<f32>,
+    /// `contrastive`.
+    pub paradigm: String,
+    /// `simclr` or `moco`.
+    pub method: String,
+    /// Dataset the encoder was pretrained on.
+    pub dataset: String,
+    /// Optimizer steps of the checkpoint.
+    pub steps: u64,
+    /// Library and version that wrote it.
+    pub library: String,
+}
+
+/// The encoder's tensors (weights and batch-norm buffers) without the
+/// `encoder.` prefix, sorted by name.
+pub fn backbone_tensors(model: &ContrastiveModel) -> Vec<(String, candle_core::Tensor)> {
+    pretext_core::trainer::model_tensors(model)
+        .into_iter()
+        .filter_map(|(n, t)| n.strip_prefix("encoder.").map(|s| (s.to_string(), t)))
+        .collect()
+}
+
+fn dataset_tag(name: &str) -> &str {
+    match name {
+        "fashion-mnist" => "fashion_mnist",
+        other if other.to_lowercase().contains("cifar") => "cifar10",
+        _ => "custom",
+    }
+}
+
+/// The model card (`README.md`): YAML front matter (library, tags, datasets,
+/// probe metrics), then what it is, how it was trained and how to load it.
+pub fn model_card(
+    cfg: &ContrastiveConfig,
+    conf: &ExportConfig,
+    report: Option<&pretext_eval::EvalReport>,
+    config_toml: &str,
+) -> String {
+    let mut y = String::from("---\nlibrary_name: pretext\nlicense: mit\ntags:\n- self-supervised\n- contrastive\n");
+    y.push_str(&format!(
+        "- {}\n- {}\n- image-feature-extraction\n",
+        conf.method, conf.architecture
+    ));
+    y.push_str(&format!(
+        "datasets:\n- {}\npipeline_tag: image-feature-extraction\n",
+        dataset_tag(&conf.dataset)
+    ));
+    let linear: Vec<&pretext_eval::EvalRecord> = report
+        .map(|r| r.records.iter().filter(|x| x.features == "pretrained").collect())
+        .unwrap_or_default();
+    if !linear.is_empty() {
+        y.push_str("metrics:\n- accuracy\nmodel-index:\n");
+        y.push_str(&format!(
+            "- name: pretext-{}-{}\n  results:\n",
+            conf.method, conf.architecture
+        ));
+        for r in &linear {
+            y.push_str(&format!(
+                "  - task:\n      type: image-classification\n      name: {} ({} labels)\n    dataset:\n      type: {}\n      name: {}\n      split: test\n    metrics:\n    - type: accuracy\n      value: {:.4}\n      name: {} accuracy, {} labels\n",
+                protocol_name(&r.protocol),
+                pretext_eval::report::fraction_label(r.labels),
+                dataset_tag(&conf.dataset),
+                conf.dataset,
+                r.accuracy,
+                protocol_name(&r.protocol),
+                pretext_eval::report::fraction_label(r.labels),
+            ));
+        }
+    }
+    y.push_str("---\n\n");
+    let method_long = if conf.method == "moco" {
+        "MoCo v2 (InfoNCE against a momentum key encoder and a queue of negatives)"
+    } else {
+        "SimCLR (NT-Xent over two augmented views of each image)"
+    };
+    y.push_str(&format!(
+        "# {} {} encoder pretrained on {}\n\nA {} backbone trained without labels by {method_long} with \
+[pretext](https://github.com/pretext-rs/pretext), {} optimizer steps. It maps a {}×{} image with {} channel(s) \
+to a {}-dimensional feature vector (global average pool of the last stage); use it for linear probes, kNN \
+retrieval or fine-tuning with few labels.\n\n",
+        conf.method,
+        conf.architecture,
+        conf.dataset,
+        conf.architecture,
+        conf.steps,
+        conf.image_size,
+        conf.image_size,
+        conf.in_channels,
+        conf.feature_dim,
+    ));
+    if let Some(r) = report {
+        y.push_str("## Transfer (test accuracy, %)\n\n");
+        let md = r.markdown();
+        let table: String = md
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        y.push_str(&table);
+        y.push_str(
+            "\n\n`pretrained` is this encoder; `random-init` the same architecture untrained; `raw` the input pixels; \
+`finetune` from `random-init` is supervised training from scratch with the same budget.\n\n",
+        );
+    }
+    y.push_str(&format!(
+        "## Inputs\n\nPixels scaled to [0, 1], then normalised per channel with mean {:?} and std {:?}, \
+{}×{}, channels first (NCHW) in PyTorch.\n\n",
+        conf.mean, conf.std, conf.image_size, conf.image_size
+    ));
+    y.push_str("## Load it in Python\n\n```python\nimport torch\nfrom safetensors.torch import load_file\n\nstate = load_file(\"model.safetensors\")\n");
+    match cfg.model.encoder.arch {
+        Arch::Resnet18 | Arch::Resnet18Cifar => {
+            y.push_str("import torchvision\n\nmodel = torchvision.models.resnet18()\n");
+            if conf.architecture == "resnet18-cifar" {
+                y.push_str(&format!(
+                    "model.conv1 = torch.nn.Conv2d({}, 64, 3, 1, 1, bias=False)  # CIFAR stem\nmodel.maxpool = torch.nn.Identity()\n",
+                    conf.in_channels
+                ));
+            } else if conf.in_channels != 3 {
+                y.push_str(&format!(
+                    "model.conv1 = torch.nn.Conv2d({}, 64, 7, 2, 3, bias=False)\n",
+                    conf.in_channels
+                ));
+            }
+            y.push_str("model.fc = torch.nn.Identity()  # the backbone has no classifier\nmodel.load_state_dict(state)\nmodel.eval()\n");
+        }
+        Arch::SmallResnet => {
+            y.push_str(&format!(
+                "import torch.nn as nn\nimport torch.nn.functional as F\n\n\
+class BasicBlock(nn.Module):\n    def __init__(self, cin, cout, stride):\n        super().__init__()\n\
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)\n        self.bn1 = nn.BatchNorm2d(cout)\n\
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)\n        self.bn2 = nn.BatchNorm2d(cout)\n\
+        self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))\n\
+                      if stride != 1 or cin != cout else nn.Identity())\n\n\
+    def forward(self, x):\n        out = F.relu(self.bn1(self.conv1(x)))\n        out = self.bn2(self.conv2(out))\n\
+        return F.relu(out + self.short(x))\n\n\
+class SmallResNet(nn.Module):\n    def __init__(self, cin={cin}, stages={stages:?}):\n        super().__init__()\n\
+        w0 = stages[0][0]\n        self.stem = nn.Sequential(nn.Conv2d(cin, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU())\n\
+        blocks, c = [], w0\n        for w, s, n in stages:\n            stage = []\n            for j in range(n):\n\
+                stage.append(BasicBlock(c, w, s if j == 0 else 1))\n                c = w\n\
+            blocks.append(stage[0] if n == 1 else nn.Sequential(*stage))\n        self.stages = nn.Sequential(*blocks)\n\n\
+    def forward(self, x):\n        return self.stages(self.stem(x)).mean(dim=(2, 3))\n\n\
+model = SmallResNet()\nmodel.load_state_dict(state)\nmodel.eval()\n",
+                cin = conf.in_channels,
+                stages = conf.stages.iter().map(|s| (s[0], s[1], s[2])).collect::<Vec<_>>(),
+            ));
+        }
+    }
+    y.push_str(&format!(
+        "features = model(torch.rand(1, {c}, {s}, {s}))  # -> (1, {d})\n```\n\n",
+        c = conf.in_channels,
+        s = conf.image_size,
+        d = conf.feature_dim
+    ));
+    y.push_str("## Load it in pretext\n\nThe run folder's checkpoints resume and probe with `pretext-contrastive resume|probe RUN`; \
+`model.safetensors` here is the backbone alone.\n\n## Training configuration\n\n```toml\n");
+    y.push_str(config_toml.trim_end());
+    y.push_str("\n```\n");
+    y
+}
+
+fn protocol_name(p: &str) -> &str {
+    match p {
+        "linear" => "linear probe",
+        "knn" => "kNN (k=20, cosine)",
+        "finetune" => "fine-tuning",
+        other => other,
+    }
+}
+
+/// Writes `dir/export/` from the run's latest checkpoint: all three files
+/// are written into a temporary folder first, which then replaces `export/`.
+///
+/// # Errors
+/// No run or checkpoint; I/O errors naming the path.
+pub fn export(dir: &Path, cfg: &ContrastiveConfig, device: &candle_core::Device) -> Result<PathBuf> {
+    let (run, model) = crate::app::load_trained(dir, cfg, device)?;
+    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
+    let latest = mgr
+        .latest()?
+        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
+    let trainer = pretext_core::checkpoint::load_checkpoint(&latest, device)?.trainer;
+    let conf = ExportConfig {
+        architecture: cfg.model.encoder.arch.name().to_string(),
+        in_channels: cfg.model.encoder.in_channels,
+        stages: cfg
+            .model
+            .encoder
+            .stages()
+            .into_iter()
+            .map(|(w, s, n)| [w, s, n])
+            .collect(),
+        feature_dim: model.encoder().out_dim(),
+        image_size: cfg.data.image_size,
+        mean: cfg.data.augment.mean.clone(),
+        std: cfg.data.augment.std.clone(),
+        paradigm: "contrastive".into(),
+        method: cfg.method.clone(),
+        dataset: crate::app::dataset_name(cfg),
+        steps: trainer.step,
+        library: format!("pretext {}", env!("CARGO_PKG_VERSION")),
+    };
+    let report: Option<pretext_eval::EvalReport> = std::fs::read(run.root().join("report").join("eval.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let mut meta: BTreeMap<String, String> = pretext_core::Method::metadata(&model);
+    meta.insert("pretext.version".into(), env!("CARGO_PKG_VERSION").into());
+    meta.insert("pretext.content".into(), "backbone".into());
+    let bytes = pretext_core::checkpoint::safetensors_bytes(&backbone_tensors(&model), &meta)?;
+    let config_json = serde_json::to_vec_pretty(&conf).map_err(|e| Error::Config(format!("config.json: {e}")))?;
+    let card = model_card(cfg, &conf, report.as_ref(), &run.config_text()?);
+
+    let out = run.root().join("export");
+    let tmp = run.root().join(format!(".export-tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    for (name, data) in [
+        ("model.safetensors", bytes.as_slice()),
+        ("config.json", config_json.as_slice()),
+        ("README.md", card.as_bytes()),
+    ] {
+        pretext_core::run::write_atomic(&tmp.join(name), data)?;
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    }
+    std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
+    Ok(out)
+}

@@ -1,0 +1,184 @@
+//! The `model` section and the model of a contrastive run (SimCLR or MoCo),
+//! behind one type the trainer, the monitor and the evaluation share.
+
+use crate::encoder::{ResNet, ResNetConfig};
+use crate::head::{HeadConfig, ProjectionHead};
+use crate::moco::{MoCo, MoCoConfig};
+use crate::simclr::SimClr;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use pretext_core::init::named_vars;
+use pretext_core::nn::Builders;
+use pretext_core::trainer::{Method, StepCx, StepOut};
+use pretext_core::SeededVarMap;
+use pretext_data::ImageBatch;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// The `model` section: encoder, projection head and loss settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// The encoder.
+    pub encoder: ResNetConfig,
+    /// The projection head (`input` is set from the encoder).
+    pub head: HeadConfig,
+    /// SimCLR's NT-Xent temperature.
+    pub temperature: f64,
+    /// MoCo v2 settings.
+    pub moco: MoCoConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            encoder: ResNetConfig::default(),
+            head: HeadConfig::default(),
+            temperature: 0.5,
+            moco: MoCoConfig::default(),
+        }
+    }
+}
+
+/// Parameters (from the `init` stream of `seed`), buffers, encoder
+/// (`encoder.*`) and projection head (`head.*`).
+///
+/// # Errors
+/// An invalid config.
+pub(crate) fn build_encoder_and_head(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &Device,
+) -> candle_core::Result<(SeededVarMap, VarMap, ResNet, ProjectionHead)> {
+    let params = SeededVarMap::from_seed(seed, pretext_core::seed::INIT);
+    let buffers = VarMap::new();
+    let b = Builders {
+        params: params.var_builder(DType::F32, device),
+        buffers: VarBuilder::from_varmap(&buffers, DType::F32, device),
+    };
+    let encoder = ResNet::new(&cfg.encoder, &b.pp("encoder"))?;
+    let mut head_cfg = cfg.head.clone();
+    head_cfg.input = encoder.out_dim();
+    let head = ProjectionHead::new(&head_cfg, &b.pp("head"))?;
+    Ok((params, buffers, encoder, head))
+}
+
+/// The encoder's parameters (`encoder.*`), what fine-tuning trains.
+pub(crate) fn encoder_vars(params: &VarMap) -> Vec<(String, Var)> {
+    named_vars(params)
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("encoder."))
+        .collect()
+}
+
+/// Which contrastive method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MethodKind {
+    /// SimCLR.
+    SimClr,
+    /// MoCo v2.
+    MoCo,
+}
+
+impl MethodKind {
+    /// Parses `simclr` / `moco`.
+    ///
+    /// # Errors
+    /// Any other name.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "simclr" => Ok(Self::SimClr),
+            "moco" => Ok(Self::MoCo),
+            other => Err(format!("method = {other:?}: must be \"simclr\" or \"moco\"")),
+        }
+    }
+}
+
+/// A contrastive model: SimCLR or MoCo v2.
+pub enum ContrastiveModel {
+    /// SimCLR.
+    SimClr(Box<SimClr>),
+    /// MoCo v2.
+    MoCo(Box<MoCo>),
+}
+
+impl ContrastiveModel {
+    /// Builds `method` with parameters from `seed`.
+    ///
+    /// # Errors
+    /// An invalid config.
+    pub fn new(method: MethodKind, cfg: &ModelConfig, seed: u64, device: &Device) -> candle_core::Result<Self> {
+        Ok(match method {
+            MethodKind::SimClr => Self::SimClr(Box::new(SimClr::new(cfg, seed, device)?)),
+            MethodKind::MoCo => Self::MoCo(Box::new(MoCo::new(cfg, seed, device)?)),
+        })
+    }
+
+    /// The encoder (what transfers).
+    pub fn encoder(&self) -> &ResNet {
+        match self {
+            Self::SimClr(m) => &m.encoder,
+            Self::MoCo(m) => &m.encoder,
+        }
+    }
+
+    fn method(&self) -> &dyn Method<Batch = ImageBatch> {
+        match self {
+            Self::SimClr(m) => m.as_ref(),
+            Self::MoCo(m) => m.as_ref(),
+        }
+    }
+
+    fn method_mut(&mut self) -> &mut dyn Method<Batch = ImageBatch> {
+        match self {
+            Self::SimClr(m) => m.as_mut(),
+            Self::MoCo(m) => m.as_mut(),
+        }
+    }
+}
+
+impl Method for ContrastiveModel {
+    type Batch = ImageBatch;
+
+    fn vars(&self) -> &VarMap {
+        self.method().vars()
+    }
+
+    fn model_buffers(&self) -> Option<&VarMap> {
+        self.method().model_buffers()
+    }
+
+    fn step(&mut self, batch: &ImageBatch, cx: &StepCx) -> pretext_core::Result<StepOut> {
+        self.method_mut().step(batch, cx)
+    }
+
+    fn after_update(&mut self, cx: &StepCx) -> pretext_core::Result<()> {
+        self.method_mut().after_update(cx)
+    }
+
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        self.method().buffers()
+    }
+
+    fn load_buffers(&mut self, buffers: &HashMap<String, Tensor>) -> pretext_core::Result<()> {
+        self.method_mut().load_buffers(buffers)
+    }
+
+    fn metadata(&self) -> BTreeMap<String, String> {
+        self.method().metadata()
+    }
+}
+
+impl pretext_eval::ImageEncoder for ContrastiveModel {
+    fn encode(&self, images: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.encoder().forward_t(images, train)
+    }
+
+    fn feature_dim(&self) -> usize {
+        self.encoder().out_dim()
+    }
+
+    fn trainable(&self) -> Vec<(String, Var)> {
+        encoder_vars(self.vars())
+    }
+}

@@ -60,3 +60,42 @@ fn bad_usage_exits_non_zero_with_a_message() {
     assert!(!ok);
     assert!(text.contains("byol"), "{text}");
 }
+
+/// Every shipped contrastive config merges over the defaults (as `--config`
+/// does) and validates, with the settings its name promises.
+#[test]
+fn shipped_contrastive_configs_are_valid() {
+    use pretext_contrastive::{Arch, ContrastiveConfig, DEFAULT_CONFIG};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pretext-contrastive/configs");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("configs/") {
+        let path = entry.expect("entry").path();
+        let r: pretext_cli::config::Resolved<ContrastiveConfig> =
+            pretext_cli::config::resolve(DEFAULT_CONFIG, Some(&path), &[]).expect("resolves");
+        let cfg = r.config;
+        cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        assert!(name.starts_with(&cfg.method), "{name}: method {}", cfg.method);
+        if name.contains("cifar") {
+            assert_eq!((cfg.data.channels, cfg.data.image_size), (3, 32), "{name}");
+            assert_eq!(cfg.model.encoder.arch, Arch::Resnet18Cifar, "{name}");
+        } else {
+            assert_eq!((cfg.data.channels, cfg.data.image_size), (1, 28), "{name}");
+        }
+        seen.push(name);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "moco-cifar10.toml",
+            "moco-fmnist.toml",
+            "simclr-cifar10.toml",
+            "simclr-fmnist.toml"
+        ]
+    );
+}

@@ -6,7 +6,6 @@ use crate::model::{ContrastiveModel, MethodKind};
 use candle_core::Device;
 use pretext_core::trainer::{Observer, Trainer};
 use pretext_core::{Error, Result, RunDir};
-use pretext_data::source::load_images;
 use pretext_data::{BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
 use pretext_eval::{knn_accuracy, Embedded, KnnConfig};
 use std::path::Path;
@@ -29,30 +28,22 @@ pub struct RunData {
 /// # Errors
 /// Reader errors, naming the file.
 pub fn load_data(cfg: &ContrastiveConfig) -> Result<RunData> {
-    let splits = if cfg.data.path.is_empty() {
-        pretext_data::shipped::fashion_mnist(&pretext_data::shipped::datasets_dir().map_err(data_err)?)
-            .map_err(data_err)?
-    } else {
-        let size = (cfg.data.image_size, cfg.data.image_size);
-        load_images(Path::new(&cfg.data.path), cfg.data.format, size, cfg.data.channels).map_err(data_err)?
-    };
-    if splits.train.channels != cfg.data.channels {
-        return Err(Error::Config(format!(
-            "the data has {} channel(s) but data.channels = {} (set --set data.channels={} --set model.encoder.in_channels={})",
-            splits.train.channels, cfg.data.channels, splits.train.channels, splits.train.channels
-        )));
-    }
-    let held_out = match splits.test {
-        Some(t) if t.labels.is_some() => Some(t),
-        _ if splits.train.labels.is_some() => {
-            let (_, va) = pretext_data::subset::split(splits.train.len(), 0.1, cfg.train.seed).map_err(data_err)?;
-            Some(splits.train.select(&va))
+    let imgs = pretext_data::source::load_run_images(
+        &cfg.data.path,
+        cfg.data.format,
+        cfg.data.image_size,
+        cfg.data.channels,
+        cfg.train.seed,
+    )
+    .map_err(|e| match e {
+        pretext_data::Error::Invalid(m) if m.contains("data.channels") => {
+            Error::Config(format!("{m} --set model.encoder.in_channels=<same>"))
         }
-        _ => None,
-    };
+        other => data_err(other),
+    })?;
     Ok(RunData {
-        train: Arc::new(splits.train),
-        held_out,
+        train: Arc::new(imgs.train),
+        held_out: imgs.held_out,
     })
 }
 
@@ -405,6 +396,7 @@ pub fn probe(
         metrics: Some(&metrics_path),
         test_features: test_features.as_ref(),
         class_names: &held.classes,
+        ..Default::default()
     };
     pretext_eval::plots::write_report_page(&report_dir, &report, &figures).map_err(eval_err)?;
     Ok(report)

@@ -47,6 +47,50 @@ fn idx_pair(dir: &Path, prefix: &str) -> Option<(PathBuf, Option<PathBuf>)> {
     Some((img, lab))
 }
 
+/// The images of a run: what the model learns from, and a labelled held-out
+/// set for monitoring and evaluation.
+#[derive(Debug, Clone)]
+pub struct RunImages {
+    /// Training images.
+    pub train: ImageDataset,
+    /// The labelled test split, or a seeded 10% of the training images when
+    /// the source has no test split; `None` for unlabelled data.
+    pub held_out: Option<ImageDataset>,
+}
+
+/// Loads `path` (empty = the shipped Fashion-MNIST) and checks its channels.
+/// When the source has no labelled test split, 10% of the labelled training
+/// images (seeded by `seed`) are held out — and stay in the training set, as
+/// pretraining uses no labels.
+///
+/// # Errors
+/// Reader errors naming the file; [`Error::Invalid`] when the channels differ from `channels`.
+pub fn load_run_images(path: &str, format: ImageFormat, size: usize, channels: usize, seed: u64) -> Result<RunImages> {
+    let splits = if path.is_empty() {
+        crate::shipped::fashion_mnist(&crate::shipped::datasets_dir()?)?
+    } else {
+        load_images(Path::new(path), format, (size, size), channels)?
+    };
+    if splits.train.channels != channels {
+        return Err(Error::Invalid(format!(
+            "the data has {} channel(s) but data.channels = {channels} (set --set data.channels={})",
+            splits.train.channels, splits.train.channels
+        )));
+    }
+    let held_out = match splits.test {
+        Some(t) if t.labels.is_some() => Some(t),
+        _ if splits.train.labels.is_some() => {
+            let (_, va) = crate::subset::split(splits.train.len(), 0.1, seed)?;
+            Some(splits.train.select(&va))
+        }
+        _ => None,
+    };
+    Ok(RunImages {
+        train: splits.train,
+        held_out,
+    })
+}
+
 /// Loads images from `path`, detecting the format unless `format` says.
 ///
 /// - a folder with `train-images-idx3-ubyte[.gz]` (and `t10k-…`): IDX, train and test;

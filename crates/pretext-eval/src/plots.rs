@@ -345,7 +345,7 @@ pub fn pca_scatter(features: &Embedded, class_names: &[String], max_points: usiz
 }
 
 /// What a report page can show besides the accuracy table.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RunFigures<'a> {
     /// The run's `metrics.jsonl` (loss and kNN curves).
     pub metrics: Option<&'a Path>,
@@ -353,6 +353,10 @@ pub struct RunFigures<'a> {
     pub test_features: Option<&'a Embedded>,
     /// Class names by label.
     pub class_names: &'a [String],
+    /// More pictures of the paradigm: (file name, caption, PNG bytes), written and shown after the plots.
+    pub extra_images: Vec<(String, String, Vec<u8>)>,
+    /// An HTML fragment shown above the accuracy table (e.g. a likelihood table).
+    pub intro_html: String,
 }
 
 fn html_escape(s: &str) -> String {
@@ -368,6 +372,14 @@ fn html_escape(s: &str) -> String {
 pub fn write_report_page(dir: &Path, report: &EvalReport, figures: &RunFigures<'_>) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Core(pretext_core::Error::io(dir, e)))?;
     let mut images: Vec<(&str, &str, Vec<u8>)> = Vec::new();
+    for (name, caption, png) in &figures.extra_images {
+        if name.contains('/') || !name.ends_with(".png") {
+            return Err(Error::Invalid(format!(
+                "report image name {name:?}: must be a plain .png file name"
+            )));
+        }
+        images.push((name, caption, png.clone()));
+    }
     if !report.records.is_empty() {
         images.push(("label_efficiency.png", "Label efficiency", label_efficiency(report)?));
     }
@@ -393,14 +405,14 @@ pub fn write_report_page(dir: &Path, report: &EvalReport, figures: &RunFigures<'
         pretext_core::run::write_atomic(&p, png)?;
         written.push(p);
     }
-    let html = index_html(report, &images);
+    let html = index_html(report, &images, &figures.intro_html);
     let p = dir.join("index.html");
     pretext_core::run::write_atomic(&p, html.as_bytes())?;
     written.push(p);
     Ok(written)
 }
 
-fn index_html(report: &EvalReport, images: &[(&str, &str, Vec<u8>)]) -> String {
+fn index_html(report: &EvalReport, images: &[(&str, &str, Vec<u8>)], intro_html: &str) -> String {
     use base64::Engine;
     let mut fracs: Vec<f64> = report.records.iter().map(|r| r.labels).collect();
     fracs.sort_by(f64::total_cmp);
@@ -423,7 +435,7 @@ fn index_html(report: &EvalReport, images: &[(&str, &str, Vec<u8>)]) -> String {
 body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}\
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .8em;text-align:right}}\
 td:first-child,td:nth-child(2),th{{text-align:left}}img{{max-width:100%;border:1px solid #eee}}\
-.best{{font-weight:bold}}</style></head><body>\n<h1>{title}</h1>\n\
+.best{{font-weight:bold}}</style></head><body>\n<h1>{title}</h1>\n{intro_html}\n\
 <p>Test accuracy (%) by fraction of training labels; features: <b>pretrained</b> (this run), \
 <b>random-init</b> (same architecture, untrained), <b>raw</b> (input pixels); protocols: linear probe, \
 weighted kNN, fine-tuning (from random-init = supervised from scratch). Machine-readable: \
@@ -563,6 +575,7 @@ mod tests {
                 metrics: Some(&mpath),
                 test_features: Some(&feats),
                 class_names: &["a".into(), "b".into()],
+                ..RunFigures::default()
             },
         )
         .expect("page");

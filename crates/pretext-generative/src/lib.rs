@@ -1,4 +1,14 @@
 //! Generative pretraining: the variational autoencoder (ELBO, reparameterised
-//! sampling, importance-weighted bounds).
+//! sampling, importance-weighted bounds), its pictures, and its transfer
+//! evaluation through `pretext-eval`.
 //!
 //! This crate must not depend on another paradigm crate.
+
+pub mod app;
+pub mod config;
+pub mod loss;
+pub mod model;
+pub mod pictures;
+
+pub use config::{Binarize, GenerativeConfig, DEFAULT_CONFIG};
+pub use model::{Likelihood, Vae, VaeArch, VaeConfig};

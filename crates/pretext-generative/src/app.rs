@@ -1,0 +1,707 @@
+//! Running VAE pretraining end to end: data, model, trainer, run folder,
+//! per-epoch held-out ELBO and kNN, resume, probe (likelihood, pictures,
+//! transfer), sampling and export. The CLI is a thin layer over this.
+
+use crate::config::{Binarize, GenerativeConfig};
+use crate::model::{binarize, Vae, VaeArch};
+use crate::pictures::grid_png;
+use candle_core::{Device, Tensor};
+use pretext_core::trainer::{Observer, Trainer};
+use pretext_core::{Error, Result, RunDir};
+use pretext_data::{AugmentConfig, BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
+use pretext_eval::{knn_accuracy, Embedded, KnnConfig};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn data_err(e: pretext_data::Error) -> Error {
+    Error::Config(e.to_string())
+}
+
+fn eval_err(e: pretext_eval::Error) -> Error {
+    match e {
+        pretext_eval::Error::Core(c) => c,
+        other => Error::Config(other.to_string()),
+    }
+}
+
+/// Training images and a labelled held-out set.
+pub struct RunData {
+    /// What the VAE learns from.
+    pub train: Arc<ImageDataset>,
+    /// Labelled held-out images (the test split, or 10% of train).
+    pub held_out: Option<ImageDataset>,
+}
+
+/// Loads the data a config names (the shipped Fashion-MNIST by default).
+///
+/// # Errors
+/// Reader errors, naming the file.
+pub fn load_data(cfg: &GenerativeConfig) -> Result<RunData> {
+    let imgs = pretext_data::source::load_run_images(
+        &cfg.data.path,
+        cfg.data.format,
+        cfg.data.image_size,
+        cfg.data.channels,
+        cfg.train.seed,
+    )
+    .map_err(data_err)?;
+    Ok(RunData {
+        train: Arc::new(imgs.train),
+        held_out: imgs.held_out,
+    })
+}
+
+/// A freshly initialised VAE (seeded by `train.seed`).
+///
+/// # Errors
+/// An invalid config.
+pub fn new_model(cfg: &GenerativeConfig, device: &Device) -> Result<Vae> {
+    cfg.validate().map_err(Error::Config)?;
+    Ok(Vae::new(
+        &cfg.model,
+        cfg.data.channels,
+        cfg.data.image_size,
+        cfg.train.seed,
+        device,
+    )?
+    .with_dynamic_binarize(cfg.data.binarize == Binarize::Dynamic))
+}
+
+/// The VAE of the run in `dir` with the weights of its latest checkpoint, and the checkpoint's step.
+///
+/// # Errors
+/// No run or checkpoint; a checkpoint that does not fit the config.
+pub fn load_trained(dir: &Path, cfg: &GenerativeConfig, device: &Device) -> Result<(RunDir, Vae, u64)> {
+    let run = RunDir::open(dir)?;
+    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
+    let latest = mgr
+        .latest()?
+        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
+    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
+    let model = new_model(cfg, device)?;
+    pretext_core::trainer::load_model_weights(&model, &ckpt, &latest)?;
+    Ok((run, model, ckpt.trainer.step))
+}
+
+/// Images in [0, 1], no augmentation, as the model sees them.
+fn plain_pipeline(cfg: &GenerativeConfig) -> Result<Pipeline> {
+    Pipeline::new(
+        AugmentConfig::none(vec![], vec![]),
+        cfg.data.image_size,
+        cfg.data.image_size,
+    )
+    .map_err(Error::Config)
+}
+
+/// `ds[indices]` as one `(n, c, s, s)` tensor in [0, 1].
+fn batch_of(ds: &ImageDataset, indices: &[usize], plain: &Pipeline, size: usize, device: &Device) -> Result<Tensor> {
+    let per = ds.channels * size * size;
+    let mut buf = vec![0f32; indices.len() * per];
+    let mut rng = pretext_core::seed::stream_rng(0, pretext_core::seed::EVAL, &[]);
+    for (out, &i) in buf.chunks_mut(per).zip(indices) {
+        plain.view_into(ds.image(i), ds.height, ds.width, ds.channels, &mut rng, out);
+    }
+    Ok(Tensor::from_vec(buf, (indices.len(), ds.channels, size, size), device)?)
+}
+
+/// Likelihood figures on a test set, per image, in nats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LikelihoodReport {
+    /// Test negative ELBO: `rec_nll + kl` (β = 1).
+    pub neg_elbo: f64,
+    /// `−E_q log p(x|z)`, Monte Carlo with `elbo_samples` samples.
+    pub rec_nll: f64,
+    /// `KL(q(z|x) ‖ p(z))`, closed form.
+    pub kl: f64,
+    /// Importance-weighted estimate of `−log p(x)` with `iwae_samples` samples (an upper bound).
+    pub iwae_nll: f64,
+    /// Samples of the ELBO.
+    pub elbo_samples: usize,
+    /// Samples of the IWAE bound.
+    pub iwae_samples: usize,
+    /// Test images.
+    pub n_test: usize,
+    /// `continuous` ([0, 1] targets) or `binarized` (one fixed Bernoulli draw, seed 123).
+    pub targets: String,
+}
+
+/// The held-out targets: intensities, or one fixed binarisation (seed 123) under dynamic binarisation.
+fn targets(x: Tensor, cfg: &GenerativeConfig, chunk: usize) -> Result<Tensor> {
+    Ok(match cfg.data.binarize {
+        Binarize::None => x,
+        Binarize::Dynamic => binarize(
+            &x,
+            &mut pretext_core::seed::stream_rng(123, "binarize-test", &[chunk as u64]),
+        )?,
+    })
+}
+
+/// Test negative ELBO (`samples` posterior samples) and, when `iwae_k > 0`,
+/// the IWAE estimate of `−log p(x)`, over `indices` of `held`.
+///
+/// # Errors
+/// Tensor errors.
+#[allow(clippy::too_many_arguments)]
+pub fn likelihood(
+    model: &Vae,
+    held: &ImageDataset,
+    indices: &[usize],
+    samples: usize,
+    iwae_k: usize,
+    cfg: &GenerativeConfig,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<LikelihoodReport> {
+    let plain = plain_pipeline(cfg)?;
+    let size = cfg.data.image_size;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let (mut rec, mut kl, mut iw) = (0.0, 0.0, 0.0);
+    let chunk = 250;
+    let total = indices.len() as u64;
+    observer.on_progress("test likelihood", 0, total);
+    for (ci, c) in indices.chunks(chunk).enumerate() {
+        let x = targets(batch_of(held, c, &plain, size, device)?, cfg, ci)?;
+        let (mu, logvar) = model.encode(&x)?;
+        kl += f64::from(crate::loss::gaussian_kl(&mu, &logvar)?.sum_all()?.to_scalar::<f32>()?);
+        for _ in 0..samples {
+            let eps = Vae::noise(c.len(), mu.dim(1)?, &mut rng, device)?;
+            let z = (&mu + (eps * (&logvar * 0.5)?.exp()?)?)?;
+            rec -= f64::from(model.log_lik(&model.decode(&z)?, &x)?.sum_all()?.to_scalar::<f32>()?) / samples as f64;
+        }
+        if iwae_k > 0 {
+            let (_, b) = model.elbo_and_iwae(&x, iwae_k, &mut rng)?;
+            iw -= f64::from(b.sum_all()?.to_scalar::<f32>()?);
+        }
+        observer.on_progress("test likelihood", ((ci + 1) * chunk).min(indices.len()) as u64, total);
+    }
+    let n = indices.len().max(1) as f64;
+    Ok(LikelihoodReport {
+        neg_elbo: (rec + kl) / n,
+        rec_nll: rec / n,
+        kl: kl / n,
+        iwae_nll: if iwae_k > 0 { iw / n } else { f64::NAN },
+        elbo_samples: samples,
+        iwae_samples: iwae_k,
+        n_test: indices.len(),
+        targets: match cfg.data.binarize {
+            Binarize::None => "continuous".into(),
+            Binarize::Dynamic => "binarized".into(),
+        },
+    })
+}
+
+fn embed(
+    model: &Vae,
+    ds: &ImageDataset,
+    idx: &[usize],
+    cfg: &GenerativeConfig,
+    device: &Device,
+    observer: &mut dyn Observer,
+    task: &str,
+) -> Result<Embedded> {
+    pretext_eval::extract_features(model, ds, idx, &[], &[], cfg.data.image_size, device, observer, task)
+        .map_err(eval_err)
+}
+
+fn build(cfg: &GenerativeConfig, data: &RunData, device: &Device) -> Result<(Trainer<Vae>, ImageBatcher)> {
+    let model = new_model(cfg, device)?;
+    let trainer = Trainer::new(model, &cfg.optim, &cfg.schedule, &cfg.train)?;
+    let bc = BatcherConfig {
+        batch_size: cfg.train.batch_size,
+        views: 1,
+        seed: cfg.train.seed,
+        shuffle: true,
+        drop_last: true,
+        prefetch: cfg.data.prefetch,
+    };
+    let batcher =
+        ImageBatcher::new(data.train.clone(), Arc::new(plain_pipeline(cfg)?), bc, device).map_err(data_err)?;
+    Ok((trainer, batcher))
+}
+
+/// Held-out negative ELBO (one sample) and kNN accuracy on posterior means.
+fn monitor(
+    model: &Vae,
+    data: &RunData,
+    cfg: &GenerativeConfig,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<Option<(f64, Option<f64>)>> {
+    let Some(held) = &data.held_out else {
+        return Ok(None);
+    };
+    let held_labels = held.labels.as_deref().unwrap_or_default();
+    let test =
+        pretext_data::subset::balanced_count(held_labels, cfg.eval.monitor_images.min(held.len()), cfg.train.seed)
+            .map_err(data_err)?;
+    let l = likelihood(model, held, &test, 1, 0, cfg, device, observer)?;
+    let knn = match &data.train.labels {
+        Some(labels) => {
+            let bank =
+                pretext_data::subset::balanced_count(labels, cfg.eval.knn_train.min(data.train.len()), cfg.train.seed)
+                    .map_err(data_err)?;
+            let a = embed(model, &data.train, &bank, cfg, device, observer, "kNN: memory bank")?;
+            let b = embed(model, held, &test, cfg, device, observer, "kNN: held-out")?;
+            let k = KnnConfig {
+                k: cfg.eval.knn_k,
+                temperature: cfg.eval.knn_temperature,
+                ..Default::default()
+            };
+            Some(knn_accuracy(&a, &b, &k).map_err(eval_err)?)
+        }
+        None => None,
+    };
+    Ok(Some((l.neg_elbo, knn)))
+}
+
+fn train(
+    trainer: &mut Trainer<Vae>,
+    batcher: &mut ImageBatcher,
+    data: &RunData,
+    cfg: &GenerativeConfig,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<()> {
+    use pretext_core::BatchSource;
+    let spe = batcher.steps_per_epoch().max(1);
+    let total = cfg.train.total_steps(spe);
+    while trainer.step() < total {
+        let stop = (((trainer.step() / spe) + 1) * spe).min(total);
+        trainer.fit_until(batcher, observer, stop)?;
+        let epoch = trainer.step().div_ceil(spe);
+        let at_end = trainer.step() >= total;
+        let due = cfg.eval.every > 0 && trainer.step() % spe == 0 && epoch % cfg.eval.every == 0;
+        if due || at_end {
+            if let Some((nelbo, knn)) = monitor(&trainer.method, data, cfg, device, observer)? {
+                trainer.log_record(&serde_json::json!({ "event": "elbo", "step": trainer.step(), "epoch": epoch, "test_neg_elbo": nelbo }))?;
+                let mut msg = format!("epoch {epoch}: held-out −ELBO {nelbo:.2} nats");
+                if let Some(acc) = knn {
+                    trainer.log_record(&serde_json::json!({ "event": "knn", "step": trainer.step(), "epoch": epoch, "knn_accuracy": acc }))?;
+                    msg.push_str(&format!(", kNN on μ {:.2}%", acc * 100.0));
+                }
+                observer.on_message(&msg);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts a run in `out` with `cfg` (whose resolved TOML is `config_toml`).
+///
+/// # Errors
+/// Invalid config, unreadable data, a run already in `out`, divergence.
+pub fn pretrain(
+    cfg: &GenerativeConfig,
+    config_toml: &str,
+    out: &Path,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<RunDir> {
+    cfg.validate().map_err(Error::Config)?;
+    let data = load_data(cfg)?;
+    let (mut trainer, mut batcher) = build(cfg, &data, device)?;
+    let run = RunDir::create(out, config_toml)?;
+    trainer.attach_run(&run)?;
+    train(&mut trainer, &mut batcher, &data, cfg, device, observer)?;
+    Ok(run)
+}
+
+/// Continues the run in `dir` from its latest checkpoint, on the exact trajectory.
+///
+/// # Errors
+/// No run or checkpoint there, a config or checkpoint that does not fit.
+pub fn resume(dir: &Path, cfg: &GenerativeConfig, device: &Device, observer: &mut dyn Observer) -> Result<RunDir> {
+    let run = RunDir::open(dir)?;
+    let data = load_data(cfg)?;
+    let (mut trainer, mut batcher) = build(cfg, &data, device)?;
+    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
+    let latest = mgr
+        .latest()?
+        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
+    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
+    trainer.resume(&ckpt, &latest)?;
+    trainer.attach_run(&run)?;
+    observer.on_message(&format!("resuming from {} (step {})", latest.display(), trainer.step()));
+    train(&mut trainer, &mut batcher, &data, cfg, device, observer)?;
+    Ok(run)
+}
+
+/// Flattened decoder means of latents `z`.
+fn decoded(model: &Vae, z: &Tensor) -> Result<Vec<f32>> {
+    Ok(model.decode_mean(z)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// The three pictures: reconstructions (inputs above outputs, 2 per class
+/// where labels allow), 64 samples from the prior, interpolation strips.
+///
+/// # Errors
+/// Tensor or encoding errors.
+pub fn pictures(
+    model: &Vae,
+    held: &ImageDataset,
+    cfg: &GenerativeConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<(String, String, Vec<u8>)>> {
+    let plain = plain_pipeline(cfg)?;
+    let size = cfg.data.image_size;
+    let shape = (cfg.data.channels, size, size);
+    let pick: Vec<usize> = match &held.labels {
+        Some(l) => pretext_data::subset::balanced_count(l, 16.min(held.len()), seed).map_err(data_err)?,
+        None => (0..16.min(held.len())).collect(),
+    };
+    let cols = pick.len();
+    let x = batch_of(held, &pick, &plain, size, device)?;
+    let (mu, _) = model.encode(&x)?;
+    let mut px = x.flatten_all()?.to_vec1::<f32>()?;
+    px.extend(decoded(model, &mu)?);
+    let err = |e: String| Error::Config(e);
+    let recon = grid_png(&px, 2 * cols, shape, cols, 3).map_err(err)?;
+    let z = Vae::noise(
+        64,
+        cfg.model.latent,
+        &mut pretext_core::seed::stream_rng(seed, "samples", &[]),
+        device,
+    )?;
+    let samples = grid_png(&decoded(model, &z)?, 64, shape, 8, 3).map_err(err)?;
+    // interpolate between posterior means of pairs of different inputs
+    let steps = 10;
+    let mut zs = Vec::new();
+    let pairs = (cols / 2).min(4);
+    for p in 0..pairs {
+        let (a, b) = (mu.get(2 * p)?, mu.get(2 * p + 1)?);
+        for s in 0..steps {
+            let t = s as f64 / (steps - 1) as f64;
+            zs.push(((&a * (1.0 - t))? + (&b * t)?)?);
+        }
+    }
+    let mut out = vec![
+        (
+            "reconstructions.png".to_string(),
+            "Reconstructions: inputs (top) and decoder means of their posterior means (bottom)".to_string(),
+            recon,
+        ),
+        (
+            "samples.png".to_string(),
+            "64 samples from the prior: decoder means of z ~ N(0, I)".to_string(),
+            samples,
+        ),
+    ];
+    if pairs > 0 {
+        let strip = grid_png(
+            &decoded(model, &Tensor::stack(&zs, 0)?)?,
+            pairs * steps,
+            shape,
+            steps,
+            3,
+        )
+        .map_err(err)?;
+        out.push((
+            "interpolation.png".to_string(),
+            "Latent interpolation between the posterior means of two inputs, one pair per row".to_string(),
+            strip,
+        ));
+    }
+    Ok(out)
+}
+
+/// The transfer and likelihood report of the run in `dir`: linear probe and
+/// kNN on the posterior means (and the baselines), optional fine-tuning, test
+/// −ELBO and IWAE NLL, pictures; writes `report/`.
+///
+/// # Errors
+/// No run or checkpoint, unlabelled data, invalid fractions.
+pub fn probe(
+    dir: &Path,
+    cfg: &GenerativeConfig,
+    fractions: &[f64],
+    finetune: bool,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<(pretext_eval::EvalReport, LikelihoodReport)> {
+    let (run, trained, _) = load_trained(dir, cfg, device)?;
+    let data = load_data(cfg)?;
+    let held = data
+        .held_out
+        .as_ref()
+        .ok_or_else(|| Error::Config("probing needs labelled data".into()))?;
+    let train_labels = data
+        .train
+        .labels
+        .as_ref()
+        .ok_or_else(|| Error::Config("probing needs labelled training images".into()))?;
+    let n_lik = if cfg.eval.likelihood_images == 0 {
+        held.len()
+    } else {
+        cfg.eval.likelihood_images.min(held.len())
+    };
+    let lik_idx: Vec<usize> = (0..n_lik).collect();
+    observer.on_message(&format!(
+        "test likelihood on {n_lik} images ({} ELBO samples, {} importance samples)",
+        cfg.eval.elbo_samples, cfg.eval.iwae_samples
+    ));
+    let lik = likelihood(
+        &trained,
+        held,
+        &lik_idx,
+        cfg.eval.elbo_samples,
+        cfg.eval.iwae_samples,
+        cfg,
+        device,
+        observer,
+    )?;
+    observer.on_message(&format!(
+        "  test −ELBO {:.2} nats/image (reconstruction {:.2} + KL {:.2}), IWAE −log p(x) ≤ {:.2}",
+        lik.neg_elbo, lik.rec_nll, lik.kl, lik.iwae_nll
+    ));
+    let random = new_model(cfg, device)?;
+    let all_train: Vec<usize> = (0..data.train.len()).collect();
+    let all_test: Vec<usize> = (0..held.len()).collect();
+    let probe_cfg = pretext_eval::LinearProbeConfig {
+        seed: cfg.train.seed,
+        ..Default::default()
+    };
+    let knn = KnnConfig {
+        k: cfg.eval.knn_k,
+        temperature: cfg.eval.knn_temperature,
+        ..Default::default()
+    };
+    let mut records = Vec::new();
+    let mut test_features = None;
+    for (name, model) in [
+        ("pretrained", Some(&trained)),
+        ("random-init", Some(&random)),
+        ("raw", None),
+    ] {
+        observer.on_message(&format!("probing {name} features"));
+        let (tr, te) = match model {
+            Some(m) => (
+                embed(
+                    m,
+                    &data.train,
+                    &all_train,
+                    cfg,
+                    device,
+                    observer,
+                    &format!("{name}: train features"),
+                )?,
+                embed(
+                    m,
+                    held,
+                    &all_test,
+                    cfg,
+                    device,
+                    observer,
+                    &format!("{name}: test features"),
+                )?,
+            ),
+            None => (
+                Embedded::from_pixels(&data.train).map_err(eval_err)?,
+                Embedded::from_pixels(held).map_err(eval_err)?,
+            ),
+        };
+        let recs = pretext_eval::evaluate_features(name, &tr, &te, fractions, cfg.train.seed, &probe_cfg, &knn)
+            .map_err(eval_err)?;
+        for r in &recs {
+            observer.on_message(&format!(
+                "  {name} {} @ {}: {:.2}%",
+                r.protocol,
+                pretext_eval::report::fraction_label(r.labels),
+                r.accuracy * 100.0
+            ));
+        }
+        records.extend(recs);
+        if name == "pretrained" {
+            test_features = Some(te);
+        }
+    }
+    if finetune {
+        for &f in fractions.iter().filter(|&&f| f <= cfg.eval.finetune_max_labels) {
+            let idx = pretext_data::subset::balanced_subset(train_labels, f, cfg.train.seed).map_err(data_err)?;
+            let subset = data.train.select(&idx);
+            for name in ["pretrained", "random-init"] {
+                let model = if name == "pretrained" {
+                    load_trained(dir, cfg, device)?.1
+                } else {
+                    new_model(cfg, device)?
+                };
+                let r = pretext_eval::fine_tune(
+                    &model,
+                    &subset,
+                    held,
+                    &[],
+                    &[],
+                    cfg.data.image_size,
+                    &cfg.eval.finetune,
+                    cfg.train.seed,
+                    device,
+                    observer,
+                )
+                .map_err(eval_err)?;
+                observer.on_message(&format!(
+                    "  {name} finetune @ {}: {:.2}%",
+                    pretext_eval::report::fraction_label(f),
+                    r.accuracy * 100.0
+                ));
+                records.push(pretext_eval::EvalRecord {
+                    features: name.into(),
+                    protocol: "finetune".into(),
+                    labels: f,
+                    accuracy: r.accuracy,
+                    n_train: r.n_train,
+                    n_test: r.n_test,
+                });
+            }
+        }
+    }
+    let report = pretext_eval::EvalReport {
+        paradigm: "generative".into(),
+        method: "vae".into(),
+        dataset: dataset_name(cfg),
+        records,
+    };
+    let report_dir = run.report_dir()?;
+    report.write(&report_dir).map_err(eval_err)?;
+    let lik_json = serde_json::to_vec_pretty(&lik).map_err(|e| Error::Config(format!("likelihood.json: {e}")))?;
+    pretext_core::run::write_atomic(&report_dir.join("likelihood.json"), &lik_json)?;
+    let metrics_path = run.metrics_path();
+    let figures = pretext_eval::plots::RunFigures {
+        metrics: Some(&metrics_path),
+        test_features: test_features.as_ref(),
+        class_names: &held.classes,
+        extra_images: pictures(&trained, held, cfg, cfg.train.seed, device)?,
+        intro_html: likelihood_html(&lik),
+    };
+    pretext_eval::plots::write_report_page(&report_dir, &report, &figures).map_err(eval_err)?;
+    Ok((report, lik))
+}
+
+fn likelihood_html(l: &LikelihoodReport) -> String {
+    format!(
+        "<h2>Test likelihood (nats per image, {} images, {} targets)</h2>\n<table>\
+<tr><th>−ELBO</th><th>reconstruction −log p(x|z)</th><th>KL(q‖p)</th><th>IWAE −log p(x) (k = {})</th></tr>\
+<tr><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td></tr></table>\n",
+        l.n_test, l.targets, l.iwae_samples, l.neg_elbo, l.rec_nll, l.kl, l.iwae_nll
+    )
+}
+
+/// The dataset name for reports.
+pub fn dataset_name(cfg: &GenerativeConfig) -> String {
+    if cfg.data.path.is_empty() {
+        "fashion-mnist".to_string()
+    } else {
+        cfg.data.path.clone()
+    }
+}
+
+/// Draws `n` images from the prior of the run in `dir` into `report/samples.png`
+/// (seeded by `seed`); returns the file.
+///
+/// # Errors
+/// No run or checkpoint; `n` = 0.
+pub fn sample(dir: &Path, cfg: &GenerativeConfig, n: usize, seed: u64, device: &Device) -> Result<PathBuf> {
+    if n == 0 {
+        return Err(Error::Config("--n must be at least 1".into()));
+    }
+    let (run, model, _) = load_trained(dir, cfg, device)?;
+    let z = Vae::noise(
+        n,
+        cfg.model.latent,
+        &mut pretext_core::seed::stream_rng(seed, "samples", &[]),
+        device,
+    )?;
+    let size = cfg.data.image_size;
+    let cols = (n as f64).sqrt().ceil() as usize;
+    let png = grid_png(&decoded(&model, &z)?, n, (cfg.data.channels, size, size), cols, 3).map_err(Error::Config)?;
+    let path = run.report_dir()?.join("samples.png");
+    pretext_core::run::write_atomic(&path, &png)?;
+    Ok(path)
+}
+
+/// Writes `dir/export/`: all weights (`model.safetensors`, the reference's
+/// names), `config.json` and a model card, through a temporary folder.
+///
+/// # Errors
+/// No run or checkpoint; I/O errors naming the path.
+pub fn export(dir: &Path, cfg: &GenerativeConfig, device: &Device) -> Result<PathBuf> {
+    let (run, model, steps) = load_trained(dir, cfg, device)?;
+    let mut meta = pretext_core::Method::metadata(&model);
+    meta.insert("pretext.version".into(), env!("CARGO_PKG_VERSION").into());
+    let tensors = pretext_core::trainer::model_tensors(&model);
+    let bytes = pretext_core::checkpoint::safetensors_bytes(&tensors, &meta)?;
+    let arch = match cfg.model.arch {
+        VaeArch::Mlp => "vae-mlp",
+        VaeArch::Conv => "vae-conv",
+    };
+    let lik: Option<LikelihoodReport> = std::fs::read(run.root().join("report/likelihood.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let conf = serde_json::json!({
+        "architecture": arch,
+        "latent": cfg.model.latent,
+        "hidden": cfg.model.hidden,
+        "channels": cfg.model.channels,
+        "likelihood": cfg.model.likelihood,
+        "in_channels": cfg.data.channels,
+        "image_size": cfg.data.image_size,
+        "inputs": "intensities in [0, 1], NCHW",
+        "paradigm": "generative",
+        "method": "vae",
+        "dataset": dataset_name(cfg),
+        "steps": steps,
+        "test_likelihood": lik,
+        "library": format!("pretext {}", env!("CARGO_PKG_VERSION")),
+    });
+    let config_json = serde_json::to_vec_pretty(&conf).map_err(|e| Error::Config(format!("config.json: {e}")))?;
+    let mut card = format!(
+        "---\nlibrary_name: pretext\nlicense: mit\ntags:\n- self-supervised\n- generative\n- vae\n- {arch}\ndatasets:\n- {}\n---\n\n\
+# VAE ({arch}, latent {}) trained on {}\n\nA variational autoencoder trained with [pretext](https://github.com/pretext-rs/pretext) \
+for {steps} optimizer steps: Gaussian posterior, standard normal prior, {:?} likelihood. The encoder's posterior means are \
+{}-dimensional features.\n\n",
+        if dataset_name(cfg) == "fashion-mnist" { "fashion_mnist" } else { "custom" },
+        cfg.model.latent,
+        dataset_name(cfg),
+        cfg.model.likelihood,
+        cfg.model.latent,
+    );
+    if let Some(l) = &lik {
+        card.push_str(&format!(
+            "## Test likelihood (nats per image, {} targets)\n\n| −ELBO | reconstruction | KL | IWAE −log p(x), k = {} |\n| --- | --- | --- | --- |\n| {:.2} | {:.2} | {:.2} | {:.2} |\n\n",
+            l.targets, l.iwae_samples, l.neg_elbo, l.rec_nll, l.kl, l.iwae_nll
+        ));
+    }
+    card.push_str("## Load it in Python\n\n```python\nfrom safetensors.torch import load_file\nstate = load_file(\"model.safetensors\")\n");
+    if cfg.model.arch == VaeArch::Mlp && cfg.model.hidden.len() == 2 {
+        card.push_str(&format!(
+            "import torch.nn as nn\n\nclass VAE(nn.Module):  # the pretext reference's module\n    def __init__(self, d={}, h1={}, h2={}, z={}):\n        super().__init__()\n        self.enc = nn.Sequential(nn.Linear(d, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU())\n        self.mu = nn.Linear(h2, z)\n        self.logvar = nn.Linear(h2, z)\n        self.dec = nn.Sequential(nn.Linear(z, h2), nn.ReLU(), nn.Linear(h2, h1), nn.ReLU(), nn.Linear(h1, d))\n\nmodel = VAE()\nmodel.load_state_dict(state)\n",
+            cfg.data.channels * cfg.data.image_size * cfg.data.image_size,
+            cfg.model.hidden[0],
+            cfg.model.hidden[1],
+            cfg.model.latent
+        ));
+    }
+    card.push_str("```\n\n## Training configuration\n\n```toml\n");
+    card.push_str(run.config_text()?.trim_end());
+    card.push_str("\n```\n");
+
+    let out = run.root().join("export");
+    let tmp = run.root().join(format!(".export-tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    for (name, data) in [
+        ("model.safetensors", bytes.as_slice()),
+        ("config.json", config_json.as_slice()),
+        ("README.md", card.as_bytes()),
+    ] {
+        pretext_core::run::write_atomic(&tmp.join(name), data)?;
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    }
+    std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
+    Ok(out)
+}

@@ -1,0 +1,622 @@
+//! The VAE: an encoder to a diagonal Gaussian posterior `q(z|x)`, a decoder to
+//! the likelihood `p(x|z)` (Bernoulli logits or Gaussian means), a standard
+//! normal prior, and the reparameterised ELBO.
+//!
+//! Names follow the PyTorch reference's `VAE` for the MLP (`enc.0`, `enc.2`,
+//! `mu`, `logvar`, `dec.0`, `dec.2`, `dec.4`), so its export loads there; the
+//! convolutional variant uses `enc.0`, `enc.2` (convs), `mu`, `logvar`,
+//! `dec_fc`, `dec.0`, `dec.2` (transposed convs), flattening in PyTorch's
+//! NCHW order.
+
+use crate::loss::{bernoulli_log_lik, gaussian_kl, gaussian_log_lik, log_mean_exp, log_posterior, log_standard_normal};
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use pretext_core::init::named_vars;
+use pretext_core::nn::{linear, Conv2d, ConvTranspose2d};
+use pretext_core::SeededVarMap;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+/// Encoder/decoder family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VaeArch {
+    /// Fully connected (the reference's 784-512-256-z).
+    Mlp,
+    /// Two strided 4×4 convolutions down, two transposed convolutions up.
+    Conv,
+}
+
+/// The observation model `p(x|z)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Likelihood {
+    /// Bernoulli on intensities in [0, 1] (continuous BCE); the decoder gives logits.
+    Bernoulli,
+    /// Gaussian with a shared standard deviation (fixed, or learned as `log_sigma`).
+    Gaussian,
+}
+
+/// The `model` section of a VAE run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaeConfig {
+    /// `mlp` or `conv`.
+    pub arch: VaeArch,
+    /// Latent size.
+    pub latent: usize,
+    /// MLP hidden sizes, encoder order (the decoder mirrors them).
+    pub hidden: Vec<usize>,
+    /// Conv channels of the two down/up stages.
+    pub channels: Vec<usize>,
+    /// `bernoulli` or `gaussian`.
+    pub likelihood: Likelihood,
+    /// Gaussian likelihood: initial (or fixed) standard deviation.
+    pub sigma: f64,
+    /// Gaussian likelihood: learn σ (a parameter `log_sigma`).
+    pub learn_sigma: bool,
+    /// Weight of the KL term (β-VAE; 1 = the ELBO).
+    pub beta: f64,
+    /// Raise β linearly from 0 over this many steps (0 = no warm-up).
+    pub beta_warmup_steps: u64,
+}
+
+impl Default for VaeConfig {
+    fn default() -> Self {
+        Self {
+            arch: VaeArch::Mlp,
+            latent: 32,
+            hidden: vec![512, 256],
+            channels: vec![32, 64],
+            likelihood: Likelihood::Bernoulli,
+            sigma: 0.1,
+            learn_sigma: true,
+            beta: 1.0,
+            beta_warmup_steps: 0,
+        }
+    }
+}
+
+impl VaeConfig {
+    /// Checks the shape against the input.
+    ///
+    /// # Errors
+    /// A message naming the bad key.
+    pub fn validate(&self, channels: usize, size: usize) -> std::result::Result<(), String> {
+        if self.latent == 0 {
+            return Err("model.latent must be > 0".into());
+        }
+        match self.arch {
+            VaeArch::Mlp if self.hidden.is_empty() || self.hidden.contains(&0) => {
+                Err("model.hidden must list at least one positive size".into())
+            }
+            VaeArch::Conv if self.channels.len() != 2 || self.channels.contains(&0) => {
+                Err("model.channels must be two positive channel counts".into())
+            }
+            VaeArch::Conv if size % 4 != 0 => {
+                Err(format!("data.image_size = {size}: the conv VAE needs a multiple of 4"))
+            }
+            _ if channels == 0 => Err("data.channels must be > 0".into()),
+            _ if !(self.beta >= 0.0 && self.beta.is_finite()) => {
+                Err(format!("model.beta = {}: must be >= 0", self.beta))
+            }
+            _ if self.likelihood == Likelihood::Gaussian
+                && self.sigma.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) =>
+            {
+                Err(format!("model.sigma = {}: must be > 0", self.sigma))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+enum Nets {
+    Mlp {
+        enc: Vec<candle_nn::Linear>,
+        dec: Vec<candle_nn::Linear>,
+    },
+    Conv {
+        enc: [Conv2d; 2],
+        dec_fc: candle_nn::Linear,
+        dec: [ConvTranspose2d; 2],
+    },
+}
+
+/// What one batch of the training objective measured (per-image means, nats).
+#[derive(Debug, Clone)]
+pub struct ElboTerms {
+    /// `−(rec − β·KL)`, the minimised loss (scalar tensor, with gradients).
+    pub loss: Tensor,
+    /// Mean reconstruction negative log-likelihood `−E_q log p(x|z)`.
+    pub rec_nll: f64,
+    /// Mean `KL(q(z|x) ‖ p(z))`.
+    pub kl: f64,
+}
+
+/// A variational autoencoder.
+pub struct Vae {
+    params: SeededVarMap,
+    nets: Nets,
+    mu: candle_nn::Linear,
+    logvar: candle_nn::Linear,
+    log_sigma: Option<Tensor>,
+    cfg: VaeConfig,
+    channels: usize,
+    size: usize,
+    dynamic_binarize: bool,
+}
+
+impl Vae {
+    /// Builds the model for `channels`×`size`×`size` inputs, parameters from
+    /// the `init` stream of `seed`.
+    ///
+    /// # Errors
+    /// An invalid config.
+    pub fn new(cfg: &VaeConfig, channels: usize, size: usize, seed: u64, device: &Device) -> Result<Self> {
+        cfg.validate(channels, size).map_err(candle_core::Error::msg)?;
+        let params = SeededVarMap::from_seed(seed, pretext_core::seed::INIT);
+        let vb = params.var_builder(DType::F32, device);
+        let d = channels * size * size;
+        let (nets, feat) = match cfg.arch {
+            VaeArch::Mlp => {
+                let mut enc = Vec::new();
+                let mut din = d;
+                for (i, &h) in cfg.hidden.iter().enumerate() {
+                    enc.push(linear(din, h, true, vb.pp("enc").pp(2 * i))?);
+                    din = h;
+                }
+                let mut dec = Vec::new();
+                let mut sizes: Vec<usize> = cfg.hidden.iter().rev().copied().collect();
+                sizes.push(d);
+                let mut din_d = cfg.latent;
+                for (i, &h) in sizes.iter().enumerate() {
+                    dec.push(linear(din_d, h, true, vb.pp("dec").pp(2 * i))?);
+                    din_d = h;
+                }
+                // built after the decoder in PyTorch's registration order? The
+                // reference registers enc, mu, logvar, dec; initial values come
+                // from our own stream either way.
+                (Nets::Mlp { enc, dec }, din)
+            }
+            VaeArch::Conv => {
+                let (c1, c2) = (cfg.channels[0], cfg.channels[1]);
+                let enc = [
+                    Conv2d::new(channels, c1, 4, 2, 1, true, vb.pp("enc").pp(0))?,
+                    Conv2d::new(c1, c2, 4, 2, 1, true, vb.pp("enc").pp(2))?,
+                ];
+                let flat = c2 * (size / 4) * (size / 4);
+                let dec_fc = linear(cfg.latent, flat, true, vb.pp("dec_fc"))?;
+                let dec = [
+                    ConvTranspose2d::new(c2, c1, 4, 2, 1, 0, true, vb.pp("dec").pp(0))?,
+                    ConvTranspose2d::new(c1, channels, 4, 2, 1, 0, true, vb.pp("dec").pp(2))?,
+                ];
+                (Nets::Conv { enc, dec_fc, dec }, flat)
+            }
+        };
+        let mu = linear(feat, cfg.latent, true, vb.pp("mu"))?;
+        let logvar = linear(feat, cfg.latent, true, vb.pp("logvar"))?;
+        let log_sigma = match cfg.likelihood {
+            Likelihood::Gaussian if cfg.learn_sigma => {
+                Some(vb.get_with_hints(1, "log_sigma", candle_nn::Init::Const(cfg.sigma.ln()))?)
+            }
+            Likelihood::Gaussian => Some(Tensor::new(&[cfg.sigma.ln() as f32], device)?),
+            Likelihood::Bernoulli => None,
+        };
+        Ok(Self {
+            params,
+            nets,
+            mu,
+            logvar,
+            log_sigma,
+            cfg: cfg.clone(),
+            channels,
+            size,
+            dynamic_binarize: false,
+        })
+    }
+
+    /// Train on a fresh Bernoulli draw of every pixel at each step.
+    pub fn with_dynamic_binarize(mut self, on: bool) -> Self {
+        self.dynamic_binarize = on;
+        self
+    }
+
+    /// β at 0-based `step` (linear warm-up from 0 when configured).
+    pub fn beta_at(&self, step: u64) -> f64 {
+        if self.cfg.beta_warmup_steps == 0 {
+            self.cfg.beta
+        } else {
+            self.cfg.beta * ((step + 1) as f64 / self.cfg.beta_warmup_steps as f64).min(1.0)
+        }
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &SeededVarMap {
+        &self.params
+    }
+
+    /// The config.
+    pub fn config(&self) -> &VaeConfig {
+        &self.cfg
+    }
+
+    /// Input shape `(channels, size, size)`.
+    pub fn input_shape(&self) -> (usize, usize, usize) {
+        (self.channels, self.size, self.size)
+    }
+
+    /// The encoder's parameters (what fine-tuning trains): everything but the decoder.
+    pub fn encoder_vars(&self) -> Vec<(String, Var)> {
+        named_vars(self.params.var_map())
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("enc.") || n.starts_with("mu.") || n.starts_with("logvar."))
+            .collect()
+    }
+
+    /// Posterior parameters `(μ, log σ²)`, each `(n, latent)`, of images `(n, c, h, w)` in [0, 1].
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = x.dim(0)?;
+        let h = match &self.nets {
+            Nets::Mlp { enc, .. } => {
+                let mut h = x.reshape((n, ()))?;
+                for l in enc {
+                    h = l.forward(&h)?.relu()?;
+                }
+                h
+            }
+            Nets::Conv { enc, .. } => {
+                let (c, hh, ww) = (x.dim(1)?, x.dim(2)?, x.dim(3)?);
+                let mut h = if c == 1 {
+                    x.reshape((n, hh, ww, 1))?
+                } else {
+                    x.permute((0, 2, 3, 1))?.contiguous()?
+                };
+                for conv in enc {
+                    h = conv.forward(&h)?.relu()?;
+                }
+                // flatten in PyTorch's (c, h, w) order
+                h.permute((0, 3, 1, 2))?.contiguous()?.reshape((n, ()))?
+            }
+        };
+        Ok((self.mu.forward(&h)?, self.logvar.forward(&h)?))
+    }
+
+    /// Decoder output for latents `(n, latent)`: Bernoulli logits or Gaussian
+    /// means, `(n, c, h, w)`.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let n = z.dim(0)?;
+        let (c, s) = (self.channels, self.size);
+        match &self.nets {
+            Nets::Mlp { dec, .. } => {
+                let mut h = z.clone();
+                for (i, l) in dec.iter().enumerate() {
+                    h = l.forward(&h)?;
+                    if i + 1 < dec.len() {
+                        h = h.relu()?;
+                    }
+                }
+                h.reshape((n, c, s, s))
+            }
+            Nets::Conv { dec_fc, dec, .. } => {
+                let c2 = self.cfg.channels[1];
+                let h = dec_fc.forward(z)?.relu()?.reshape((n, c2, s / 4, s / 4))?;
+                let h = h.permute((0, 2, 3, 1))?.contiguous()?;
+                let h = dec[0].forward(&h)?.relu()?;
+                let h = dec[1].forward(&h)?; // (n, s, s, c)
+                h.permute((0, 3, 1, 2))?.contiguous()
+            }
+        }
+    }
+
+    /// The decoder's mean image for latents (σ(logits) for Bernoulli), in [0, 1] for display.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn decode_mean(&self, z: &Tensor) -> Result<Tensor> {
+        let out = self.decode(z)?;
+        match self.cfg.likelihood {
+            Likelihood::Bernoulli => candle_nn::ops::sigmoid(&out),
+            Likelihood::Gaussian => out.clamp(0.0, 1.0),
+        }
+    }
+
+    /// `log p(x|z)` per image from the decoder output.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn log_lik(&self, out: &Tensor, x: &Tensor) -> Result<Tensor> {
+        match (&self.cfg.likelihood, &self.log_sigma) {
+            (Likelihood::Gaussian, Some(ls)) => gaussian_log_lik(out, ls, x),
+            _ => bernoulli_log_lik(out, x),
+        }
+    }
+
+    /// Standard normal draws `(n, d)` from `rng`.
+    ///
+    /// # Errors
+    /// A tensor operation failed.
+    pub fn noise(n: usize, d: usize, rng: &mut StdRng, device: &Device) -> Result<Tensor> {
+        let v: Vec<f32> = (0..n * d)
+            .map(|_| pretext_core::init::standard_normal(rng) as f32)
+            .collect();
+        Tensor::from_vec(v, (n, d), device)
+    }
+
+    /// The training objective on `x` with noise `eps` `(n, latent)` and KL weight `beta`.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn objective(&self, x: &Tensor, eps: &Tensor, beta: f64) -> Result<ElboTerms> {
+        let (mu, logvar) = self.encode(x)?;
+        let z = (&mu + (eps * (&logvar * 0.5)?.exp()?)?)?;
+        let rec = self.log_lik(&self.decode(&z)?, x)?; // (n,)
+        let kl = gaussian_kl(&mu, &logvar)?;
+        let loss = ((kl.clone() * beta)? - &rec)?.mean_all()?;
+        Ok(ElboTerms {
+            loss,
+            rec_nll: -f64::from(rec.mean_all()?.to_scalar::<f32>()?),
+            kl: f64::from(kl.mean_all()?.to_scalar::<f32>()?),
+        })
+    }
+
+    /// Log importance weights `log p(x|z) + log p(z) − log q(z|x)` of `k`
+    /// posterior samples per image, `(k, n)`; their mean over `k` is the
+    /// Monte-Carlo ELBO, their log-mean-exp the importance-weighted bound.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn log_weights(&self, x: &Tensor, k: usize, rng: &mut StdRng) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let (mu, logvar) = self.encode(x)?;
+        let d = mu.dim(1)?;
+        let mut rows = Vec::with_capacity(k);
+        for _ in 0..k {
+            let eps = Self::noise(n, d, rng, x.device())?;
+            let z = (&mu + (&eps * (&logvar * 0.5)?.exp()?)?)?;
+            let w =
+                ((self.log_lik(&self.decode(&z)?, x)? + log_standard_normal(&z)?)? - log_posterior(&eps, &logvar)?)?;
+            rows.push(w);
+        }
+        Tensor::stack(&rows, 0)
+    }
+
+    /// Per-image ELBO and importance-weighted bound from the same `k` samples
+    /// (so the bound is never below the ELBO), each `(n,)`.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn elbo_and_iwae(&self, x: &Tensor, k: usize, rng: &mut StdRng) -> Result<(Tensor, Tensor)> {
+        let w = self.log_weights(x, k, rng)?;
+        Ok((w.mean(0)?, log_mean_exp(&w)?))
+    }
+}
+
+/// A Bernoulli draw of every intensity in `x` (in [0, 1]) from `rng`.
+///
+/// # Errors
+/// A tensor operation failed.
+pub fn binarize(x: &Tensor, rng: &mut StdRng) -> Result<Tensor> {
+    use rand::Rng;
+    let v = x.flatten_all()?.to_vec1::<f32>()?;
+    let b: Vec<f32> = v
+        .iter()
+        .map(|&p| f32::from(u8::from(rng.random::<f32>() < p)))
+        .collect();
+    Tensor::from_vec(b, x.shape(), x.device())
+}
+
+impl pretext_core::Method for Vae {
+    type Batch = pretext_data::ImageBatch;
+
+    fn vars(&self) -> &candle_nn::VarMap {
+        self.params.var_map()
+    }
+
+    fn step(
+        &mut self,
+        batch: &pretext_data::ImageBatch,
+        cx: &pretext_core::StepCx,
+    ) -> pretext_core::Result<pretext_core::StepOut> {
+        let x = batch
+            .views
+            .first()
+            .ok_or_else(|| pretext_core::Error::Config("the VAE needs one view per image".into()))?;
+        let x = if self.dynamic_binarize {
+            binarize(x, &mut cx.rng("binarize"))?
+        } else {
+            x.clone()
+        };
+        let eps = Self::noise(
+            x.dim(0)?,
+            self.cfg.latent,
+            &mut cx.rng(pretext_core::seed::METHOD),
+            x.device(),
+        )?;
+        let beta = self.beta_at(cx.step);
+        let t = self.objective(&x, &eps, beta)?;
+        Ok(pretext_core::StepOut {
+            loss: t.loss,
+            stats: vec![("rec_nll", t.rec_nll), ("kl", t.kl), ("beta", beta)],
+        })
+    }
+
+    fn metadata(&self) -> std::collections::BTreeMap<String, String> {
+        [
+            ("pretext.paradigm", "generative".to_string()),
+            ("pretext.method", "vae".to_string()),
+            (
+                "pretext.architecture",
+                match self.cfg.arch {
+                    VaeArch::Mlp => "vae-mlp".to_string(),
+                    VaeArch::Conv => "vae-conv".to_string(),
+                },
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+impl pretext_eval::ImageEncoder for Vae {
+    fn encode(&self, images: &Tensor, _train: bool) -> Result<Tensor> {
+        Ok(Vae::encode(self, images)?.0)
+    }
+
+    fn feature_dim(&self) -> usize {
+        self.cfg.latent
+    }
+
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.encoder_vars()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn tiny(arch: VaeArch, likelihood: Likelihood) -> Result<Vae> {
+        let cfg = VaeConfig {
+            arch,
+            latent: 3,
+            hidden: vec![6],
+            channels: vec![2, 3],
+            likelihood,
+            ..VaeConfig::default()
+        };
+        Vae::new(&cfg, 1, SIDE, 5, &Device::Cpu)
+    }
+
+    /// Small images keep the loss small, so f32 finite differences are precise.
+    const SIDE: usize = 4;
+
+    fn images(n: usize) -> Result<Tensor> {
+        let v: Vec<f32> = (0..n * SIDE * SIDE).map(|i| ((i * 37) % 101) as f32 / 100.0).collect();
+        Tensor::from_vec(v, (n, 1, SIDE, SIDE), &Device::Cpu)
+    }
+
+    /// d loss / d θ by central differences on a few coordinates of every
+    /// parameter, against autograd, with the noise held fixed.
+    #[test]
+    fn loss_gradient_matches_finite_differences() -> Result<()> {
+        let (mut checked, mut skipped) = (0usize, 0usize);
+        for (arch, lik) in [
+            (VaeArch::Mlp, Likelihood::Bernoulli),
+            (VaeArch::Conv, Likelihood::Bernoulli),
+            (VaeArch::Mlp, Likelihood::Gaussian),
+        ] {
+            let vae = tiny(arch, lik)?;
+            let x = images(3)?;
+            let eps = Vae::noise(3, 3, &mut StdRng::seed_from_u64(1), &Device::Cpu)?;
+            let loss = |v: &Vae| -> Result<f64> {
+                v.objective(&x, &eps, 0.7)?
+                    .loss
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()
+            };
+            let grads = vae.objective(&x, &eps, 0.7)?.loss.backward()?;
+            for (name, var) in named_vars(vae.params().var_map()) {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{arch:?}: no gradient for {name}"))
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let orig = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                let fd_at = |i: usize, h: f32| -> Result<f64> {
+                    let mut p = orig.clone();
+                    p[i] += h;
+                    var.set(&Tensor::from_vec(p.clone(), var.shape(), &Device::Cpu)?)?;
+                    let up = loss(&vae)?;
+                    p[i] -= 2.0 * h;
+                    var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu)?)?;
+                    let down = loss(&vae)?;
+                    var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu)?)?;
+                    Ok((up - down) / (2.0 * f64::from(h)))
+                };
+                for i in (0..orig.len()).step_by((orig.len() / 5).max(1)) {
+                    let (fd, fd_small) = (fd_at(i, 1e-2)?, fd_at(i, 1e-3)?);
+                    // a ReLU kink inside the step makes the two differences disagree: no smooth derivative to compare
+                    if (fd - fd_small).abs() > 0.02 * fd.abs() + 1e-3 {
+                        skipped += 1;
+                        continue;
+                    }
+                    checked += 1;
+                    // relative 2%, plus the f32 rounding of a ~40-nat loss over a 0.02 step
+                    let tol = 2e-2 * fd.abs().max(f64::from(g[i].abs())) + 1e-3;
+                    assert!(
+                        (fd - f64::from(g[i])).abs() < tol,
+                        "{arch:?} {lik:?} {name}[{i}]: finite difference {fd} vs autograd {}",
+                        g[i]
+                    );
+                }
+            }
+        }
+        assert!(
+            checked > 4 * skipped,
+            "too many coordinates at a kink: {checked} checked, {skipped} skipped"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn importance_weighted_bound_is_at_least_the_elbo() -> Result<()> {
+        let vae = tiny(VaeArch::Mlp, Likelihood::Bernoulli)?;
+        let x = images(5)?;
+        let (elbo, iwae) = vae.elbo_and_iwae(&x, 50, &mut StdRng::seed_from_u64(3))?;
+        let (elbo, iwae) = (elbo.to_vec1::<f32>()?, iwae.to_vec1::<f32>()?);
+        for (e, w) in elbo.iter().zip(&iwae) {
+            assert!(w >= e, "IWAE {w} < ELBO {e}");
+        }
+        // the bound tightens: strictly above for an untrained model
+        let gap: f32 = iwae.iter().zip(&elbo).map(|(w, e)| w - e).sum();
+        assert!(gap > 0.0);
+        // the Monte-Carlo ELBO agrees with the training objective's (β = 1) in expectation
+        let eps = Vae::noise(5, 3, &mut StdRng::seed_from_u64(4), &Device::Cpu)?;
+        let obj = -f64::from(vae.objective(&x, &eps, 1.0)?.loss.to_scalar::<f32>()?);
+        let mc = elbo.iter().map(|v| f64::from(*v)).sum::<f64>() / 5.0;
+        assert!(
+            (obj - mc).abs() < 0.05 * mc.abs(),
+            "objective {obj} vs sampled ELBO {mc}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn shapes_and_names() -> Result<()> {
+        let mlp = tiny(VaeArch::Mlp, Likelihood::Bernoulli)?;
+        let mut names: Vec<String> = named_vars(mlp.params().var_map()).into_iter().map(|(n, _)| n).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "dec.0.bias",
+                "dec.0.weight",
+                "dec.2.bias",
+                "dec.2.weight",
+                "enc.0.bias",
+                "enc.0.weight",
+                "logvar.bias",
+                "logvar.weight",
+                "mu.bias",
+                "mu.weight"
+            ]
+        );
+        let conv = tiny(VaeArch::Conv, Likelihood::Gaussian)?;
+        let x = images(2)?;
+        let (mu, lv) = conv.encode(&x)?;
+        assert_eq!((mu.dims(), lv.dims()), (&[2usize, 3][..], &[2usize, 3][..]));
+        assert_eq!(conv.decode(&mu)?.dims(), [2, 1, SIDE, SIDE]);
+        assert!(named_vars(conv.params().var_map())
+            .iter()
+            .any(|(n, _)| n == "log_sigma"));
+        assert_eq!(conv.encoder_vars().len(), 8);
+        Ok(())
+    }
+}

@@ -19,7 +19,9 @@ enum BenchWhat {
     Conv,
     /// The two-view augmentation pipeline.
     Data,
-    /// Both.
+    /// VAE training throughput (the default MLP VAE).
+    Vae,
+    /// All of them.
     All,
 }
 
@@ -240,6 +242,57 @@ fn bench_data() -> Result<String> {
     Ok(md)
 }
 
+fn ours_vae() -> Result<f64> {
+    let out = run(
+        Command::new("cargo")
+            .args(["bench", "-q", "-p", "pretext-generative", "--bench", "vae_step"])
+            .current_dir(root()),
+        "cargo bench -p pretext-generative --bench vae_step",
+    )?;
+    out.lines()
+        .find(|l| l.starts_with("RESULT vae_step"))
+        .and_then(|l| field(l, "img_per_s"))
+        .context("no RESULT line from vae_step")
+}
+
+fn bench_vae() -> Result<String> {
+    let a = ours_vae()?;
+    let mut md = String::new();
+    match reference() {
+        Some(r) => {
+            let tmp = std::env::temp_dir().join(format!("pretext-ref-vae-{}.jsonl", std::process::id()));
+            let out = run(
+                Command::new(&r.python)
+                    .args(["reference.py", "vae", "--epochs", "2"])
+                    .env("REF_RESULTS", &tmp)
+                    .current_dir(&r.dir),
+                "reference.py vae --epochs 2",
+            )?;
+            let _ = std::fs::remove_file(tmp);
+            let res: Vec<(String, f64)> = out
+                .lines()
+                .filter_map(|l| l.strip_prefix("[result] "))
+                .filter_map(parse_result)
+                .collect();
+            let b = ours_vae()?;
+            let ours = (a + b) / 2.0;
+            let t = find(&res, "training throughput").context("no throughput figure from the reference VAE")?;
+            md.push_str("| VAE training (MLP 784-512-256-32, batch 128, Adam, fp32) | images/s | ratio pretext / this |\n|---|---|---|\n");
+            md.push_str(&format!(
+                "| pretext (CPU), mean of runs before and after the reference ({a:.0}, {b:.0}) | {ours:.0} | 1.00 |\n"
+            ));
+            md.push_str(&format!(
+                "| PyTorch 2.15 (`reference.py vae`, 2 epochs) | {t:.0} | {:.2} |\n",
+                ours / t
+            ));
+        }
+        None => md.push_str(&format!(
+            "pretext VAE training, batch 128: {a:.0} images/s (no PyTorch reference found: set PRETEXT_REFERENCE)\n"
+        )),
+    }
+    Ok(md)
+}
+
 fn record(section: &str, body: &str) -> Result<()> {
     let path = root().join("docs/performance.md");
     let date = run(Command::new("date").arg("+%Y-%m-%d %H:%M"), "date")?;
@@ -267,6 +320,13 @@ fn main() -> ExitCode {
                 println!("{md}");
                 if !no_record {
                     record("Augmentation pipeline", &md)?;
+                }
+            }
+            if matches!(what, BenchWhat::Vae | BenchWhat::All) {
+                let md = bench_vae()?;
+                println!("{md}");
+                if !no_record {
+                    record("VAE training", &md)?;
                 }
             }
             Ok(())

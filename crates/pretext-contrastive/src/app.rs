@@ -267,122 +267,34 @@ pub fn probe(
         .held_out
         .as_ref()
         .ok_or_else(|| Error::Config("probing needs labelled data".into()))?;
-    let train_labels = data
-        .train
-        .labels
-        .as_ref()
-        .ok_or_else(|| Error::Config("probing needs labelled training images".into()))?;
     let random = new_model(cfg, device)?;
-    let all_train: Vec<usize> = (0..data.train.len()).collect();
-    let all_test: Vec<usize> = (0..held.len()).collect();
-    let probe_cfg = pretext_eval::LinearProbeConfig {
+    let setup = pretext_eval::TransferSetup {
+        train: &data.train,
+        test: held,
+        mean: &cfg.data.augment.mean,
+        std: &cfg.data.augment.std,
+        size: cfg.data.image_size,
+        fractions,
         seed: cfg.train.seed,
-        ..Default::default()
+        probe: pretext_eval::LinearProbeConfig {
+            seed: cfg.train.seed,
+            ..Default::default()
+        },
+        knn: KnnConfig {
+            k: cfg.eval.knn_k,
+            temperature: cfg.eval.knn_temperature,
+            ..Default::default()
+        },
+        finetune: finetune.then(|| (cfg.eval.finetune.clone(), cfg.eval.finetune_max_labels)),
     };
-    let knn = KnnConfig {
-        k: cfg.eval.knn_k,
-        temperature: cfg.eval.knn_temperature,
-        ..Default::default()
+    let mut fresh = |init: pretext_eval::Init| -> pretext_eval::Result<Box<dyn pretext_eval::ImageEncoder>> {
+        Ok(Box::new(match init {
+            pretext_eval::Init::Pretrained => load_trained(dir, cfg, device)?.1,
+            pretext_eval::Init::Random => new_model(cfg, device)?,
+        }))
     };
-    let mut records = Vec::new();
-    let mut test_features = None;
-    for (name, model) in [
-        ("pretrained", Some(&pretrained)),
-        ("random-init", Some(&random)),
-        ("raw", None),
-    ] {
-        observer.on_message(&format!(
-            "probing {name} features ({} train, {} test images)",
-            all_train.len(),
-            all_test.len()
-        ));
-        let (tr, te) = match model {
-            Some(m) => (
-                embed(
-                    m,
-                    &data.train,
-                    &all_train,
-                    cfg,
-                    device,
-                    observer,
-                    &format!("{name}: train features"),
-                )?,
-                embed(
-                    m,
-                    held,
-                    &all_test,
-                    cfg,
-                    device,
-                    observer,
-                    &format!("{name}: test features"),
-                )?,
-            ),
-            None => (
-                Embedded::from_pixels(&data.train).map_err(eval_err)?,
-                Embedded::from_pixels(held).map_err(eval_err)?,
-            ),
-        };
-        let recs = pretext_eval::evaluate_features(name, &tr, &te, fractions, cfg.train.seed, &probe_cfg, &knn)
-            .map_err(eval_err)?;
-        for r in &recs {
-            observer.on_message(&format!(
-                "  {name} {} @ {}: {:.2}%",
-                r.protocol,
-                pretext_eval::report::fraction_label(r.labels),
-                r.accuracy * 100.0
-            ));
-        }
-        records.extend(recs);
-        if name == "pretrained" {
-            test_features = Some(te);
-        }
-    }
-    if finetune {
-        for &f in fractions.iter().filter(|&&f| f <= cfg.eval.finetune_max_labels) {
-            let idx = pretext_data::subset::balanced_subset(train_labels, f, cfg.train.seed).map_err(data_err)?;
-            let subset = data.train.select(&idx);
-            for name in ["pretrained", "random-init"] {
-                let model = if name == "pretrained" {
-                    load_trained(dir, cfg, device)?.1
-                } else {
-                    new_model(cfg, device)?
-                };
-                observer.on_message(&format!(
-                    "fine-tuning {name} encoder on {} labelled images ({})",
-                    subset.len(),
-                    pretext_eval::report::fraction_label(f)
-                ));
-                let r = pretext_eval::fine_tune(
-                    &model,
-                    &subset,
-                    held,
-                    &cfg.data.augment.mean,
-                    &cfg.data.augment.std,
-                    cfg.data.image_size,
-                    &cfg.eval.finetune,
-                    cfg.train.seed,
-                    device,
-                    observer,
-                )
-                .map_err(eval_err)?;
-                observer.on_message(&format!(
-                    "  {name} finetune @ {}: {:.2}% ({} epochs, {:.0} s)",
-                    pretext_eval::report::fraction_label(f),
-                    r.accuracy * 100.0,
-                    r.epochs,
-                    r.train_seconds
-                ));
-                records.push(pretext_eval::EvalRecord {
-                    features: name.into(),
-                    protocol: "finetune".into(),
-                    labels: f,
-                    accuracy: r.accuracy,
-                    n_train: r.n_train,
-                    n_test: r.n_test,
-                });
-            }
-        }
-    }
+    let (records, test_features) =
+        pretext_eval::transfer_records(&setup, &pretrained, &random, &mut fresh, device, observer).map_err(eval_err)?;
     let report = pretext_eval::EvalReport {
         paradigm: "contrastive".into(),
         method: cfg.method.clone(),
@@ -394,7 +306,7 @@ pub fn probe(
     let metrics_path = run.metrics_path();
     let figures = pretext_eval::plots::RunFigures {
         metrics: Some(&metrics_path),
-        test_features: test_features.as_ref(),
+        test_features: Some(&test_features),
         class_names: &held.classes,
         ..Default::default()
     };

@@ -241,21 +241,13 @@ pub fn export(dir: &Path, cfg: &ContrastiveConfig, device: &candle_core::Device)
     let card = model_card(cfg, &conf, report.as_ref(), &run.config_text()?);
 
     let out = run.root().join("export");
-    let tmp = run.root().join(format!(".export-tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    for (name, data) in [
-        ("model.safetensors", bytes.as_slice()),
-        ("config.json", config_json.as_slice()),
-        ("README.md", card.as_bytes()),
-    ] {
-        pretext_core::run::write_atomic(&tmp.join(name), data)?;
-    }
-    if out.exists() {
-        std::fs::remove_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    }
-    std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
+    pretext_core::run::write_dir_atomic(
+        &out,
+        &[
+            ("model.safetensors", bytes.as_slice()),
+            ("config.json", config_json.as_slice()),
+            ("README.md", card.as_bytes()),
+        ],
+    )?;
     Ok(out)
 }

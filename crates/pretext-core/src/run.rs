@@ -133,6 +133,38 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Replaces the folder `dir` with one holding exactly `files` (name, bytes):
+/// they are written into a temporary sibling folder first, which then takes
+/// `dir`'s place, so `dir` is never left half-written (e.g. `export/`).
+///
+/// # Errors
+/// [`Error::Io`] naming the path; a file name with a path separator.
+pub fn write_dir_atomic(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    for (file, bytes) in files {
+        if file.contains(['/', '\\']) || file.is_empty() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(Error::Config(format!("{file:?} is not a plain file name")));
+        }
+        if let Err(e) = write_atomic(&tmp.join(file), bytes) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
 /// Appends JSON records to `metrics.jsonl`, one per line, flushed per record.
 #[derive(Debug)]
 pub struct MetricsLog {
@@ -227,6 +259,36 @@ pub fn read_metrics(path: &Path) -> Result<Vec<serde_json::Value>> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn folders_are_replaced_whole_or_not_at_all() -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+        let dir = tmp.path().join("export");
+        write_dir_atomic(&dir, &[("a.txt", b"one"), ("b.txt", b"two")])?;
+        write_dir_atomic(&dir, &[("a.txt", b"new")])?;
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().to_string()))
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| Error::io(&dir, e))?;
+        names.sort();
+        assert_eq!(names, ["a.txt"], "the old folder is replaced, not merged");
+        assert_eq!(
+            std::fs::read(dir.join("a.txt")).map_err(|e| Error::io(&dir, e))?,
+            b"new"
+        );
+        // a bad name fails before anything replaces the folder, and leaves no temporary behind
+        assert!(write_dir_atomic(&dir, &[("x.txt", b"x"), ("../escape", b"y")]).is_err());
+        assert_eq!(
+            std::fs::read(dir.join("a.txt")).map_err(|e| Error::io(&dir, e))?,
+            b"new"
+        );
+        let leftovers = std::fs::read_dir(tmp.path())
+            .map_err(|e| Error::io(tmp.path(), e))?
+            .count();
+        assert_eq!(leftovers, 1);
+        Ok(())
+    }
 
     #[test]
     fn create_open_and_refuse_overwrite() -> Result<()> {

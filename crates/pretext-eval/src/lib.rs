@@ -11,6 +11,7 @@ pub mod knn;
 pub mod linear;
 pub mod plots;
 pub mod report;
+pub mod transfer;
 
 pub use error::{Error, Result};
 pub use features::{extract_features, Embedded, ImageEncoder};
@@ -18,3 +19,4 @@ pub use finetune::{fine_tune, FineTuneConfig, FineTuneResult};
 pub use knn::{knn_accuracy, KnnConfig};
 pub use linear::{LinearProbe, LinearProbeConfig};
 pub use report::{evaluate_features, EvalRecord, EvalReport};
+pub use transfer::{transfer_records, Init, TransferSetup};

@@ -427,11 +427,6 @@ pub fn probe(
         .held_out
         .as_ref()
         .ok_or_else(|| Error::Config("probing needs labelled data".into()))?;
-    let train_labels = data
-        .train
-        .labels
-        .as_ref()
-        .ok_or_else(|| Error::Config("probing needs labelled training images".into()))?;
     let n_lik = if cfg.eval.likelihood_images == 0 {
         held.len()
     } else {
@@ -457,105 +452,33 @@ pub fn probe(
         lik.neg_elbo, lik.rec_nll, lik.kl, lik.iwae_nll
     ));
     let random = new_model(cfg, device)?;
-    let all_train: Vec<usize> = (0..data.train.len()).collect();
-    let all_test: Vec<usize> = (0..held.len()).collect();
-    let probe_cfg = pretext_eval::LinearProbeConfig {
+    let setup = pretext_eval::TransferSetup {
+        train: &data.train,
+        test: held,
+        mean: &[],
+        std: &[],
+        size: cfg.data.image_size,
+        fractions,
         seed: cfg.train.seed,
-        ..Default::default()
+        probe: pretext_eval::LinearProbeConfig {
+            seed: cfg.train.seed,
+            ..Default::default()
+        },
+        knn: KnnConfig {
+            k: cfg.eval.knn_k,
+            temperature: cfg.eval.knn_temperature,
+            ..Default::default()
+        },
+        finetune: finetune.then(|| (cfg.eval.finetune.clone(), cfg.eval.finetune_max_labels)),
     };
-    let knn = KnnConfig {
-        k: cfg.eval.knn_k,
-        temperature: cfg.eval.knn_temperature,
-        ..Default::default()
+    let mut fresh = |init: pretext_eval::Init| -> pretext_eval::Result<Box<dyn pretext_eval::ImageEncoder>> {
+        Ok(Box::new(match init {
+            pretext_eval::Init::Pretrained => load_trained(dir, cfg, device)?.1,
+            pretext_eval::Init::Random => new_model(cfg, device)?,
+        }))
     };
-    let mut records = Vec::new();
-    let mut test_features = None;
-    for (name, model) in [
-        ("pretrained", Some(&trained)),
-        ("random-init", Some(&random)),
-        ("raw", None),
-    ] {
-        observer.on_message(&format!("probing {name} features"));
-        let (tr, te) = match model {
-            Some(m) => (
-                embed(
-                    m,
-                    &data.train,
-                    &all_train,
-                    cfg,
-                    device,
-                    observer,
-                    &format!("{name}: train features"),
-                )?,
-                embed(
-                    m,
-                    held,
-                    &all_test,
-                    cfg,
-                    device,
-                    observer,
-                    &format!("{name}: test features"),
-                )?,
-            ),
-            None => (
-                Embedded::from_pixels(&data.train).map_err(eval_err)?,
-                Embedded::from_pixels(held).map_err(eval_err)?,
-            ),
-        };
-        let recs = pretext_eval::evaluate_features(name, &tr, &te, fractions, cfg.train.seed, &probe_cfg, &knn)
-            .map_err(eval_err)?;
-        for r in &recs {
-            observer.on_message(&format!(
-                "  {name} {} @ {}: {:.2}%",
-                r.protocol,
-                pretext_eval::report::fraction_label(r.labels),
-                r.accuracy * 100.0
-            ));
-        }
-        records.extend(recs);
-        if name == "pretrained" {
-            test_features = Some(te);
-        }
-    }
-    if finetune {
-        for &f in fractions.iter().filter(|&&f| f <= cfg.eval.finetune_max_labels) {
-            let idx = pretext_data::subset::balanced_subset(train_labels, f, cfg.train.seed).map_err(data_err)?;
-            let subset = data.train.select(&idx);
-            for name in ["pretrained", "random-init"] {
-                let model = if name == "pretrained" {
-                    load_trained(dir, cfg, device)?.1
-                } else {
-                    new_model(cfg, device)?
-                };
-                let r = pretext_eval::fine_tune(
-                    &model,
-                    &subset,
-                    held,
-                    &[],
-                    &[],
-                    cfg.data.image_size,
-                    &cfg.eval.finetune,
-                    cfg.train.seed,
-                    device,
-                    observer,
-                )
-                .map_err(eval_err)?;
-                observer.on_message(&format!(
-                    "  {name} finetune @ {}: {:.2}%",
-                    pretext_eval::report::fraction_label(f),
-                    r.accuracy * 100.0
-                ));
-                records.push(pretext_eval::EvalRecord {
-                    features: name.into(),
-                    protocol: "finetune".into(),
-                    labels: f,
-                    accuracy: r.accuracy,
-                    n_train: r.n_train,
-                    n_test: r.n_test,
-                });
-            }
-        }
-    }
+    let (records, test_features) =
+        pretext_eval::transfer_records(&setup, &trained, &random, &mut fresh, device, observer).map_err(eval_err)?;
     let report = pretext_eval::EvalReport {
         paradigm: "generative".into(),
         method: "vae".into(),
@@ -569,7 +492,7 @@ pub fn probe(
     let metrics_path = run.metrics_path();
     let figures = pretext_eval::plots::RunFigures {
         metrics: Some(&metrics_path),
-        test_features: test_features.as_ref(),
+        test_features: Some(&test_features),
         class_names: &held.classes,
         extra_images: pictures(&trained, held, cfg, cfg.train.seed, device)?,
         intro_html: likelihood_html(&lik),
@@ -687,21 +610,13 @@ for {steps} optimizer steps: Gaussian posterior, standard normal prior, {:?} lik
     card.push_str("\n```\n");
 
     let out = run.root().join("export");
-    let tmp = run.root().join(format!(".export-tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    for (name, data) in [
-        ("model.safetensors", bytes.as_slice()),
-        ("config.json", config_json.as_slice()),
-        ("README.md", card.as_bytes()),
-    ] {
-        pretext_core::run::write_atomic(&tmp.join(name), data)?;
-    }
-    if out.exists() {
-        std::fs::remove_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    }
-    std::fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
+    pretext_core::run::write_dir_atomic(
+        &out,
+        &[
+            ("model.safetensors", bytes.as_slice()),
+            ("config.json", config_json.as_slice()),
+            ("README.md", card.as_bytes()),
+        ],
+    )?;
     Ok(out)
 }

@@ -1,0 +1,76 @@
+//! VAE training throughput: the default MLP VAE (784-512-256-32, Bernoulli,
+//! Adam 1e-3) at batch 128 on Fashion-MNIST images in [0, 1], batches built
+//! beforehand (as the reference's in-memory tensors), full training steps
+//! (forward, backward, optimizer) through the core trainer.
+//!
+//! `cargo bench -p pretext-generative --bench vae_step`
+//! Environment: `PRETEXT_BENCH_BATCH` (128), `PRETEXT_BENCH_WARMUP` (20),
+//! `PRETEXT_BENCH_ITERS` (300). The last line is machine-readable:
+//! `RESULT vae_step img_per_s=<x>`.
+
+use candle_core::Device;
+use pretext_core::trainer::{BatchSource, NullObserver, TrainConfig, Trainer};
+use pretext_core::{OptimConfig, ScheduleConfig, ScheduleKind};
+use pretext_data::{AugmentConfig, BatcherConfig, ImageBatch, ImageBatcher, Pipeline};
+use pretext_generative::{Vae, VaeConfig};
+use std::sync::Arc;
+use std::time::Instant;
+
+struct Prebuilt(Vec<ImageBatch>);
+
+impl BatchSource for Prebuilt {
+    type Batch = ImageBatch;
+    fn steps_per_epoch(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn batch(&mut self, step: u64) -> pretext_core::Result<ImageBatch> {
+        Ok(self.0[step as usize % self.0.len()].clone())
+    }
+}
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    pretext_core::alloc::keep_freed_memory();
+    let batch = env("PRETEXT_BENCH_BATCH", 128);
+    let warmup = env("PRETEXT_BENCH_WARMUP", 20);
+    let iters = env("PRETEXT_BENCH_ITERS", 300);
+    let dev = Device::Cpu;
+    let data = pretext_data::shipped::fashion_mnist(&pretext_data::shipped::datasets_dir()?)?;
+    let pipeline = Arc::new(Pipeline::new(AugmentConfig::none(vec![], vec![]), 28, 28)?);
+    let cfg = BatcherConfig {
+        batch_size: batch,
+        views: 1,
+        seed: 0,
+        prefetch: 0,
+        ..Default::default()
+    };
+    let batcher = ImageBatcher::new(Arc::new(data.train), pipeline, cfg, &dev)?;
+    let distinct = 100.min(warmup + iters) as u64;
+    let batches: Vec<ImageBatch> = (0..distinct).map(|s| batcher.batch_now(s)).collect::<Result<_, _>>()?;
+    let mut source = Prebuilt(batches);
+    let model = Vae::new(&VaeConfig::default(), 1, 28, 0, &dev)?;
+    let train = TrainConfig {
+        max_steps: (warmup + iters) as u64,
+        batch_size: batch,
+        ..TrainConfig::default()
+    };
+    let schedule = ScheduleConfig {
+        kind: ScheduleKind::Constant,
+        ..ScheduleConfig::default()
+    };
+    let mut trainer = Trainer::new(model, &OptimConfig::default(), &schedule, &train)?;
+    trainer.fit_until(&mut source, &mut NullObserver, warmup as u64)?;
+    let t = Instant::now();
+    trainer.fit_until(&mut source, &mut NullObserver, (warmup + iters) as u64)?;
+    let secs = t.elapsed().as_secs_f64();
+    let ips = (iters * batch) as f64 / secs;
+    println!("vae_step: {iters} steps of {batch} images in {secs:.2} s");
+    println!("RESULT vae_step img_per_s={ips:.1}");
+    Ok(())
+}

@@ -99,3 +99,23 @@ fn shipped_contrastive_configs_are_valid() {
         ]
     );
 }
+
+/// Every shipped VAE config merges over the defaults and validates.
+#[test]
+fn shipped_generative_configs_are_valid() {
+    use pretext_generative::{GenerativeConfig, VaeArch, DEFAULT_CONFIG};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pretext-generative/configs");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("configs/") {
+        let path = entry.expect("entry").path();
+        let r: pretext_cli::config::Resolved<GenerativeConfig> =
+            pretext_cli::config::resolve(DEFAULT_CONFIG, Some(&path), &[]).expect("resolves");
+        r.config.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let want = if name.contains("conv") { (VaeArch::Conv, 64) } else { (VaeArch::Mlp, 32) };
+        assert_eq!((r.config.model.arch, r.config.model.latent), want, "{name}");
+        seen.push(name);
+    }
+    seen.sort();
+    assert_eq!(seen, ["vae-conv-fmnist.toml", "vae-fmnist.toml"]);
+}

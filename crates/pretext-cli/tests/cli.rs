@@ -110,9 +110,19 @@ fn shipped_generative_configs_are_valid() {
         let path = entry.expect("entry").path();
         let r: pretext_cli::config::Resolved<GenerativeConfig> =
             pretext_cli::config::resolve(DEFAULT_CONFIG, Some(&path), &[]).expect("resolves");
-        r.config.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        let want = if name.contains("conv") { (VaeArch::Conv, 64) } else { (VaeArch::Mlp, 32) };
+        r.config
+            .validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let want = if name.contains("conv") {
+            (VaeArch::Conv, 64)
+        } else {
+            (VaeArch::Mlp, 32)
+        };
         assert_eq!((r.config.model.arch, r.config.model.latent), want, "{name}");
         seen.push(name);
     }

@@ -289,6 +289,8 @@ pub struct Trainer<M: Method> {
     step: u64,
     last_lr: f64,
     last_loss: Option<f64>,
+    /// When this process first trained (`elapsed_s` counts from here, across `fit_until` calls).
+    started: Option<Instant>,
     checkpoints: Option<CheckpointManager>,
     metrics: Option<MetricsLog>,
 }
@@ -311,6 +313,7 @@ impl<M: Method> Trainer<M> {
             step: 0,
             last_lr: 0.0,
             last_loss: None,
+            started: None,
             checkpoints: None,
             metrics: None,
         })
@@ -448,7 +451,7 @@ impl<M: Method> Trainer<M> {
         let spe = data.steps_per_epoch().max(1);
         let total = self.cfg.total_steps(spe);
         let stop = stop.min(total);
-        let started = Instant::now();
+        let started = *self.started.get_or_insert_with(Instant::now);
         let mut losses = Vec::new();
         observer.on_start(self.step, total);
         while self.step < stop {

@@ -258,6 +258,88 @@ fn load_moments(
     Ok((step, moments))
 }
 
+/// One AdamW update's constants.
+struct AdamHyper {
+    lr: f64,
+    wd: f64,
+    b1: f64,
+    b2: f64,
+    eps: f64,
+    bc1: f64,
+    bc2: f64,
+}
+
+/// Borrows the f32 values of a contiguous CPU tensor and runs `f` on them;
+/// `None` when the tensor is elsewhere or of another type.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
+        _ => None,
+    }
+}
+
+/// The AdamW update in one pass over the parameter, its gradient and both
+/// moments (CPU, f32): the same arithmetic as the tensor path, without its
+/// dozen intermediate tensors. `None` when a tensor is not a contiguous f32
+/// CPU tensor (the caller then takes the tensor path).
+fn adamw_fused_cpu(
+    theta: &Tensor,
+    g: &Tensor,
+    m: Option<&Tensor>,
+    v: Option<&Tensor>,
+    h: &AdamHyper,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    use rayon::prelude::*;
+    let n = theta.elem_count();
+    if g.elem_count() != n || m.is_some_and(|m| m.elem_count() != n) || v.is_some_and(|v| v.elem_count() != n) {
+        return Ok(None);
+    }
+    let copy = |t: Option<&Tensor>| -> Option<Vec<f32>> {
+        match t {
+            Some(t) => with_cpu_f32(t, <[f32]>::to_vec),
+            None => Some(vec![0f32; n]),
+        }
+    };
+    let (Some(mut th), Some(mut mm), Some(mut vv)) = (with_cpu_f32(theta, <[f32]>::to_vec), copy(m), copy(v)) else {
+        return Ok(None);
+    };
+    let decay = (1.0 - h.lr * h.wd) as f32;
+    let (b1, b2) = (h.b1 as f32, h.b2 as f32);
+    let (c1, c2) = ((1.0 - h.b1) as f32, (1.0 - h.b2) as f32);
+    let sbc2 = h.bc2.sqrt() as f32;
+    let eps = h.eps as f32;
+    let step = (h.lr / h.bc1) as f32;
+    let done = with_cpu_f32(g, |gs| {
+        const CHUNK: usize = 1 << 14;
+        th.par_chunks_mut(CHUNK)
+            .zip(mm.par_chunks_mut(CHUNK))
+            .zip(vv.par_chunks_mut(CHUNK))
+            .zip(gs.par_chunks(CHUNK))
+            .for_each(|(((t, m), v), g)| {
+                for i in 0..t.len() {
+                    let gi = g[i];
+                    let mi = m[i] * b1 + gi * c1;
+                    let vi = v[i] * b2 + gi * gi * c2;
+                    m[i] = mi;
+                    v[i] = vi;
+                    let denom = vi.sqrt() / sbc2 + eps;
+                    t[i] = t[i] * decay - mi / denom * step;
+                }
+            });
+    });
+    if done.is_none() {
+        return Ok(None);
+    }
+    let shape = theta.shape().clone();
+    let dev = theta.device();
+    Ok(Some((
+        Tensor::from_vec(th, shape.clone(), dev)?,
+        Tensor::from_vec(mm, shape.clone(), dev)?,
+        Tensor::from_vec(vv, shape, dev)?,
+    )))
+}
+
 /// AdamW as in `torch.optim.AdamW` (decoupled weight decay, bias correction).
 pub struct AdamW {
     params: Vec<Param>,
@@ -289,14 +371,31 @@ impl Optim for AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let theta = p.var.as_tensor().detach();
             let wd = if p.excluded { 0.0 } else { self.cfg.weight_decay };
+            let (km, kv) = (format!("{}.exp_avg", p.name), format!("{}.exp_avg_sq", p.name));
+            let h = AdamHyper {
+                lr,
+                wd,
+                b1,
+                b2,
+                eps: self.cfg.eps,
+                bc1,
+                bc2,
+            };
+            if let Some((theta, m, v)) =
+                adamw_fused_cpu(p.var.as_tensor(), g, self.moments.get(&km), self.moments.get(&kv), &h)?
+            {
+                p.var.set(&theta)?;
+                self.moments.insert(km, m);
+                self.moments.insert(kv, v);
+                continue;
+            }
+            let theta = p.var.as_tensor().detach();
             let theta = if wd != 0.0 {
                 theta.affine(1.0 - lr * wd, 0.0)?
             } else {
                 theta
             };
-            let (km, kv) = (format!("{}.exp_avg", p.name), format!("{}.exp_avg_sq", p.name));
             let m = match self.moments.get(&km) {
                 Some(m) => ((m * b1)? + (g * (1.0 - b1))?)?,
                 None => (g * (1.0 - b1))?,

@@ -1,5 +1,7 @@
 //! Project automation: `cargo xtask bench`, `cargo xtask train-all`, `cargo xtask push`.
 
+mod push;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -49,14 +51,24 @@ enum Task {
         #[arg(long, default_value = "quick")]
         preset: String,
     },
-    /// Upload a run's export/ folder to the Hugging Face Hub (not available yet).
+    /// Upload a run's export/ folder (model.safetensors, config.json, the model
+    /// card README.md, tokenizer files for text models) to the Hugging Face Hub in
+    /// one commit, creating the repository if needed.
+    ///
+    /// Token from HF_TOKEN, else the file HF_TOKEN_PATH, else $HF_HOME/token
+    /// (~/.cache/huggingface/token); it is never printed. Endpoint from
+    /// HF_ENDPOINT (default https://huggingface.co). Run `pretext-<paradigm>
+    /// export RUN` first.
     Push {
         /// The run folder.
         run: PathBuf,
         /// Target repository, namespace/name.
         #[arg(long)]
         repo: String,
-        /// Print what would be sent, send nothing.
+        /// Create the repository as private.
+        #[arg(long)]
+        private: bool,
+        /// Print what would be sent (files, sizes, checksums, card metadata); send nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -334,7 +346,12 @@ fn main() -> ExitCode {
         Task::TrainAll { .. } => Err(anyhow::anyhow!(
             "`cargo xtask train-all` is not available yet: the paradigm trainers it drives are still being built"
         )),
-        Task::Push { .. } => Err(anyhow::anyhow!("`cargo xtask push` is not available yet")),
+        Task::Push {
+            run,
+            repo,
+            private,
+            dry_run,
+        } => push::push(&run, &repo, private, dry_run),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -353,9 +353,13 @@ impl ResNet {
 }
 
 /// 3×3 max-pool, stride 2, padding 1 on `(n, h, w, c)` (as torchvision's
-/// ResNet stem). Inputs are post-ReLU (≥ 0), so zero padding equals
-/// PyTorch's −∞ padding.
+/// ResNet stem): pretext's op on the CPU (candle's max-pool has no backward
+/// for overlapping windows); elsewhere candle's, forward only. Inputs are
+/// post-ReLU (≥ 0), so zero padding equals PyTorch's −∞ padding there.
 fn max_pool_3x3_s2_nhwc(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return ops::max_pool2d_nhwc(x, 3, 2, 1);
+    }
     let nchw = x
         .permute((0, 3, 1, 2))?
         .pad_with_zeros(2, 1, 1)?

@@ -12,6 +12,53 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The reference's `SmallResNet` in PyTorch, for the model card (`{cin}` and
+/// `{stages}` are filled in).
+const SMALL_RESNET_PY: &str = r#"import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        else:
+            self.short = nn.Identity()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.short(x))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, cin={cin}, stages={stages}):  # (width, stride, blocks) per stage
+        super().__init__()
+        w0 = stages[0][0]
+        self.stem = nn.Sequential(nn.Conv2d(cin, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU())
+        blocks, c = [], w0
+        for w, s, n in stages:
+            stage = []
+            for j in range(n):
+                stage.append(BasicBlock(c, w, s if j == 0 else 1))
+                c = w
+            blocks.append(stage[0] if n == 1 else nn.Sequential(*stage))
+        self.stages = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.stages(self.stem(x)).mean(dim=(2, 3))
+
+
+model = SmallResNet()
+model.load_state_dict(state)
+model.eval()
+"#;
+
 /// `config.json` of an exported backbone.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ExportConfig {
@@ -155,25 +202,12 @@ retrieval or fine-tuning with few labels.\n\n",
             y.push_str("model.fc = torch.nn.Identity()  # the backbone has no classifier\nmodel.load_state_dict(state)\nmodel.eval()\n");
         }
         Arch::SmallResnet => {
-            y.push_str(&format!(
-                "import torch.nn as nn\nimport torch.nn.functional as F\n\n\
-class BasicBlock(nn.Module):\n    def __init__(self, cin, cout, stride):\n        super().__init__()\n\
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)\n        self.bn1 = nn.BatchNorm2d(cout)\n\
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)\n        self.bn2 = nn.BatchNorm2d(cout)\n\
-        self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))\n\
-                      if stride != 1 or cin != cout else nn.Identity())\n\n\
-    def forward(self, x):\n        out = F.relu(self.bn1(self.conv1(x)))\n        out = self.bn2(self.conv2(out))\n\
-        return F.relu(out + self.short(x))\n\n\
-class SmallResNet(nn.Module):\n    def __init__(self, cin={cin}, stages={stages:?}):\n        super().__init__()\n\
-        w0 = stages[0][0]\n        self.stem = nn.Sequential(nn.Conv2d(cin, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU())\n\
-        blocks, c = [], w0\n        for w, s, n in stages:\n            stage = []\n            for j in range(n):\n\
-                stage.append(BasicBlock(c, w, s if j == 0 else 1))\n                c = w\n\
-            blocks.append(stage[0] if n == 1 else nn.Sequential(*stage))\n        self.stages = nn.Sequential(*blocks)\n\n\
-    def forward(self, x):\n        return self.stages(self.stem(x)).mean(dim=(2, 3))\n\n\
-model = SmallResNet()\nmodel.load_state_dict(state)\nmodel.eval()\n",
-                cin = conf.in_channels,
-                stages = conf.stages.iter().map(|s| (s[0], s[1], s[2])).collect::<Vec<_>>(),
-            ));
+            let stages = conf.stages.iter().map(|s| (s[0], s[1], s[2])).collect::<Vec<_>>();
+            y.push_str(
+                &SMALL_RESNET_PY
+                    .replace("{cin}", &conf.in_channels.to_string())
+                    .replace("{stages}", &format!("{stages:?}")),
+            );
         }
     }
     y.push_str(&format!(

@@ -615,3 +615,103 @@ pub fn global_avg_pool_nhwc(x: &Tensor) -> candle_core::Result<Tensor> {
 
 #[cfg(test)]
 mod tests;
+
+/// Max pooling over `k × k` windows with `stride` and `pad` (padding never
+/// wins, as PyTorch's −∞ padding) on `(n, h, w, c)`.
+struct MaxPoolOp {
+    k: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl MaxPoolOp {
+    fn out_size(&self, h: usize) -> usize {
+        (h + 2 * self.pad - self.k) / self.stride + 1
+    }
+
+    /// For every output element, the flat input index of its window's maximum (first on ties).
+    fn argmax(&self, x: &[f32], (n, h, w, c): (usize, usize, usize, usize)) -> (Vec<f32>, Vec<usize>) {
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        let mut y = vec![f32::NEG_INFINITY; n * oh * ow * c];
+        let mut at = vec![0usize; y.len()];
+        for b in 0..n {
+            for i in 0..oh {
+                for j in 0..ow {
+                    let o = ((b * oh + i) * ow + j) * c;
+                    for di in 0..self.k {
+                        let Some(yy) = (i * self.stride + di).checked_sub(self.pad).filter(|&v| v < h) else {
+                            continue;
+                        };
+                        for dj in 0..self.k {
+                            let Some(xx) = (j * self.stride + dj).checked_sub(self.pad).filter(|&v| v < w) else {
+                                continue;
+                            };
+                            let src = ((b * h + yy) * w + xx) * c;
+                            for ch in 0..c {
+                                let v = x[src + ch];
+                                if v > y[o + ch] || (at[o + ch] == 0 && y[o + ch] == f32::NEG_INFINITY) {
+                                    y[o + ch] = v;
+                                    at[o + ch] = src + ch;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (y, at)
+    }
+}
+
+impl CustomOp1 for MaxPoolOp {
+    fn name(&self) -> &'static str {
+        "pretext-max-pool-nhwc"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let &[n, h, w, c] = l.dims() else {
+            bail!("max_pool2d_nhwc: expects (n, h, w, c), got {:?}", l.dims())
+        };
+        if h + 2 * self.pad < self.k || w + 2 * self.pad < self.k {
+            bail!(
+                "max_pool2d_nhwc: a {h}×{w} input is smaller than the {}×{} window",
+                self.k,
+                self.k
+            )
+        }
+        let (y, _) = self.argmax(f32_slice(s, l, "max_pool2d x")?, (n, h, w, c));
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((n, self.out_size(h), self.out_size(w), c)),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, h, w, c) = x.dims4()?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let gv = grad.flatten_all()?.to_vec1::<f32>()?;
+        let (_, at) = self.argmax(&xv, (n, h, w, c));
+        let mut dx = vec![0f32; xv.len()];
+        for (g, &i) in gv.iter().zip(&at) {
+            dx[i] += g;
+        }
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// `k × k` max pooling with `stride` and `pad` on `(n, h, w, c)` f32 CPU
+/// activations, with a backward for any window (candle's supports only
+/// `k == stride`): the gradient goes to each window's maximum. Padding
+/// never wins, as in PyTorch.
+///
+/// # Errors
+/// Not a 4-d f32 CPU tensor, or a window larger than the padded input.
+pub fn max_pool2d_nhwc(x: &Tensor, k: usize, stride: usize, pad: usize) -> candle_core::Result<Tensor> {
+    if !fast_path(&[x]) {
+        bail!("max_pool2d_nhwc: runs on f32 CPU tensors only")
+    }
+    if k == 0 || stride == 0 || pad * 2 > k {
+        bail!("max_pool2d_nhwc: k = {k}, stride = {stride}, pad = {pad} is not a valid window")
+    }
+    x.contiguous()?.apply_op1(MaxPoolOp { k, stride, pad })
+}

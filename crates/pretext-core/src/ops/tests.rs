@@ -171,3 +171,70 @@ fn conv_transpose_forward_and_gradients_match_candle() -> candle_core::Result<()
     }
     Ok(())
 }
+
+#[test]
+fn max_pool_forward_and_backward() -> candle_core::Result<()> {
+    // distinct values so every window has one maximum
+    let (n, h, w, c): (usize, usize, usize, usize) = (2, 7, 6, 3);
+    let vals: Vec<f32> = (0..n * h * w * c)
+        .map(|i| ((i * 7919) % 1009) as f32 / 100.0 - 5.0)
+        .collect();
+    let x = Tensor::from_vec(vals.clone(), (n, h, w, c), &Device::Cpu)?;
+    let y = max_pool2d_nhwc(&x, 3, 2, 1)?;
+    assert_eq!(y.dims(), [n, 4, 3, c]);
+    // naive forward
+    let yv = y.flatten_all()?.to_vec1::<f32>()?;
+    for b in 0..n {
+        for i in 0..4usize {
+            for j in 0..3usize {
+                for ch in 0..c {
+                    let mut m = f32::NEG_INFINITY;
+                    for yy in (2 * i).saturating_sub(1)..(2 * i + 2).min(h) {
+                        for xx in (2 * j).saturating_sub(1)..(2 * j + 2).min(w) {
+                            m = m.max(vals[((b * h + yy) * w + xx) * c + ch]);
+                        }
+                    }
+                    assert_eq!(yv[((b * 4 + i) * 3 + j) * c + ch], m);
+                }
+            }
+        }
+    }
+    // backward against finite differences of sum(y · r)
+    let r = Tensor::from_vec(
+        (0..y.elem_count()).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<f32>>(),
+        y.shape(),
+        &Device::Cpu,
+    )?;
+    let xv = candle_core::Var::from_tensor(&x)?;
+    let g = (max_pool2d_nhwc(xv.as_tensor(), 3, 2, 1)? * &r)?
+        .sum_all()?
+        .backward()?;
+    let gx = g
+        .get(xv.as_tensor())
+        .expect("gradient")
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let f = |v: &[f32]| -> candle_core::Result<f32> {
+        let t = Tensor::from_vec(v.to_vec(), (n, h, w, c), &Device::Cpu)?;
+        (max_pool2d_nhwc(&t, 3, 2, 1)? * &r)?.sum_all()?.to_scalar::<f32>()
+    };
+    for i in (0..vals.len()).step_by(7) {
+        let mut p = vals.clone();
+        p[i] += 1e-3;
+        let up = f(&p)?;
+        p[i] -= 2e-3;
+        let fd = (up - f(&p)?) / 2e-3;
+        assert!(
+            (fd - gx[i]).abs() < 1e-2,
+            "input {i}: finite difference {fd} vs {}",
+            gx[i]
+        );
+    }
+    // PyTorch's MaxPool2d(3, 2, 1) on 0..15 (one 4×4 channel)
+    let x = Tensor::arange(0f32, 16.0, &Device::Cpu)?.reshape((1, 4, 4, 1))?;
+    assert_eq!(
+        max_pool2d_nhwc(&x, 3, 2, 1)?.flatten_all()?.to_vec1::<f32>()?,
+        [5.0, 7.0, 13.0, 15.0]
+    );
+    Ok(())
+}

@@ -366,12 +366,27 @@ pub fn pictures(
         device,
     )?;
     let samples = grid_png(&decoded(model, &z)?, 64, shape, 8, 3).map_err(err)?;
-    // interpolate between posterior means of pairs of different inputs
+    // interpolate between the posterior means of up to 4 disjoint pairs of
+    // inputs, of different classes where labels allow
     let steps = 10;
     let mut zs = Vec::new();
-    let pairs = (cols / 2).min(4);
-    for p in 0..pairs {
-        let (a, b) = (mu.get(2 * p)?, mu.get(2 * p + 1)?);
+    let label = |k: usize| held.labels.as_ref().map(|l| l[pick[k]]);
+    let mut used = vec![false; cols];
+    let mut chosen = Vec::new();
+    for a in 0..cols {
+        if used[a] || chosen.len() == 4 {
+            continue;
+        }
+        let other = (a + 1..cols).find(|&b| !used[b] && (label(b) != label(a) || label(a).is_none()));
+        if let Some(b) = other {
+            used[a] = true;
+            used[b] = true;
+            chosen.push((a, b));
+        }
+    }
+    let pairs = chosen.len();
+    for &(i, j) in &chosen {
+        let (a, b) = (mu.get(i)?, mu.get(j)?);
         for s in 0..steps {
             let t = s as f64 / (steps - 1) as f64;
             zs.push(((&a * (1.0 - t))? + (&b * t)?)?);

@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask bench`, `cargo xtask train-all`, `cargo xtask push`.
 
 mod push;
+mod train_all;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -23,6 +24,8 @@ enum BenchWhat {
     Data,
     /// VAE training throughput (the default MLP VAE).
     Vae,
+    /// MLM training throughput (BERT-mini, batch 32 × 128 tokens).
+    Mlm,
     /// All of them.
     All,
 }
@@ -45,11 +48,20 @@ enum Task {
         #[arg(long)]
         no_record: bool,
     },
-    /// Pretrain and probe every paradigm on the shipped data (not available yet).
+    /// Pretrain and probe every paradigm on the shipped data in turn (SimCLR,
+    /// MoCo v2, VAE, MLM), then write runs/<date>/summary.md linking each run's
+    /// report and plots.
+    ///
+    /// `quick` (about 15 minutes on 2 cores): short runs and probes on subsets
+    /// (5,000 training / 2,000 test images, no fine-tuning); `full`: the default
+    /// configs and complete probes, the figures of docs/results.md (hours).
     TrainAll {
         /// `quick` or `full`.
         #[arg(long, default_value = "quick")]
         preset: String,
+        /// Folder of the runs and the summary (default runs/<date>).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Upload a run's export/ folder (model.safetensors, config.json, the model
     /// card README.md, tokenizer files for text models) to the Hugging Face Hub in
@@ -305,6 +317,58 @@ fn bench_vae() -> Result<String> {
     Ok(md)
 }
 
+fn ours_mlm(iters: usize) -> Result<f64> {
+    let out = run(
+        Command::new("cargo")
+            .args(["bench", "-q", "-p", "pretext-mlm", "--bench", "mlm_step"])
+            .env("PRETEXT_BENCH_ITERS", iters.to_string())
+            .current_dir(root()),
+        "cargo bench -p pretext-mlm --bench mlm_step",
+    )?;
+    out.lines()
+        .find(|l| l.starts_with("RESULT mlm_step"))
+        .and_then(|l| field(l, "tok_per_s"))
+        .context("no RESULT line from mlm_step")
+}
+
+fn bench_mlm(iters: usize) -> Result<String> {
+    let a = ours_mlm(iters)?;
+    let mut md = String::new();
+    match reference() {
+        Some(r) => {
+            let tmp = std::env::temp_dir().join(format!("pretext-ref-mlm-{}.jsonl", std::process::id()));
+            let out = run(
+                Command::new(&r.python)
+                    .args(["reference.py", "mlm", "--budget-min", "1"])
+                    .env("REF_RESULTS", &tmp)
+                    .current_dir(&r.dir),
+                "reference.py mlm --budget-min 1",
+            )?;
+            let _ = std::fs::remove_file(tmp);
+            let res: Vec<(String, f64)> = out
+                .lines()
+                .filter_map(|l| l.strip_prefix("[result] "))
+                .filter_map(parse_result)
+                .collect();
+            let b = ours_mlm(iters)?;
+            let ours = (a + b) / 2.0;
+            let t = find(&res, "MLM train tokens/s").context("no tokens/s figure from the reference MLM")?;
+            md.push_str("| BERT-mini MLM training (4 × 256, vocab 8000, batch 32 × 128, AdamW, fp32) | tokens/s | ratio pretext / this |\n|---|---|---|\n");
+            md.push_str(&format!(
+                "| pretext (CPU), mean of runs before and after the reference ({a:.0}, {b:.0}) | {ours:.0} | 1.00 |\n"
+            ));
+            md.push_str(&format!(
+                "| transformers `BertForMaskedLM` (`reference.py mlm --budget-min 1`) | {t:.0} | {:.2} |\n",
+                ours / t
+            ));
+        }
+        None => md.push_str(&format!(
+            "pretext BERT-mini MLM training, batch 32 × 128: {a:.0} tokens/s (no PyTorch reference found: set PRETEXT_REFERENCE)\n"
+        )),
+    }
+    Ok(md)
+}
+
 fn record(section: &str, body: &str) -> Result<()> {
     let path = root().join("docs/performance.md");
     let date = run(Command::new("date").arg("+%Y-%m-%d %H:%M"), "date")?;
@@ -341,11 +405,18 @@ fn main() -> ExitCode {
                     record("VAE training", &md)?;
                 }
             }
+            if matches!(what, BenchWhat::Mlm | BenchWhat::All) {
+                let md = bench_mlm(iters.max(20))?;
+                println!("{md}");
+                if !no_record {
+                    record("MLM training", &md)?;
+                }
+            }
             Ok(())
         })(),
-        Task::TrainAll { .. } => Err(anyhow::anyhow!(
-            "`cargo xtask train-all` is not available yet: the paradigm trainers it drives are still being built"
-        )),
+        Task::TrainAll { preset, out } => train_all::train_all(&preset, out).map(|p| {
+            println!("summary: {}", p.display());
+        }),
         Task::Push {
             run,
             repo,

@@ -129,3 +129,17 @@ fn shipped_generative_configs_are_valid() {
     seen.sort();
     assert_eq!(seen, ["vae-conv-fmnist.toml", "vae-fmnist.toml"]);
 }
+
+#[test]
+fn mlm_default_config_resolves_validates_and_rejects_unknown_keys() {
+    use pretext_mlm::config::{MlmConfig, DEFAULT_CONFIG};
+    let r: pretext_cli::config::Resolved<MlmConfig> =
+        pretext_cli::config::resolve(DEFAULT_CONFIG, None, &[]).expect("default config resolves");
+    r.config.validate().expect("default config is valid");
+    assert_eq!(r.config.model.size, "tiny");
+    let d = r.config.model.dims(8000).expect("dims");
+    assert_eq!(d.hidden_size % d.num_attention_heads, 0);
+    let bad: anyhow::Result<pretext_cli::config::Resolved<MlmConfig>> =
+        pretext_cli::config::resolve(DEFAULT_CONFIG, None, &["model.sizes=\"tiny\"".to_string()]);
+    assert!(bad.is_err(), "unknown keys are rejected");
+}

@@ -268,9 +268,11 @@ pub fn probe(
         .as_ref()
         .ok_or_else(|| Error::Config("probing needs labelled data".into()))?;
     let random = new_model(cfg, device)?;
+    let train = pretext_eval::probe_subset(&data.train, cfg.eval.probe_train, cfg.train.seed).map_err(eval_err)?;
+    let test = pretext_eval::probe_subset(held, cfg.eval.probe_test, cfg.train.seed).map_err(eval_err)?;
     let setup = pretext_eval::TransferSetup {
-        train: &data.train,
-        test: held,
+        train: &train,
+        test: &test,
         mean: &cfg.data.augment.mean,
         std: &cfg.data.augment.std,
         size: cfg.data.image_size,

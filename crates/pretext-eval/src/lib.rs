@@ -11,6 +11,7 @@ pub mod knn;
 pub mod linear;
 pub mod plots;
 pub mod report;
+pub mod tfidf;
 pub mod transfer;
 
 pub use error::{Error, Result};
@@ -19,4 +20,5 @@ pub use finetune::{fine_tune, FineTuneConfig, FineTuneResult};
 pub use knn::{knn_accuracy, KnnConfig};
 pub use linear::{LinearProbe, LinearProbeConfig};
 pub use report::{evaluate_features, EvalRecord, EvalReport};
-pub use transfer::{transfer_records, Init, TransferSetup};
+pub use tfidf::TfIdf;
+pub use transfer::{probe_subset, transfer_records, Init, TransferSetup};

@@ -48,8 +48,11 @@ fn render(what: &str, f: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> 
     Ok(png)
 }
 
-/// A line chart of one or more named series `(x, y)`.
-fn line_chart(
+/// A line chart (900×560 PNG) of named `(x, y)` series; `log_x` draws x on a log scale.
+///
+/// # Errors
+/// No points, or drawing failed.
+pub fn line_chart(
     title: &str,
     x_label: &str,
     y_label: &str,

@@ -162,3 +162,20 @@ pub fn transfer_records(
     let pretrained_test = pretrained_test.ok_or_else(|| Error::Invalid("no pretrained features".into()))?;
     Ok((records, pretrained_test))
 }
+
+/// A class-balanced, seeded subset of `n` labelled images of `ds` (all of
+/// them when `n` is 0 or at least `ds.len()`), for quicker probes.
+///
+/// # Errors
+/// Unlabelled images.
+pub fn probe_subset(ds: &ImageDataset, n: usize, seed: u64) -> Result<std::borrow::Cow<'_, ImageDataset>> {
+    if n == 0 || n >= ds.len() {
+        return Ok(std::borrow::Cow::Borrowed(ds));
+    }
+    let labels = ds
+        .labels
+        .as_ref()
+        .ok_or_else(|| Error::Invalid("a probe subset needs labelled images".into()))?;
+    let idx = pretext_data::subset::balanced_count(labels, n, seed)?;
+    Ok(std::borrow::Cow::Owned(ds.select(&idx)))
+}

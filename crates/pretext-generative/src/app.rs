@@ -467,9 +467,11 @@ pub fn probe(
         lik.neg_elbo, lik.rec_nll, lik.kl, lik.iwae_nll
     ));
     let random = new_model(cfg, device)?;
+    let train = pretext_eval::probe_subset(&data.train, cfg.eval.probe_train, cfg.train.seed).map_err(eval_err)?;
+    let test = pretext_eval::probe_subset(held, cfg.eval.probe_test, cfg.train.seed).map_err(eval_err)?;
     let setup = pretext_eval::TransferSetup {
-        train: &data.train,
-        test: held,
+        train: &train,
+        test: &test,
         mean: &[],
         std: &[],
         size: cfg.data.image_size,

@@ -74,6 +74,11 @@ pub struct EvalConfig {
     pub finetune_max_labels: f64,
     /// The fine-tuning recipe.
     pub finetune: pretext_eval::FineTuneConfig,
+    /// `probe` uses a class-balanced, seeded subset of this many training
+    /// images (label fractions apply to it); 0 = all.
+    pub probe_train: usize,
+    /// `probe` scores a class-balanced, seeded subset of this many test images; 0 = all.
+    pub probe_test: usize,
 }
 
 impl Default for EvalConfig {
@@ -89,6 +94,8 @@ impl Default for EvalConfig {
             likelihood_images: 0,
             finetune_max_labels: 0.0,
             finetune: pretext_eval::FineTuneConfig::default(),
+            probe_train: 0,
+            probe_test: 0,
         }
     }
 }

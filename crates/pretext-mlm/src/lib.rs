@@ -1,4 +1,21 @@
-//! Masked language modeling: a trainable BERT encoder, the tied MLM head and
-//! the masking collator.
+//! Masked language modeling: a WordPiece tokenizer trained on the corpus, a
+//! trainable BERT encoder with the tied MLM head (Hugging Face
+//! `BertForMaskedLM` names), the masking collator, training through the core
+//! loop, held-out masked-token accuracy, transfer through `pretext-eval`,
+//! fill-mask and export in the Hugging Face layout.
 //!
 //! This crate must not depend on another paradigm crate.
+
+pub mod app;
+pub mod collator;
+pub mod config;
+pub mod corpus;
+pub mod export;
+pub mod model;
+pub mod ops;
+pub mod tokenizer;
+
+pub use collator::{MaskingConfig, MlmBatcher, Packing};
+pub use config::MlmConfig;
+pub use model::{BertDims, BertMlm, MlmBatch};
+pub use tokenizer::WordPieceTokenizer;

@@ -1,0 +1,629 @@
+//! Running MLM pretraining end to end: corpus, tokenizer, model, trainer,
+//! run folder, periodic held-out masked-token accuracy, resume, probe,
+//! fill-mask and export. The CLI is a thin layer over this.
+
+use crate::collator::{mask_batch, sequences, MlmBatcher, Packing, SpecialIds};
+use crate::config::{MlmConfig, Pooling};
+use crate::corpus::Corpus;
+use crate::model::BertMlm;
+use crate::tokenizer::WordPieceTokenizer;
+use candle_core::{Device, Tensor};
+use pretext_core::trainer::{Observer, Trainer};
+use pretext_core::{Error, Result, RunDir};
+use pretext_data::TextDataset;
+use pretext_eval::{Embedded, KnnConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn data_err(e: pretext_data::Error) -> Error {
+    Error::Config(e.to_string())
+}
+
+fn eval_err(e: pretext_eval::Error) -> Error {
+    match e {
+        pretext_eval::Error::Core(c) => c,
+        other => Error::Config(other.to_string()),
+    }
+}
+
+/// The folder of a run's tokenizer.
+pub fn tokenizer_dir(run: &Path) -> PathBuf {
+    run.join("tokenizer")
+}
+
+/// Reads every document the config names (the shipped fortunes by default).
+///
+/// # Errors
+/// Reader errors, naming the file.
+pub fn load_text(cfg: &MlmConfig) -> Result<TextDataset> {
+    if cfg.data.path.is_empty() {
+        let root = pretext_data::shipped::datasets_dir().map_err(data_err)?;
+        return pretext_data::shipped::fortunes(&root, None).map_err(data_err);
+    }
+    let label = (!cfg.data.label_field.is_empty()).then_some(cfg.data.label_field.as_str());
+    pretext_data::source::load_text(Path::new(&cfg.data.path), cfg.data.format, &cfg.data.text_field, label)
+        .map_err(data_err)
+}
+
+/// The pretraining corpus and the probe task of a config.
+///
+/// # Errors
+/// Reader errors; categories that are not in the data.
+pub fn load_corpus(cfg: &MlmConfig) -> Result<Corpus> {
+    let all = load_text(cfg)?;
+    let cats = (!cfg.data.probe_categories.is_empty()).then_some(cfg.data.probe_categories.as_slice());
+    crate::corpus::build(&all, cats, cfg.data.held_out, cfg.train.seed)
+}
+
+/// The token ids the collator needs.
+///
+/// # Errors
+/// A tokenizer whose special tokens do not come first in its vocabulary.
+pub fn special_ids(tok: &WordPieceTokenizer) -> Result<SpecialIds> {
+    let first_regular = [tok.pad, tok.unk, tok.cls, tok.sep, tok.mask]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let vocab_size = tok.vocab_size() as u32;
+    if first_regular >= vocab_size {
+        return Err(Error::Config(
+            "the tokenizer's special tokens must come first in its vocabulary (ids below every regular token)".into(),
+        ));
+    }
+    Ok(SpecialIds {
+        pad: tok.pad,
+        cls: tok.cls,
+        sep: tok.sep,
+        mask: tok.mask,
+        first_regular,
+        vocab_size,
+    })
+}
+
+/// Trains a tokenizer on `docs` (`tokenizer.vocab_size`, `tokenizer.min_frequency`)
+/// or loads `tokenizer.path`.
+///
+/// # Errors
+/// An empty corpus or an unreadable tokenizer file.
+pub fn make_tokenizer(cfg: &MlmConfig, docs: &[String]) -> Result<WordPieceTokenizer> {
+    if cfg.tokenizer.path.is_empty() {
+        WordPieceTokenizer::train(docs, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    } else {
+        WordPieceTokenizer::from_file(Path::new(&cfg.tokenizer.path))
+    }
+}
+
+/// Everything training needs.
+pub struct Prepared {
+    /// The corpus and probe task.
+    pub corpus: Corpus,
+    /// The tokenizer.
+    pub tokenizer: WordPieceTokenizer,
+    /// Training sequences.
+    pub train: Arc<Vec<Vec<u32>>>,
+    /// Held-out sequences.
+    pub held_out: Vec<Vec<u32>>,
+}
+
+/// Tokenizes and packs the corpus with `tokenizer`.
+///
+/// # Errors
+/// No tokens.
+pub fn prepare(cfg: &MlmConfig, corpus: Corpus, tokenizer: WordPieceTokenizer) -> Result<Prepared> {
+    let ids = special_ids(&tokenizer)?;
+    let train = sequences(
+        &tokenizer.encode_all(&corpus.train)?,
+        cfg.data.seq_len,
+        cfg.data.packing,
+        &ids,
+    )?;
+    let held_out = sequences(
+        &tokenizer.encode_all(&corpus.held_out)?,
+        cfg.data.seq_len,
+        cfg.data.packing,
+        &ids,
+    )?;
+    Ok(Prepared {
+        corpus,
+        tokenizer,
+        train: Arc::new(train),
+        held_out,
+    })
+}
+
+/// A freshly initialised model for `tokenizer`'s vocabulary (seeded by `train.seed`).
+///
+/// # Errors
+/// An invalid config.
+pub fn new_model(cfg: &MlmConfig, tokenizer: &WordPieceTokenizer, device: &Device) -> Result<BertMlm> {
+    let dims = cfg.model.dims(tokenizer.vocab_size()).map_err(Error::Config)?;
+    BertMlm::new(&dims, cfg.train.seed, device)
+}
+
+/// The run's tokenizer, its model with the latest checkpoint's weights, and the checkpoint's step.
+///
+/// # Errors
+/// No run, tokenizer or checkpoint; a checkpoint that does not fit.
+pub fn load_trained(
+    dir: &Path,
+    cfg: &MlmConfig,
+    device: &Device,
+) -> Result<(RunDir, WordPieceTokenizer, BertMlm, u64)> {
+    let run = RunDir::open(dir)?;
+    let tok = WordPieceTokenizer::from_file(&tokenizer_dir(dir).join("tokenizer.json"))?;
+    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
+    let latest = mgr
+        .latest()?
+        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
+    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
+    let model = new_model(cfg, &tok, device)?;
+    pretext_core::trainer::load_model_weights(&model, &ckpt, &latest)?;
+    Ok((run, tok, model, ckpt.trainer.step))
+}
+
+/// Held-out masked-LM figures.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MaskedLmEval {
+    /// Argmax accuracy at the chosen positions.
+    pub accuracy: f64,
+    /// Mean cross-entropy there (nats).
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Positions predicted.
+    pub tokens: usize,
+}
+
+/// Masked-token accuracy and perplexity of `model` on `seqs`, with masks
+/// fixed by `seed` (the same positions at every evaluation of a run).
+///
+/// # Errors
+/// Tensor errors.
+pub fn masked_lm_eval(
+    model: &BertMlm,
+    seqs: &[Vec<u32>],
+    cfg: &MlmConfig,
+    ids: &SpecialIds,
+    seed: u64,
+    observer: &mut dyn Observer,
+) -> Result<MaskedLmEval> {
+    let (mut correct, mut total, mut loss_sum) = (0usize, 0usize, 0f64);
+    let chunk = 32;
+    let n = seqs.len() as u64;
+    observer.on_progress("held-out masked LM", 0, n);
+    for (ci, c) in seqs.chunks(chunk).enumerate() {
+        let refs: Vec<&[u32]> = c.iter().map(Vec::as_slice).collect();
+        let mut rng = pretext_core::seed::stream_rng(seed, "mlm-eval-mask", &[ci as u64]);
+        let b = mask_batch(&refs, &cfg.masking, ids, &mut rng).to_batch(model.device())?;
+        let (loss, k, m) = model.mlm_loss(&b, None)?;
+        loss_sum += f64::from(loss.to_scalar::<f32>()?) * m as f64;
+        correct += k;
+        total += m;
+        observer.on_progress("held-out masked LM", ((ci + 1) * chunk).min(seqs.len()) as u64, n);
+    }
+    let loss = loss_sum / total.max(1) as f64;
+    Ok(MaskedLmEval {
+        accuracy: correct as f64 / total.max(1) as f64,
+        loss,
+        perplexity: loss.exp(),
+        tokens: total,
+    })
+}
+
+fn held_out_slice<'a>(p: &'a Prepared, cfg: &MlmConfig) -> &'a [Vec<u32>] {
+    let n = if cfg.eval.held_out_sequences == 0 {
+        p.held_out.len()
+    } else {
+        cfg.eval.held_out_sequences.min(p.held_out.len())
+    };
+    &p.held_out[..n]
+}
+
+fn build(cfg: &MlmConfig, p: &Prepared, device: &Device) -> Result<(Trainer<BertMlm>, MlmBatcher)> {
+    let model = new_model(cfg, &p.tokenizer, device)?;
+    let trainer = Trainer::new(model, &cfg.optim, &cfg.schedule, &cfg.train)?;
+    let batcher = MlmBatcher::new(
+        p.train.clone(),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        cfg.masking.clone(),
+        special_ids(&p.tokenizer)?,
+        device,
+    );
+    Ok((trainer, batcher))
+}
+
+fn train(
+    trainer: &mut Trainer<BertMlm>,
+    batcher: &mut MlmBatcher,
+    p: &Prepared,
+    cfg: &MlmConfig,
+    observer: &mut dyn Observer,
+) -> Result<()> {
+    use pretext_core::BatchSource;
+    let spe = batcher.steps_per_epoch().max(1);
+    let total = cfg.train.total_steps(spe);
+    let every = if cfg.eval.every_steps == 0 {
+        total
+    } else {
+        cfg.eval.every_steps
+    };
+    let ids = special_ids(&p.tokenizer)?;
+    while trainer.step() < total {
+        let stop = ((trainer.step() / every + 1) * every).min(total);
+        trainer.fit_until(batcher, observer, stop)?;
+        let e = masked_lm_eval(
+            &trainer.method,
+            held_out_slice(p, cfg),
+            cfg,
+            &ids,
+            cfg.train.seed,
+            observer,
+        )?;
+        trainer.log_record(&serde_json::json!({
+            "event": "masked_lm", "step": trainer.step(), "epoch": trainer.step() as f64 / spe as f64,
+            "masked_accuracy": e.accuracy, "loss": e.loss, "perplexity": e.perplexity, "tokens": e.tokens,
+        }))?;
+        observer.on_message(&format!(
+            "step {}: held-out masked-token accuracy {:.2}%, perplexity {:.1}",
+            trainer.step(),
+            e.accuracy * 100.0,
+            e.perplexity
+        ));
+    }
+    Ok(())
+}
+
+/// Starts a run in `out` with `cfg` (whose resolved TOML is `config_toml`):
+/// trains (or loads) the tokenizer into `out/tokenizer/`, then the model.
+///
+/// # Errors
+/// Invalid config, unreadable data, a run already in `out`, divergence.
+pub fn pretrain(
+    cfg: &MlmConfig,
+    config_toml: &str,
+    out: &Path,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<RunDir> {
+    cfg.validate().map_err(Error::Config)?;
+    let corpus = load_corpus(cfg)?;
+    observer.on_message(&format!(
+        "corpus: {} documents for pretraining, {} held out; probe task {} train / {} test documents, {} classes",
+        corpus.train.len(),
+        corpus.held_out.len(),
+        corpus.probe_train.len(),
+        corpus.probe_test.len(),
+        corpus.probe_train.classes.len()
+    ));
+    let started = std::time::Instant::now();
+    let tok = make_tokenizer(cfg, &corpus.train)?;
+    observer.on_message(&format!(
+        "tokenizer: {} tokens ({:.1} s)",
+        tok.vocab_size(),
+        started.elapsed().as_secs_f64()
+    ));
+    let p = prepare(cfg, corpus, tok)?;
+    let tokens: usize = p.train.iter().map(Vec::len).sum();
+    observer.on_message(&format!(
+        "{} training sequences ({} tokens), {} held out",
+        p.train.len(),
+        tokens,
+        p.held_out.len()
+    ));
+    let (mut trainer, mut batcher) = build(cfg, &p, device)?;
+    let run = RunDir::create(out, config_toml)?;
+    p.tokenizer.save(&tokenizer_dir(run.root()))?;
+    trainer.attach_run(&run)?;
+    train(&mut trainer, &mut batcher, &p, cfg, observer)?;
+    Ok(run)
+}
+
+/// Continues the run in `dir` from its latest checkpoint, on the exact trajectory.
+///
+/// # Errors
+/// No run, tokenizer or checkpoint; a config or checkpoint that does not fit.
+pub fn resume(dir: &Path, cfg: &MlmConfig, device: &Device, observer: &mut dyn Observer) -> Result<RunDir> {
+    let run = RunDir::open(dir)?;
+    let tok = WordPieceTokenizer::from_file(&tokenizer_dir(dir).join("tokenizer.json"))?;
+    let p = prepare(cfg, load_corpus(cfg)?, tok)?;
+    let (mut trainer, mut batcher) = build(cfg, &p, device)?;
+    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
+    let latest = mgr
+        .latest()?
+        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
+    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
+    trainer.resume(&ckpt, &latest)?;
+    trainer.attach_run(&run)?;
+    observer.on_message(&format!("resuming from {} (step {})", latest.display(), trainer.step()));
+    train(&mut trainer, &mut batcher, &p, cfg, observer)?;
+    Ok(run)
+}
+
+/// Frozen sentence features of `docs` (truncated to `eval.max_len` tokens, pooled as `eval.pooling`).
+///
+/// # Errors
+/// Tensor errors.
+pub fn text_features(
+    model: &BertMlm,
+    tok: &WordPieceTokenizer,
+    ds: &TextDataset,
+    cfg: &MlmConfig,
+    observer: &mut dyn Observer,
+    task: &str,
+) -> Result<Embedded> {
+    let ids = special_ids(tok)?;
+    let seqs = sequences(&tok.encode_all(&ds.docs)?, cfg.eval.max_len, Packing::Truncate, &ids);
+    // an empty document still yields [CLS] [SEP]
+    let seqs: Vec<Vec<u32>> = match seqs {
+        Ok(s) if s.len() == ds.len() => s,
+        _ => tok
+            .encode_all(&ds.docs)?
+            .into_iter()
+            .map(|d| {
+                let mut s = vec![ids.cls];
+                s.extend(d.into_iter().take(cfg.eval.max_len - 2));
+                s.push(ids.sep);
+                s
+            })
+            .collect(),
+    };
+    let h = model.dims().hidden_size;
+    let mut out = Vec::with_capacity(seqs.len() * h);
+    let n = seqs.len() as u64;
+    observer.on_progress(task, 0, n);
+    let chunk = 64;
+    for (ci, c) in seqs.chunks(chunk).enumerate() {
+        let t = c.iter().map(Vec::len).max().unwrap_or(0);
+        let mut flat = Vec::with_capacity(c.len() * t);
+        let mut mask = Vec::with_capacity(c.len() * t);
+        for s in c {
+            flat.extend(s.iter().copied().chain(std::iter::repeat_n(ids.pad, t - s.len())));
+            mask.extend((0..t).map(|i| if i < s.len() { 1f32 } else { 0.0 }));
+        }
+        let dev = model.device();
+        let f = model.sentence_features(
+            &Tensor::from_vec(flat, (c.len(), t), dev)?,
+            &Tensor::from_vec(mask, (c.len(), t), dev)?,
+            cfg.eval.pooling == Pooling::Cls,
+        )?;
+        out.extend(f.flatten_all()?.to_vec1::<f32>()?);
+        observer.on_progress(task, ((ci + 1) * chunk).min(seqs.len()) as u64, n);
+    }
+    let labels = ds
+        .labels
+        .clone()
+        .ok_or_else(|| Error::Config("probe documents need labels".into()))?;
+    Embedded::new(out, h, labels).map_err(eval_err)
+}
+
+/// The probe of the run in `dir`: frozen features of the pretrained model,
+/// of the same architecture randomly initialised and TF-IDF (the `raw`
+/// baseline), each through the linear probe and kNN at `fractions` of the
+/// probe task's training labels; also the held-out masked-token accuracy of
+/// both models. Writes `report/`.
+///
+/// # Errors
+/// No run or checkpoint, unlabelled data, invalid fractions.
+pub fn probe(
+    dir: &Path,
+    cfg: &MlmConfig,
+    fractions: &[f64],
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<(pretext_eval::EvalReport, MaskedLmEval, MaskedLmEval)> {
+    let (run, tok, trained, _) = load_trained(dir, cfg, device)?;
+    let random = new_model(cfg, &tok, device)?;
+    let p = prepare(cfg, load_corpus(cfg)?, tok)?;
+    let ids = special_ids(&p.tokenizer)?;
+    let mlm = masked_lm_eval(&trained, &p.held_out, cfg, &ids, cfg.train.seed, observer)?;
+    let mlm_random = masked_lm_eval(&random, &p.held_out, cfg, &ids, cfg.train.seed, observer)?;
+    observer.on_message(&format!(
+        "held-out masked-token accuracy {:.2}% (perplexity {:.1}); random init {:.2}%",
+        mlm.accuracy * 100.0,
+        mlm.perplexity,
+        mlm_random.accuracy * 100.0
+    ));
+    let (tr, te) = (&p.corpus.probe_train, &p.corpus.probe_test);
+    let probe_cfg = pretext_eval::LinearProbeConfig {
+        seed: cfg.train.seed,
+        ..Default::default()
+    };
+    let knn = KnnConfig {
+        k: cfg.eval.knn_k,
+        temperature: cfg.eval.knn_temperature,
+        ..Default::default()
+    };
+    let mut records = Vec::new();
+    let mut pretrained_test = None;
+    for (name, model) in [
+        ("pretrained", Some(&trained)),
+        ("random-init", Some(&random)),
+        ("raw", None),
+    ] {
+        let (a, b) = match model {
+            Some(m) => (
+                text_features(m, &p.tokenizer, tr, cfg, observer, &format!("{name}: train features"))?,
+                text_features(m, &p.tokenizer, te, cfg, observer, &format!("{name}: test features"))?,
+            ),
+            None => {
+                let tfidf = pretext_eval::TfIdf::fit(&tr.docs, 2).map_err(eval_err)?;
+                observer.on_message(&format!("TF-IDF baseline: {} terms", tfidf.dim()));
+                let lab = |d: &TextDataset| d.labels.clone().unwrap_or_default();
+                (
+                    tfidf.transform(&tr.docs, &lab(tr)).map_err(eval_err)?,
+                    tfidf.transform(&te.docs, &lab(te)).map_err(eval_err)?,
+                )
+            }
+        };
+        let recs = pretext_eval::evaluate_features(name, &a, &b, fractions, cfg.train.seed, &probe_cfg, &knn)
+            .map_err(eval_err)?;
+        for r in &recs {
+            observer.on_message(&format!(
+                "  {name} {} @ {}: {:.2}%",
+                r.protocol,
+                pretext_eval::report::fraction_label(r.labels),
+                r.accuracy * 100.0
+            ));
+        }
+        records.extend(recs);
+        if name == "pretrained" {
+            pretrained_test = Some(b);
+        }
+    }
+    let report = pretext_eval::EvalReport {
+        paradigm: "mlm".into(),
+        method: "bert-mlm".into(),
+        dataset: dataset_name(cfg),
+        records,
+    };
+    let report_dir = run.report_dir()?;
+    report.write(&report_dir).map_err(eval_err)?;
+    let mlm_json = serde_json::to_vec_pretty(&serde_json::json!({
+        "pretrained": mlm, "random_init": mlm_random,
+        "held_out_sequences": p.held_out.len(), "mask_seed": cfg.train.seed,
+    }))
+    .map_err(|e| Error::Config(format!("masked_lm.json: {e}")))?;
+    pretext_core::run::write_atomic(&report_dir.join("masked_lm.json"), &mlm_json)?;
+    let metrics_path = run.metrics_path();
+    let records = pretext_core::run::read_metrics(&metrics_path).unwrap_or_default();
+    let curve: Vec<(f64, f64)> = records
+        .iter()
+        .filter(|r| r.get("event").and_then(|e| e.as_str()) == Some("masked_lm"))
+        .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get("masked_accuracy")?.as_f64()? * 100.0)))
+        .collect();
+    let mut extra = Vec::new();
+    if !curve.is_empty() {
+        extra.push((
+            "masked_lm.png".to_string(),
+            "Held-out masked-token accuracy during pretraining".to_string(),
+            pretext_eval::plots::line_chart(
+                "Held-out masked-token accuracy",
+                "step",
+                "accuracy (%)",
+                &[("masked tokens".to_string(), curve)],
+                false,
+            )
+            .map_err(eval_err)?,
+        ));
+    }
+    let figures = pretext_eval::plots::RunFigures {
+        metrics: Some(&metrics_path),
+        test_features: pretrained_test.as_ref(),
+        class_names: &te.classes,
+        extra_images: extra,
+        intro_html: format!(
+            "<h2>Held-out masked-token prediction</h2>\n<table><tr><th>model</th><th>accuracy</th><th>perplexity</th><th>masked tokens</th></tr>\
+<tr><td>pretrained</td><td>{:.2}%</td><td>{:.1}</td><td>{}</td></tr><tr><td>random-init</td><td>{:.2}%</td><td>{:.1}</td><td>{}</td></tr></table>\n\
+<p>Probe task: {} classes ({}), {} training and {} test documents; <code>raw</code> is TF-IDF.</p>\n",
+            mlm.accuracy * 100.0,
+            mlm.perplexity,
+            mlm.tokens,
+            mlm_random.accuracy * 100.0,
+            mlm_random.perplexity,
+            mlm_random.tokens,
+            te.classes.len(),
+            te.classes.join(", "),
+            tr.len(),
+            te.len()
+        ),
+    };
+    pretext_eval::plots::write_report_page(&report_dir, &report, &figures).map_err(eval_err)?;
+    Ok((report, mlm, mlm_random))
+}
+
+/// The dataset name for reports.
+pub fn dataset_name(cfg: &MlmConfig) -> String {
+    if cfg.data.path.is_empty() {
+        "fortunes".to_string()
+    } else {
+        cfg.data.path.clone()
+    }
+}
+
+/// One `[MASK]` of a fill-mask query and its top candidates `(token, probability)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaskPrediction {
+    /// Position of the mask in the tokenized input (after `[CLS]`).
+    pub position: usize,
+    /// The candidates, most likely first.
+    pub candidates: Vec<(String, f32)>,
+}
+
+/// The `top_k` most likely tokens at each `[MASK]` of `text`, from the model of the run in `dir`.
+///
+/// # Errors
+/// No `[MASK]` in the text, a text longer than the model takes, no run.
+pub fn fill_mask(
+    dir: &Path,
+    cfg: &MlmConfig,
+    text: &str,
+    top_k: usize,
+    device: &Device,
+) -> Result<Vec<MaskPrediction>> {
+    let (_, tok, model, _) = load_trained(dir, cfg, device)?;
+    fill_mask_with(&model, &tok, text, top_k)
+}
+
+/// As [`fill_mask`] with a loaded model.
+///
+/// # Errors
+/// As [`fill_mask`].
+pub fn fill_mask_with(
+    model: &BertMlm,
+    tok: &WordPieceTokenizer,
+    text: &str,
+    top_k: usize,
+) -> Result<Vec<MaskPrediction>> {
+    let mut ids = vec![tok.cls];
+    ids.extend(tok.encode(text)?);
+    ids.push(tok.sep);
+    let positions: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == tok.mask).collect();
+    if positions.is_empty() {
+        return Err(Error::Config(format!(
+            "no [MASK] in {text:?}: write [MASK] where a word should be predicted"
+        )));
+    }
+    if ids.len() > model.dims().max_position_embeddings {
+        return Err(Error::Config(format!(
+            "the text has {} tokens; the model takes at most {}",
+            ids.len(),
+            model.dims().max_position_embeddings
+        )));
+    }
+    let n = ids.len();
+    let dev = model.device();
+    let logits = model.logits(
+        &Tensor::from_vec(ids, (1, n), dev)?,
+        &Tensor::ones((1, n), candle_core::DType::F32, dev)?,
+    )?;
+    let mut out = Vec::new();
+    for &p in &positions {
+        let probs = crate::ops::softmax_last_dim(&logits.get(0)?.get(p)?)?.to_vec1::<f32>()?;
+        let mut order: Vec<usize> = (0..probs.len()).filter(|&i| !tok.is_special(i as u32)).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        out.push(MaskPrediction {
+            position: p,
+            candidates: order
+                .into_iter()
+                .take(top_k.max(1))
+                .map(|i| (tok.token(i as u32), probs[i]))
+                .collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// Trains a tokenizer on the corpus of `cfg` (every document, since it is
+/// not tied to a run) and writes `tokenizer.json` and `vocab.txt` into `out`.
+///
+/// # Errors
+/// Unreadable data, an empty corpus, I/O errors.
+pub fn train_tokenizer(cfg: &MlmConfig, out: &Path) -> Result<WordPieceTokenizer> {
+    let all = load_text(cfg)?;
+    let tok = WordPieceTokenizer::train(&all.docs, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)?;
+    tok.save(out)?;
+    Ok(tok)
+}

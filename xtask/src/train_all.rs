@@ -36,6 +36,7 @@ fn stages(preset: &str) -> Result<Vec<Stage>> {
         if quick {
             pretrain.extend(sets(&[
                 "train.max_steps=120",
+                "schedule.warmup_steps=20",
                 "eval.knn_train=2000",
                 "eval.knn_test=1000",
             ]));

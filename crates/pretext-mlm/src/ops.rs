@@ -220,8 +220,15 @@ struct GeluOp;
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 
+/// `erf(x)` to within 1.5e-7 (Abramowitz & Stegun 7.1.26, evaluated in f64):
+/// branch-free apart from the sign, several times faster than libm's `erff`.
 fn erf(x: f32) -> f32 {
-    candle_core::cpu::erf::erf_f32(x)
+    let a = f64::from(x.abs());
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly =
+        t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let y = (1.0 - poly * (-a * a).exp()) as f32;
+    y.copysign(x)
 }
 
 impl CustomOp1 for GeluOp {
@@ -362,6 +369,15 @@ mod tests {
             &[3, 5, 37],
             1e-5,
         )
+    }
+
+    #[test]
+    fn erf_is_accurate() {
+        for i in -400..=400 {
+            let x = i as f32 * 0.01;
+            let e = (erf(x) - candle_core::cpu::erf::erf_f32(x)).abs();
+            assert!(e < 3e-7, "erf({x}) off by {e}");
+        }
     }
 
     #[test]

@@ -69,9 +69,9 @@ fn stages(preset: &str) -> Result<Vec<Stage>> {
     let mut pretrain = Vec::new();
     if quick {
         pretrain.extend(sets(&[
-            "train.max_steps=800",
-            "schedule.warmup_steps=100",
-            "eval.every_steps=400",
+            "train.max_steps=1500",
+            "schedule.warmup_steps=150",
+            "eval.every_steps=750",
         ]));
     }
     v.push(Stage {

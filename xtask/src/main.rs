@@ -19,6 +19,7 @@ struct Cli {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BenchWhat {
     /// The SimCLR training step of the reference encoder (fast convolution path).
+    #[value(alias = "contrastive")]
     Conv,
     /// The two-view augmentation pipeline.
     Data,

@@ -10,19 +10,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-fn f32_of<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => match l.contiguous_offsets() {
-            Some((a, b)) => Ok(&v[a..b]),
-            None => bail!("{what}: expects a contiguous tensor"),
-        },
-        _ => bail!("{what}: expects f32"),
-    }
-}
-
-fn fast(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
-}
+use pretext_core::ops::{f32_slice as f32_of, fast_path as fast};
 
 /// Rows per rayon task: enough work per task to amortise scheduling.
 fn rows_per_task(width: usize) -> usize {
@@ -314,7 +302,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
+    pub(super) fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let mut s = seed;
         let v: Vec<f32> = (0..n)
@@ -326,7 +314,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(super) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .expect("sub")
             .abs()
@@ -974,25 +962,11 @@ mod fused_tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = pretext_core::seed::splitmix64(s);
-                ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
-    }
+    use super::tests::max_diff;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .expect("diff")
+    /// Values in [-1, 1]: the shared generator's, halved.
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        (super::tests::rand(shape, seed) * 0.5).expect("scale")
     }
 
     #[test]

@@ -21,7 +21,12 @@ pub mod resnet;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use std::sync::{Arc, Mutex};
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+/// The contiguous f32 values of a CPU storage under `l` (for custom ops'
+/// `cpu_fwd`); `what` names the operand in errors.
+///
+/// # Errors
+/// Not f32, or not contiguous.
+pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     match s {
         CpuStorage::F32(v) => match l.contiguous_offsets() {
             Some((a, b)) => Ok(&v[a..b]),
@@ -31,7 +36,8 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
     }
 }
 
-fn fast_path(ts: &[&Tensor]) -> bool {
+/// Whether every tensor is f32 on the CPU, where the fused kernels run.
+pub fn fast_path(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 

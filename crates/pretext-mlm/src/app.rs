@@ -2,7 +2,7 @@
 //! run folder, periodic held-out masked-token accuracy, resume, probe,
 //! fill-mask and export. The CLI is a thin layer over this.
 
-use crate::collator::{mask_batch, sequences, MlmBatcher, Packing, SpecialIds};
+use crate::collator::{mask_batch, sequences, MlmBatcher, SpecialIds};
 use crate::config::{MlmConfig, Pooling};
 use crate::corpus::Corpus;
 use crate::model::BertMlm;
@@ -355,21 +355,18 @@ pub fn text_features(
     task: &str,
 ) -> Result<Embedded> {
     let ids = special_ids(tok)?;
-    let seqs = sequences(&tok.encode_all(&ds.docs)?, cfg.eval.max_len, Packing::Truncate, &ids);
-    // an empty document still yields [CLS] [SEP]
-    let seqs: Vec<Vec<u32>> = match seqs {
-        Ok(s) if s.len() == ds.len() => s,
-        _ => tok
-            .encode_all(&ds.docs)?
-            .into_iter()
-            .map(|d| {
-                let mut s = vec![ids.cls];
-                s.extend(d.into_iter().take(cfg.eval.max_len - 2));
-                s.push(ids.sep);
-                s
-            })
-            .collect(),
-    };
+    // one `[CLS] doc [SEP]` sequence per document, cut at `eval.max_len`
+    // (an empty document still yields `[CLS] [SEP]`)
+    let seqs: Vec<Vec<u32>> = tok
+        .encode_all(&ds.docs)?
+        .into_iter()
+        .map(|d| {
+            let mut s = vec![ids.cls];
+            s.extend(d.into_iter().take(cfg.eval.max_len - 2));
+            s.push(ids.sep);
+            s
+        })
+        .collect();
     let h = model.dims().hidden_size;
     let mut out = Vec::with_capacity(seqs.len() * h);
     let n = seqs.len() as u64;

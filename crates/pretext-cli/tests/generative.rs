@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::process::Command;
 
-const TINY: [&str; 22] = [
+const TINY: [&str; 24] = [
+    "--set",
+    "model.arch=\"mlp\"",
     "--set",
     "model.hidden=[32]",
     "--set",
@@ -164,6 +166,64 @@ fn vae_trains_resumes_probes_samples_and_exports() {
     let card = std::fs::read_to_string(a.join("export/README.md")).expect("card");
     assert!(
         card.contains("- self-supervised") && card.contains("Test likelihood"),
+        "{card}"
+    );
+}
+
+/// The convolutional VAE (the default architecture) with fully connected
+/// layers and free bits: trains, and exports PyTorch-named weights whose model
+/// card carries a module of the same sizes.
+#[test]
+fn conv_vae_trains_and_exports() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let a = tmp.path().join("conv");
+    let out = bin()
+        .arg("pretrain")
+        .arg("--out")
+        .arg(&a)
+        .args(&TINY[2..])
+        .args([
+            "--set",
+            "model.arch=\"conv\"",
+            "--set",
+            "model.channels=[4, 8]",
+            "--set",
+            "model.enc_fc=[12]",
+            "--set",
+            "model.dec_fc=[16]",
+            "--set",
+            "model.free_bits=0.1",
+        ])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let losses: Vec<f64> = records(&a)
+        .iter()
+        .filter_map(|r| r.get("loss").and_then(|l| l.as_f64()))
+        .collect();
+    assert_eq!(losses.len(), 40);
+    let (head, tail) = (
+        losses[..5].iter().sum::<f64>() / 5.0,
+        losses[35..].iter().sum::<f64>() / 5.0,
+    );
+    assert!(tail < head - 50.0, "loss did not fall: {head:.1} → {tail:.1}");
+
+    let out = bin().arg("export").arg(&a).output().expect("export");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let w =
+        candle_core::safetensors::load(a.join("export/model.safetensors"), &candle_core::Device::Cpu).expect("weights");
+    let dims = |k: &str| w.get(k).unwrap_or_else(|| panic!("{k} missing")).dims().to_vec();
+    assert_eq!(dims("enc.0.weight"), [4, 1, 4, 4]);
+    assert_eq!(dims("enc.2.weight"), [8, 4, 4, 4]);
+    assert_eq!(dims("enc_fc.0.weight"), [12, 8 * 7 * 7]);
+    assert_eq!(dims("mu.weight"), [4, 12]);
+    assert_eq!(dims("dec_fc.0.weight"), [16, 4]);
+    assert_eq!(dims("dec_fc.2.weight"), [8 * 7 * 7, 16]);
+    assert_eq!(dims("dec.0.weight"), [8, 4, 4, 4]);
+    assert_eq!(dims("dec.2.weight"), [4, 1, 4, 4]);
+    let card = std::fs::read_to_string(a.join("export/README.md")).expect("card");
+    assert!(
+        card.contains("class ConvVAE") && card.contains("c1=4, c2=8, enc_fc=(12,), dec_fc=(16,), z=4"),
         "{card}"
     );
 }

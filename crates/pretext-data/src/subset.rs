@@ -80,12 +80,62 @@ pub fn split(n: usize, fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usiz
     Ok((first, second))
 }
 
+/// Deals a seeded permutation of `0..n` into `k` folds of sizes differing by
+/// at most one; returns `(train, validation)` per fold, each sorted: every
+/// index is validated exactly once (k-fold cross-validation).
+///
+/// # Errors
+/// [`Error::Invalid`] when `k < 2` or `k > n`.
+pub fn folds(n: usize, k: usize, seed: u64) -> Result<Vec<(Vec<usize>, Vec<usize>)>> {
+    if k < 2 || k > n {
+        return Err(Error::Invalid(format!(
+            "{k}-fold cross-validation needs 2 <= k <= n = {n}"
+        )));
+    }
+    let perm = permutation(n, &mut stream_rng(seed, pretext_core::seed::EVAL, &[u64::MAX - 1]));
+    Ok((0..k)
+        .map(|f| {
+            let (mut tr, mut va) = (Vec::new(), Vec::new());
+            for (pos, &i) in perm.iter().enumerate() {
+                if pos % k == f {
+                    va.push(i);
+                } else {
+                    tr.push(i);
+                }
+            }
+            tr.sort_unstable();
+            va.sort_unstable();
+            (tr, va)
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn labels() -> Vec<u32> {
         (0..1000).map(|i| (i % 10) as u32).collect()
+    }
+
+    #[test]
+    fn folds_validate_every_index_once() -> Result<()> {
+        let f = folds(23, 5, 3)?;
+        assert_eq!(f.len(), 5);
+        let mut seen = [0usize; 23];
+        for (tr, va) in &f {
+            assert!(va.len() == 4 || va.len() == 5, "fold sizes {}", va.len());
+            assert_eq!(tr.len() + va.len(), 23);
+            assert!(tr.iter().all(|i| va.binary_search(i).is_err()));
+            for &i in va {
+                seen[i] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1));
+        assert_eq!(f, folds(23, 5, 3)?);
+        assert_ne!(f, folds(23, 5, 4)?);
+        assert!(folds(3, 5, 0).is_err() && folds(10, 1, 0).is_err());
+        Ok(())
     }
 
     #[test]

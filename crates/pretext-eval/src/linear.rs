@@ -1,6 +1,7 @@
 //! The linear probe: multinomial logistic regression on standardised
 //! features, trained to convergence with full-batch L-BFGS, its L2 strength
-//! picked on a validation split carved from the training labels.
+//! picked on a validation split carved from the training labels, or by k-fold
+//! cross-validation when that split would be small (few labels).
 //!
 //! Objective: `mean_i CE(softmax(x_i W + b), y_i) + λ/2 ‖W‖²` (sklearn's
 //! `C` corresponds to `λ = 1 / (C · n)`). Deterministic under the seed.
@@ -17,6 +18,12 @@ pub struct LinearProbeConfig {
     pub l2_grid: Vec<f64>,
     /// Fraction of the training rows held out to choose the L2 strength.
     pub val_fraction: f64,
+    /// When `val_fraction` of the rows would be fewer than this many, the L2
+    /// strength is chosen by `folds`-fold cross-validation instead (a
+    /// 60-image validation split picks it by chance).
+    pub min_val_rows: usize,
+    /// Folds of that cross-validation.
+    pub folds: usize,
     /// L-BFGS iterations at most.
     pub max_iter: usize,
     /// Stop when the largest gradient entry falls below this.
@@ -28,8 +35,10 @@ pub struct LinearProbeConfig {
 impl Default for LinearProbeConfig {
     fn default() -> Self {
         Self {
-            l2_grid: vec![1e-6, 1e-5, 1e-4, 1e-3, 1e-2],
+            l2_grid: vec![1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
             val_fraction: 0.1,
+            min_val_rows: 500,
+            folds: 5,
             max_iter: 1000,
             tol: 1e-5,
             seed: 0,
@@ -255,6 +264,25 @@ fn apply_standardize(x: &Embedded, mean: &[f32], inv: &[f32]) -> Vec<f32> {
     out
 }
 
+/// `(train, validation)` index sets for choosing the L2 strength: one seeded
+/// split, or `folds` seeded folds when the split would be small; empty when
+/// there are too few rows to hold any out.
+fn validation_folds(n: usize, cfg: &LinearProbeConfig) -> Result<Vec<(Vec<usize>, Vec<usize>)>> {
+    let held = ((n as f64) * cfg.val_fraction).round() as usize;
+    if held >= cfg.min_val_rows || cfg.folds < 2 {
+        let (tr, va) = pretext_data::subset::split(n, cfg.val_fraction, cfg.seed)?;
+        return Ok(if tr.is_empty() || va.is_empty() {
+            Vec::new()
+        } else {
+            vec![(tr, va)]
+        });
+    }
+    if n < cfg.folds {
+        return Ok(Vec::new());
+    }
+    Ok(pretext_data::subset::folds(n, cfg.folds, cfg.seed)?)
+}
+
 impl LinearProbe {
     /// Fits with a fixed L2 strength.
     ///
@@ -304,40 +332,47 @@ impl LinearProbe {
         })
     }
 
-    /// Picks the L2 strength on a validation split of `train`, then refits on
-    /// all of `train`. The grid is walked from the strongest regularisation
-    /// down, each fit warm-started from the previous one (a quarter of the
-    /// iteration budget each); the final fit starts from the chosen one.
+    /// Picks the L2 strength on a validation split of `train` (or by k-fold
+    /// cross-validation when the split would hold fewer than
+    /// `min_val_rows` rows), then refits on all of `train`. The grid is
+    /// walked from the strongest regularisation down, each fit warm-started
+    /// from the previous one (a quarter of the iteration budget each); the
+    /// final fit starts from the chosen one. Ties go to the stronger
+    /// regularisation.
     ///
     /// # Errors
     /// [`Error::Invalid`] for empty inputs or an empty grid.
     pub fn fit(train: &Embedded, cfg: &LinearProbeConfig) -> Result<Self> {
         let mut grid = cfg.l2_grid.clone();
         grid.sort_by(|a, b| b.total_cmp(a));
-        let (l2, init) = match grid.as_slice() {
-            [] => return Err(Error::Invalid("linear probe: empty L2 grid".into())),
-            [only] => (*only, None),
-            grid => {
-                let (tr, va) = pretext_data::subset::split(train.len(), cfg.val_fraction, cfg.seed)?;
-                if tr.is_empty() || va.is_empty() {
-                    (grid[grid.len() / 2], None)
-                } else {
-                    let (tr, va) = (train.select(&tr), train.select(&va));
-                    let mut best: (f64, f64, Option<LinearProbe>) = (f64::NEG_INFINITY, grid[0], None);
-                    let mut prev: Option<LinearProbe> = None;
-                    for &l2 in grid {
-                        let probe = Self::fit_from(&tr, l2, prev.as_ref(), (cfg.max_iter / 4).max(1), cfg)?;
-                        let acc = probe.accuracy(&va)?;
-                        if acc > best.0 {
-                            best = (acc, l2, Some(probe.clone()));
-                        }
-                        prev = Some(probe);
-                    }
-                    (best.1, best.2)
+        if grid.is_empty() {
+            return Err(Error::Invalid("linear probe: empty L2 grid".into()));
+        }
+        if grid.len() == 1 {
+            return Self::fit_from(train, grid[0], None, cfg.max_iter, cfg);
+        }
+        let folds = validation_folds(train.len(), cfg)?;
+        if folds.is_empty() {
+            return Self::fit_from(train, grid[grid.len() / 2], None, cfg.max_iter, cfg);
+        }
+        // correct validation predictions per grid value, summed over folds
+        let mut correct = vec![0usize; grid.len()];
+        let mut first_fold_probes: Vec<LinearProbe> = Vec::new();
+        for (f, (tr, va)) in folds.iter().enumerate() {
+            let (tr, va) = (train.select(tr), train.select(va));
+            let mut prev: Option<LinearProbe> = None;
+            for (g, &l2) in grid.iter().enumerate() {
+                let probe = Self::fit_from(&tr, l2, prev.as_ref(), (cfg.max_iter / 4).max(1), cfg)?;
+                let pred = probe.predict(&va)?;
+                correct[g] += pred.iter().zip(&va.labels).filter(|(p, y)| p == y).count();
+                if f == 0 {
+                    first_fold_probes.push(probe.clone());
                 }
+                prev = Some(probe);
             }
-        };
-        Self::fit_from(train, l2, init.as_ref(), cfg.max_iter, cfg)
+        }
+        let best = (0..grid.len()).fold(0, |b, g| if correct[g] > correct[b] { g } else { b });
+        Self::fit_from(train, grid[best], first_fold_probes.get(best), cfg.max_iter, cfg)
     }
 
     /// Class predictions.
@@ -451,6 +486,50 @@ mod tests {
         }
         let acc = probe.accuracy(&blobs(300, 4, 3, 1.5, 3)?)?;
         assert!(acc > 0.5 && acc < 1.0, "{acc}");
+        Ok(())
+    }
+
+    /// Few labels, many noise dimensions: the cross-validated choice must be
+    /// the grid value with the most correct validation predictions over the
+    /// folds (checked here with independent fits), which here is strong
+    /// regularisation.
+    #[test]
+    fn few_labels_choose_the_l2_strength_by_cross_validation() -> Result<()> {
+        // 3 informative dimensions, 200 noise ones, 60 labelled rows
+        let noisy = |n: usize, seed: u64| -> Result<Embedded> {
+            let b = blobs(n, 3, 3, 1.0, seed)?;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 100);
+            let mut f = Vec::with_capacity(n * 203);
+            for r in b.features.chunks_exact(3) {
+                f.extend_from_slice(r);
+                f.extend((0..200).map(|_| rng.random_range(-1.0f32..1.0)));
+            }
+            Embedded::new(f, 203, b.labels)
+        };
+        let train = noisy(60, 7)?;
+        let cfg = LinearProbeConfig::default();
+        assert!(((60.0 * cfg.val_fraction) as usize) < cfg.min_val_rows);
+        let probe = LinearProbe::fit(&train, &cfg)?;
+
+        let folds = pretext_data::subset::folds(60, cfg.folds, cfg.seed)?;
+        let cv = |l2: f64| -> Result<usize> {
+            let mut correct = 0;
+            for (tr, va) in &folds {
+                let p = LinearProbe::fit_with(&train.select(tr), l2, &cfg)?;
+                let va = train.select(va);
+                correct += p.predict(&va)?.iter().zip(&va.labels).filter(|(a, b)| a == b).count();
+            }
+            Ok(correct)
+        };
+        let scores: Vec<(f64, usize)> = cfg.l2_grid.iter().map(|&l| Ok((l, cv(l)?))).collect::<Result<_>>()?;
+        let best = scores.iter().map(|s| s.1).max().unwrap_or(0);
+        let chosen = scores.iter().find(|s| s.0 == probe.l2).map_or(0, |s| s.1);
+        assert!(
+            chosen + 1 >= best,
+            "chose {} ({chosen} correct), best {best}: {scores:?}",
+            probe.l2
+        );
+        assert!(probe.l2 >= 1e-2, "chose {}: {scores:?}", probe.l2);
         Ok(())
     }
 

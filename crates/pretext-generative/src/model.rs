@@ -4,9 +4,11 @@
 //!
 //! Names follow the PyTorch reference's `VAE` for the MLP (`enc.0`, `enc.2`,
 //! `mu`, `logvar`, `dec.0`, `dec.2`, `dec.4`), so its export loads there; the
-//! convolutional variant uses `enc.0`, `enc.2` (convs), `mu`, `logvar`,
-//! `dec_fc`, `dec.0`, `dec.2` (transposed convs), flattening in PyTorch's
-//! NCHW order.
+//! convolutional variant uses `enc.0`, `enc.2` (convs), optional fully
+//! connected layers `enc_fc.0`, `enc_fc.2`, … , `mu`, `logvar`, then
+//! `dec_fc.0`, `dec_fc.2`, … (the last one to the feature map), `dec.0`,
+//! `dec.2` (transposed convs), flattening in PyTorch's NCHW order. Without
+//! fully connected layers the decoder's single projection is `dec_fc`.
 
 use crate::loss::{bernoulli_log_lik, gaussian_kl, gaussian_log_lik, log_mean_exp, log_posterior, log_standard_normal};
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
@@ -48,6 +50,13 @@ pub struct VaeConfig {
     pub hidden: Vec<usize>,
     /// Conv channels of the two down/up stages.
     pub channels: Vec<usize>,
+    /// Conv: fully connected hidden sizes (each + ReLU) between the
+    /// flattened feature map and the posterior; empty = `μ` and `log σ²` are
+    /// linear functions of the feature map.
+    pub enc_fc: Vec<usize>,
+    /// Conv: fully connected hidden sizes (each + ReLU) between the latent and
+    /// the decoder's projection to the feature map, latent side first.
+    pub dec_fc: Vec<usize>,
     /// `bernoulli` or `gaussian`.
     pub likelihood: Likelihood,
     /// Gaussian likelihood: initial (or fixed) standard deviation.
@@ -58,6 +67,15 @@ pub struct VaeConfig {
     pub beta: f64,
     /// Raise β linearly from 0 over this many steps (0 = no warm-up).
     pub beta_warmup_steps: u64,
+    /// Free bits (Kingma et al., 2016): during training each latent
+    /// dimension's KL, averaged over the batch, counts as at least this many
+    /// nats, so the optimiser gains nothing by collapsing it below (0 = off).
+    /// Only the training loss changes; every reported −ELBO is the true one.
+    pub free_bits: f64,
+    /// Lower the free bits linearly to 0 over this many steps (0 = keep
+    /// them): latent dimensions are switched on early, then the loss becomes
+    /// the plain (β-weighted) negative ELBO.
+    pub free_bits_decay_steps: u64,
 }
 
 impl Default for VaeConfig {
@@ -67,11 +85,15 @@ impl Default for VaeConfig {
             latent: 32,
             hidden: vec![512, 256],
             channels: vec![32, 64],
+            enc_fc: Vec::new(),
+            dec_fc: Vec::new(),
             likelihood: Likelihood::Bernoulli,
             sigma: 0.1,
             learn_sigma: true,
             beta: 1.0,
             beta_warmup_steps: 0,
+            free_bits: 0.0,
+            free_bits_decay_steps: 0,
         }
     }
 }
@@ -92,12 +114,18 @@ impl VaeConfig {
             VaeArch::Conv if self.channels.len() != 2 || self.channels.contains(&0) => {
                 Err("model.channels must be two positive channel counts".into())
             }
+            VaeArch::Conv if self.enc_fc.contains(&0) || self.dec_fc.contains(&0) => {
+                Err("model.enc_fc and model.dec_fc sizes must be positive".into())
+            }
             VaeArch::Conv if size % 4 != 0 => {
                 Err(format!("data.image_size = {size}: the conv VAE needs a multiple of 4"))
             }
             _ if channels == 0 => Err("data.channels must be > 0".into()),
             _ if !(self.beta >= 0.0 && self.beta.is_finite()) => {
                 Err(format!("model.beta = {}: must be >= 0", self.beta))
+            }
+            _ if !(self.free_bits >= 0.0 && self.free_bits.is_finite()) => {
+                Err(format!("model.free_bits = {}: must be >= 0", self.free_bits))
             }
             _ if self.likelihood == Likelihood::Gaussian
                 && self.sigma.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) =>
@@ -116,7 +144,10 @@ enum Nets {
     },
     Conv {
         enc: [Conv2d; 2],
-        dec_fc: candle_nn::Linear,
+        /// Fully connected encoder layers after the convolutions (each + ReLU).
+        enc_fc: Vec<candle_nn::Linear>,
+        /// Fully connected decoder layers, the last one to the feature map (each + ReLU).
+        dec_fc: Vec<candle_nn::Linear>,
         dec: [ConvTranspose2d; 2],
     },
 }
@@ -143,6 +174,8 @@ pub struct Vae {
     channels: usize,
     size: usize,
     dynamic_binarize: bool,
+    /// The free bits the objective applies now (set per training step).
+    free_bits_now: f64,
 }
 
 impl Vae {
@@ -184,12 +217,38 @@ impl Vae {
                     Conv2d::new(c1, c2, 4, 2, 1, true, vb.pp("enc").pp(2))?,
                 ];
                 let flat = c2 * (size / 4) * (size / 4);
-                let dec_fc = linear(cfg.latent, flat, true, vb.pp("dec_fc"))?;
+                let mut enc_fc = Vec::new();
+                let mut din = flat;
+                for (i, &h) in cfg.enc_fc.iter().enumerate() {
+                    enc_fc.push(linear(din, h, true, vb.pp("enc_fc").pp(2 * i))?);
+                    din = h;
+                }
+                let dec_fc = if cfg.dec_fc.is_empty() {
+                    vec![linear(cfg.latent, flat, true, vb.pp("dec_fc"))?]
+                } else {
+                    let mut sizes = cfg.dec_fc.clone();
+                    sizes.push(flat);
+                    let mut layers = Vec::new();
+                    let mut din_d = cfg.latent;
+                    for (i, &h) in sizes.iter().enumerate() {
+                        layers.push(linear(din_d, h, true, vb.pp("dec_fc").pp(2 * i))?);
+                        din_d = h;
+                    }
+                    layers
+                };
                 let dec = [
                     ConvTranspose2d::new(c2, c1, 4, 2, 1, 0, true, vb.pp("dec").pp(0))?,
                     ConvTranspose2d::new(c1, channels, 4, 2, 1, 0, true, vb.pp("dec").pp(2))?,
                 ];
-                (Nets::Conv { enc, dec_fc, dec }, flat)
+                (
+                    Nets::Conv {
+                        enc,
+                        enc_fc,
+                        dec_fc,
+                        dec,
+                    },
+                    din,
+                )
             }
         };
         let mu = linear(feat, cfg.latent, true, vb.pp("mu"))?;
@@ -211,6 +270,7 @@ impl Vae {
             channels,
             size,
             dynamic_binarize: false,
+            free_bits_now: cfg.free_bits,
         })
     }
 
@@ -226,6 +286,14 @@ impl Vae {
             self.cfg.beta
         } else {
             self.cfg.beta * ((step + 1) as f64 / self.cfg.beta_warmup_steps as f64).min(1.0)
+        }
+    }
+
+    /// Free bits at 0-based `step` (linear decay to 0 when configured).
+    pub fn free_bits_at(&self, step: u64) -> f64 {
+        match self.cfg.free_bits_decay_steps {
+            0 => self.cfg.free_bits,
+            d => self.cfg.free_bits * (1.0 - step as f64 / d as f64).max(0.0),
         }
     }
 
@@ -248,7 +316,9 @@ impl Vae {
     pub fn encoder_vars(&self) -> Vec<(String, Var)> {
         named_vars(self.params.var_map())
             .into_iter()
-            .filter(|(n, _)| n.starts_with("enc.") || n.starts_with("mu.") || n.starts_with("logvar."))
+            .filter(|(n, _)| {
+                n.starts_with("enc.") || n.starts_with("enc_fc.") || n.starts_with("mu.") || n.starts_with("logvar.")
+            })
             .collect()
     }
 
@@ -266,7 +336,7 @@ impl Vae {
                 }
                 h
             }
-            Nets::Conv { enc, .. } => {
+            Nets::Conv { enc, enc_fc, .. } => {
                 let (c, hh, ww) = (x.dim(1)?, x.dim(2)?, x.dim(3)?);
                 let mut h = if c == 1 {
                     x.reshape((n, hh, ww, 1))?
@@ -277,7 +347,11 @@ impl Vae {
                     h = conv.forward(&h)?.relu()?;
                 }
                 // flatten in PyTorch's (c, h, w) order
-                h.permute((0, 3, 1, 2))?.contiguous()?.reshape((n, ()))?
+                let mut h = h.permute((0, 3, 1, 2))?.contiguous()?.reshape((n, ()))?;
+                for l in enc_fc {
+                    h = l.forward(&h)?.relu()?;
+                }
+                h
             }
         };
         Ok((self.mu.forward(&h)?, self.logvar.forward(&h)?))
@@ -304,7 +378,11 @@ impl Vae {
             }
             Nets::Conv { dec_fc, dec, .. } => {
                 let c2 = self.cfg.channels[1];
-                let h = dec_fc.forward(z)?.relu()?.reshape((n, c2, s / 4, s / 4))?;
+                let mut h = z.clone();
+                for l in dec_fc {
+                    h = l.forward(&h)?.relu()?;
+                }
+                let h = h.reshape((n, c2, s / 4, s / 4))?;
                 let h = h.permute((0, 2, 3, 1))?.contiguous()?;
                 let h = dec[0].forward(&h)?.relu()?;
                 let h = dec[1].forward(&h)?; // (n, s, s, c)
@@ -347,7 +425,9 @@ impl Vae {
         Tensor::from_vec(v, (n, d), device)
     }
 
-    /// The training objective on `x` with noise `eps` `(n, latent)` and KL weight `beta`.
+    /// The training objective on `x` with noise `eps` `(n, latent)` and KL
+    /// weight `beta`, with the free bits of the current training step (the
+    /// configured value before any step).
     ///
     /// # Errors
     /// Shapes that do not fit.
@@ -356,7 +436,13 @@ impl Vae {
         let z = (&mu + (eps * (&logvar * 0.5)?.exp()?)?)?;
         let rec = self.log_lik(&self.decode(&z)?, x)?; // (n,)
         let kl = gaussian_kl(&mu, &logvar)?;
-        let loss = ((kl.clone() * beta)? - &rec)?.mean_all()?;
+        let kl_term = if self.free_bits_now > 0.0 {
+            // per-dimension KL averaged over the batch, floored at the free bits
+            free_bits_kl(&mu, &logvar, self.free_bits_now)?
+        } else {
+            kl.mean_all()?
+        };
+        let loss = ((kl_term * beta)? - rec.mean_all()?)?;
         Ok(ElboTerms {
             loss,
             rec_nll: -f64::from(rec.mean_all()?.to_scalar::<f32>()?),
@@ -394,6 +480,17 @@ impl Vae {
         let w = self.log_weights(x, k, rng)?;
         Ok((w.mean(0)?, log_mean_exp(&w)?))
     }
+}
+
+/// `Σ_j max(λ, mean_i KL_ij)`: the batch's KL per latent dimension, each
+/// floored at `free_bits` = λ nats (a scalar; no gradient through a floored
+/// dimension).
+///
+/// # Errors
+/// Shapes differ.
+pub fn free_bits_kl(mu: &Tensor, logvar: &Tensor, free_bits: f64) -> Result<Tensor> {
+    let per_dim = ((((mu.sqr()? + logvar.exp()?)? - 1.0)? - logvar)? * 0.5)?.mean(0)?; // (d,)
+    per_dim.maximum(free_bits)?.sum_all()
 }
 
 /// A Bernoulli draw of every intensity in `x` (in [0, 1]) from `rng`.
@@ -438,10 +535,20 @@ impl pretext_core::Method for Vae {
             x.device(),
         )?;
         let beta = self.beta_at(cx.step);
+        self.free_bits_now = self.free_bits_at(cx.step);
         let t = self.objective(&x, &eps, beta)?;
         Ok(pretext_core::StepOut {
             loss: t.loss,
-            stats: vec![("rec_nll", t.rec_nll), ("kl", t.kl), ("beta", beta)],
+            stats: if self.cfg.free_bits > 0.0 {
+                vec![
+                    ("rec_nll", t.rec_nll),
+                    ("kl", t.kl),
+                    ("beta", beta),
+                    ("free_bits", self.free_bits_now),
+                ]
+            } else {
+                vec![("rec_nll", t.rec_nll), ("kl", t.kl), ("beta", beta)]
+            },
         })
     }
 
@@ -483,11 +590,19 @@ mod tests {
     use rand::SeedableRng;
 
     fn tiny(arch: VaeArch, likelihood: Likelihood) -> Result<Vae> {
+        tiny_fc(arch, likelihood, &[])
+    }
+
+    /// A tiny model; `fc` = the conv variant's fully connected hidden sizes
+    /// (encoder order; the decoder mirrors them).
+    fn tiny_fc(arch: VaeArch, likelihood: Likelihood, fc: &[usize]) -> Result<Vae> {
         let cfg = VaeConfig {
             arch,
             latent: 3,
             hidden: vec![6],
             channels: vec![2, 3],
+            enc_fc: fc.to_vec(),
+            dec_fc: fc.iter().rev().copied().collect(),
             likelihood,
             ..VaeConfig::default()
         };
@@ -507,12 +622,13 @@ mod tests {
     #[test]
     fn loss_gradient_matches_finite_differences() -> Result<()> {
         let (mut checked, mut skipped) = (0usize, 0usize);
-        for (arch, lik) in [
-            (VaeArch::Mlp, Likelihood::Bernoulli),
-            (VaeArch::Conv, Likelihood::Bernoulli),
-            (VaeArch::Mlp, Likelihood::Gaussian),
+        for (arch, lik, fc) in [
+            (VaeArch::Mlp, Likelihood::Bernoulli, &[][..]),
+            (VaeArch::Conv, Likelihood::Bernoulli, &[][..]),
+            (VaeArch::Conv, Likelihood::Bernoulli, &[5][..]),
+            (VaeArch::Mlp, Likelihood::Gaussian, &[][..]),
         ] {
-            let vae = tiny(arch, lik)?;
+            let vae = tiny_fc(arch, lik, fc)?;
             let x = images(3)?;
             let eps = Vae::noise(3, 3, &mut StdRng::seed_from_u64(1), &Device::Cpu)?;
             let loss = |v: &Vae| -> Result<f64> {
@@ -588,6 +704,46 @@ mod tests {
         Ok(())
     }
 
+    /// Free bits by hand: per-dimension batch-mean KL floored at λ, and no
+    /// gradient through a floored dimension.
+    #[test]
+    fn free_bits_floor_each_dimension() -> Result<()> {
+        let dev = Device::Cpu;
+        let mu = Var::from_vec(vec![1f32, 0.0, 0.0, 0.0], (2, 2), &dev)?;
+        let logvar = Tensor::zeros((2, 2), DType::F32, &dev)?;
+        // KL_ij = ½ μ² → batch means per dimension: 0.25 and 0
+        for (lambda, value, grad00) in [(0.1, 0.35, 0.5), (0.3, 0.6, 0.0), (0.0, 0.25, 0.5)] {
+            let kl = free_bits_kl(mu.as_tensor(), &logvar, lambda)?;
+            assert!((kl.to_scalar::<f32>()? - value).abs() < 1e-6, "λ = {lambda}");
+            let g = kl.backward()?;
+            let gm = g
+                .get(mu.as_tensor())
+                .map(|t| t.flatten_all()?.to_vec1::<f32>())
+                .transpose()?;
+            let g00 = gm.map_or(0.0, |v| v[0]);
+            assert!((g00 - grad00).abs() < 1e-6, "λ = {lambda}: {g00}");
+        }
+        // on a model: free bits change the loss, never the reported KL
+        let mut cfg = tiny(VaeArch::Mlp, Likelihood::Bernoulli)?.config().clone();
+        let x = images(3)?;
+        let eps = Vae::noise(3, 3, &mut StdRng::seed_from_u64(1), &dev)?;
+        let plain = Vae::new(&cfg, 1, SIDE, 5, &dev)?.objective(&x, &eps, 1.0)?;
+        cfg.free_bits = 5.0;
+        let floored = Vae::new(&cfg, 1, SIDE, 5, &dev)?.objective(&x, &eps, 1.0)?;
+        assert_eq!(plain.kl, floored.kl);
+        assert_eq!(plain.rec_nll, floored.rec_nll);
+        let (lp, lf) = (plain.loss.to_scalar::<f32>()?, floored.loss.to_scalar::<f32>()?);
+        assert!(
+            (lf - (plain.rec_nll as f32 + 15.0)).abs() < 1e-3 && lf > lp,
+            "{lp} {lf}"
+        );
+        cfg.free_bits_decay_steps = 100;
+        let decaying = Vae::new(&cfg, 1, SIDE, 5, &dev)?;
+        let at: Vec<f64> = [0, 50, 100, 200].iter().map(|&s| decaying.free_bits_at(s)).collect();
+        assert_eq!(at, [5.0, 2.5, 0.0, 0.0]);
+        Ok(())
+    }
+
     #[test]
     fn shapes_and_names() -> Result<()> {
         let mlp = tiny(VaeArch::Mlp, Likelihood::Bernoulli)?;
@@ -617,6 +773,43 @@ mod tests {
             .iter()
             .any(|(n, _)| n == "log_sigma"));
         assert_eq!(conv.encoder_vars().len(), 8);
+
+        let conv_fc = tiny_fc(VaeArch::Conv, Likelihood::Bernoulli, &[5, 4])?;
+        let mut names: Vec<String> = named_vars(conv_fc.params().var_map())
+            .into_iter()
+            .map(|(n, v)| format!("{n}{:?}", v.dims()))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "dec.0.bias[2]",
+                "dec.0.weight[3, 2, 4, 4]",
+                "dec.2.bias[1]",
+                "dec.2.weight[2, 1, 4, 4]",
+                "dec_fc.0.bias[4]",
+                "dec_fc.0.weight[4, 3]",
+                "dec_fc.2.bias[5]",
+                "dec_fc.2.weight[5, 4]",
+                "dec_fc.4.bias[3]",
+                "dec_fc.4.weight[3, 5]",
+                "enc.0.bias[2]",
+                "enc.0.weight[2, 1, 4, 4]",
+                "enc.2.bias[3]",
+                "enc.2.weight[3, 2, 4, 4]",
+                "enc_fc.0.bias[5]",
+                "enc_fc.0.weight[5, 3]",
+                "enc_fc.2.bias[4]",
+                "enc_fc.2.weight[4, 5]",
+                "logvar.bias[3]",
+                "logvar.weight[3, 4]",
+                "mu.bias[3]",
+                "mu.weight[3, 4]",
+            ]
+        );
+        let (mu, _) = conv_fc.encode(&images(2)?)?;
+        assert_eq!(conv_fc.decode(&mu)?.dims(), [2, 1, SIDE, SIDE]);
+        assert_eq!(conv_fc.encoder_vars().len(), 12);
         Ok(())
     }
 }

@@ -50,6 +50,20 @@ fn records(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// 40 logged training losses whose last five average at least 50 nats below the first five.
+fn assert_loss_falls(rec: &[serde_json::Value]) {
+    let losses: Vec<f64> = rec
+        .iter()
+        .filter_map(|r| r.get("loss").and_then(|l| l.as_f64()))
+        .collect();
+    assert_eq!(losses.len(), 40);
+    let (head, tail) = (
+        losses[..5].iter().sum::<f64>() / 5.0,
+        losses[35..].iter().sum::<f64>() / 5.0,
+    );
+    assert!(tail < head - 50.0, "loss did not fall: {head:.1} → {tail:.1}");
+}
+
 #[test]
 fn vae_trains_resumes_probes_samples_and_exports() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -63,16 +77,7 @@ fn vae_trains_resumes_probes_samples_and_exports() {
         .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rec = records(&a);
-    let losses: Vec<f64> = rec
-        .iter()
-        .filter_map(|r| r.get("loss").and_then(|l| l.as_f64()))
-        .collect();
-    assert_eq!(losses.len(), 40);
-    let (head, tail) = (
-        losses[..5].iter().sum::<f64>() / 5.0,
-        losses[35..].iter().sum::<f64>() / 5.0,
-    );
-    assert!(tail < head - 50.0, "negative ELBO did not fall: {head:.1} → {tail:.1}");
+    assert_loss_falls(&rec);
     assert!(
         rec.iter().all(|r| r.get("loss").is_none() || r.get("kl").is_some()),
         "KL logged per step"
@@ -197,16 +202,7 @@ fn conv_vae_trains_and_exports() {
         .output()
         .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let losses: Vec<f64> = records(&a)
-        .iter()
-        .filter_map(|r| r.get("loss").and_then(|l| l.as_f64()))
-        .collect();
-    assert_eq!(losses.len(), 40);
-    let (head, tail) = (
-        losses[..5].iter().sum::<f64>() / 5.0,
-        losses[35..].iter().sum::<f64>() / 5.0,
-    );
-    assert!(tail < head - 50.0, "loss did not fall: {head:.1} → {tail:.1}");
+    assert_loss_falls(&records(&a));
 
     let out = bin().arg("export").arg(&a).output().expect("export");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -152,6 +152,27 @@ enum Nets {
     },
 }
 
+/// Linear layers `din → sizes[0] → sizes[1] → …` named `0`, `2`, `4`, … under
+/// `vb` (the indices of a PyTorch `nn.Sequential` with a ReLU after each);
+/// returns them and the last size.
+fn dense_layers(din: usize, sizes: &[usize], vb: &candle_nn::VarBuilder) -> Result<(Vec<candle_nn::Linear>, usize)> {
+    let mut layers = Vec::with_capacity(sizes.len());
+    let mut d = din;
+    for (i, &h) in sizes.iter().enumerate() {
+        layers.push(linear(d, h, true, vb.pp(2 * i))?);
+        d = h;
+    }
+    Ok((layers, d))
+}
+
+/// `h` through each layer, each followed by a ReLU.
+fn relu_layers(layers: &[candle_nn::Linear], mut h: Tensor) -> Result<Tensor> {
+    for l in layers {
+        h = l.forward(&h)?.relu()?;
+    }
+    Ok(h)
+}
+
 /// What one batch of the training objective measured (per-image means, nats).
 #[derive(Debug, Clone)]
 pub struct ElboTerms {
@@ -191,20 +212,10 @@ impl Vae {
         let d = channels * size * size;
         let (nets, feat) = match cfg.arch {
             VaeArch::Mlp => {
-                let mut enc = Vec::new();
-                let mut din = d;
-                for (i, &h) in cfg.hidden.iter().enumerate() {
-                    enc.push(linear(din, h, true, vb.pp("enc").pp(2 * i))?);
-                    din = h;
-                }
-                let mut dec = Vec::new();
+                let (enc, din) = dense_layers(d, &cfg.hidden, &vb.pp("enc"))?;
                 let mut sizes: Vec<usize> = cfg.hidden.iter().rev().copied().collect();
                 sizes.push(d);
-                let mut din_d = cfg.latent;
-                for (i, &h) in sizes.iter().enumerate() {
-                    dec.push(linear(din_d, h, true, vb.pp("dec").pp(2 * i))?);
-                    din_d = h;
-                }
+                let (dec, _) = dense_layers(cfg.latent, &sizes, &vb.pp("dec"))?;
                 // built after the decoder in PyTorch's registration order? The
                 // reference registers enc, mu, logvar, dec; initial values come
                 // from our own stream either way.
@@ -217,24 +228,13 @@ impl Vae {
                     Conv2d::new(c1, c2, 4, 2, 1, true, vb.pp("enc").pp(2))?,
                 ];
                 let flat = c2 * (size / 4) * (size / 4);
-                let mut enc_fc = Vec::new();
-                let mut din = flat;
-                for (i, &h) in cfg.enc_fc.iter().enumerate() {
-                    enc_fc.push(linear(din, h, true, vb.pp("enc_fc").pp(2 * i))?);
-                    din = h;
-                }
+                let (enc_fc, din) = dense_layers(flat, &cfg.enc_fc, &vb.pp("enc_fc"))?;
                 let dec_fc = if cfg.dec_fc.is_empty() {
                     vec![linear(cfg.latent, flat, true, vb.pp("dec_fc"))?]
                 } else {
                     let mut sizes = cfg.dec_fc.clone();
                     sizes.push(flat);
-                    let mut layers = Vec::new();
-                    let mut din_d = cfg.latent;
-                    for (i, &h) in sizes.iter().enumerate() {
-                        layers.push(linear(din_d, h, true, vb.pp("dec_fc").pp(2 * i))?);
-                        din_d = h;
-                    }
-                    layers
+                    dense_layers(cfg.latent, &sizes, &vb.pp("dec_fc"))?.0
                 };
                 let dec = [
                     ConvTranspose2d::new(c2, c1, 4, 2, 1, 0, true, vb.pp("dec").pp(0))?,
@@ -329,13 +329,7 @@ impl Vae {
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = x.dim(0)?;
         let h = match &self.nets {
-            Nets::Mlp { enc, .. } => {
-                let mut h = x.reshape((n, ()))?;
-                for l in enc {
-                    h = l.forward(&h)?.relu()?;
-                }
-                h
-            }
+            Nets::Mlp { enc, .. } => relu_layers(enc, x.reshape((n, ()))?)?,
             Nets::Conv { enc, enc_fc, .. } => {
                 let (c, hh, ww) = (x.dim(1)?, x.dim(2)?, x.dim(3)?);
                 let mut h = if c == 1 {
@@ -347,11 +341,7 @@ impl Vae {
                     h = conv.forward(&h)?.relu()?;
                 }
                 // flatten in PyTorch's (c, h, w) order
-                let mut h = h.permute((0, 3, 1, 2))?.contiguous()?.reshape((n, ()))?;
-                for l in enc_fc {
-                    h = l.forward(&h)?.relu()?;
-                }
-                h
+                relu_layers(enc_fc, h.permute((0, 3, 1, 2))?.contiguous()?.reshape((n, ()))?)?
             }
         };
         Ok((self.mu.forward(&h)?, self.logvar.forward(&h)?))
@@ -378,11 +368,7 @@ impl Vae {
             }
             Nets::Conv { dec_fc, dec, .. } => {
                 let c2 = self.cfg.channels[1];
-                let mut h = z.clone();
-                for l in dec_fc {
-                    h = l.forward(&h)?.relu()?;
-                }
-                let h = h.reshape((n, c2, s / 4, s / 4))?;
+                let h = relu_layers(dec_fc, z.clone())?.reshape((n, c2, s / 4, s / 4))?;
                 let h = h.permute((0, 2, 3, 1))?.contiguous()?;
                 let h = dec[0].forward(&h)?.relu()?;
                 let h = dec[1].forward(&h)?; // (n, s, s, c)

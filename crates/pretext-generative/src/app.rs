@@ -651,18 +651,14 @@ fn conv_module_source(cfg: &GenerativeConfig) -> String {
         [one] => format!("({one},)"),
         v => format!("({})", v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
     };
-    let dec_fc_src = if m.dec_fc.is_empty() {
-        "        self.dec_fc = nn.Sequential(nn.Linear(z, flat), nn.ReLU())  # exported as dec_fc.weight / dec_fc.bias\n".to_string()
-    } else {
-        "        layers, d = [], z\n        for h in list(dec_fc) + [flat]:\n            layers += [nn.Linear(d, h), nn.ReLU()]\n            d = h\n        self.dec_fc = nn.Sequential(*layers)\n".to_string()
-    };
+    // without dense decoder layers the single projection is exported as `dec_fc`, not `dec_fc.0`
     let fixup = if m.dec_fc.is_empty() {
         "state = {k.replace(\"dec_fc.\", \"dec_fc.0.\", 1) if k.startswith(\"dec_fc.\") else k: v for k, v in state.items()}\n"
     } else {
         ""
     };
     format!(
-        "import torch\nimport torch.nn as nn\n\nclass ConvVAE(nn.Module):\n    def __init__(self, c={c}, s={s}, c1={c1}, c2={c2}, enc_fc={enc_fc}, dec_fc={dec_fc}, z={z}):\n        super().__init__()\n        self.c2, self.s = c2, s\n        self.enc = nn.Sequential(nn.Conv2d(c, c1, 4, 2, 1), nn.ReLU(), nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU())\n        flat = c2 * (s // 4) ** 2\n        layers, d = [], flat\n        for h in enc_fc:\n            layers += [nn.Linear(d, h), nn.ReLU()]\n            d = h\n        self.enc_fc = nn.Sequential(*layers)\n        self.mu = nn.Linear(d, z)\n        self.logvar = nn.Linear(d, z)\n{dec_fc_src}        self.dec = nn.Sequential(nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(c1, c, 4, 2, 1))\n\n    def encode(self, x):  # x: (n, c, s, s) in [0, 1] -> (mu, logvar)\n        h = self.enc_fc(self.enc(x).flatten(1))\n        return self.mu(h), self.logvar(h)\n\n    def decode(self, z):  # -> Bernoulli logits (n, c, s, s)\n        h = self.dec_fc(z).view(-1, self.c2, self.s // 4, self.s // 4)\n        return self.dec(h)\n\n{fixup}model = ConvVAE()\nmodel.load_state_dict(state)\n",
+        "import torch\nimport torch.nn as nn\n\nclass ConvVAE(nn.Module):\n    def __init__(self, c={c}, s={s}, c1={c1}, c2={c2}, enc_fc={enc_fc}, dec_fc={dec_fc}, z={z}):\n        super().__init__()\n        self.c2, self.s = c2, s\n        self.enc = nn.Sequential(nn.Conv2d(c, c1, 4, 2, 1), nn.ReLU(), nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU())\n        flat = c2 * (s // 4) ** 2\n        layers, d = [], flat\n        for h in enc_fc:\n            layers += [nn.Linear(d, h), nn.ReLU()]\n            d = h\n        self.enc_fc = nn.Sequential(*layers)\n        self.mu = nn.Linear(d, z)\n        self.logvar = nn.Linear(d, z)\n        layers, d = [], z\n        for h in list(dec_fc) + [flat]:\n            layers += [nn.Linear(d, h), nn.ReLU()]\n            d = h\n        self.dec_fc = nn.Sequential(*layers)\n        self.dec = nn.Sequential(nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(c1, c, 4, 2, 1))\n\n    def encode(self, x):  # x: (n, c, s, s) in [0, 1] -> (mu, logvar)\n        h = self.enc_fc(self.enc(x).flatten(1))\n        return self.mu(h), self.logvar(h)\n\n    def decode(self, z):  # -> Bernoulli logits (n, c, s, s)\n        h = self.dec_fc(z).view(-1, self.c2, self.s // 4, self.s // 4)\n        return self.dec(h)\n\n{fixup}model = ConvVAE()\nmodel.load_state_dict(state)\n",
         c = cfg.data.channels,
         s = cfg.data.image_size,
         c1 = m.channels[0],

@@ -23,7 +23,7 @@ enum BenchWhat {
     Conv,
     /// The two-view augmentation pipeline.
     Data,
-    /// VAE training throughput (the default MLP VAE).
+    /// VAE training throughput (the reference's MLP VAE, `configs/vae-mlp-fmnist.toml`).
     Vae,
     /// MLM training throughput (BERT-mini, batch 32 × 128 tokens).
     Mlm,

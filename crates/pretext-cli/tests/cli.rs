@@ -118,16 +118,20 @@ fn shipped_generative_configs_are_valid() {
             .and_then(|n| n.to_str())
             .unwrap_or_default()
             .to_string();
-        let want = if name.contains("conv") {
-            (VaeArch::Conv, 64)
-        } else {
+        let want = if name.contains("mlp") {
             (VaeArch::Mlp, 32)
+        } else {
+            (VaeArch::Conv, 64)
         };
         assert_eq!((r.config.model.arch, r.config.model.latent), want, "{name}");
+        if want.0 == VaeArch::Mlp {
+            // laid over the conv default, the reference's recipe must not inherit its free bits
+            assert_eq!(r.config.model.free_bits, 0.0, "{name}");
+        }
         seen.push(name);
     }
     seen.sort();
-    assert_eq!(seen, ["vae-conv-fmnist.toml", "vae-fmnist.toml"]);
+    assert_eq!(seen, ["vae-fmnist.toml", "vae-mlp-fmnist.toml"]);
 }
 
 #[test]

@@ -1,18 +1,20 @@
-//! VAE training throughput: the default MLP VAE (784-512-256-32, Bernoulli,
+//! VAE training throughput: the reference's MLP VAE (784-512-256-32, Bernoulli,
 //! Adam 1e-3) at batch 128 on Fashion-MNIST images in [0, 1], batches built
 //! beforehand (as the reference's in-memory tensors), full training steps
 //! (forward, backward, optimizer) through the core trainer.
 //!
 //! `cargo bench -p pretext-generative --bench vae_step`
 //! Environment: `PRETEXT_BENCH_BATCH` (128), `PRETEXT_BENCH_WARMUP` (20),
-//! `PRETEXT_BENCH_ITERS` (300). The last line is machine-readable:
+//! `PRETEXT_BENCH_ITERS` (300), `PRETEXT_BENCH_MODEL` (`mlp` = the reference's
+//! MLP; `default` = the model section of the default config, the conv VAE,
+//! whose own batch is 64). The last line is machine-readable:
 //! `RESULT vae_step img_per_s=<x>`.
 
 use candle_core::Device;
 use pretext_core::trainer::{BatchSource, NullObserver, TrainConfig, Trainer};
 use pretext_core::{OptimConfig, ScheduleConfig, ScheduleKind};
 use pretext_data::{AugmentConfig, BatcherConfig, ImageBatch, ImageBatcher, Pipeline};
-use pretext_generative::{Vae, VaeConfig};
+use pretext_generative::{GenerativeConfig, Vae, VaeConfig, DEFAULT_CONFIG};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -54,7 +56,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let distinct = 100.min(warmup + iters) as u64;
     let batches: Vec<ImageBatch> = (0..distinct).map(|s| batcher.batch_now(s)).collect::<Result<_, _>>()?;
     let mut source = Prebuilt(batches);
-    let model = Vae::new(&VaeConfig::default(), 1, 28, 0, &dev)?;
+    let vae = match std::env::var("PRETEXT_BENCH_MODEL").as_deref() {
+        Err(_) | Ok("mlp") => VaeConfig::default(),
+        Ok("default") => toml::from_str::<GenerativeConfig>(DEFAULT_CONFIG)?.model,
+        Ok(other) => return Err(format!("PRETEXT_BENCH_MODEL = {other:?}: expected mlp or default").into()),
+    };
+    let model = Vae::new(&vae, 1, 28, 0, &dev)?;
     let train = TrainConfig {
         max_steps: (warmup + iters) as u64,
         batch_size: batch,
@@ -70,7 +77,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     trainer.fit_until(&mut source, &mut NullObserver, (warmup + iters) as u64)?;
     let secs = t.elapsed().as_secs_f64();
     let ips = (iters * batch) as f64 / secs;
-    println!("vae_step: {iters} steps of {batch} images in {secs:.2} s");
+    println!(
+        "vae_step ({:?}, latent {}): {iters} steps of {batch} images in {secs:.2} s",
+        vae.arch, vae.latent
+    );
     println!("RESULT vae_step img_per_s={ips:.1}");
     Ok(())
 }

@@ -5,7 +5,8 @@ use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig};
 use pretext_data::source::ImageFormat;
 use serde::{Deserialize, Serialize};
 
-/// The built-in default: the MLP VAE on the shipped Fashion-MNIST.
+/// The built-in default: the convolutional VAE on the shipped Fashion-MNIST
+/// (`configs/vae-fmnist.toml`; the reference's MLP is `configs/vae-mlp-fmnist.toml`).
 pub const DEFAULT_CONFIG: &str = include_str!("../configs/vae-fmnist.toml");
 
 /// How intensities become training targets.

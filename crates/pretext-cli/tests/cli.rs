@@ -125,8 +125,15 @@ fn shipped_generative_configs_are_valid() {
         };
         assert_eq!((r.config.model.arch, r.config.model.latent), want, "{name}");
         if want.0 == VaeArch::Mlp {
-            // laid over the conv default, the reference's recipe must not inherit its free bits
+            // laid over the conv default, the reference's recipe must not
+            // inherit its free bits or its weight averaging
             assert_eq!(r.config.model.free_bits, 0.0, "{name}");
+            assert_eq!(r.config.train.ema_decay, 0.0, "{name}");
+        } else {
+            assert!(
+                r.config.train.ema_decay > 0.0,
+                "{name}: the default publishes averaged weights"
+            );
         }
         seen.push(name);
     }

@@ -222,6 +222,28 @@ fn conv_vae_trains_and_exports() {
         card.contains("class ConvVAE") && card.contains("c1=4, c2=8, enc_fc=(12,), dec_fc=(16,), z=4"),
         "{card}"
     );
+    // the default averages the weights: the export is the average, the
+    // checkpoint keeps the iterate for resume, and the card says so
+    assert!(
+        card.contains("exponential moving average of the training iterates (decay 0.999)"),
+        "{card}"
+    );
+    let state = candle_core::safetensors::load(
+        a.join("checkpoints/step-00000040/state.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .expect("state");
+    let iterate = state["trainer.iterate.enc.0.weight"].flatten_all().expect("flat");
+    let published = w["enc.0.weight"].flatten_all().expect("flat");
+    let apart = (iterate - published)
+        .expect("diff")
+        .abs()
+        .expect("abs")
+        .max(0)
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("scalar");
+    assert!(apart > 0.0, "the exported weights are the iterate, not the average");
 }
 
 #[test]

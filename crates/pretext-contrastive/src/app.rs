@@ -181,7 +181,7 @@ fn train(
         let at_end = trainer.step() >= total;
         let due = cfg.eval.knn_every > 0 && trainer.step() % spe == 0 && epoch % cfg.eval.knn_every == 0;
         if due || at_end {
-            if let Some(acc) = monitor_knn(&trainer.method, data, cfg, device, observer)? {
+            if let Some(acc) = trainer.with_published_weights(|m| monitor_knn(m, data, cfg, device, observer))? {
                 trainer.log_record(
                     &serde_json::json!({ "event": "knn", "step": trainer.step(), "epoch": epoch, "knn_accuracy": acc }),
                 )?;

@@ -216,6 +216,14 @@ pub struct TrainConfig {
     pub clip_grad_norm: f64,
     /// Write a metrics record every N steps.
     pub log_every: u64,
+    /// Decay of an exponential moving average of the weights (Polyak
+    /// averaging), updated after every optimizer step; 0 = off. When on, the
+    /// average is the published model: checkpoints write it to
+    /// `model.safetensors` (what evaluation, probing, sampling and export
+    /// load) and keep the training iterate in `state.safetensors` for resume.
+    /// The decay in effect at update `t` is `min(ema_decay, (1 + t) / (10 + t))`,
+    /// so short runs are not dominated by the initial weights.
+    pub ema_decay: f64,
 }
 
 impl Default for TrainConfig {
@@ -229,6 +237,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             clip_grad_norm: 0.0,
             log_every: 1,
+            ema_decay: 0.0,
         }
     }
 }
@@ -256,7 +265,19 @@ impl TrainConfig {
         if self.log_every == 0 {
             return Err(Error::Config("train.log_every must be > 0".into()));
         }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return Err(Error::Config(format!(
+                "train.ema_decay = {}: must lie in [0, 1) (0 = no weight averaging)",
+                self.ema_decay
+            )));
+        }
         Ok(())
+    }
+
+    /// The EMA decay applied at the update that completes step `step` (1-based count of updates).
+    pub fn ema_decay_at(&self, step: u64) -> f64 {
+        let t = step.saturating_sub(1) as f64;
+        self.ema_decay.min((1.0 + t) / (10.0 + t))
     }
 
     /// Total steps for a stream of `steps_per_epoch` batches per epoch.
@@ -293,6 +314,27 @@ pub struct Trainer<M: Method> {
     started: Option<Instant>,
     checkpoints: Option<CheckpointManager>,
     metrics: Option<MetricsLog>,
+    /// The moving average of the weights when `train.ema_decay` > 0.
+    average: Option<VarMap>,
+}
+
+/// Prefix of the training iterate's tensors in `state.safetensors` when the
+/// published weights are an average (see [`TrainConfig::ema_decay`]).
+pub const ITERATE_PREFIX: &str = "trainer.iterate.";
+
+/// A new map holding copies of every variable of `vars`, by name.
+fn copy_var_map(vars: &VarMap) -> Result<VarMap> {
+    let out = VarMap::new();
+    {
+        let mut data = out
+            .data()
+            .lock()
+            .map_err(|_| Error::Config("variable map lock poisoned".into()))?;
+        for (name, v) in named_vars(vars) {
+            data.insert(name, candle_core::Var::from_tensor(&v.as_tensor().copy()?)?);
+        }
+    }
+    Ok(out)
 }
 
 impl<M: Method> Trainer<M> {
@@ -304,6 +346,11 @@ impl<M: Method> Trainer<M> {
         train.validate()?;
         schedule.validate()?;
         let opt = optim.build(named_vars(method.vars()))?;
+        let average = if train.ema_decay > 0.0 {
+            Some(copy_var_map(method.vars())?)
+        } else {
+            None
+        };
         Ok(Self {
             method,
             optim: opt,
@@ -316,6 +363,7 @@ impl<M: Method> Trainer<M> {
             started: None,
             checkpoints: None,
             metrics: None,
+            average,
         })
     }
 
@@ -356,9 +404,43 @@ impl<M: Method> Trainer<M> {
         self.optim.as_ref()
     }
 
-    /// Every tensor of `model.safetensors`: trainable weights and model buffers, sorted by name.
+    /// Every tensor of `model.safetensors`: the published weights (the
+    /// moving average when `train.ema_decay` > 0, else the training iterate)
+    /// and model buffers, sorted by name.
     pub fn model_tensors(&self) -> Vec<(String, Tensor)> {
-        model_tensors(&self.method)
+        let mut all: BTreeMap<String, Tensor> = model_tensors(&self.method).into_iter().collect();
+        if let Some(avg) = &self.average {
+            all.extend(named_tensors(avg));
+        }
+        all.into_iter().collect()
+    }
+
+    /// Runs `f` on the method with the published weights in place (the
+    /// moving average when `train.ema_decay` > 0), then puts the training
+    /// iterate back bit for bit: evaluation during training sees what a
+    /// checkpoint publishes. Without averaging, `f` sees the method as is.
+    ///
+    /// # Errors
+    /// What `f` returns; a tensor copy failed.
+    pub fn with_published_weights<R, E: From<Error>>(
+        &self,
+        f: impl FnOnce(&M) -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
+        let Some(avg) = &self.average else {
+            return f(&self.method);
+        };
+        let vars = named_vars(self.method.vars());
+        let avg: HashMap<String, candle_core::Var> = named_vars(avg).into_iter().collect();
+        let mut saved = Vec::with_capacity(vars.len());
+        for (name, v) in &vars {
+            saved.push(v.as_tensor().copy().map_err(Error::from)?);
+            v.set(avg[name].as_tensor()).map_err(Error::from)?;
+        }
+        let out = f(&self.method);
+        for ((_, v), t) in vars.iter().zip(saved) {
+            v.set(&t).map_err(Error::from)?;
+        }
+        out
     }
 
     /// A snapshot of everything needed to resume, for a stream of
@@ -371,10 +453,23 @@ impl<M: Method> Trainer<M> {
             v.into_iter().map(|(n, t)| Ok((n, t.copy()?))).collect()
         };
         let spe = steps_per_epoch.max(1);
+        let mut state = self.method.buffers();
+        let mut metadata = self.method.metadata();
+        if self.average.is_some() {
+            state.extend(
+                named_tensors(self.method.vars())
+                    .into_iter()
+                    .map(|(n, t)| (format!("{ITERATE_PREFIX}{n}"), t)),
+            );
+            metadata.insert(
+                "pretext.weights".into(),
+                format!("exponential moving average, decay {}", self.cfg.ema_decay),
+            );
+        }
         Ok(Checkpoint {
             model: copy(self.model_tensors())?,
             optimizer: copy(self.optim.state())?,
-            state: copy(self.method.buffers())?,
+            state: copy(state)?,
             trainer: TrainerState {
                 step: self.step,
                 epoch: self.step / spe,
@@ -387,7 +482,7 @@ impl<M: Method> Trainer<M> {
                 last_loss: self.last_loss,
                 pretext_version: env!("CARGO_PKG_VERSION").into(),
             },
-            metadata: self.method.metadata(),
+            metadata,
         })
     }
 
@@ -407,12 +502,38 @@ impl<M: Method> Trainer<M> {
             )));
         }
         load_model_weights(&self.method, ckpt, path)?;
+        // With averaging, model.safetensors holds the average and the
+        // iterate travels in state.safetensors under ITERATE_PREFIX.
+        let (iterate, method_state): (Vec<_>, Vec<_>) = ckpt
+            .state
+            .iter()
+            .cloned()
+            .partition(|(n, _)| n.starts_with(ITERATE_PREFIX));
+        if let Some(avg) = &self.average {
+            let avg: HashMap<String, candle_core::Var> = named_vars(avg).into_iter().collect();
+            for (name, v) in named_vars(self.method.vars()) {
+                avg[&name].set(v.as_tensor())?;
+            }
+        }
+        if !iterate.is_empty() {
+            let expected = named_tensors(self.method.vars());
+            let found: HashMap<String, Tensor> = iterate
+                .into_iter()
+                .map(|(n, t)| (n[ITERATE_PREFIX.len()..].to_string(), t))
+                .collect();
+            let state_path = path.join(crate::checkpoint::STATE_FILE);
+            let matched = match_tensors(&state_path, &expected, &found)?;
+            let vars: HashMap<String, candle_core::Var> = named_vars(self.method.vars()).into_iter().collect();
+            for (name, t) in matched {
+                vars[&name].set(&t)?;
+            }
+        }
         let opt: HashMap<String, Tensor> = ckpt.optimizer.iter().cloned().collect();
         self.optim.load_state(&opt).map_err(|e| match e {
             Error::Config(m) => Error::corrupt(path.join(crate::checkpoint::OPTIMIZER_FILE), m),
             other => other,
         })?;
-        let st: HashMap<String, Tensor> = ckpt.state.iter().cloned().collect();
+        let st: HashMap<String, Tensor> = method_state.into_iter().collect();
         self.method.load_buffers(&st).map_err(|e| match e {
             Error::Config(m) => Error::corrupt(path.join(crate::checkpoint::STATE_FILE), m),
             other => other,
@@ -478,6 +599,9 @@ impl<M: Method> Trainer<M> {
             self.optim.step(&grads, cx.lr)?;
             self.method.after_update(&cx)?;
             self.step += 1;
+            if let Some(avg) = &self.average {
+                crate::ema::ema_update(avg, self.method.vars(), self.cfg.ema_decay_at(self.step))?;
+            }
             self.last_lr = cx.lr;
             self.last_loss = Some(loss);
             losses.push(loss);

@@ -356,3 +356,119 @@ fn resume_rejects_a_checkpoint_of_another_model() -> Result<()> {
     );
     Ok(())
 }
+
+/// Weights of `vars` as f64 vectors, by name.
+fn values(vars: &VarMap) -> Result<Vec<(String, Vec<f64>)>> {
+    named_tensors(vars)
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)))
+        .collect()
+}
+
+#[test]
+fn weight_average_is_the_published_model_and_follows_the_formula() -> Result<()> {
+    let (optim, schedule, mut train) = configs(6);
+    train.ema_decay = 0.5;
+    let mut t = Trainer::new(TinyMlp::new(3)?, &optim, &schedule, &train)?;
+    let mut blobs = Blobs::new(3);
+    // The average by hand: a_0 = w_0, a_t = d_t a_{t-1} + (1 - d_t) w_t,
+    // d_t = min(0.5, t / (9 + t)) for the update completing step t.
+    let mut avg = values(t.method.vars())?;
+    for step in 1..=6u64 {
+        t.fit_until(&mut blobs, &mut NullObserver, step)?;
+        let d = 0.5f64.min(step as f64 / (9.0 + step as f64));
+        assert_eq!(d, train.ema_decay_at(step));
+        for ((_, a), (_, w)) in avg.iter_mut().zip(values(t.method.vars())?) {
+            for (ai, wi) in a.iter_mut().zip(w) {
+                *ai = d * *ai + (1.0 - d) * wi;
+            }
+        }
+    }
+    let published: HashMap<String, Tensor> = t.model_tensors().into_iter().collect();
+    let iterate = values(t.method.vars())?;
+    let mut apart = 0.0f64;
+    for ((name, a), (_, w)) in avg.iter().zip(&iterate) {
+        let p = published[name].flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        for ((pi, ai), wi) in p.iter().zip(a).zip(w) {
+            assert!((pi - ai).abs() < 1e-5, "{name}: published {pi}, average by hand {ai}");
+            apart = apart.max((pi - wi).abs());
+        }
+    }
+    assert!(
+        apart > 1e-3,
+        "the published weights equal the iterate: nothing was averaged"
+    );
+    // Model buffers are published as they are.
+    assert!(published.contains_key("input.running_mean"));
+
+    // Evaluation in the middle of training sees the average, and the
+    // iterate comes back bit for bit afterwards.
+    let before = bits(&named_tensors(t.method.vars()))?;
+    let seen = t.with_published_weights(|m| values(m.vars()))?;
+    for ((name, s), (_, a)) in seen.iter().zip(&avg) {
+        for (si, ai) in s.iter().zip(a) {
+            assert!(
+                (si - ai).abs() < 1e-5,
+                "{name}: the closure saw {si}, the average is {ai}"
+            );
+        }
+    }
+    assert_eq!(bits(&named_tensors(t.method.vars()))?, before);
+    Ok(())
+}
+
+#[test]
+fn weight_average_resumes_bit_for_bit() -> Result<()> {
+    let (optim, schedule, mut train) = configs(4);
+    train.ema_decay = 0.9;
+    let mut a = Trainer::new(TinyMlp::new(5)?, &optim, &schedule, &train)?;
+    let full = a.fit(&mut Blobs::new(5), &mut NullObserver)?;
+
+    let tmp = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+    let run = RunDir::create(tmp.path().join("run"), "")?;
+    let mut b = Trainer::new(TinyMlp::new(5)?, &optim, &schedule, &train)?;
+    b.attach_run(&run)?;
+    b.fit_until(&mut Blobs::new(5), &mut NullObserver, 2)?;
+    drop(b);
+    let dir = run.checkpoints_dir().join("step-00000002");
+    let ckpt = load_checkpoint(&dir, &Device::Cpu)?;
+    assert!(
+        ckpt.state.iter().any(|(n, _)| n == "trainer.iterate.fc1.weight"),
+        "the iterate is not in state.safetensors"
+    );
+    assert!(ckpt.metadata.get("pretext.weights").is_some_and(|m| m.contains("0.9")));
+    let mut c = Trainer::new(TinyMlp::new(77)?, &optim, &schedule, &train)?;
+    c.resume(&ckpt, &dir)?;
+    let second = c.fit(&mut Blobs::new(5), &mut NullObserver)?;
+    assert_eq!(
+        full.losses[2..].iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+        second.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+        "the resumed run trained on other weights"
+    );
+    assert_eq!(bits(&a.model_tensors())?, bits(&c.model_tensors())?, "averages differ");
+    assert_eq!(
+        bits(&named_tensors(a.method.vars()))?,
+        bits(&named_tensors(c.method.vars()))?,
+        "iterates differ"
+    );
+
+    // A damaged iterate is named with the file it came from.
+    let mut bad = ckpt.clone();
+    bad.state.retain(|(n, _)| n != "trainer.iterate.fc2.bias");
+    let mut d = Trainer::new(TinyMlp::new(5)?, &optim, &schedule, &train)?;
+    let msg = d.resume(&bad, &dir).expect_err("iterate incomplete").to_string();
+    assert!(msg.contains("fc2.bias") && msg.contains("state.safetensors"), "{msg}");
+    Ok(())
+}
+
+#[test]
+fn weight_average_decay_must_lie_below_one() {
+    let (optim, schedule, mut train) = configs(2);
+    for bad in [1.0, -0.1, f64::NAN] {
+        train.ema_decay = bad;
+        let err = Trainer::new(TinyMlp::new(1).expect("model"), &optim, &schedule, &train)
+            .err()
+            .expect("rejected");
+        assert!(err.to_string().contains("train.ema_decay"), "{err}");
+    }
+}

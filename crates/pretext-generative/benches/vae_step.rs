@@ -55,23 +55,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let distinct = 100.min(warmup + iters) as u64;
     let batches: Vec<ImageBatch> = (0..distinct).map(|s| batcher.batch_now(s)).collect::<Result<_, _>>()?;
     let mut source = Prebuilt(batches);
-    let vae = match std::env::var("PRETEXT_BENCH_MODEL").as_deref() {
-        Err(_) | Ok("mlp") => VaeConfig::default(),
-        // the model section of configs/vae-fmnist.toml (library crates do not parse TOML)
-        Ok("default") => VaeConfig {
-            arch: VaeArch::Conv,
-            latent: 64,
-            channels: vec![32, 128],
-            free_bits: 0.5,
-            free_bits_decay_steps: 1876,
-            ..VaeConfig::default()
-        },
+    // (model, train.ema_decay)
+    let (vae, ema_decay) = match std::env::var("PRETEXT_BENCH_MODEL").as_deref() {
+        Err(_) | Ok("mlp") => (VaeConfig::default(), 0.0),
+        // the model section and the weight averaging of configs/vae-fmnist.toml
+        // (library crates do not parse TOML)
+        Ok("default") => (
+            VaeConfig {
+                arch: VaeArch::Conv,
+                latent: 64,
+                channels: vec![32, 128],
+                free_bits: 0.5,
+                free_bits_decay_steps: 1876,
+                ..VaeConfig::default()
+            },
+            0.999,
+        ),
         Ok(other) => return Err(format!("PRETEXT_BENCH_MODEL = {other:?}: expected mlp or default").into()),
     };
     let model = Vae::new(&vae, 1, 28, 0, &dev)?;
     let train = TrainConfig {
         max_steps: (warmup + iters) as u64,
         batch_size: batch,
+        ema_decay,
         ..TrainConfig::default()
     };
     let schedule = ScheduleConfig {

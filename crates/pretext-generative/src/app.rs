@@ -274,7 +274,7 @@ fn train(
         let at_end = trainer.step() >= total;
         let due = cfg.eval.every > 0 && trainer.step() % spe == 0 && epoch % cfg.eval.every == 0;
         if due || at_end {
-            if let Some((nelbo, knn)) = monitor(&trainer.method, data, cfg, device, observer)? {
+            if let Some((nelbo, knn)) = trainer.with_published_weights(|m| monitor(m, data, cfg, device, observer))? {
                 trainer.log_record(&serde_json::json!({ "event": "elbo", "step": trainer.step(), "epoch": epoch, "test_neg_elbo": nelbo }))?;
                 let mut msg = format!("epoch {epoch}: held-out −ELBO {nelbo:.2} nats");
                 if let Some(acc) = knn {
@@ -593,6 +593,7 @@ pub fn export(dir: &Path, cfg: &GenerativeConfig, device: &Device) -> Result<Pat
         "method": "vae",
         "dataset": dataset_name(cfg),
         "steps": steps,
+        "ema_decay": cfg.train.ema_decay,
         "test_likelihood": lik,
         "library": format!("pretext {}", env!("CARGO_PKG_VERSION")),
     });
@@ -608,6 +609,12 @@ for {steps} optimizer steps: Gaussian posterior, standard normal prior, {:?} lik
         cfg.model.likelihood,
         cfg.model.latent,
     );
+    if cfg.train.ema_decay > 0.0 {
+        card.push_str(&format!(
+            "The weights are an exponential moving average of the training iterates (decay {}).\n\n",
+            cfg.train.ema_decay
+        ));
+    }
     if let Some(l) = &lik {
         card.push_str(&format!(
             "## Test likelihood (nats per image, {} targets)\n\n| −ELBO | reconstruction | KL | IWAE −log p(x), k = {} |\n| --- | --- | --- | --- |\n| {:.2} | {:.2} | {:.2} | {:.2} |\n\n",

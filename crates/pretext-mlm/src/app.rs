@@ -254,14 +254,9 @@ fn train(
     while trainer.step() < total {
         let stop = ((trainer.step() / every + 1) * every).min(total);
         trainer.fit_until(batcher, observer, stop)?;
-        let e = masked_lm_eval(
-            &trainer.method,
-            held_out_slice(p, cfg),
-            cfg,
-            &ids,
-            cfg.train.seed,
-            observer,
-        )?;
+        let e = trainer.with_published_weights(|m| {
+            masked_lm_eval(m, held_out_slice(p, cfg), cfg, &ids, cfg.train.seed, observer)
+        })?;
         trainer.log_record(&serde_json::json!({
             "event": "masked_lm", "step": trainer.step(), "epoch": trainer.step() as f64 / spe as f64,
             "masked_accuracy": e.accuracy, "loss": e.loss, "perplexity": e.perplexity, "tokens": e.tokens,

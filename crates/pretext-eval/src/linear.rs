@@ -1,7 +1,8 @@
 //! The linear probe: multinomial logistic regression on standardised
 //! features, trained to convergence with full-batch L-BFGS, its L2 strength
-//! picked on a validation split carved from the training labels, or by k-fold
-//! cross-validation when that split would be small (few labels).
+//! picked on a validation split carved from the training labels, or by
+//! repeated k-fold cross-validation when that split would be small (few
+//! labels).
 //!
 //! Objective: `mean_i CE(softmax(x_i W + b), y_i) + λ/2 ‖W‖²` (sklearn's
 //! `C` corresponds to `λ = 1 / (C · n)`). Deterministic under the seed.
@@ -24,6 +25,10 @@ pub struct LinearProbeConfig {
     pub min_val_rows: usize,
     /// Folds of that cross-validation.
     pub folds: usize,
+    /// Times the cross-validation is repeated, each with its own seeded
+    /// deal of the folds; the correct predictions are summed over all of
+    /// them (one deal of 600 rows ties or near-ties grid values by chance).
+    pub repeats: usize,
     /// L-BFGS iterations at most.
     pub max_iter: usize,
     /// Stop when the largest gradient entry falls below this.
@@ -39,6 +44,7 @@ impl Default for LinearProbeConfig {
             val_fraction: 0.1,
             min_val_rows: 500,
             folds: 5,
+            repeats: 3,
             max_iter: 1000,
             tol: 1e-5,
             seed: 0,
@@ -265,8 +271,8 @@ fn apply_standardize(x: &Embedded, mean: &[f32], inv: &[f32]) -> Vec<f32> {
 }
 
 /// `(train, validation)` index sets for choosing the L2 strength: one seeded
-/// split, or `folds` seeded folds when the split would be small; empty when
-/// there are too few rows to hold any out.
+/// split, or `repeats` seeded deals of `folds` folds when the split would be
+/// small; empty when there are too few rows to hold any out.
 fn validation_folds(n: usize, cfg: &LinearProbeConfig) -> Result<Vec<(Vec<usize>, Vec<usize>)>> {
     let held = ((n as f64) * cfg.val_fraction).round() as usize;
     if held >= cfg.min_val_rows || cfg.folds < 2 {
@@ -280,7 +286,16 @@ fn validation_folds(n: usize, cfg: &LinearProbeConfig) -> Result<Vec<(Vec<usize>
     if n < cfg.folds {
         return Ok(Vec::new());
     }
-    Ok(pretext_data::subset::folds(n, cfg.folds, cfg.seed)?)
+    let mut all = Vec::new();
+    for r in 0..cfg.repeats.max(1) {
+        all.extend(pretext_data::subset::folds(n, cfg.folds, repeat_seed(cfg.seed, r))?);
+    }
+    Ok(all)
+}
+
+/// The seed of the `r`-th deal of the cross-validation folds (the first is the probe's seed).
+fn repeat_seed(seed: u64, r: usize) -> u64 {
+    seed.wrapping_add(1000 * r as u64)
 }
 
 impl LinearProbe {
@@ -332,8 +347,8 @@ impl LinearProbe {
         })
     }
 
-    /// Picks the L2 strength on a validation split of `train` (or by k-fold
-    /// cross-validation when the split would hold fewer than
+    /// Picks the L2 strength on a validation split of `train` (or by
+    /// repeated k-fold cross-validation when the split would hold fewer than
     /// `min_val_rows` rows), then refits on all of `train`. The grid is
     /// walked from the strongest regularisation down, each fit warm-started
     /// from the previous one (a quarter of the iteration budget each); the
@@ -491,8 +506,8 @@ mod tests {
 
     /// Few labels, many noise dimensions: the cross-validated choice must be
     /// the grid value with the most correct validation predictions over the
-    /// folds (checked here with independent fits), which here is strong
-    /// regularisation.
+    /// folds of every repeat (checked here with independent fits), which
+    /// here is strong regularisation.
     #[test]
     fn few_labels_choose_the_l2_strength_by_cross_validation() -> Result<()> {
         // 3 informative dimensions, 200 noise ones, 60 labelled rows
@@ -511,7 +526,11 @@ mod tests {
         assert!(((60.0 * cfg.val_fraction) as usize) < cfg.min_val_rows);
         let probe = LinearProbe::fit(&train, &cfg)?;
 
-        let folds = pretext_data::subset::folds(60, cfg.folds, cfg.seed)?;
+        let mut folds = Vec::new();
+        for r in 0..cfg.repeats {
+            folds.extend(pretext_data::subset::folds(60, cfg.folds, repeat_seed(cfg.seed, r))?);
+        }
+        assert_eq!(folds.len(), cfg.folds * cfg.repeats);
         let cv = |l2: f64| -> Result<usize> {
             let mut correct = 0;
             for (tr, va) in &folds {
@@ -530,6 +549,23 @@ mod tests {
             probe.l2
         );
         assert!(probe.l2 >= 1e-2, "chose {}: {scores:?}", probe.l2);
+        Ok(())
+    }
+
+    #[test]
+    fn cross_validation_repeats_are_distinct_deals() -> Result<()> {
+        let cfg = LinearProbeConfig::default();
+        let folds = validation_folds(600, &cfg)?;
+        assert_eq!(folds.len(), cfg.folds * cfg.repeats);
+        for deal in folds.chunks(cfg.folds) {
+            // within a deal every row is validated exactly once
+            let mut seen: Vec<usize> = deal.iter().flat_map(|(_, va)| va.iter().copied()).collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..600).collect::<Vec<_>>());
+        }
+        assert_ne!(folds[0].1, folds[cfg.folds].1, "the repeats deal the same folds");
+        // a large training set keeps the single validation split
+        assert_eq!(validation_folds(6000, &cfg)?.len(), 1);
         Ok(())
     }
 

@@ -547,6 +547,7 @@ mod tests {
             accuracy,
             n_train: 10,
             n_test: 10,
+            l2: None,
         };
         let report = EvalReport {
             paradigm: "contrastive".into(),

@@ -23,6 +23,9 @@ pub struct EvalRecord {
     pub n_train: usize,
     /// Test rows.
     pub n_test: usize,
+    /// The L2 strength λ the linear probe chose (`linear` records only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2: Option<f64>,
 }
 
 /// A whole report.
@@ -55,9 +58,10 @@ pub fn evaluate_features(
     for &f in fractions {
         let idx = pretext_data::subset::balanced_subset(&train.labels, f, seed)?;
         let sub = train.select(&idx);
-        let lin = LinearProbe::fit(&sub, probe)?.accuracy(test)?;
+        let fitted = LinearProbe::fit(&sub, probe)?;
+        let lin = fitted.accuracy(test)?;
         let nn = knn_accuracy(&sub, test, knn)?;
-        for (protocol, accuracy) in [("linear", lin), ("knn", nn)] {
+        for (protocol, accuracy, l2) in [("linear", lin, Some(fitted.l2)), ("knn", nn, None)] {
             out.push(EvalRecord {
                 features: name.to_string(),
                 protocol: protocol.to_string(),
@@ -65,6 +69,7 @@ pub fn evaluate_features(
                 accuracy,
                 n_train: sub.len(),
                 n_test: test.len(),
+                l2,
             });
         }
     }
@@ -112,6 +117,39 @@ impl EvalReport {
                 }
             }
             s.push('\n');
+        }
+        let probed: Vec<&String> = {
+            let mut v: Vec<&String> = Vec::new();
+            for r in self.records.iter().filter(|r| r.l2.is_some()) {
+                if !v.contains(&&r.features) {
+                    v.push(&r.features);
+                }
+            }
+            v
+        };
+        if !probed.is_empty() {
+            s.push_str("\nL2 strength λ the linear probe chose on the training labels (cross-validation or a validation split).\n\n| features |");
+            for f in &fracs {
+                s.push_str(&format!(" {} |", fraction_label(*f)));
+            }
+            s.push_str("\n|---|");
+            s.push_str(&"---|".repeat(fracs.len()));
+            s.push('\n');
+            for feat in probed {
+                s.push_str(&format!("| {feat} |"));
+                for f in &fracs {
+                    match self
+                        .records
+                        .iter()
+                        .find(|r| &r.features == feat && r.protocol == "linear" && r.labels == *f)
+                        .and_then(|r| r.l2)
+                    {
+                        Some(l2) => s.push_str(&format!(" {l2:.0e} |")),
+                        None => s.push_str(" – |"),
+                    }
+                }
+                s.push('\n');
+            }
         }
         s
     }
@@ -171,6 +209,23 @@ mod tests {
         let md = std::fs::read_to_string(dir.path().join("eval.md")).map_err(|e| Error::Invalid(e.to_string()))?;
         assert!(md.contains("| raw | linear | 100.00 | 100.00 |"), "{md}");
         assert!(md.contains("50% |") && md.contains("100% |"), "{md}");
+        // the chosen L2 is recorded for linear records only, from the grid, and tabulated
+        for r in &report.records {
+            match r.protocol.as_str() {
+                "linear" => assert!(
+                    r.l2.is_some_and(|l| LinearProbeConfig::default().l2_grid.contains(&l)),
+                    "{r:?}"
+                ),
+                _ => assert_eq!(r.l2, None, "{r:?}"),
+            }
+        }
+        let l2_row = format!("| raw | {:.0e} |", report.records[0].l2.unwrap_or(f64::NAN));
+        assert!(md.contains("L2 strength") && md.contains(&l2_row), "{md}");
+        // reports written before the field existed still load
+        let old = r#"{"paradigm":"generative","method":"vae","dataset":"d","records":[{"features":"raw","protocol":"linear","labels":0.01,"accuracy":0.5,"n_train":6,"n_test":4}]}"#;
+        let parsed: EvalReport = serde_json::from_str(old).map_err(|e| Error::Invalid(e.to_string()))?;
+        assert_eq!(parsed.records[0].l2, None);
+        assert!(!parsed.markdown().contains("L2 strength"));
         Ok(())
     }
 }

@@ -155,6 +155,7 @@ pub fn transfer_records(
                     accuracy: r.accuracy,
                     n_train: r.n_train,
                     n_test: r.n_test,
+                    l2: None,
                 });
             }
         }

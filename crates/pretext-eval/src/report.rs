@@ -76,13 +76,28 @@ pub fn evaluate_features(
     Ok(out)
 }
 
+/// A Markdown table header: the named columns, then one per label fraction.
+fn push_header(s: &mut String, columns: &[&str], fracs: &[f64]) {
+    s.push('|');
+    for c in columns {
+        s.push_str(&format!(" {c} |"));
+    }
+    for f in fracs {
+        s.push_str(&format!(" {} |", fraction_label(*f)));
+    }
+    s.push_str("\n|");
+    s.push_str(&"---|".repeat(columns.len() + fracs.len()));
+    s.push('\n');
+}
+
 /// A label fraction as people write it: `1%`, `10%`, `100%`, `0.5%`.
 pub fn fraction_label(f: f64) -> String {
     format!("{}%", (f * 1000.0).round() / 10.0)
 }
 
 impl EvalReport {
-    /// The Markdown table: one row per feature set and protocol, one column per label fraction.
+    /// The Markdown table: one row per feature set and protocol, one column per
+    /// label fraction; below it, when recorded, the L2 strength each linear probe chose.
     pub fn markdown(&self) -> String {
         let mut fracs: Vec<f64> = self.records.iter().map(|r| r.labels).collect();
         fracs.sort_by(f64::total_cmp);
@@ -95,15 +110,10 @@ impl EvalReport {
             }
         }
         let mut s = format!(
-            "# {} ({}) on {}\n\nTest accuracy (%) by fraction of training labels.\n\n| features | protocol |",
+            "# {} ({}) on {}\n\nTest accuracy (%) by fraction of training labels.\n\n",
             self.method, self.paradigm, self.dataset
         );
-        for f in &fracs {
-            s.push_str(&format!(" {} |", fraction_label(*f)));
-        }
-        s.push_str("\n|---|---|");
-        s.push_str(&"---|".repeat(fracs.len()));
-        s.push('\n');
+        push_header(&mut s, &["features", "protocol"], &fracs);
         for (feat, proto) in rows {
             s.push_str(&format!("| {feat} | {proto} |"));
             for f in &fracs {
@@ -118,23 +128,17 @@ impl EvalReport {
             }
             s.push('\n');
         }
-        let probed: Vec<&String> = {
-            let mut v: Vec<&String> = Vec::new();
-            for r in self.records.iter().filter(|r| r.l2.is_some()) {
-                if !v.contains(&&r.features) {
-                    v.push(&r.features);
-                }
+        let mut probed: Vec<&String> = Vec::new();
+        for r in self.records.iter().filter(|r| r.l2.is_some()) {
+            if !probed.contains(&&r.features) {
+                probed.push(&r.features);
             }
-            v
-        };
+        }
         if !probed.is_empty() {
-            s.push_str("\nL2 strength λ the linear probe chose on the training labels (cross-validation or a validation split).\n\n| features |");
-            for f in &fracs {
-                s.push_str(&format!(" {} |", fraction_label(*f)));
-            }
-            s.push_str("\n|---|");
-            s.push_str(&"---|".repeat(fracs.len()));
-            s.push('\n');
+            s.push_str(
+                "\nL2 strength λ the linear probe chose on the training labels (cross-validation or a validation split).\n\n",
+            );
+            push_header(&mut s, &["features"], &fracs);
             for feat in probed {
                 s.push_str(&format!("| {feat} |"));
                 for f in &fracs {

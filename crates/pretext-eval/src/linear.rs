@@ -526,10 +526,7 @@ mod tests {
         assert!(((60.0 * cfg.val_fraction) as usize) < cfg.min_val_rows);
         let probe = LinearProbe::fit(&train, &cfg)?;
 
-        let mut folds = Vec::new();
-        for r in 0..cfg.repeats {
-            folds.extend(pretext_data::subset::folds(60, cfg.folds, repeat_seed(cfg.seed, r))?);
-        }
+        let folds = validation_folds(60, &cfg)?;
         assert_eq!(folds.len(), cfg.folds * cfg.repeats);
         let cv = |l2: f64| -> Result<usize> {
             let mut correct = 0;

@@ -160,14 +160,29 @@ pub fn model_tensors<M: Method>(method: &M) -> Vec<(String, Tensor)> {
 /// # Errors
 /// Missing, unexpected or mis-shaped tensors, named with the file.
 pub fn load_model_weights<M: Method>(method: &M, ckpt: &Checkpoint, path: &Path) -> Result<()> {
-    let expected = model_tensors(method);
     let found: HashMap<String, Tensor> = ckpt.model.iter().cloned().collect();
-    let matched = match_tensors(&path.join(crate::checkpoint::MODEL_FILE), &expected, &found)?;
-    let mut vars: HashMap<String, candle_core::Var> = named_vars(method.vars()).into_iter().collect();
+    let mut vars = named_vars(method.vars());
     if let Some(b) = method.model_buffers() {
         vars.extend(named_vars(b));
     }
-    for (name, t) in matched {
+    set_from_file(
+        &path.join(crate::checkpoint::MODEL_FILE),
+        &model_tensors(method),
+        &found,
+        vars,
+    )
+}
+
+/// Checks the tensors `found` in `file` against `expected` (names and
+/// shapes, see [`match_tensors`]) and writes them into `vars` by name.
+fn set_from_file(
+    file: &Path,
+    expected: &[(String, Tensor)],
+    found: &HashMap<String, Tensor>,
+    vars: Vec<(String, candle_core::Var)>,
+) -> Result<()> {
+    let vars: HashMap<String, candle_core::Var> = vars.into_iter().collect();
+    for (name, t) in match_tensors(file, expected, found)? {
         if let Some(v) = vars.get(&name) {
             v.set(&t)?;
         }
@@ -516,17 +531,16 @@ impl<M: Method> Trainer<M> {
             }
         }
         if !iterate.is_empty() {
-            let expected = named_tensors(self.method.vars());
             let found: HashMap<String, Tensor> = iterate
                 .into_iter()
                 .map(|(n, t)| (n[ITERATE_PREFIX.len()..].to_string(), t))
                 .collect();
-            let state_path = path.join(crate::checkpoint::STATE_FILE);
-            let matched = match_tensors(&state_path, &expected, &found)?;
-            let vars: HashMap<String, candle_core::Var> = named_vars(self.method.vars()).into_iter().collect();
-            for (name, t) in matched {
-                vars[&name].set(&t)?;
-            }
+            set_from_file(
+                &path.join(crate::checkpoint::STATE_FILE),
+                &named_tensors(self.method.vars()),
+                &found,
+                named_vars(self.method.vars()),
+            )?;
         }
         let opt: HashMap<String, Tensor> = ckpt.optimizer.iter().cloned().collect();
         self.optim.load_state(&opt).map_err(|e| match e {

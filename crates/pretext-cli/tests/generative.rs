@@ -197,6 +197,8 @@ fn conv_vae_trains_and_exports() {
             "--set",
             "model.dec_fc=[16]",
             "--set",
+            "model.dec_channels=[6, 10]",
+            "--set",
             "model.free_bits=0.1",
         ])
         .output()
@@ -214,12 +216,13 @@ fn conv_vae_trains_and_exports() {
     assert_eq!(dims("enc_fc.0.weight"), [12, 8 * 7 * 7]);
     assert_eq!(dims("mu.weight"), [4, 12]);
     assert_eq!(dims("dec_fc.0.weight"), [16, 4]);
-    assert_eq!(dims("dec_fc.2.weight"), [8 * 7 * 7, 16]);
-    assert_eq!(dims("dec.0.weight"), [8, 4, 4, 4]);
-    assert_eq!(dims("dec.2.weight"), [4, 1, 4, 4]);
+    // the decoder's own widths: 16 → 10×7×7 → 6 → 1 channel
+    assert_eq!(dims("dec_fc.2.weight"), [10 * 7 * 7, 16]);
+    assert_eq!(dims("dec.0.weight"), [10, 6, 4, 4]);
+    assert_eq!(dims("dec.2.weight"), [6, 1, 4, 4]);
     let card = std::fs::read_to_string(a.join("export/README.md")).expect("card");
     assert!(
-        card.contains("class ConvVAE") && card.contains("c1=4, c2=8, enc_fc=(12,), dec_fc=(16,), z=4"),
+        card.contains("class ConvVAE") && card.contains("c1=4, c2=8, d1=6, d2=10, enc_fc=(12,), dec_fc=(16,), z=4"),
         "{card}"
     );
     // the default averages the weights: the export is the average, the

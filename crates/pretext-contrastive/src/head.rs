@@ -2,7 +2,6 @@
 //! Names: `net.0.{weight,bias}`, `net.1.*` (batch norm), `net.3.{weight,bias}`.
 
 use candle_core::{Result, Tensor};
-use candle_nn::Module;
 use pretext_core::nn::{linear, BatchNorm, Builders};
 use serde::{Deserialize, Serialize};
 
@@ -31,9 +30,9 @@ impl Default for HeadConfig {
 /// Linear – BN – ReLU – Linear.
 #[derive(Debug, Clone)]
 pub struct ProjectionHead {
-    fc1: candle_nn::Linear,
+    fc1: pretext_core::nn::Linear,
     bn: BatchNorm,
-    fc2: candle_nn::Linear,
+    fc2: pretext_core::nn::Linear,
 }
 
 impl ProjectionHead {

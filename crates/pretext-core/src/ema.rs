@@ -34,10 +34,44 @@ pub fn ema_update(target: &VarMap, source: &VarMap, momentum: f64) -> Result<()>
                 s.dims()
             )));
         }
-        let new = ((t.as_tensor().detach() * momentum)? + (s.as_tensor().detach() * (1.0 - momentum))?)?;
+        let new = match blend_cpu_f32(t.as_tensor(), s.as_tensor(), momentum)? {
+            Some(new) => new,
+            None => ((t.as_tensor().detach() * momentum)? + (s.as_tensor().detach() * (1.0 - momentum))?)?,
+        };
         t.set(&new)?;
     }
     Ok(())
+}
+
+/// `momentum · t + (1 − momentum) · s` in one parallel pass when both are
+/// contiguous f32 CPU tensors, with the tensor path's exact arithmetic
+/// (`(t·m + 0) + (s·(1−m) + 0)` in f32); `None` otherwise.
+fn blend_cpu_f32(
+    t: &candle_core::Tensor,
+    s: &candle_core::Tensor,
+    momentum: f64,
+) -> Result<Option<candle_core::Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    let (ts, tl) = t.storage_and_layout();
+    let (ss, sl) = s.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(tv)), Storage::Cpu(CpuStorage::F32(sv))) = (&*ts, &*ss) else {
+        return Ok(None);
+    };
+    let (Some((ta, tb)), Some((sa, sb))) = (tl.contiguous_offsets(), sl.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let (tv, sv) = (&tv[ta..tb], &sv[sa..sb]);
+    let (m, r) = (momentum as f32, (1.0 - momentum) as f32);
+    let mut out = vec![0f32; tv.len()];
+    out.par_chunks_mut(1 << 15)
+        .zip(tv.par_chunks(1 << 15).zip(sv.par_chunks(1 << 15)))
+        .for_each(|(o, (t, s))| {
+            for ((o, t), s) in o.iter_mut().zip(t).zip(s) {
+                *o = (t * m + 0.0) + (s * r + 0.0);
+            }
+        });
+    Ok(Some(candle_core::Tensor::from_vec(out, t.shape(), t.device())?))
 }
 
 /// Copies every parameter of `source` into `target` (by name), e.g. to start
@@ -72,6 +106,29 @@ mod tests {
         let mut m2 = m.clone();
         m2.set_one(name, Tensor::new(vals, &Device::Cpu)?)?;
         Ok(m)
+    }
+
+    #[test]
+    fn fused_blend_is_bit_identical_to_the_tensor_formula() -> Result<()> {
+        let n: usize = 100_003; // several parallel blocks, the last one partial
+        let tv: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1009) as f32 / 37.0 - 13.0).collect();
+        let mut sv: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 997) as f32 / 41.0 - 12.0).collect();
+        sv[5] = -0.0;
+        let (t, s) = (
+            Tensor::new(tv.as_slice(), &Device::Cpu)?,
+            Tensor::new(sv.as_slice(), &Device::Cpu)?,
+        );
+        for m in [0.0, 0.5, 0.999, 1.0] {
+            let fused = blend_cpu_f32(&t, &s, m)?.expect("contiguous f32 on the CPU");
+            let formula = ((&t * m)? + (&s * (1.0 - m))?)?;
+            let (a, b) = (fused.to_vec1::<f32>()?, formula.to_vec1::<f32>()?);
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "momentum {m}"
+            );
+        }
+        assert!(blend_cpu_f32(&t.to_dtype(DType::F64)?, &s, 0.5)?.is_none());
+        Ok(())
     }
 
     #[test]

@@ -34,12 +34,55 @@ fn uniform(bound: f64) -> Init {
     Init::Uniform { lo: -bound, up: bound }
 }
 
+/// A fully connected layer, `y = x · weightᵀ + bias` over the last dimension
+/// (`torch.nn.Linear`'s names, layout and initialisation), on the fused
+/// [`ops::linear`] node when it has a bias.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer from its weight `(out, in)` and optional bias `(out)`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The weight `(out, in)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias `(out)`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `(…, in)` → `(…, out)`.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.bias {
+            Some(b) => ops::linear(x, &self.weight, b),
+            None => x.broadcast_matmul(&self.weight.t()?),
+        }
+    }
+}
+
+impl candle_core::Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Linear::forward(self, x)
+    }
+}
+
 /// A fully connected layer initialised like `torch.nn.Linear`
 /// (weight and bias uniform in ±1/√in). Names: `weight` `(out, in)`, `bias`.
 ///
 /// # Errors
 /// The builder failed.
-pub fn linear(din: usize, dout: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<candle_nn::Linear> {
+pub fn linear(din: usize, dout: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Linear> {
     let bound = 1.0 / (din as f64).sqrt();
     let w = vb.get_with_hints((dout, din), "weight", uniform(bound))?;
     let b = if bias {
@@ -47,7 +90,7 @@ pub fn linear(din: usize, dout: usize, bias: bool, vb: VarBuilder) -> candle_cor
     } else {
         None
     };
-    Ok(candle_nn::Linear::new(w, b))
+    Ok(Linear::new(w, b))
 }
 
 /// A 2-D convolution over NHWC activations (`torch.nn.Conv2d` names and init).
@@ -95,8 +138,20 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = ops::conv2d_nhwc(x, &self.weight, self.stride, self.pad)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => ops::add_bias(&y, b),
             None => Ok(y),
+        }
+    }
+
+    /// `relu(forward(x))`, the bias and ReLU as one node.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = ops::conv2d_nhwc(x, &self.weight, self.stride, self.pad)?;
+        match &self.bias {
+            Some(b) => ops::add_bias_relu(&y, b),
+            None => ops::relu(&y),
         }
     }
 
@@ -162,8 +217,20 @@ impl ConvTranspose2d {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = ops::conv_transpose2d_nhwc(x, &self.weight, self.stride, self.pad, self.out_pad)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => ops::add_bias(&y, b),
             None => Ok(y),
+        }
+    }
+
+    /// `relu(forward(x))`, the bias and ReLU as one node.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = ops::conv_transpose2d_nhwc(x, &self.weight, self.stride, self.pad, self.out_pad)?;
+        match &self.bias {
+            Some(b) => ops::add_bias_relu(&y, b),
+            None => ops::relu(&y),
         }
     }
 }

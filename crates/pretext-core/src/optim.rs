@@ -512,8 +512,32 @@ impl Sgd {
 }
 
 /// Euclidean norm of a tensor, as f64.
+///
+/// # Errors
+/// A tensor operation failed.
 pub fn l2_norm(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
+    Ok(sum_of_squares(t)?.sqrt())
+}
+
+/// `Σ t²` accumulated in f64. On a contiguous f32 CPU tensor this is one
+/// parallel pass (fixed blocks added in order, so the result does not depend
+/// on scheduling); elsewhere candle's ops.
+///
+/// # Errors
+/// A tensor operation failed.
+pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
+    use rayon::prelude::*;
+    let fast = with_cpu_f32(t, |v| {
+        let parts: Vec<f64> = v
+            .par_chunks(1 << 15)
+            .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+            .collect();
+        parts.iter().sum::<f64>()
+    });
+    match fast {
+        Some(s) => Ok(s),
+        None => Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?),
+    }
 }
 
 impl Optim for Sgd {
@@ -561,6 +585,21 @@ mod tests {
 
     const W0: [f32; 3] = [1.0, -2.0, 0.5];
     const G: [f32; 3] = [0.1, -0.2, 0.3];
+
+    #[test]
+    fn sum_of_squares_in_f64_on_both_paths() -> Result<()> {
+        // several parallel blocks; integer values make the sum exact
+        let n = 7 * 15_001;
+        let v: Vec<f32> = (0..n).map(|i| ((i % 13) as f32) - 6.0).collect();
+        let want: f64 = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        let t = Tensor::from_vec(v, (n / 7, 7), &Device::Cpu)?;
+        assert_eq!(sum_of_squares(&t)?, want);
+        // a transposed view takes candle's path and agrees
+        assert_eq!(sum_of_squares(&t.t()?)?, want);
+        assert_eq!(sum_of_squares(&t.to_dtype(DType::F64)?)?, want);
+        assert!((l2_norm(&Tensor::new(&[3f32, 4.0], &Device::Cpu)?)? - 5.0).abs() < 1e-12);
+        Ok(())
+    }
 
     fn setup(cfg: &OptimConfig) -> Result<(Var, Box<dyn Optim>)> {
         let var = Var::new(&W0, &Device::Cpu)?;

@@ -672,7 +672,7 @@ impl<M: Method> Trainer<M> {
         let mut sq = 0.0f64;
         for (_, v) in &vars {
             if let Some(g) = grads.get(v.as_tensor()) {
-                sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+                sq += crate::optim::sum_of_squares(g)?;
             }
         }
         let norm = sq.sqrt();

@@ -1,7 +1,7 @@
 //! Few-label fine-tuning trains the encoder and the head, and feature
 //! extraction returns exactly what the encoder computes.
 
-use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use pretext_core::{NullObserver, SeededVarMap};
 use pretext_data::ImageDataset;
 use pretext_eval::{extract_features, fine_tune, FineTuneConfig, ImageEncoder};
@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 /// A one-layer encoder over flattened pixels (tanh).
 struct Mlp {
     vars: SeededVarMap,
-    layer: candle_nn::Linear,
+    layer: pretext_core::nn::Linear,
     dim: usize,
 }
 

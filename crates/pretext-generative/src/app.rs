@@ -583,6 +583,7 @@ pub fn export(dir: &Path, cfg: &GenerativeConfig, device: &Device) -> Result<Pat
         "latent": cfg.model.latent,
         "hidden": cfg.model.hidden,
         "channels": cfg.model.channels,
+        "dec_channels": cfg.model.decoder_channels(),
         "enc_fc": cfg.model.enc_fc,
         "dec_fc": cfg.model.dec_fc,
         "likelihood": cfg.model.likelihood,
@@ -665,11 +666,13 @@ fn conv_module_source(cfg: &GenerativeConfig) -> String {
         ""
     };
     format!(
-        "import torch\nimport torch.nn as nn\n\nclass ConvVAE(nn.Module):\n    def __init__(self, c={c}, s={s}, c1={c1}, c2={c2}, enc_fc={enc_fc}, dec_fc={dec_fc}, z={z}):\n        super().__init__()\n        self.c2, self.s = c2, s\n        self.enc = nn.Sequential(nn.Conv2d(c, c1, 4, 2, 1), nn.ReLU(), nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU())\n        flat = c2 * (s // 4) ** 2\n        layers, d = [], flat\n        for h in enc_fc:\n            layers += [nn.Linear(d, h), nn.ReLU()]\n            d = h\n        self.enc_fc = nn.Sequential(*layers)\n        self.mu = nn.Linear(d, z)\n        self.logvar = nn.Linear(d, z)\n        layers, d = [], z\n        for h in list(dec_fc) + [flat]:\n            layers += [nn.Linear(d, h), nn.ReLU()]\n            d = h\n        self.dec_fc = nn.Sequential(*layers)\n        self.dec = nn.Sequential(nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(c1, c, 4, 2, 1))\n\n    def encode(self, x):  # x: (n, c, s, s) in [0, 1] -> (mu, logvar)\n        h = self.enc_fc(self.enc(x).flatten(1))\n        return self.mu(h), self.logvar(h)\n\n    def decode(self, z):  # -> Bernoulli logits (n, c, s, s)\n        h = self.dec_fc(z).view(-1, self.c2, self.s // 4, self.s // 4)\n        return self.dec(h)\n\n{fixup}model = ConvVAE()\nmodel.load_state_dict(state)\n",
+        "import torch\nimport torch.nn as nn\n\nclass ConvVAE(nn.Module):\n    def __init__(self, c={c}, s={s}, c1={c1}, c2={c2}, d1={d1}, d2={d2}, enc_fc={enc_fc}, dec_fc={dec_fc}, z={z}):\n        super().__init__()\n        self.d2, self.s = d2, s\n        self.enc = nn.Sequential(nn.Conv2d(c, c1, 4, 2, 1), nn.ReLU(), nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU())\n        flat = c2 * (s // 4) ** 2\n        layers, d = [], flat\n        for h in enc_fc:\n            layers += [nn.Linear(d, h), nn.ReLU()]\n            d = h\n        self.enc_fc = nn.Sequential(*layers)\n        self.mu = nn.Linear(d, z)\n        self.logvar = nn.Linear(d, z)\n        layers, d = [], z\n        for h in list(dec_fc) + [d2 * (s // 4) ** 2]:\n            layers += [nn.Linear(d, h), nn.ReLU()]\n            d = h\n        self.dec_fc = nn.Sequential(*layers)\n        self.dec = nn.Sequential(nn.ConvTranspose2d(d2, d1, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(d1, c, 4, 2, 1))\n\n    def encode(self, x):  # x: (n, c, s, s) in [0, 1] -> (mu, logvar)\n        h = self.enc_fc(self.enc(x).flatten(1))\n        return self.mu(h), self.logvar(h)\n\n    def decode(self, z):  # -> Bernoulli logits (n, c, s, s)\n        h = self.dec_fc(z).view(-1, self.d2, self.s // 4, self.s // 4)\n        return self.dec(h)\n\n{fixup}model = ConvVAE()\nmodel.load_state_dict(state)\n",
         c = cfg.data.channels,
         s = cfg.data.image_size,
         c1 = m.channels[0],
         c2 = m.channels[1],
+        d1 = m.decoder_channels().0,
+        d2 = m.decoder_channels().1,
         enc_fc = tuple(&m.enc_fc),
         dec_fc = tuple(&m.dec_fc),
         z = m.latent,

@@ -11,7 +11,7 @@
 //! fully connected layers the decoder's single projection is `dec_fc`.
 
 use crate::loss::{bernoulli_log_lik, gaussian_kl, gaussian_log_lik, log_mean_exp, log_posterior, log_standard_normal};
-use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use pretext_core::init::named_vars;
 use pretext_core::nn::{linear, Conv2d, ConvTranspose2d};
 use pretext_core::SeededVarMap;
@@ -50,6 +50,10 @@ pub struct VaeConfig {
     pub hidden: Vec<usize>,
     /// Conv channels of the two down/up stages.
     pub channels: Vec<usize>,
+    /// Conv: the decoder's own channels (the input side of the two transposed
+    /// convolutions, in the encoder's order: `[c1, c2]` decodes
+    /// `c2 → c1 → image`); empty = the same as `channels`.
+    pub dec_channels: Vec<usize>,
     /// Conv: fully connected hidden sizes (each + ReLU) between the
     /// flattened feature map and the posterior; empty = `μ` and `log σ²` are
     /// linear functions of the feature map.
@@ -85,6 +89,7 @@ impl Default for VaeConfig {
             latent: 32,
             hidden: vec![512, 256],
             channels: vec![32, 64],
+            dec_channels: Vec::new(),
             enc_fc: Vec::new(),
             dec_fc: Vec::new(),
             likelihood: Likelihood::Bernoulli,
@@ -99,6 +104,16 @@ impl Default for VaeConfig {
 }
 
 impl VaeConfig {
+    /// The conv decoder's `(c1, c2)`: `dec_channels`, or the encoder's `channels` when empty.
+    pub fn decoder_channels(&self) -> (usize, usize) {
+        let c = if self.dec_channels.len() == 2 {
+            &self.dec_channels
+        } else {
+            &self.channels
+        };
+        (c.first().copied().unwrap_or(0), c.get(1).copied().unwrap_or(0))
+    }
+
     /// Checks the shape against the input.
     ///
     /// # Errors
@@ -113,6 +128,12 @@ impl VaeConfig {
             }
             VaeArch::Conv if self.channels.len() != 2 || self.channels.contains(&0) => {
                 Err("model.channels must be two positive channel counts".into())
+            }
+            VaeArch::Conv
+                if !self.dec_channels.is_empty()
+                    && (self.dec_channels.len() != 2 || self.dec_channels.contains(&0)) =>
+            {
+                Err("model.dec_channels must be empty (the encoder's) or two positive channel counts".into())
             }
             VaeArch::Conv if self.enc_fc.contains(&0) || self.dec_fc.contains(&0) => {
                 Err("model.enc_fc and model.dec_fc sizes must be positive".into())
@@ -139,15 +160,15 @@ impl VaeConfig {
 
 enum Nets {
     Mlp {
-        enc: Vec<candle_nn::Linear>,
-        dec: Vec<candle_nn::Linear>,
+        enc: Vec<pretext_core::nn::Linear>,
+        dec: Vec<pretext_core::nn::Linear>,
     },
     Conv {
         enc: [Conv2d; 2],
         /// Fully connected encoder layers after the convolutions (each + ReLU).
-        enc_fc: Vec<candle_nn::Linear>,
+        enc_fc: Vec<pretext_core::nn::Linear>,
         /// Fully connected decoder layers, the last one to the feature map (each + ReLU).
-        dec_fc: Vec<candle_nn::Linear>,
+        dec_fc: Vec<pretext_core::nn::Linear>,
         dec: [ConvTranspose2d; 2],
     },
 }
@@ -155,7 +176,11 @@ enum Nets {
 /// Linear layers `din → sizes[0] → sizes[1] → …` named `0`, `2`, `4`, … under
 /// `vb` (the indices of a PyTorch `nn.Sequential` with a ReLU after each);
 /// returns them and the last size.
-fn dense_layers(din: usize, sizes: &[usize], vb: &candle_nn::VarBuilder) -> Result<(Vec<candle_nn::Linear>, usize)> {
+fn dense_layers(
+    din: usize,
+    sizes: &[usize],
+    vb: &candle_nn::VarBuilder,
+) -> Result<(Vec<pretext_core::nn::Linear>, usize)> {
     let mut layers = Vec::with_capacity(sizes.len());
     let mut d = din;
     for (i, &h) in sizes.iter().enumerate() {
@@ -166,9 +191,9 @@ fn dense_layers(din: usize, sizes: &[usize], vb: &candle_nn::VarBuilder) -> Resu
 }
 
 /// `h` through each layer, each followed by a ReLU.
-fn relu_layers(layers: &[candle_nn::Linear], mut h: Tensor) -> Result<Tensor> {
+fn relu_layers(layers: &[pretext_core::nn::Linear], mut h: Tensor) -> Result<Tensor> {
     for l in layers {
-        h = l.forward(&h)?.relu()?;
+        h = pretext_core::ops::relu(&l.forward(&h)?)?;
     }
     Ok(h)
 }
@@ -188,8 +213,8 @@ pub struct ElboTerms {
 pub struct Vae {
     params: SeededVarMap,
     nets: Nets,
-    mu: candle_nn::Linear,
-    logvar: candle_nn::Linear,
+    mu: pretext_core::nn::Linear,
+    logvar: pretext_core::nn::Linear,
     log_sigma: Option<Tensor>,
     cfg: VaeConfig,
     channels: usize,
@@ -229,16 +254,18 @@ impl Vae {
                 ];
                 let flat = c2 * (size / 4) * (size / 4);
                 let (enc_fc, din) = dense_layers(flat, &cfg.enc_fc, &vb.pp("enc_fc"))?;
+                let (d1, d2) = cfg.decoder_channels();
+                let dec_flat = d2 * (size / 4) * (size / 4);
                 let dec_fc = if cfg.dec_fc.is_empty() {
-                    vec![linear(cfg.latent, flat, true, vb.pp("dec_fc"))?]
+                    vec![linear(cfg.latent, dec_flat, true, vb.pp("dec_fc"))?]
                 } else {
                     let mut sizes = cfg.dec_fc.clone();
-                    sizes.push(flat);
+                    sizes.push(dec_flat);
                     dense_layers(cfg.latent, &sizes, &vb.pp("dec_fc"))?.0
                 };
                 let dec = [
-                    ConvTranspose2d::new(c2, c1, 4, 2, 1, 0, true, vb.pp("dec").pp(0))?,
-                    ConvTranspose2d::new(c1, channels, 4, 2, 1, 0, true, vb.pp("dec").pp(2))?,
+                    ConvTranspose2d::new(d2, d1, 4, 2, 1, 0, true, vb.pp("dec").pp(0))?,
+                    ConvTranspose2d::new(d1, channels, 4, 2, 1, 0, true, vb.pp("dec").pp(2))?,
                 ];
                 (
                     Nets::Conv {
@@ -335,13 +362,13 @@ impl Vae {
                 let mut h = if c == 1 {
                     x.reshape((n, hh, ww, 1))?
                 } else {
-                    x.permute((0, 2, 3, 1))?.contiguous()?
+                    pretext_core::ops::nchw_to_nhwc(x)?
                 };
                 for conv in enc {
-                    h = conv.forward(&h)?.relu()?;
+                    h = conv.forward_relu(&h)?;
                 }
                 // flatten in PyTorch's (c, h, w) order
-                relu_layers(enc_fc, h.permute((0, 3, 1, 2))?.contiguous()?.reshape((n, ()))?)?
+                relu_layers(enc_fc, pretext_core::ops::nhwc_to_nchw(&h)?.reshape((n, ()))?)?
             }
         };
         Ok((self.mu.forward(&h)?, self.logvar.forward(&h)?))
@@ -361,18 +388,22 @@ impl Vae {
                 for (i, l) in dec.iter().enumerate() {
                     h = l.forward(&h)?;
                     if i + 1 < dec.len() {
-                        h = h.relu()?;
+                        h = pretext_core::ops::relu(&h)?;
                     }
                 }
                 h.reshape((n, c, s, s))
             }
             Nets::Conv { dec_fc, dec, .. } => {
-                let c2 = self.cfg.channels[1];
+                let (_, c2) = self.cfg.decoder_channels();
                 let h = relu_layers(dec_fc, z.clone())?.reshape((n, c2, s / 4, s / 4))?;
-                let h = h.permute((0, 2, 3, 1))?.contiguous()?;
-                let h = dec[0].forward(&h)?.relu()?;
+                let h = pretext_core::ops::nchw_to_nhwc(&h)?;
+                let h = dec[0].forward_relu(&h)?;
                 let h = dec[1].forward(&h)?; // (n, s, s, c)
-                h.permute((0, 3, 1, 2))?.contiguous()
+                if c == 1 {
+                    h.reshape((n, 1, s, s)) // one channel: the same buffer in either layout
+                } else {
+                    pretext_core::ops::nhwc_to_nchw(&h)
+                }
             }
         }
     }

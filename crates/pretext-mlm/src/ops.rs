@@ -10,6 +10,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use pretext_core::ops::gemm::{sgemm_threads, Mat};
 use pretext_core::ops::{f32_slice as f32_of, fast_path as fast};
 
 /// Rows per rayon task: enough work per task to amortise scheduling.
@@ -484,45 +485,24 @@ fn matmul(
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    c[cv.off + i * cv.rs + j * cv.cs] = 0.0;
-                }
-            }
-        }
-        return;
-    }
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
+    let mat = |v: View, rows: usize, cols: usize| Mat {
+        rows,
+        cols,
+        rs: v.rs,
+        cs: v.cs,
     };
-    // SAFETY: the spans checked above bound every element the kernel reads or writes.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr().add(cv.off),
-            cv.cs as isize,
-            cv.rs as isize,
-            accumulate,
-            a.as_ptr().add(av.off),
-            av.cs as isize,
-            av.rs as isize,
-            b.as_ptr().add(bv.off),
-            bv.cs as isize,
-            bv.rs as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    let a = if k == 0 { &a[..0] } else { &a[av.off..] };
+    let b = if k == 0 { &b[..0] } else { &b[bv.off..] };
+    sgemm_threads(
+        a,
+        mat(av, m, k),
+        b,
+        mat(bv, k, n),
+        &mut c[cv.off..],
+        mat(cv, m, n),
+        accumulate,
+        threads,
+    );
 }
 
 fn row_major(cols: usize) -> View {
@@ -541,136 +521,8 @@ fn transposed(cols: usize) -> View {
     }
 }
 
-fn threads() -> usize {
-    rayon::current_num_threads()
-}
-
-struct LinearOp;
-
-impl CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "pretext-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_of(s1, l1, "linear x")?;
-        let w = f32_of(s2, l2, "linear weight")?;
-        let b = f32_of(s3, l3, "linear bias")?;
-        let (&[dout, din], dims) = (l2.dims(), l1.dims()) else {
-            bail!("linear: weight must be (out, in), got {:?}", l2.dims());
-        };
-        if dims.last() != Some(&din) || b.len() != dout {
-            bail!("linear: x {dims:?}, weight ({dout}, {din}), bias {}", b.len());
-        }
-        let rows = x.len() / din.max(1);
-        let mut y = vec![0f32; rows * dout];
-        for r in y.chunks_mut(dout) {
-            r.copy_from_slice(b);
-        }
-        matmul(
-            (rows, dout, din),
-            x,
-            row_major(din),
-            w,
-            transposed(din),
-            &mut y,
-            row_major(dout),
-            true,
-            threads(),
-        );
-        let mut shape = dims.to_vec();
-        if let Some(l) = shape.last_mut() {
-            *l = dout;
-        }
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dout, din) = w.dims2()?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let ws = w.flatten_all()?.to_vec1::<f32>()?;
-        let dys = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let rows = xs.len() / din.max(1);
-        let t = threads();
-        let mut dx = vec![0f32; rows * din];
-        matmul(
-            (rows, din, dout),
-            &dys,
-            row_major(dout),
-            &ws,
-            row_major(din),
-            &mut dx,
-            row_major(din),
-            false,
-            t,
-        );
-        let mut dw = vec![0f32; dout * din];
-        matmul(
-            (dout, din, rows),
-            &dys,
-            transposed(dout),
-            &xs,
-            row_major(din),
-            &mut dw,
-            row_major(din),
-            false,
-            t,
-        );
-        let chunk = 256;
-        let db = dys
-            .par_chunks(chunk * dout)
-            .map(|c| {
-                let mut s = vec![0f32; dout];
-                for r in c.chunks(dout) {
-                    s.iter_mut().zip(r).for_each(|(a, b)| *a += b);
-                }
-                s
-            })
-            .reduce(
-                || vec![0f32; dout],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(p, q)| *p += q);
-                    a
-                },
-            );
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
-            Some(Tensor::from_vec(db, dout, dev)?),
-        ))
-    }
-}
-
-/// `x · weightᵀ + bias` over the last dimension of `x` (`torch.nn.Linear`):
-/// one fused node on CPU f32 (a parallel GEMM each way, the bias gradient a
-/// column sum), candle's ops elsewhere.
-///
-/// # Errors
-/// Shape mismatch.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    if fast(&[x, weight, bias]) {
-        x.contiguous()?
-            .apply_op3_arc(weight, bias, std::sync::Arc::new(Box::new(LinearOp)))
-    } else {
-        x.broadcast_matmul(&weight.t()?)?.broadcast_add(bias)
-    }
-}
+/// The fused fully connected layer lives in the core crate (the VAE uses it too).
+pub use pretext_core::ops::linear;
 
 /// Multi-head scaled dot-product attention over `(batch · seq, hidden)` rows
 /// (heads side by side in the hidden dimension, as Hugging Face lays them
@@ -967,27 +819,6 @@ mod fused_tests {
     /// Values in [-1, 1]: the shared generator's, halved.
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         (super::tests::rand(shape, seed) * 0.5).expect("scale")
-    }
-
-    #[test]
-    fn linear_and_its_gradients_match_candle() -> candle_core::Result<()> {
-        let x = Var::from_tensor(&rand(&[3, 5, 12], 1))?;
-        let w = Var::from_tensor(&rand(&[7, 12], 2))?;
-        let b = Var::from_tensor(&rand(&[7], 3))?;
-        let g = rand(&[3, 5, 7], 4);
-        let y = linear(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
-        let r = x
-            .as_tensor()
-            .broadcast_matmul(&w.as_tensor().t()?)?
-            .broadcast_add(b.as_tensor())?;
-        assert!(max_diff(&y, &r) < 1e-5);
-        let gy = (y * &g)?.sum_all()?.backward()?;
-        let gr = (r * &g)?.sum_all()?.backward()?;
-        for v in [&x, &w, &b] {
-            let d = max_diff(gy.get(v.as_tensor()).expect("g"), gr.get(v.as_tensor()).expect("g"));
-            assert!(d < 1e-4, "{d}");
-        }
-        Ok(())
     }
 
     #[test]

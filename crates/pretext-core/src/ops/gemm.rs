@@ -48,6 +48,15 @@ impl Mat {
 /// # Panics
 /// If the shapes disagree or a slice is too short for its view (a bug in the caller).
 pub fn sgemm(a: &[f32], am: Mat, b: &[f32], bm: Mat, c: &mut [f32], cm: Mat, accumulate: bool) {
+    sgemm_threads(a, am, b, bm, c, cm, accumulate, 1);
+}
+
+/// [`sgemm`] split over `threads` workers of the current rayon pool (1 = this thread only).
+///
+/// # Panics
+/// If the shapes disagree or a slice is too short for its view (a bug in the caller).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_threads(a: &[f32], am: Mat, b: &[f32], bm: Mat, c: &mut [f32], cm: Mat, accumulate: bool, threads: usize) {
     assert_eq!(am.cols, bm.rows, "inner dimensions");
     assert_eq!(cm.rows, am.rows, "rows");
     assert_eq!(cm.cols, bm.cols, "cols");
@@ -90,7 +99,11 @@ pub fn sgemm(a: &[f32], am: Mat, b: &[f32], bm: Mat, c: &mut [f32], cm: Mat, acc
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
         );
     }
 }

@@ -15,8 +15,13 @@
 
 pub mod conv;
 pub mod gemm;
+pub mod layout;
+pub mod linear;
 pub mod norm;
 pub mod resnet;
+
+pub use layout::{nchw_to_nhwc, nhwc_to_nchw};
+pub use linear::{add_bias, add_bias_relu, linear, relu};
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use std::sync::{Arc, Mutex};

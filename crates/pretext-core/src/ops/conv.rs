@@ -266,16 +266,23 @@ pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f3
 }
 
 /// Weight gradient: `x` NHWC, `dy` NHWC → `dw` `(o, c, kh, kw)`.
+///
+/// The chunks' products are accumulated in a fixed number of groups of
+/// consecutive chunks, and the groups added in order, so the result is the
+/// same from run to run (a work-stealing reduction would group the partial
+/// sums differently each time).
 pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
     let (k, o, px) = (g.k(), g.o, g.out_pixels());
     let in_len = g.h * g.w * g.c;
     let ipc = g.images_per_chunk();
-    let chunks: Vec<usize> = (0..g.n.div_ceil(ipc)).collect();
-    let dwk = chunks
-        .par_iter()
-        .fold(
-            || vec![0f32; k * o],
-            |mut acc, &ci| {
+    let chunks = g.n.div_ceil(ipc);
+    let groups = chunks.min(2 * rayon::current_num_threads()).max(1);
+    let per_group = chunks.div_ceil(groups);
+    let parts: Vec<Vec<f32>> = (0..groups)
+        .into_par_iter()
+        .map(|gi| {
+            let mut acc = vec![0f32; k * o];
+            for ci in gi * per_group..((gi + 1) * per_group).min(chunks) {
                 let first = ci * ipc;
                 let imgs = ipc.min(g.n - first);
                 let rows = imgs * px;
@@ -294,18 +301,16 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
                         sgemm(col, am, dyc, bm, &mut acc, cm, true);
                     });
                 }
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f32; k * o],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-                a
-            },
-        );
+            }
+            acc
+        })
+        .collect();
+    let mut dwk = vec![0f32; k * o];
+    for p in &parts {
+        for (a, b) in dwk.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
     matrix_to_weight(&dwk, g)
 }
 
@@ -340,6 +345,44 @@ mod tests {
             }
         }
         y
+    }
+
+    #[test]
+    fn weight_gradient_is_reproducible_on_a_busy_pool() {
+        // many chunks over four threads: a work-stealing reduction would group them differently run to run
+        let g = ConvGeom::new(64, 14, 14, 8, 16, 3, 3, 1, 1).expect("geom");
+        let x: Vec<f32> = (0..g.n * g.h * g.w * g.c)
+            .map(|i| ((i * 7919) % 997) as f32 / 97.0 - 5.0)
+            .collect();
+        let dy: Vec<f32> = (0..g.n * g.out_pixels() * g.o)
+            .map(|i| ((i * 104_729) % 991) as f32 / 89.0 - 5.5)
+            .collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().expect("pool");
+        let first = pool.install(|| conv2d_backward_weight(&x, &dy, &g));
+        for _ in 0..20 {
+            let again = pool.install(|| conv2d_backward_weight(&x, &dy, &g));
+            assert!(first.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        // and it is the gradient: one weight against the direct sum
+        let (oc, ic, ky, kx) = (3, 5, 0, 2);
+        let mut want = 0f64;
+        for n in 0..g.n {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    let (iy, ix) = (oy as isize + ky as isize - 1, ox as isize + kx as isize - 1);
+                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                        continue;
+                    }
+                    let xv = x[((n * g.h + iy as usize) * g.w + ix as usize) * g.c + ic];
+                    want += f64::from(xv) * f64::from(dy[((n * g.oh + oy) * g.ow + ox) * g.o + oc]);
+                }
+            }
+        }
+        let got = first[((oc * g.c + ic) * g.kh + ky) * g.kw + kx];
+        assert!(
+            (f64::from(got) - want).abs() < 1e-3 * want.abs().max(1.0),
+            "{got} vs {want}"
+        );
     }
 
     #[test]

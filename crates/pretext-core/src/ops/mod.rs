@@ -89,14 +89,20 @@ impl CustomOp2 for Conv2dOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = grad.apply_op2_no_bwd(
-            &w.contiguous()?,
-            &ConvBwdInput {
-                stride: self.stride,
-                pad: self.pad,
-                x_dims: x.dims().to_vec(),
-            },
-        )?;
+        // The input of a first layer (a batch of images) needs no gradient:
+        // skip the transposed product and the col2im for it.
+        let dx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(
+                &w.contiguous()?,
+                &ConvBwdInput {
+                    stride: self.stride,
+                    pad: self.pad,
+                    x_dims: x.dims().to_vec(),
+                },
+            )?)
+        } else {
+            None
+        };
         let dw = x.contiguous()?.apply_op2_no_bwd(
             &grad,
             &ConvBwdWeight {
@@ -105,7 +111,7 @@ impl CustomOp2 for Conv2dOp {
                 w_dims: w.dims().to_vec(),
             },
         )?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, Some(dw)))
     }
 }
 

@@ -59,6 +59,27 @@ fn conv_forward_and_gradients_match_candle() -> candle_core::Result<()> {
 }
 
 #[test]
+fn conv_on_an_untracked_input_skips_its_gradient() -> candle_core::Result<()> {
+    let (n, h, w, c, o, k, s, p) = CONV_CASES[1];
+    let x = rand_tensor(&[n, h, w, c], 1)?; // a batch of data: no gradient wanted
+    let wt = Var::from_tensor(&rand_tensor(&[o, c, k, k], 2)?)?;
+    let r = rand_tensor(&[n, (h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1, o], 3)?;
+    let g = (conv2d_nhwc(&x, wt.as_tensor(), s, p)? * &r)?.sum_all()?.backward()?;
+    assert!(g.get(&x).is_none(), "no gradient for the data");
+    let tracked = Var::from_tensor(&x)?;
+    let gt = (conv2d_nhwc(tracked.as_tensor(), wt.as_tensor(), s, p)? * &r)?
+        .sum_all()?
+        .backward()?;
+    assert!(gt.get(tracked.as_tensor()).is_some(), "a variable input still gets one");
+    let (a, b) = (
+        g.get(wt.as_tensor()).expect("weight"),
+        gt.get(wt.as_tensor()).expect("weight"),
+    );
+    assert_eq!(rel_err(a, b)?, 0.0, "the weight gradient does not depend on it");
+    Ok(())
+}
+
+#[test]
 fn batch_norm_train_and_eval_match_candle() -> candle_core::Result<()> {
     for (i, relu) in [(0u64, false), (1, true)] {
         let x = Var::from_tensor(&rand_tensor(&[3, 5, 4, 6], i)?.affine(2.0, 0.5)?)?;

@@ -6,7 +6,9 @@
 //! `cargo bench -p pretext-generative --bench vae_step`
 //! Environment: `PRETEXT_BENCH_BATCH` (128), `PRETEXT_BENCH_WARMUP` (20),
 //! `PRETEXT_BENCH_ITERS` (300), `PRETEXT_BENCH_MODEL` (`mlp` = the reference's
-//! MLP; `default` = the default config's conv VAE, whose own batch is 64). The last line is machine-readable:
+//! MLP; `default` = the default config's conv VAE, whose own batch is 64),
+//! `PRETEXT_BENCH_DEC` (the conv decoder's channels `d1,d2`, e.g. `96,128`;
+//! default: the encoder's). The last line is machine-readable:
 //! `RESULT vae_step img_per_s=<x>`.
 
 use candle_core::Device;
@@ -73,6 +75,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
         Ok(other) => return Err(format!("PRETEXT_BENCH_MODEL = {other:?}: expected mlp or default").into()),
     };
+    let mut vae = vae;
+    if let Ok(d) = std::env::var("PRETEXT_BENCH_DEC") {
+        vae.dec_channels = d
+            .split(',')
+            .map(|v| v.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("PRETEXT_BENCH_DEC = {d:?}: {e}"))?;
+    }
     let model = Vae::new(&vae, 1, 28, 0, &dev)?;
     let train = TrainConfig {
         max_steps: (warmup + iters) as u64,

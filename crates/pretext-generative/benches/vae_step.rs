@@ -7,8 +7,8 @@
 //! Environment: `PRETEXT_BENCH_BATCH` (128), `PRETEXT_BENCH_WARMUP` (20),
 //! `PRETEXT_BENCH_ITERS` (300), `PRETEXT_BENCH_MODEL` (`mlp` = the reference's
 //! MLP; `default` = the default config's conv VAE, whose own batch is 64),
-//! `PRETEXT_BENCH_DEC` (the conv decoder's channels `d1,d2`, e.g. `96,128`;
-//! default: the encoder's). The last line is machine-readable:
+//! `PRETEXT_BENCH_DEC` (the conv decoder's channels `d1,d2`, e.g. `32,128`
+//! for the encoder's; default: the model's own). The last line is machine-readable:
 //! `RESULT vae_step img_per_s=<x>`.
 
 use candle_core::Device;
@@ -67,8 +67,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 arch: VaeArch::Conv,
                 latent: 64,
                 channels: vec![32, 128],
+                dec_channels: vec![96, 128],
                 free_bits: 0.5,
-                free_bits_decay_steps: 1876,
+                free_bits_decay_steps: 4685,
                 ..VaeConfig::default()
             },
             0.999,

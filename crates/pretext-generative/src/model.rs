@@ -13,7 +13,7 @@
 use crate::loss::{bernoulli_log_lik, gaussian_kl, gaussian_log_lik, log_mean_exp, log_posterior, log_standard_normal};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use pretext_core::init::named_vars;
-use pretext_core::nn::{linear, Conv2d, ConvTranspose2d};
+use pretext_core::nn::{linear, Conv2d, ConvTranspose2d, Linear};
 use pretext_core::SeededVarMap;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -160,15 +160,15 @@ impl VaeConfig {
 
 enum Nets {
     Mlp {
-        enc: Vec<pretext_core::nn::Linear>,
-        dec: Vec<pretext_core::nn::Linear>,
+        enc: Vec<Linear>,
+        dec: Vec<Linear>,
     },
     Conv {
         enc: [Conv2d; 2],
         /// Fully connected encoder layers after the convolutions (each + ReLU).
-        enc_fc: Vec<pretext_core::nn::Linear>,
+        enc_fc: Vec<Linear>,
         /// Fully connected decoder layers, the last one to the feature map (each + ReLU).
-        dec_fc: Vec<pretext_core::nn::Linear>,
+        dec_fc: Vec<Linear>,
         dec: [ConvTranspose2d; 2],
     },
 }
@@ -176,11 +176,7 @@ enum Nets {
 /// Linear layers `din → sizes[0] → sizes[1] → …` named `0`, `2`, `4`, … under
 /// `vb` (the indices of a PyTorch `nn.Sequential` with a ReLU after each);
 /// returns them and the last size.
-fn dense_layers(
-    din: usize,
-    sizes: &[usize],
-    vb: &candle_nn::VarBuilder,
-) -> Result<(Vec<pretext_core::nn::Linear>, usize)> {
+fn dense_layers(din: usize, sizes: &[usize], vb: &candle_nn::VarBuilder) -> Result<(Vec<Linear>, usize)> {
     let mut layers = Vec::with_capacity(sizes.len());
     let mut d = din;
     for (i, &h) in sizes.iter().enumerate() {
@@ -191,7 +187,7 @@ fn dense_layers(
 }
 
 /// `h` through each layer, each followed by a ReLU.
-fn relu_layers(layers: &[pretext_core::nn::Linear], mut h: Tensor) -> Result<Tensor> {
+fn relu_layers(layers: &[Linear], mut h: Tensor) -> Result<Tensor> {
     for l in layers {
         h = pretext_core::ops::relu(&l.forward(&h)?)?;
     }
@@ -213,8 +209,8 @@ pub struct ElboTerms {
 pub struct Vae {
     params: SeededVarMap,
     nets: Nets,
-    mu: pretext_core::nn::Linear,
-    logvar: pretext_core::nn::Linear,
+    mu: Linear,
+    logvar: Linear,
     log_sigma: Option<Tensor>,
     cfg: VaeConfig,
     channels: usize,
@@ -759,6 +755,30 @@ mod tests {
         let at: Vec<f64> = [0, 50, 100, 200].iter().map(|&s| decaying.free_bits_at(s)).collect();
         assert_eq!(at, [5.0, 2.5, 0.0, 0.0]);
         Ok(())
+    }
+
+    #[test]
+    fn decoder_channels_default_to_the_encoders_and_are_checked() {
+        let conv = VaeConfig {
+            arch: VaeArch::Conv,
+            channels: vec![8, 16],
+            ..VaeConfig::default()
+        };
+        assert_eq!(conv.decoder_channels(), (8, 16));
+        let own = VaeConfig {
+            dec_channels: vec![12, 20],
+            ..conv.clone()
+        };
+        assert_eq!(own.decoder_channels(), (12, 20));
+        assert!(own.validate(1, 28).is_ok());
+        for bad in [vec![12], vec![0, 20], vec![4, 8, 16]] {
+            let cfg = VaeConfig {
+                dec_channels: bad.clone(),
+                ..conv.clone()
+            };
+            let e = cfg.validate(1, 28).expect_err("invalid dec_channels");
+            assert!(e.contains("model.dec_channels"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

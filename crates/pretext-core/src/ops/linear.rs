@@ -101,10 +101,16 @@ impl CustomOp3 for LinearOp {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let dx = dy.apply_op2_no_bwd(w, &LinearBwdInput)?.reshape(x.shape())?;
+        // As for the convolutions: an input that tracks no gradient (a batch
+        // of data into a first layer) gets no input product.
+        let dx = if x.track_op() {
+            Some(dy.apply_op2_no_bwd(w, &LinearBwdInput)?.reshape(x.shape())?)
+        } else {
+            None
+        };
         let dw = dy.apply_op2_no_bwd(x, &LinearBwdWeight)?;
         let db = dy.apply_op1_no_bwd(&ColumnSumOp)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((dx, Some(dw), Some(db)))
     }
 }
 
@@ -400,6 +406,34 @@ mod tests {
                 || reference_linear(x.as_tensor(), w.as_tensor(), b.as_tensor()),
                 4,
             )?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn linear_on_an_untracked_input_skips_its_gradient() -> candle_core::Result<()> {
+        let x = rand(&[16, 12], 1); // a batch of data
+        let w = Var::from_tensor(&rand(&[5, 12], 2))?;
+        let b = Var::from_tensor(&rand(&[5], 3))?;
+        let g = rand(&[16, 5], 4);
+        let plain = (linear(&x, w.as_tensor(), b.as_tensor())? * &g)?
+            .sum_all()?
+            .backward()?;
+        assert!(plain.get(&x).is_none(), "no gradient for the data");
+        let tracked = Var::from_tensor(&x)?;
+        let full = (linear(tracked.as_tensor(), w.as_tensor(), b.as_tensor())? * &g)?
+            .sum_all()?
+            .backward()?;
+        assert!(
+            full.get(tracked.as_tensor()).is_some(),
+            "a variable input still gets one"
+        );
+        for v in [&w, &b] {
+            let (a, c) = (
+                plain.get(v.as_tensor()).expect("grad"),
+                full.get(v.as_tensor()).expect("grad"),
+            );
+            assert_eq!(max_diff(a, c), 0.0, "the parameter gradients do not depend on it");
         }
         Ok(())
     }

@@ -51,6 +51,9 @@ impl CommonArgs {
 pub struct ResumeArgs {
     /// The run folder.
     pub run: PathBuf,
+    /// Device: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
@@ -61,6 +64,9 @@ pub struct ResumeArgs {
 pub struct RunArg {
     /// The run folder.
     pub run: PathBuf,
+    /// Device: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Flags of `probe`.

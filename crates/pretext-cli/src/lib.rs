@@ -2,11 +2,14 @@
 //! overrides, the device flag, logging, progress bars and error reporting.
 //!
 //! The binaries (`pretext-contrastive`, `pretext-generative`, `pretext-mlm`)
-//! are thin: they parse flags with the types here and call the libraries.
+//! are thin: [`runner`] writes their shared subcommands once over each
+//! paradigm, and each binary adds only its own.
 
 pub mod args;
 pub mod config;
 pub mod progress;
+pub mod runner;
+pub mod tools;
 
 use std::process::ExitCode;
 

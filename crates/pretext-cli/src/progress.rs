@@ -6,7 +6,7 @@ use pretext_core::trainer::{Observer, StepReport};
 use std::io::IsTerminal;
 
 /// Draws training progress. Hidden with `--quiet`; when stderr is not a
-/// terminal (CI, `nohup`), prints one line every `log_every` steps instead.
+/// terminal (CI, `nohup`), prints one line every 50 steps instead.
 pub struct ProgressObserver {
     bar: ProgressBar,
     interactive: bool,
@@ -39,12 +39,6 @@ impl ProgressObserver {
             log_every: 50,
             label: label.to_string(),
         }
-    }
-
-    /// Lines printed off-terminal: one every `n` steps.
-    pub fn with_log_every(mut self, n: u64) -> Self {
-        self.log_every = n.max(1);
-        self
     }
 }
 

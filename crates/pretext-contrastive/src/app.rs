@@ -1,19 +1,21 @@
-//! Running contrastive pretraining end to end: data, model, trainer, run
-//! folder, online kNN monitoring, resume. The CLI is a thin layer over this.
+//! Contrastive pretraining as a [`Paradigm`]: its data, model, batches and
+//! online kNN monitoring; pretrain, resume, probe and export come from
+//! [`pretext_core::paradigm`], the CLI from `pretext_cli::runner`.
 
 use crate::config::ContrastiveConfig;
+use crate::error::{Error, Result};
 use crate::model::{ContrastiveModel, MethodKind};
 use candle_core::Device;
-use pretext_core::trainer::{Observer, Trainer};
-use pretext_core::{Error, Result, RunDir};
+use pretext_core::paradigm::{EvalPoint, Paradigm, Trained};
+use pretext_core::trainer::{Observer, TrainConfig};
+use pretext_core::{OptimConfig, RunDir, ScheduleConfig};
 use pretext_data::{BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
 use pretext_eval::{knn_accuracy, Embedded, KnnConfig};
 use std::path::Path;
 use std::sync::Arc;
 
-fn data_err(e: pretext_data::Error) -> Error {
-    Error::Config(e.to_string())
-}
+/// SimCLR and MoCo v2 on images.
+pub struct Contrastive;
 
 /// Training images and a labelled held-out set for monitoring.
 pub struct RunData {
@@ -26,7 +28,7 @@ pub struct RunData {
 /// Loads the data a config names (the shipped Fashion-MNIST by default).
 ///
 /// # Errors
-/// Reader errors, naming the file.
+/// Reader errors, naming the file; images with another channel count than the config's.
 pub fn load_data(cfg: &ContrastiveConfig) -> Result<RunData> {
     let imgs = pretext_data::source::load_run_images(
         &cfg.data.path,
@@ -34,13 +36,7 @@ pub fn load_data(cfg: &ContrastiveConfig) -> Result<RunData> {
         cfg.data.image_size,
         cfg.data.channels,
         cfg.train.seed,
-    )
-    .map_err(|e| match e {
-        pretext_data::Error::Invalid(m) if m.contains("data.channels") => {
-            Error::Config(format!("{m} --set model.encoder.in_channels=<same>"))
-        }
-        other => data_err(other),
-    })?;
+    )?;
     Ok(RunData {
         train: Arc::new(imgs.train),
         held_out: imgs.held_out,
@@ -50,7 +46,7 @@ pub fn load_data(cfg: &ContrastiveConfig) -> Result<RunData> {
 /// Encoder features of `indices` of `ds` (eval mode, no augmentation).
 ///
 /// # Errors
-/// Tensor errors; [`Error::Config`] for unlabelled data.
+/// Tensor errors; unlabelled data.
 pub fn embed(
     model: &ContrastiveModel,
     ds: &ImageDataset,
@@ -60,7 +56,7 @@ pub fn embed(
     observer: &mut dyn Observer,
     task: &str,
 ) -> Result<Embedded> {
-    pretext_eval::extract_features(
+    Ok(pretext_eval::extract_features(
         model,
         ds,
         indices,
@@ -70,19 +66,19 @@ pub fn embed(
         device,
         observer,
         task,
-    )
-    .map_err(eval_err)
+    )?)
 }
 
-fn eval_err(e: pretext_eval::Error) -> Error {
-    match e {
-        pretext_eval::Error::Core(c) => c,
-        other => Error::Config(other.to_string()),
+fn knn_config(cfg: &ContrastiveConfig) -> KnnConfig {
+    KnnConfig {
+        k: cfg.eval.knn_k,
+        temperature: cfg.eval.knn_temperature,
+        ..Default::default()
     }
 }
 
 /// kNN accuracy of the current encoder: a memory bank of labelled training
-/// images against held-out images (fixed, seeded subsets).
+/// images against held-out images (fixed, seeded subsets); `None` without labels.
 ///
 /// # Errors
 /// As [`embed`].
@@ -97,19 +93,12 @@ pub fn monitor_knn(
         return Ok(None);
     };
     let bank =
-        pretext_data::subset::balanced_count(train_labels, cfg.eval.knn_train.min(data.train.len()), cfg.train.seed)
-            .map_err(data_err)?;
+        pretext_data::subset::balanced_count(train_labels, cfg.eval.knn_train.min(data.train.len()), cfg.train.seed)?;
     let held_labels = held.labels.as_deref().unwrap_or_default();
-    let test = pretext_data::subset::balanced_count(held_labels, cfg.eval.knn_test.min(held.len()), cfg.train.seed)
-        .map_err(data_err)?;
+    let test = pretext_data::subset::balanced_count(held_labels, cfg.eval.knn_test.min(held.len()), cfg.train.seed)?;
     let a = embed(model, &data.train, &bank, cfg, device, observer, "kNN: memory bank")?;
     let b = embed(model, held, &test, cfg, device, observer, "kNN: held-out")?;
-    let knn = KnnConfig {
-        k: cfg.eval.knn_k,
-        temperature: cfg.eval.knn_temperature,
-        ..Default::default()
-    };
-    Ok(Some(knn_accuracy(&a, &b, &knn).map_err(eval_err)?))
+    Ok(Some(knn_accuracy(&a, &b, &knn_config(cfg))?))
 }
 
 /// A freshly initialised model of the config's method (seeded by `train.seed`).
@@ -117,122 +106,12 @@ pub fn monitor_knn(
 /// # Errors
 /// An invalid config.
 pub fn new_model(cfg: &ContrastiveConfig, device: &Device) -> Result<ContrastiveModel> {
-    cfg.validate().map_err(Error::Config)?;
-    let method = MethodKind::parse(&cfg.method).map_err(Error::Config)?;
+    cfg.validate().map_err(Error::Invalid)?;
+    let method = MethodKind::parse(&cfg.method).map_err(|reason| Error::Config {
+        key: "method".into(),
+        reason,
+    })?;
     Ok(ContrastiveModel::new(method, &cfg.model, cfg.train.seed, device)?)
-}
-
-/// The model of the run in `dir` with the weights of its latest checkpoint.
-///
-/// # Errors
-/// No run or checkpoint there; a checkpoint that does not fit the config.
-pub fn load_trained(dir: &Path, cfg: &ContrastiveConfig, device: &Device) -> Result<(RunDir, ContrastiveModel)> {
-    let run = RunDir::open(dir)?;
-    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
-    let latest = mgr
-        .latest()?
-        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
-    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
-    let model = new_model(cfg, device)?;
-    pretext_core::trainer::load_model_weights(&model, &ckpt, &latest)?;
-    Ok((run, model))
-}
-
-fn build(
-    cfg: &ContrastiveConfig,
-    data: &RunData,
-    device: &Device,
-) -> Result<(Trainer<ContrastiveModel>, ImageBatcher)> {
-    let model = new_model(cfg, device)?;
-    let trainer = Trainer::new(model, &cfg.optim, &cfg.schedule, &cfg.train)?;
-    let pipeline = Arc::new(
-        Pipeline::new(cfg.data.augment.clone(), cfg.data.image_size, cfg.data.image_size).map_err(Error::Config)?,
-    );
-    let bc = BatcherConfig {
-        batch_size: cfg.train.batch_size,
-        views: 2,
-        seed: cfg.train.seed,
-        shuffle: true,
-        drop_last: true,
-        prefetch: cfg.data.prefetch,
-    };
-    let batcher = ImageBatcher::new(data.train.clone(), pipeline, bc, device).map_err(data_err)?;
-    Ok((trainer, batcher))
-}
-
-/// Trains from the trainer's current step to the end, with kNN monitoring at
-/// epoch ends (every `eval.knn_every` epochs) and at the end.
-fn train(
-    trainer: &mut Trainer<ContrastiveModel>,
-    batcher: &mut ImageBatcher,
-    data: &RunData,
-    cfg: &ContrastiveConfig,
-    device: &Device,
-    observer: &mut dyn Observer,
-) -> Result<()> {
-    use pretext_core::BatchSource;
-    let spe = batcher.steps_per_epoch().max(1);
-    let total = cfg.train.total_steps(spe);
-    while trainer.step() < total {
-        let next_epoch_end = ((trainer.step() / spe) + 1) * spe;
-        let stop = next_epoch_end.min(total);
-        trainer.fit_until(batcher, observer, stop)?;
-        let epoch = trainer.step().div_ceil(spe);
-        let at_end = trainer.step() >= total;
-        let due = cfg.eval.knn_every > 0 && trainer.step() % spe == 0 && epoch % cfg.eval.knn_every == 0;
-        if due || at_end {
-            if let Some(acc) = trainer.with_published_weights(|m| monitor_knn(m, data, cfg, device, observer))? {
-                trainer.log_record(
-                    &serde_json::json!({ "event": "knn", "step": trainer.step(), "epoch": epoch, "knn_accuracy": acc }),
-                )?;
-                observer.on_message(&format!("epoch {epoch}: kNN accuracy {:.2}%", acc * 100.0));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Starts a run in `out` with `cfg` (whose resolved TOML is `config_toml`).
-///
-/// # Errors
-/// Invalid config, unreadable data, a run already in `out`, training divergence.
-pub fn pretrain(
-    cfg: &ContrastiveConfig,
-    config_toml: &str,
-    out: &Path,
-    device: &Device,
-    observer: &mut dyn Observer,
-) -> Result<RunDir> {
-    cfg.validate().map_err(Error::Config)?;
-    let data = load_data(cfg)?;
-    let (mut trainer, mut batcher) = build(cfg, &data, device)?;
-    let run = RunDir::create(out, config_toml)?;
-    trainer.attach_run(&run)?;
-    train(&mut trainer, &mut batcher, &data, cfg, device, observer)?;
-    Ok(run)
-}
-
-/// Continues the run in `dir` (whose `config.toml` the caller parsed into
-/// `cfg`) from its latest checkpoint, on the exact trajectory of an
-/// uninterrupted run.
-///
-/// # Errors
-/// No run or checkpoint there, a config or checkpoint that does not fit.
-pub fn resume(dir: &Path, cfg: &ContrastiveConfig, device: &Device, observer: &mut dyn Observer) -> Result<RunDir> {
-    let run = RunDir::open(dir)?;
-    let cfg = cfg.clone();
-    let data = load_data(&cfg)?;
-    let (mut trainer, mut batcher) = build(&cfg, &data, device)?;
-    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
-    let latest = mgr
-        .latest()?
-        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
-    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
-    trainer.resume(&ckpt, &latest)?;
-    trainer.attach_run(&run)?;
-    observer.on_message(&format!("resuming from {} (step {})", latest.display(), trainer.step()));
-    train(&mut trainer, &mut batcher, &data, &cfg, device, observer)?;
-    Ok(run)
 }
 
 /// The dataset name for reports: `fashion-mnist` for the shipped default, else the path.
@@ -244,7 +123,105 @@ pub fn dataset_name(cfg: &ContrastiveConfig) -> String {
     }
 }
 
-/// The transfer report of the run in `dir`: linear probe and kNN at each
+impl Paradigm for Contrastive {
+    const NAME: &'static str = "contrastive";
+    type Config = ContrastiveConfig;
+    type Model = ContrastiveModel;
+    type Assets = ();
+    type Data = RunData;
+    type Batches = ImageBatcher;
+    type Error = Error;
+
+    fn train_config(cfg: &ContrastiveConfig) -> &TrainConfig {
+        &cfg.train
+    }
+
+    fn optim_config(cfg: &ContrastiveConfig) -> &OptimConfig {
+        &cfg.optim
+    }
+
+    fn schedule_config(cfg: &ContrastiveConfig) -> &ScheduleConfig {
+        &cfg.schedule
+    }
+
+    fn validate(cfg: &ContrastiveConfig) -> Result<()> {
+        cfg.validate().map_err(Error::Invalid)
+    }
+
+    fn load_data(cfg: &ContrastiveConfig, _: Option<()>, _: &mut dyn Observer) -> Result<(RunData, ())> {
+        Ok((load_data(cfg)?, ()))
+    }
+
+    fn load_assets(_: &ContrastiveConfig, _: &RunDir) -> Result<()> {
+        Ok(())
+    }
+
+    fn new_model(cfg: &ContrastiveConfig, _: &(), device: &Device) -> Result<ContrastiveModel> {
+        new_model(cfg, device)
+    }
+
+    fn batches(cfg: &ContrastiveConfig, data: &RunData, _: &(), device: &Device) -> Result<ImageBatcher> {
+        let pipeline = Arc::new(
+            Pipeline::new(cfg.data.augment.clone(), cfg.data.image_size, cfg.data.image_size)
+                .map_err(Error::Invalid)?,
+        );
+        let bc = BatcherConfig {
+            batch_size: cfg.train.batch_size,
+            views: 2,
+            seed: cfg.train.seed,
+            shuffle: true,
+            drop_last: true,
+            prefetch: cfg.data.prefetch,
+        };
+        Ok(ImageBatcher::new(data.train.clone(), pipeline, bc, device)?)
+    }
+
+    fn eval_due(cfg: &ContrastiveConfig, step: u64, spe: u64, _: u64) -> bool {
+        let every = cfg.eval.knn_every;
+        every > 0 && step % spe == 0 && (step / spe) % every == 0
+    }
+
+    fn evaluate(
+        cfg: &ContrastiveConfig,
+        data: &RunData,
+        _: &(),
+        model: &ContrastiveModel,
+        at: EvalPoint,
+        device: &Device,
+        observer: &mut dyn Observer,
+    ) -> Result<Vec<serde_json::Value>> {
+        let Some(acc) = monitor_knn(model, data, cfg, device, observer)? else {
+            return Ok(vec![]);
+        };
+        let epoch = at.epoch();
+        observer.on_message(&format!("epoch {epoch}: kNN accuracy {:.2}%", acc * 100.0));
+        Ok(vec![
+            serde_json::json!({ "event": "knn", "step": at.step, "epoch": epoch, "knn_accuracy": acc }),
+        ])
+    }
+
+    fn probe(
+        cfg: &ContrastiveConfig,
+        trained: &Trained<Self>,
+        fractions: &[f64],
+        finetune: bool,
+        device: &Device,
+        observer: &mut dyn Observer,
+    ) -> Result<String> {
+        let report = probe(trained, cfg, fractions, finetune, device, observer)?;
+        Ok(format!(
+            "{}\nreport: {}",
+            report.markdown(),
+            trained.run.root().join("report").display()
+        ))
+    }
+
+    fn export_files(cfg: &ContrastiveConfig, trained: &Trained<Self>) -> Result<Vec<(String, Vec<u8>)>> {
+        crate::export::export_files(cfg, trained)
+    }
+}
+
+/// The transfer report of a trained run: linear probe and kNN at each
 /// label fraction for the pretrained encoder, the same encoder randomly
 /// initialised, and raw pixels; then, at the fractions up to
 /// `eval.finetune_max_labels`, fine-tuning of the pretrained encoder and of
@@ -252,24 +229,24 @@ pub fn dataset_name(cfg: &ContrastiveConfig) -> String {
 /// budget. Writes `report/` (eval.json, eval.md, plots, index.html).
 ///
 /// # Errors
-/// No run or checkpoint, unlabelled data, invalid fractions.
+/// Unlabelled data, invalid fractions, tensor and I/O errors.
 pub fn probe(
-    dir: &Path,
+    trained: &Trained<Contrastive>,
     cfg: &ContrastiveConfig,
     fractions: &[f64],
     finetune: bool,
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<pretext_eval::EvalReport> {
-    let (run, pretrained) = load_trained(dir, cfg, device)?;
+    let dir: &Path = trained.run.root();
     let data = load_data(cfg)?;
     let held = data
         .held_out
         .as_ref()
-        .ok_or_else(|| Error::Config("probing needs labelled data".into()))?;
+        .ok_or_else(|| Error::Eval("probing needs labelled data".into()))?;
     let random = new_model(cfg, device)?;
-    let train = pretext_eval::probe_subset(&data.train, cfg.eval.probe_train, cfg.train.seed).map_err(eval_err)?;
-    let test = pretext_eval::probe_subset(held, cfg.eval.probe_test, cfg.train.seed).map_err(eval_err)?;
+    let train = pretext_eval::probe_subset(&data.train, cfg.eval.probe_train, cfg.train.seed)?;
+    let test = pretext_eval::probe_subset(held, cfg.eval.probe_test, cfg.train.seed)?;
     let setup = pretext_eval::TransferSetup {
         train: &train,
         test: &test,
@@ -282,36 +259,35 @@ pub fn probe(
             seed: cfg.train.seed,
             ..Default::default()
         },
-        knn: KnnConfig {
-            k: cfg.eval.knn_k,
-            temperature: cfg.eval.knn_temperature,
-            ..Default::default()
-        },
+        knn: knn_config(cfg),
         finetune: finetune.then(|| (cfg.eval.finetune.clone(), cfg.eval.finetune_max_labels)),
     };
     let mut fresh = |init: pretext_eval::Init| -> pretext_eval::Result<Box<dyn pretext_eval::ImageEncoder>> {
-        Ok(Box::new(match init {
-            pretext_eval::Init::Pretrained => load_trained(dir, cfg, device)?.1,
+        let model = match init {
+            pretext_eval::Init::Pretrained => {
+                pretext_core::paradigm::load_trained::<Contrastive>(dir, cfg, device)?.model
+            }
             pretext_eval::Init::Random => new_model(cfg, device)?,
-        }))
+        };
+        Ok(Box::new(model))
     };
     let (records, test_features) =
-        pretext_eval::transfer_records(&setup, &pretrained, &random, &mut fresh, device, observer).map_err(eval_err)?;
+        pretext_eval::transfer_records(&setup, &trained.model, &random, &mut fresh, device, observer)?;
     let report = pretext_eval::EvalReport {
-        paradigm: "contrastive".into(),
+        paradigm: Contrastive::NAME.into(),
         method: cfg.method.clone(),
         dataset: dataset_name(cfg),
         records,
     };
-    let report_dir = run.report_dir()?;
-    report.write(&report_dir).map_err(eval_err)?;
-    let metrics_path = run.metrics_path();
+    let report_dir = trained.run.report_dir()?;
+    report.write(&report_dir)?;
+    let metrics_path = trained.run.metrics_path();
     let figures = pretext_eval::plots::RunFigures {
         metrics: Some(&metrics_path),
         test_features: Some(&test_features),
         class_names: &held.classes,
         ..Default::default()
     };
-    pretext_eval::plots::write_report_page(&report_dir, &report, &figures).map_err(eval_err)?;
+    pretext_eval::plots::write_report_page(&report_dir, &report, &figures)?;
     Ok(report)
 }

@@ -4,13 +4,14 @@
 //! `export/config.json` and `export/README.md` (a model card with YAML
 //! metadata and the probe's figures when `report/eval.json` exists).
 
+use crate::app::Contrastive;
 use crate::config::ContrastiveConfig;
 use crate::encoder::Arch;
+use crate::error::Result;
 use crate::model::ContrastiveModel;
-use pretext_core::{Error, Result};
+use pretext_core::paradigm::{Paradigm, Trained};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 /// The reference's `SmallResNet` in PyTorch, for the model card (`{cin}` and
 /// `{stages}` are filled in).
@@ -134,12 +135,12 @@ pub fn model_card(
         for r in &linear {
             y.push_str(&format!(
                 "  - task:\n      type: image-classification\n      name: {} ({} labels)\n    dataset:\n      type: {}\n      name: {}\n      split: test\n    metrics:\n    - type: accuracy\n      value: {:.4}\n      name: {} accuracy, {} labels\n",
-                protocol_name(&r.protocol),
+                protocol_name(&r.protocol, cfg),
                 pretext_eval::report::fraction_label(r.labels),
                 dataset_tag(&conf.dataset),
                 conf.dataset,
                 r.accuracy,
-                protocol_name(&r.protocol),
+                protocol_name(&r.protocol, cfg),
                 pretext_eval::report::fraction_label(r.labels),
             ));
         }
@@ -223,27 +224,22 @@ retrieval or fine-tuning with few labels.\n\n",
     y
 }
 
-fn protocol_name(p: &str) -> &str {
+fn protocol_name(p: &str, cfg: &ContrastiveConfig) -> String {
     match p {
-        "linear" => "linear probe",
-        "knn" => "kNN (k=20, cosine)",
-        "finetune" => "fine-tuning",
-        other => other,
+        "linear" => "linear probe".into(),
+        "knn" => format!("kNN (k={}, cosine)", cfg.eval.knn_k),
+        "finetune" => "fine-tuning".into(),
+        other => other.into(),
     }
 }
 
-/// Writes `dir/export/` from the run's latest checkpoint: all three files
-/// are written into a temporary folder first, which then replaces `export/`.
+/// The files of `export/` from a trained run: the backbone
+/// (`model.safetensors`, PyTorch names), `config.json` and the model card.
 ///
 /// # Errors
-/// No run or checkpoint; I/O errors naming the path.
-pub fn export(dir: &Path, cfg: &ContrastiveConfig, device: &candle_core::Device) -> Result<PathBuf> {
-    let (run, model) = crate::app::load_trained(dir, cfg, device)?;
-    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
-    let latest = mgr
-        .latest()?
-        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
-    let trainer = pretext_core::checkpoint::load_checkpoint(&latest, device)?.trainer;
+/// Tensor and encoding errors; an unreadable `config.toml`.
+pub fn export_files(cfg: &ContrastiveConfig, trained: &Trained<Contrastive>) -> Result<Vec<(String, Vec<u8>)>> {
+    let model = &trained.model;
     let conf = ExportConfig {
         architecture: cfg.model.encoder.arch.name().to_string(),
         in_channels: cfg.model.encoder.in_channels,
@@ -258,30 +254,26 @@ pub fn export(dir: &Path, cfg: &ContrastiveConfig, device: &candle_core::Device)
         image_size: cfg.data.image_size,
         mean: cfg.data.augment.mean.clone(),
         std: cfg.data.augment.std.clone(),
-        paradigm: "contrastive".into(),
+        paradigm: Contrastive::NAME.into(),
         method: cfg.method.clone(),
         dataset: crate::app::dataset_name(cfg),
-        steps: trainer.step,
+        steps: trained.step,
         library: format!("pretext {}", env!("CARGO_PKG_VERSION")),
     };
-    let report: Option<pretext_eval::EvalReport> = std::fs::read(run.root().join("report").join("eval.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    let mut meta: BTreeMap<String, String> = pretext_core::Method::metadata(&model);
+    let report: Option<pretext_eval::EvalReport> =
+        std::fs::read(trained.run.root().join("report").join(pretext_eval::report::EVAL_JSON))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+    let mut meta: BTreeMap<String, String> = pretext_core::Method::metadata(model);
     meta.insert("pretext.version".into(), env!("CARGO_PKG_VERSION").into());
     meta.insert("pretext.content".into(), "backbone".into());
-    let bytes = pretext_core::checkpoint::safetensors_bytes(&backbone_tensors(&model), &meta)?;
-    let config_json = serde_json::to_vec_pretty(&conf).map_err(|e| Error::Config(format!("config.json: {e}")))?;
-    let card = model_card(cfg, &conf, report.as_ref(), &run.config_text()?);
-
-    let out = run.root().join("export");
-    pretext_core::run::write_dir_atomic(
-        &out,
-        &[
-            ("model.safetensors", bytes.as_slice()),
-            ("config.json", config_json.as_slice()),
-            ("README.md", card.as_bytes()),
-        ],
-    )?;
-    Ok(out)
+    let bytes = pretext_core::checkpoint::safetensors_bytes(&backbone_tensors(model), &meta)?;
+    let config_json =
+        serde_json::to_vec_pretty(&conf).map_err(|e| pretext_core::Error::Config(format!("config.json: {e}")))?;
+    let card = model_card(cfg, &conf, report.as_ref(), &trained.run.config_text()?);
+    Ok(vec![
+        ("model.safetensors".into(), bytes),
+        ("config.json".into(), config_json),
+        ("README.md".into(), card.into_bytes()),
+    ])
 }

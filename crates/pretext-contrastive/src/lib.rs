@@ -8,6 +8,7 @@
 pub mod app;
 pub mod config;
 pub mod encoder;
+pub mod error;
 pub mod export;
 pub mod head;
 pub mod loss;
@@ -15,8 +16,10 @@ pub mod moco;
 pub mod model;
 pub mod simclr;
 
+pub use app::Contrastive;
 pub use config::{ContrastiveConfig, DataConfig, EvalConfig, DEFAULT_CONFIG};
 pub use encoder::{Arch, ResNet, ResNetConfig};
+pub use error::{Error, Result};
 pub use head::{HeadConfig, ProjectionHead};
 pub use loss::{info_nce, nt_xent};
 pub use moco::{MoCo, MoCoConfig, MomentumQueue};

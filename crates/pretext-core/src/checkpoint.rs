@@ -413,8 +413,20 @@ impl CheckpointManager {
     /// # Errors
     /// [`Error::NoCheckpoint`] if there is none; else as [`load_checkpoint`].
     pub fn load_latest(&self, device: &Device) -> Result<Checkpoint> {
+        Ok(self.load_latest_with_path(device)?.1)
+    }
+
+    /// As [`CheckpointManager::load_latest`], with the checkpoint's folder
+    /// (to name in errors and messages).
+    ///
+    /// # Errors
+    /// As [`CheckpointManager::load_latest`].
+    pub fn load_latest_with_path(&self, device: &Device) -> Result<(PathBuf, Checkpoint)> {
         match self.latest()? {
-            Some(dir) => load_checkpoint(&dir, device),
+            Some(dir) => {
+                let ckpt = load_checkpoint(&dir, device)?;
+                Ok((dir, ckpt))
+            }
             None => Err(Error::NoCheckpoint(self.dir.clone())),
         }
     }

@@ -68,6 +68,11 @@ pub enum Error {
     #[error("config: {0}")]
     Config(String),
 
+    /// Input data that cannot be read or used (a truncated or malformed
+    /// file, an undecodable image, an empty corpus), the file named.
+    #[error("data: {0}")]
+    Data(String),
+
     /// A device was requested that this build or machine cannot provide.
     #[error("device {requested:?}: {reason}")]
     Device {

@@ -13,7 +13,9 @@
 //! - [`run`]: the run directory, `config.toml` and `metrics.jsonl`;
 //! - [`ops`]: fast CPU kernels (NHWC convolution, batch norm, pooling) as candle custom ops;
 //! - [`nn`]: trainable layers on those kernels (`Conv2d`, `BatchNorm`) with PyTorch names;
-//! - [`trainer`]: the training loop ([`Trainer`], [`Method`], [`BatchSource`], [`Observer`]).
+//! - [`trainer`]: the training loop ([`Trainer`], [`Method`], [`BatchSource`], [`Observer`],
+//!   the epoch-end [`trainer::Monitor`]);
+//! - [`paradigm`]: pretrain / resume / probe / export written once over a [`paradigm::Paradigm`].
 //!
 //! This crate must not know about datasets, models or losses of a particular paradigm.
 
@@ -26,6 +28,7 @@ pub mod init;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod paradigm;
 pub mod run;
 pub mod schedule;
 pub mod seed;

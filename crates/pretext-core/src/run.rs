@@ -99,14 +99,10 @@ impl RunDir {
         Ok(p)
     }
 
-    /// `<run>/export` (created).
-    ///
-    /// # Errors
-    /// [`Error::Io`].
-    pub fn export_dir(&self) -> Result<PathBuf> {
-        let p = self.root.join("export");
-        std::fs::create_dir_all(&p).map_err(|e| Error::io(&p, e))?;
-        Ok(p)
+    /// `<run>/export`, not created: it is written whole with
+    /// [`write_dir_atomic`].
+    pub fn export_path(&self) -> PathBuf {
+        self.root.join("export")
     }
 }
 

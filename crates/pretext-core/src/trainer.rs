@@ -205,6 +205,31 @@ pub trait Observer {
     fn on_progress(&mut self, _task: &str, _done: u64, _total: u64) {}
 }
 
+/// The trainer's epoch-end hook (see [`Trainer::train`]): when to evaluate
+/// the model during training, and what to record when it does.
+pub trait Monitor<M> {
+    /// What an evaluation can fail with.
+    type Error: From<Error>;
+
+    /// Whether to evaluate after `step` completed steps of a run of `total`
+    /// steps in epochs of `steps_per_epoch` (the trainer also evaluates after
+    /// the last step whatever this says).
+    fn due(&self, step: u64, steps_per_epoch: u64, total: u64) -> bool;
+
+    /// Evaluates `model`, which holds the published weights, after `step`
+    /// steps; the records returned are appended to `metrics.jsonl`.
+    ///
+    /// # Errors
+    /// Whatever the evaluation fails with.
+    fn evaluate(
+        &mut self,
+        model: &M,
+        step: u64,
+        steps_per_epoch: u64,
+        observer: &mut dyn Observer,
+    ) -> std::result::Result<Vec<serde_json::Value>, Self::Error>;
+}
+
 /// An observer that ignores everything.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NullObserver;
@@ -583,6 +608,64 @@ impl<M: Method> Trainer<M> {
         observer: &mut dyn Observer,
         stop: u64,
     ) -> Result<TrainSummary> {
+        let summary = self.run_steps(data, observer, stop)?;
+        if !summary.losses.is_empty() {
+            self.save_checkpoint(data.steps_per_epoch().max(1), observer)?;
+        }
+        Ok(summary)
+    }
+
+    /// Trains to the end of the run with `monitor` as the epoch-end hook:
+    /// the run stops at every epoch end and at every step where the monitor
+    /// is due; there it evaluates (when due, and always after the last
+    /// step) with the published weights, appends the records to
+    /// `metrics.jsonl`, and only then saves the checkpoint of that step.
+    ///
+    /// That order is what makes kill-and-resume exact at any moment: a run
+    /// killed during an evaluation has no checkpoint of the evaluated step,
+    /// so `resume` goes back to the previous one (dropping any record
+    /// written after it) and runs the evaluation again.
+    ///
+    /// # Errors
+    /// As [`Trainer::fit`], and the monitor's errors.
+    pub fn train<D, Mo>(
+        &mut self,
+        data: &mut D,
+        monitor: &mut Mo,
+        observer: &mut dyn Observer,
+    ) -> std::result::Result<(), Mo::Error>
+    where
+        D: BatchSource<Batch = M::Batch>,
+        Mo: Monitor<M>,
+    {
+        let spe = data.steps_per_epoch().max(1);
+        let total = self.cfg.total_steps(spe);
+        while self.step < total {
+            let boundary = ((self.step / spe + 1) * spe).min(total);
+            let stop = (self.step + 1..boundary)
+                .find(|&s| monitor.due(s, spe, total))
+                .unwrap_or(boundary);
+            self.run_steps(data, observer, stop)?;
+            let step = self.step;
+            if step >= total || monitor.due(step, spe, total) {
+                let records = self.with_published_weights(|m| monitor.evaluate(m, step, spe, observer))?;
+                for r in &records {
+                    self.log_record(r)?;
+                }
+            }
+            self.save_checkpoint(spe, observer)?;
+        }
+        Ok(())
+    }
+
+    /// Runs steps until `stop` completed steps, with the periodic
+    /// checkpoints of `train.checkpoint_every` before `stop` but not at it.
+    fn run_steps<D: BatchSource<Batch = M::Batch>>(
+        &mut self,
+        data: &mut D,
+        observer: &mut dyn Observer,
+        stop: u64,
+    ) -> Result<TrainSummary> {
         let spe = data.steps_per_epoch().max(1);
         let total = self.cfg.total_steps(spe);
         let stop = stop.min(total);
@@ -646,9 +729,6 @@ impl<M: Method> Trainer<M> {
             if due && self.step < stop {
                 self.save_checkpoint(spe, observer)?;
             }
-        }
-        if self.checkpoints.is_some() && !losses.is_empty() {
-            self.save_checkpoint(spe, observer)?;
         }
         observer.on_finish(self.step);
         Ok(TrainSummary {

@@ -472,3 +472,112 @@ fn weight_average_decay_must_lie_below_one() {
         assert!(err.to_string().contains("train.ema_decay"), "{err}");
     }
 }
+
+/// An epoch-end monitor that records a figure of the weights, and can fail
+/// at one step as a process killed during that evaluation would stop.
+struct WeightMonitor {
+    fail_at: Option<u64>,
+}
+
+impl pretext_core::trainer::Monitor<TinyMlp> for WeightMonitor {
+    type Error = Error;
+
+    fn due(&self, step: u64, steps_per_epoch: u64, _total: u64) -> bool {
+        step % steps_per_epoch == 0
+    }
+
+    fn evaluate(
+        &mut self,
+        model: &TinyMlp,
+        step: u64,
+        _spe: u64,
+        _observer: &mut dyn pretext_core::trainer::Observer,
+    ) -> Result<Vec<serde_json::Value>> {
+        if self.fail_at == Some(step) {
+            return Err(Error::Config(format!("killed during the evaluation of step {step}")));
+        }
+        let mut sum = 0f64;
+        for (_, t) in pretext_core::trainer::model_tensors(model) {
+            sum += f64::from(t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?);
+        }
+        Ok(vec![
+            serde_json::json!({ "event": "weights", "step": step, "sum": sum }),
+        ])
+    }
+}
+
+fn records_without_timing(run: &RunDir) -> Result<Vec<serde_json::Value>> {
+    let mut recs = pretext_core::run::read_metrics(&run.metrics_path())?;
+    for r in &mut recs {
+        if let Some(o) = r.as_object_mut() {
+            o.remove("elapsed_s");
+        }
+    }
+    Ok(recs)
+}
+
+#[test]
+fn a_run_killed_during_an_epoch_end_evaluation_resumes_to_the_same_log() -> Result<()> {
+    let (optim, schedule, mut train) = configs(12);
+    train.checkpoint_every = 4;
+    let tmp = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+    let whole = RunDir::create(tmp.path().join("whole"), "# test\n")?;
+    let mut a = Trainer::new(TinyMlp::new(7)?, &optim, &schedule, &train)?;
+    a.attach_run(&whole)?;
+    a.train(
+        &mut Blobs::new(7),
+        &mut WeightMonitor { fail_at: None },
+        &mut NullObserver,
+    )?;
+    let expected = records_without_timing(&whole)?;
+    let evals: Vec<u64> = expected
+        .iter()
+        .filter(|r| r["event"] == "weights")
+        .filter_map(|r| r["step"].as_u64())
+        .collect();
+    assert_eq!(evals, [6, 12], "one evaluation per epoch end");
+    assert_eq!(expected.len(), 14, "12 step records and 2 evaluations: {expected:?}");
+
+    // killed inside the evaluation of an epoch end (6) and of the last step (12):
+    // the step records are written, the evaluation is not, and no checkpoint
+    // of that step exists, so resume goes back to 4 resp. 8
+    for (kill, back_to) in [(6, 4), (12, 8)] {
+        let run = RunDir::create(tmp.path().join(format!("killed-{kill}")), "# test\n")?;
+        let mut b = Trainer::new(TinyMlp::new(7)?, &optim, &schedule, &train)?;
+        b.attach_run(&run)?;
+        let err = b
+            .train(
+                &mut Blobs::new(7),
+                &mut WeightMonitor { fail_at: Some(kill) },
+                &mut NullObserver,
+            )
+            .err();
+        assert!(err.is_some(), "the evaluation at {kill} should have failed");
+        drop(b);
+        let logged = records_without_timing(&run)?;
+        assert!(
+            logged.iter().any(|r| r["step"] == kill && r.get("event").is_none()),
+            "the step {kill} record was written before the kill"
+        );
+        let (path, ckpt) = run.checkpoints(2).load_latest_with_path(&Device::Cpu)?;
+        assert_eq!(
+            ckpt.trainer.step, back_to,
+            "no checkpoint of a step whose evaluation did not finish"
+        );
+        let mut c = Trainer::new(TinyMlp::new(999)?, &optim, &schedule, &train)?;
+        c.resume(&ckpt, &path)?;
+        c.attach_run(&run)?;
+        c.train(
+            &mut Blobs::new(7),
+            &mut WeightMonitor { fail_at: None },
+            &mut NullObserver,
+        )?;
+        assert_eq!(
+            records_without_timing(&run)?,
+            expected,
+            "killed at the evaluation of {kill}"
+        );
+        assert_eq!(bits(&a.model_tensors())?, bits(&c.model_tensors())?, "weights differ");
+    }
+    Ok(())
+}

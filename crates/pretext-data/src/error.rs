@@ -45,6 +45,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// The images have another channel count than the config says.
+    #[error("the data has {found} channel(s) but data.channels = {expected} (set --set data.channels={found})")]
+    Channels {
+        /// Channels of the images.
+        found: usize,
+        /// `data.channels`.
+        expected: usize,
+    },
+
     /// A data source or setting is invalid (empty corpus, unknown format, ...).
     #[error("{0}")]
     Invalid(String),
@@ -83,7 +92,7 @@ impl From<Error> for pretext_core::Error {
         match e {
             Error::Core(c) => c,
             Error::Candle(c) => pretext_core::Error::Candle(c),
-            other => pretext_core::Error::Config(other.to_string()),
+            other => pretext_core::Error::Data(other.to_string()),
         }
     }
 }

@@ -72,10 +72,10 @@ pub fn load_run_images(path: &str, format: ImageFormat, size: usize, channels: u
         load_images(Path::new(path), format, (size, size), channels)?
     };
     if splits.train.channels != channels {
-        return Err(Error::Invalid(format!(
-            "the data has {} channel(s) but data.channels = {channels} (set --set data.channels={})",
-            splits.train.channels, splits.train.channels
-        )));
+        return Err(Error::Channels {
+            found: splits.train.channels,
+            expected: channels,
+        });
     }
     let held_out = match splits.test {
         Some(t) if t.labels.is_some() => Some(t),

@@ -8,6 +8,9 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// The report's file in a run's `report/` folder.
+pub const EVAL_JSON: &str = "eval.json";
+
 /// One measured accuracy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
@@ -165,7 +168,7 @@ impl EvalReport {
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Core(pretext_core::Error::io(dir, e)))?;
         let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Invalid(format!("report: {e}")))?;
-        pretext_core::run::write_atomic(&dir.join("eval.json"), &json)?;
+        pretext_core::run::write_atomic(&dir.join(EVAL_JSON), &json)?;
         pretext_core::run::write_atomic(&dir.join("eval.md"), self.markdown().as_bytes())?;
         Ok(())
     }

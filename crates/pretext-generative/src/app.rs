@@ -1,13 +1,16 @@
-//! Running VAE pretraining end to end: data, model, trainer, run folder,
-//! per-epoch held-out ELBO and kNN, resume, probe (likelihood, pictures,
-//! transfer), sampling and export. The CLI is a thin layer over this.
+//! VAE pretraining as a [`Paradigm`]: data, model, batches, per-epoch
+//! held-out ELBO and kNN; the probe (likelihood, pictures, transfer),
+//! sampling and export. Pretrain and resume come from
+//! [`pretext_core::paradigm`], the CLI from `pretext_cli::runner`.
 
 use crate::config::{Binarize, GenerativeConfig};
+use crate::error::{Error, Result};
 use crate::model::{binarize, Vae, VaeArch};
 use crate::pictures::grid_png;
 use candle_core::{Device, Tensor};
-use pretext_core::trainer::{Observer, Trainer};
-use pretext_core::{Error, Result, RunDir};
+use pretext_core::paradigm::{EvalPoint, Paradigm, Trained};
+use pretext_core::trainer::{Observer, TrainConfig};
+use pretext_core::{OptimConfig, RunDir, ScheduleConfig};
 use pretext_data::{AugmentConfig, BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
 use pretext_eval::{knn_accuracy, Embedded, KnnConfig};
 use rand::SeedableRng;
@@ -15,16 +18,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn data_err(e: pretext_data::Error) -> Error {
-    Error::Config(e.to_string())
-}
-
-fn eval_err(e: pretext_eval::Error) -> Error {
-    match e {
-        pretext_eval::Error::Core(c) => c,
-        other => Error::Config(other.to_string()),
-    }
-}
+/// The variational autoencoder on images.
+pub struct Generative;
 
 /// Training images and a labelled held-out set.
 pub struct RunData {
@@ -45,8 +40,7 @@ pub fn load_data(cfg: &GenerativeConfig) -> Result<RunData> {
         cfg.data.image_size,
         cfg.data.channels,
         cfg.train.seed,
-    )
-    .map_err(data_err)?;
+    )?;
     Ok(RunData {
         train: Arc::new(imgs.train),
         held_out: imgs.held_out,
@@ -58,7 +52,7 @@ pub fn load_data(cfg: &GenerativeConfig) -> Result<RunData> {
 /// # Errors
 /// An invalid config.
 pub fn new_model(cfg: &GenerativeConfig, device: &Device) -> Result<Vae> {
-    cfg.validate().map_err(Error::Config)?;
+    cfg.validate().map_err(Error::Invalid)?;
     Ok(Vae::new(
         &cfg.model,
         cfg.data.channels,
@@ -69,22 +63,6 @@ pub fn new_model(cfg: &GenerativeConfig, device: &Device) -> Result<Vae> {
     .with_dynamic_binarize(cfg.data.binarize == Binarize::Dynamic))
 }
 
-/// The VAE of the run in `dir` with the weights of its latest checkpoint, and the checkpoint's step.
-///
-/// # Errors
-/// No run or checkpoint; a checkpoint that does not fit the config.
-pub fn load_trained(dir: &Path, cfg: &GenerativeConfig, device: &Device) -> Result<(RunDir, Vae, u64)> {
-    let run = RunDir::open(dir)?;
-    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
-    let latest = mgr
-        .latest()?
-        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
-    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
-    let model = new_model(cfg, device)?;
-    pretext_core::trainer::load_model_weights(&model, &ckpt, &latest)?;
-    Ok((run, model, ckpt.trainer.step))
-}
-
 /// Images in [0, 1], no augmentation, as the model sees them.
 fn plain_pipeline(cfg: &GenerativeConfig) -> Result<Pipeline> {
     Pipeline::new(
@@ -92,7 +70,7 @@ fn plain_pipeline(cfg: &GenerativeConfig) -> Result<Pipeline> {
         cfg.data.image_size,
         cfg.data.image_size,
     )
-    .map_err(Error::Config)
+    .map_err(Error::Invalid)
 }
 
 /// `ds[indices]` as one `(n, c, s, s)` tensor in [0, 1].
@@ -201,24 +179,17 @@ fn embed(
     observer: &mut dyn Observer,
     task: &str,
 ) -> Result<Embedded> {
-    pretext_eval::extract_features(model, ds, idx, &[], &[], cfg.data.image_size, device, observer, task)
-        .map_err(eval_err)
-}
-
-fn build(cfg: &GenerativeConfig, data: &RunData, device: &Device) -> Result<(Trainer<Vae>, ImageBatcher)> {
-    let model = new_model(cfg, device)?;
-    let trainer = Trainer::new(model, &cfg.optim, &cfg.schedule, &cfg.train)?;
-    let bc = BatcherConfig {
-        batch_size: cfg.train.batch_size,
-        views: 1,
-        seed: cfg.train.seed,
-        shuffle: true,
-        drop_last: true,
-        prefetch: cfg.data.prefetch,
-    };
-    let batcher =
-        ImageBatcher::new(data.train.clone(), Arc::new(plain_pipeline(cfg)?), bc, device).map_err(data_err)?;
-    Ok((trainer, batcher))
+    Ok(pretext_eval::extract_features(
+        model,
+        ds,
+        idx,
+        &[],
+        &[],
+        cfg.data.image_size,
+        device,
+        observer,
+        task,
+    )?)
 }
 
 /// Held-out negative ELBO (one sample) and kNN accuracy on posterior means.
@@ -234,14 +205,12 @@ fn monitor(
     };
     let held_labels = held.labels.as_deref().unwrap_or_default();
     let test =
-        pretext_data::subset::balanced_count(held_labels, cfg.eval.monitor_images.min(held.len()), cfg.train.seed)
-            .map_err(data_err)?;
+        pretext_data::subset::balanced_count(held_labels, cfg.eval.monitor_images.min(held.len()), cfg.train.seed)?;
     let l = likelihood(model, held, &test, 1, 0, cfg, device, observer)?;
     let knn = match &data.train.labels {
         Some(labels) => {
             let bank =
-                pretext_data::subset::balanced_count(labels, cfg.eval.knn_train.min(data.train.len()), cfg.train.seed)
-                    .map_err(data_err)?;
+                pretext_data::subset::balanced_count(labels, cfg.eval.knn_train.min(data.train.len()), cfg.train.seed)?;
             let a = embed(model, &data.train, &bank, cfg, device, observer, "kNN: memory bank")?;
             let b = embed(model, held, &test, cfg, device, observer, "kNN: held-out")?;
             let k = KnnConfig {
@@ -249,83 +218,11 @@ fn monitor(
                 temperature: cfg.eval.knn_temperature,
                 ..Default::default()
             };
-            Some(knn_accuracy(&a, &b, &k).map_err(eval_err)?)
+            Some(knn_accuracy(&a, &b, &k)?)
         }
         None => None,
     };
     Ok(Some((l.neg_elbo, knn)))
-}
-
-fn train(
-    trainer: &mut Trainer<Vae>,
-    batcher: &mut ImageBatcher,
-    data: &RunData,
-    cfg: &GenerativeConfig,
-    device: &Device,
-    observer: &mut dyn Observer,
-) -> Result<()> {
-    use pretext_core::BatchSource;
-    let spe = batcher.steps_per_epoch().max(1);
-    let total = cfg.train.total_steps(spe);
-    while trainer.step() < total {
-        let stop = (((trainer.step() / spe) + 1) * spe).min(total);
-        trainer.fit_until(batcher, observer, stop)?;
-        let epoch = trainer.step().div_ceil(spe);
-        let at_end = trainer.step() >= total;
-        let due = cfg.eval.every > 0 && trainer.step() % spe == 0 && epoch % cfg.eval.every == 0;
-        if due || at_end {
-            if let Some((nelbo, knn)) = trainer.with_published_weights(|m| monitor(m, data, cfg, device, observer))? {
-                trainer.log_record(&serde_json::json!({ "event": "elbo", "step": trainer.step(), "epoch": epoch, "test_neg_elbo": nelbo }))?;
-                let mut msg = format!("epoch {epoch}: held-out −ELBO {nelbo:.2} nats");
-                if let Some(acc) = knn {
-                    trainer.log_record(&serde_json::json!({ "event": "knn", "step": trainer.step(), "epoch": epoch, "knn_accuracy": acc }))?;
-                    msg.push_str(&format!(", kNN on μ {:.2}%", acc * 100.0));
-                }
-                observer.on_message(&msg);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Starts a run in `out` with `cfg` (whose resolved TOML is `config_toml`).
-///
-/// # Errors
-/// Invalid config, unreadable data, a run already in `out`, divergence.
-pub fn pretrain(
-    cfg: &GenerativeConfig,
-    config_toml: &str,
-    out: &Path,
-    device: &Device,
-    observer: &mut dyn Observer,
-) -> Result<RunDir> {
-    cfg.validate().map_err(Error::Config)?;
-    let data = load_data(cfg)?;
-    let (mut trainer, mut batcher) = build(cfg, &data, device)?;
-    let run = RunDir::create(out, config_toml)?;
-    trainer.attach_run(&run)?;
-    train(&mut trainer, &mut batcher, &data, cfg, device, observer)?;
-    Ok(run)
-}
-
-/// Continues the run in `dir` from its latest checkpoint, on the exact trajectory.
-///
-/// # Errors
-/// No run or checkpoint there, a config or checkpoint that does not fit.
-pub fn resume(dir: &Path, cfg: &GenerativeConfig, device: &Device, observer: &mut dyn Observer) -> Result<RunDir> {
-    let run = RunDir::open(dir)?;
-    let data = load_data(cfg)?;
-    let (mut trainer, mut batcher) = build(cfg, &data, device)?;
-    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
-    let latest = mgr
-        .latest()?
-        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
-    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
-    trainer.resume(&ckpt, &latest)?;
-    trainer.attach_run(&run)?;
-    observer.on_message(&format!("resuming from {} (step {})", latest.display(), trainer.step()));
-    train(&mut trainer, &mut batcher, &data, cfg, device, observer)?;
-    Ok(run)
 }
 
 /// Flattened decoder means of latents `z`.
@@ -349,7 +246,7 @@ pub fn pictures(
     let size = cfg.data.image_size;
     let shape = (cfg.data.channels, size, size);
     let pick: Vec<usize> = match &held.labels {
-        Some(l) => pretext_data::subset::balanced_count(l, 16.min(held.len()), seed).map_err(data_err)?,
+        Some(l) => pretext_data::subset::balanced_count(l, 16.min(held.len()), seed)?,
         None => (0..16.min(held.len())).collect(),
     };
     let cols = pick.len();
@@ -357,7 +254,7 @@ pub fn pictures(
     let (mu, _) = model.encode(&x)?;
     let mut px = x.flatten_all()?.to_vec1::<f32>()?;
     px.extend(decoded(model, &mu)?);
-    let err = |e: String| Error::Config(e);
+    let err = |e: String| Error::Core(pretext_core::Error::Config(e));
     let recon = grid_png(&px, 2 * cols, shape, cols, 3).map_err(err)?;
     let z = Vae::noise(
         64,
@@ -422,26 +319,28 @@ pub fn pictures(
     Ok(out)
 }
 
-/// The transfer and likelihood report of the run in `dir`: linear probe and
+/// The transfer and likelihood report of a trained run: linear probe and
 /// kNN on the posterior means (and the baselines), optional fine-tuning, test
 /// −ELBO and IWAE NLL, pictures; writes `report/`.
 ///
 /// # Errors
-/// No run or checkpoint, unlabelled data, invalid fractions.
+/// Unlabelled data, invalid fractions, tensor and I/O errors.
 pub fn probe(
-    dir: &Path,
+    run: &Trained<Generative>,
     cfg: &GenerativeConfig,
     fractions: &[f64],
     finetune: bool,
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<(pretext_eval::EvalReport, LikelihoodReport)> {
-    let (run, trained, _) = load_trained(dir, cfg, device)?;
+    let dir = run.run.root();
+    let trained = &run.model;
+    let run = &run.run;
     let data = load_data(cfg)?;
     let held = data
         .held_out
         .as_ref()
-        .ok_or_else(|| Error::Config("probing needs labelled data".into()))?;
+        .ok_or_else(|| Error::Eval("probing needs labelled data".into()))?;
     let n_lik = if cfg.eval.likelihood_images == 0 {
         held.len()
     } else {
@@ -453,7 +352,7 @@ pub fn probe(
         cfg.eval.elbo_samples, cfg.eval.iwae_samples
     ));
     let lik = likelihood(
-        &trained,
+        trained,
         held,
         &lik_idx,
         cfg.eval.elbo_samples,
@@ -467,8 +366,8 @@ pub fn probe(
         lik.neg_elbo, lik.rec_nll, lik.kl, lik.iwae_nll
     ));
     let random = new_model(cfg, device)?;
-    let train = pretext_eval::probe_subset(&data.train, cfg.eval.probe_train, cfg.train.seed).map_err(eval_err)?;
-    let test = pretext_eval::probe_subset(held, cfg.eval.probe_test, cfg.train.seed).map_err(eval_err)?;
+    let train = pretext_eval::probe_subset(&data.train, cfg.eval.probe_train, cfg.train.seed)?;
+    let test = pretext_eval::probe_subset(held, cfg.eval.probe_test, cfg.train.seed)?;
     let setup = pretext_eval::TransferSetup {
         train: &train,
         test: &test,
@@ -490,31 +389,34 @@ pub fn probe(
     };
     let mut fresh = |init: pretext_eval::Init| -> pretext_eval::Result<Box<dyn pretext_eval::ImageEncoder>> {
         Ok(Box::new(match init {
-            pretext_eval::Init::Pretrained => load_trained(dir, cfg, device)?.1,
+            pretext_eval::Init::Pretrained => {
+                pretext_core::paradigm::load_trained::<Generative>(dir, cfg, device)?.model
+            }
             pretext_eval::Init::Random => new_model(cfg, device)?,
         }))
     };
     let (records, test_features) =
-        pretext_eval::transfer_records(&setup, &trained, &random, &mut fresh, device, observer).map_err(eval_err)?;
+        pretext_eval::transfer_records(&setup, trained, &random, &mut fresh, device, observer)?;
     let report = pretext_eval::EvalReport {
-        paradigm: "generative".into(),
+        paradigm: Generative::NAME.into(),
         method: "vae".into(),
         dataset: dataset_name(cfg),
         records,
     };
     let report_dir = run.report_dir()?;
-    report.write(&report_dir).map_err(eval_err)?;
-    let lik_json = serde_json::to_vec_pretty(&lik).map_err(|e| Error::Config(format!("likelihood.json: {e}")))?;
+    report.write(&report_dir)?;
+    let lik_json =
+        serde_json::to_vec_pretty(&lik).map_err(|e| pretext_core::Error::Config(format!("likelihood.json: {e}")))?;
     pretext_core::run::write_atomic(&report_dir.join("likelihood.json"), &lik_json)?;
     let metrics_path = run.metrics_path();
     let figures = pretext_eval::plots::RunFigures {
         metrics: Some(&metrics_path),
         test_features: Some(&test_features),
         class_names: &held.classes,
-        extra_images: pictures(&trained, held, cfg, cfg.train.seed, device)?,
+        extra_images: pictures(trained, held, cfg, cfg.train.seed, device)?,
         intro_html: likelihood_html(&lik),
     };
-    pretext_eval::plots::write_report_page(&report_dir, &report, &figures).map_err(eval_err)?;
+    pretext_eval::plots::write_report_page(&report_dir, &report, &figures)?;
     Ok((report, lik))
 }
 
@@ -536,6 +438,115 @@ pub fn dataset_name(cfg: &GenerativeConfig) -> String {
     }
 }
 
+impl Paradigm for Generative {
+    const NAME: &'static str = "generative";
+    type Config = GenerativeConfig;
+    type Model = Vae;
+    type Assets = ();
+    type Data = RunData;
+    type Batches = ImageBatcher;
+    type Error = Error;
+
+    fn train_config(cfg: &GenerativeConfig) -> &TrainConfig {
+        &cfg.train
+    }
+
+    fn optim_config(cfg: &GenerativeConfig) -> &OptimConfig {
+        &cfg.optim
+    }
+
+    fn schedule_config(cfg: &GenerativeConfig) -> &ScheduleConfig {
+        &cfg.schedule
+    }
+
+    fn validate(cfg: &GenerativeConfig) -> Result<()> {
+        cfg.validate().map_err(Error::Invalid)
+    }
+
+    fn load_data(cfg: &GenerativeConfig, _: Option<()>, _: &mut dyn Observer) -> Result<(RunData, ())> {
+        Ok((load_data(cfg)?, ()))
+    }
+
+    fn load_assets(_: &GenerativeConfig, _: &RunDir) -> Result<()> {
+        Ok(())
+    }
+
+    fn new_model(cfg: &GenerativeConfig, _: &(), device: &Device) -> Result<Vae> {
+        new_model(cfg, device)
+    }
+
+    fn batches(cfg: &GenerativeConfig, data: &RunData, _: &(), device: &Device) -> Result<ImageBatcher> {
+        let bc = BatcherConfig {
+            batch_size: cfg.train.batch_size,
+            views: 1,
+            seed: cfg.train.seed,
+            shuffle: true,
+            drop_last: true,
+            prefetch: cfg.data.prefetch,
+        };
+        Ok(ImageBatcher::new(
+            data.train.clone(),
+            Arc::new(plain_pipeline(cfg)?),
+            bc,
+            device,
+        )?)
+    }
+
+    fn eval_due(cfg: &GenerativeConfig, step: u64, spe: u64, _: u64) -> bool {
+        let every = cfg.eval.every;
+        every > 0 && step % spe == 0 && (step / spe) % every == 0
+    }
+
+    fn evaluate(
+        cfg: &GenerativeConfig,
+        data: &RunData,
+        _: &(),
+        model: &Vae,
+        at: EvalPoint,
+        device: &Device,
+        observer: &mut dyn Observer,
+    ) -> Result<Vec<serde_json::Value>> {
+        let Some((nelbo, knn)) = monitor(model, data, cfg, device, observer)? else {
+            return Ok(vec![]);
+        };
+        let (step, epoch) = (at.step, at.epoch());
+        let mut records =
+            vec![serde_json::json!({ "event": "elbo", "step": step, "epoch": epoch, "test_neg_elbo": nelbo })];
+        let mut msg = format!("epoch {epoch}: held-out −ELBO {nelbo:.2} nats");
+        if let Some(acc) = knn {
+            records.push(serde_json::json!({ "event": "knn", "step": step, "epoch": epoch, "knn_accuracy": acc }));
+            msg.push_str(&format!(", kNN on μ {:.2}%", acc * 100.0));
+        }
+        observer.on_message(&msg);
+        Ok(records)
+    }
+
+    fn probe(
+        cfg: &GenerativeConfig,
+        trained: &Trained<Self>,
+        fractions: &[f64],
+        finetune: bool,
+        device: &Device,
+        observer: &mut dyn Observer,
+    ) -> Result<String> {
+        let (report, lik) = probe(trained, cfg, fractions, finetune, device, observer)?;
+        Ok(format!(
+            "test −ELBO {:.2} nats/image (reconstruction {:.2}, KL {:.2}); IWAE −log p(x) ≤ {:.2} (k = {})\n\n{}\nreport: {}",
+            lik.neg_elbo,
+            lik.rec_nll,
+            lik.kl,
+            lik.iwae_nll,
+            lik.iwae_samples,
+            report.markdown(),
+            trained.run.root().join("report").join("index.html").display()
+        ))
+    }
+
+    fn export_files(cfg: &GenerativeConfig, trained: &Trained<Self>) -> Result<Vec<(String, Vec<u8>)>> {
+        export_files(cfg, trained)
+    }
+}
+
 /// Draws `n` images from the prior of the run in `dir` into `report/samples.png`
 /// (seeded by `seed`); returns the file.
 ///
@@ -543,9 +554,12 @@ pub fn dataset_name(cfg: &GenerativeConfig) -> String {
 /// No run or checkpoint; `n` = 0.
 pub fn sample(dir: &Path, cfg: &GenerativeConfig, n: usize, seed: u64, device: &Device) -> Result<PathBuf> {
     if n == 0 {
-        return Err(Error::Config("--n must be at least 1".into()));
+        return Err(Error::Config {
+            key: "--n".into(),
+            reason: "must be at least 1".into(),
+        });
     }
-    let (run, model, _) = load_trained(dir, cfg, device)?;
+    let Trained { run, model, .. } = pretext_core::paradigm::load_trained::<Generative>(dir, cfg, device)?;
     let z = Vae::noise(
         n,
         cfg.model.latent,
@@ -554,22 +568,23 @@ pub fn sample(dir: &Path, cfg: &GenerativeConfig, n: usize, seed: u64, device: &
     )?;
     let size = cfg.data.image_size;
     let cols = (n as f64).sqrt().ceil() as usize;
-    let png = grid_png(&decoded(&model, &z)?, n, (cfg.data.channels, size, size), cols, 3).map_err(Error::Config)?;
+    let png = grid_png(&decoded(&model, &z)?, n, (cfg.data.channels, size, size), cols, 3)
+        .map_err(pretext_core::Error::Config)?;
     let path = run.report_dir()?.join("samples.png");
     pretext_core::run::write_atomic(&path, &png)?;
     Ok(path)
 }
 
-/// Writes `dir/export/`: all weights (`model.safetensors`, the reference's
-/// names), `config.json` and a model card, through a temporary folder.
+/// The files of `export/`: all weights (`model.safetensors`, the reference's
+/// names), `config.json` and a model card.
 ///
 /// # Errors
-/// No run or checkpoint; I/O errors naming the path.
-pub fn export(dir: &Path, cfg: &GenerativeConfig, device: &Device) -> Result<PathBuf> {
-    let (run, model, steps) = load_trained(dir, cfg, device)?;
-    let mut meta = pretext_core::Method::metadata(&model);
+/// Tensor and encoding errors; an unreadable `config.toml`.
+pub fn export_files(cfg: &GenerativeConfig, trained: &Trained<Generative>) -> Result<Vec<(String, Vec<u8>)>> {
+    let (run, model, steps) = (&trained.run, &trained.model, trained.step);
+    let mut meta = pretext_core::Method::metadata(model);
     meta.insert("pretext.version".into(), env!("CARGO_PKG_VERSION").into());
-    let tensors = pretext_core::trainer::model_tensors(&model);
+    let tensors = pretext_core::trainer::model_tensors(model);
     let bytes = pretext_core::checkpoint::safetensors_bytes(&tensors, &meta)?;
     let arch = match cfg.model.arch {
         VaeArch::Mlp => "vae-mlp",
@@ -590,7 +605,7 @@ pub fn export(dir: &Path, cfg: &GenerativeConfig, device: &Device) -> Result<Pat
         "in_channels": cfg.data.channels,
         "image_size": cfg.data.image_size,
         "inputs": "intensities in [0, 1], NCHW",
-        "paradigm": "generative",
+        "paradigm": Generative::NAME,
         "method": "vae",
         "dataset": dataset_name(cfg),
         "steps": steps,
@@ -598,7 +613,8 @@ pub fn export(dir: &Path, cfg: &GenerativeConfig, device: &Device) -> Result<Pat
         "test_likelihood": lik,
         "library": format!("pretext {}", env!("CARGO_PKG_VERSION")),
     });
-    let config_json = serde_json::to_vec_pretty(&conf).map_err(|e| Error::Config(format!("config.json: {e}")))?;
+    let config_json =
+        serde_json::to_vec_pretty(&conf).map_err(|e| pretext_core::Error::Config(format!("config.json: {e}")))?;
     let mut card = format!(
         "---\nlibrary_name: pretext\nlicense: mit\ntags:\n- self-supervised\n- generative\n- vae\n- {arch}\ndatasets:\n- {}\n---\n\n\
 # VAE ({arch}, latent {}) trained on {}\n\nA variational autoencoder trained with [pretext](https://github.com/pretext-rs/pretext) \
@@ -639,16 +655,11 @@ for {steps} optimizer steps: Gaussian posterior, standard normal prior, {:?} lik
     card.push_str(run.config_text()?.trim_end());
     card.push_str("\n```\n");
 
-    let out = run.root().join("export");
-    pretext_core::run::write_dir_atomic(
-        &out,
-        &[
-            ("model.safetensors", bytes.as_slice()),
-            ("config.json", config_json.as_slice()),
-            ("README.md", card.as_bytes()),
-        ],
-    )?;
-    Ok(out)
+    Ok(vec![
+        ("model.safetensors".into(), bytes),
+        ("config.json".into(), config_json),
+        ("README.md".into(), card.into_bytes()),
+    ])
 }
 
 /// PyTorch source of the convolutional VAE with this run's sizes, whose

@@ -6,9 +6,12 @@
 
 pub mod app;
 pub mod config;
+pub mod error;
 pub mod loss;
 pub mod model;
 pub mod pictures;
 
+pub use app::Generative;
 pub use config::{Binarize, GenerativeConfig, DEFAULT_CONFIG};
+pub use error::{Error, Result};
 pub use model::{Likelihood, Vae, VaeArch, VaeConfig};

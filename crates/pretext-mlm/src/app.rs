@@ -1,31 +1,26 @@
-//! Running MLM pretraining end to end: corpus, tokenizer, model, trainer,
-//! run folder, periodic held-out masked-token accuracy, resume, probe,
-//! fill-mask and export. The CLI is a thin layer over this.
+//! Masked language modeling as a [`Paradigm`]: corpus, tokenizer (the run's
+//! asset), model, batches, periodic held-out masked-token accuracy; the
+//! probe, fill-mask and tokenizer training. Pretrain, resume and export
+//! come from [`pretext_core::paradigm`], the CLI from `pretext_cli::runner`.
 
 use crate::collator::{mask_batch, sequences, MlmBatcher, SpecialIds};
 use crate::config::{MlmConfig, Pooling};
 use crate::corpus::Corpus;
+use crate::error::{Error, Result};
 use crate::model::BertMlm;
 use crate::tokenizer::WordPieceTokenizer;
 use candle_core::{Device, Tensor};
-use pretext_core::trainer::{Observer, Trainer};
-use pretext_core::{Error, Result, RunDir};
+use pretext_core::paradigm::{EvalPoint, Paradigm, Trained};
+use pretext_core::trainer::{Observer, TrainConfig};
+use pretext_core::{OptimConfig, RunDir, ScheduleConfig};
 use pretext_data::TextDataset;
 use pretext_eval::{Embedded, KnnConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn data_err(e: pretext_data::Error) -> Error {
-    Error::Config(e.to_string())
-}
-
-fn eval_err(e: pretext_eval::Error) -> Error {
-    match e {
-        pretext_eval::Error::Core(c) => c,
-        other => Error::Config(other.to_string()),
-    }
-}
+/// BERT-style masked language modeling on text.
+pub struct Mlm;
 
 /// The folder of a run's tokenizer.
 pub fn tokenizer_dir(run: &Path) -> PathBuf {
@@ -38,12 +33,12 @@ pub fn tokenizer_dir(run: &Path) -> PathBuf {
 /// Reader errors, naming the file.
 pub fn load_text(cfg: &MlmConfig) -> Result<TextDataset> {
     if cfg.data.path.is_empty() {
-        let root = pretext_data::shipped::datasets_dir().map_err(data_err)?;
-        return pretext_data::shipped::fortunes(&root, None).map_err(data_err);
+        let root = pretext_data::shipped::datasets_dir()?;
+        return pretext_data::shipped::fortunes(&root, None).map_err(Error::from);
     }
     let label = (!cfg.data.label_field.is_empty()).then_some(cfg.data.label_field.as_str());
     pretext_data::source::load_text(Path::new(&cfg.data.path), cfg.data.format, &cfg.data.text_field, label)
-        .map_err(data_err)
+        .map_err(Error::from)
 }
 
 /// The pretraining corpus and the probe task of a config.
@@ -53,14 +48,14 @@ pub fn load_text(cfg: &MlmConfig) -> Result<TextDataset> {
 pub fn load_corpus(cfg: &MlmConfig) -> Result<Corpus> {
     let all = load_text(cfg)?;
     let cats = (!cfg.data.probe_categories.is_empty()).then_some(cfg.data.probe_categories.as_slice());
-    crate::corpus::build(&all, cats, cfg.data.held_out, cfg.train.seed)
+    Ok(crate::corpus::build(&all, cats, cfg.data.held_out, cfg.train.seed)?)
 }
 
 /// The token ids the collator needs.
 ///
 /// # Errors
 /// A tokenizer whose special tokens do not come first in its vocabulary.
-pub fn special_ids(tok: &WordPieceTokenizer) -> Result<SpecialIds> {
+pub fn special_ids(tok: &WordPieceTokenizer) -> pretext_core::Result<SpecialIds> {
     let first_regular = [tok.pad, tok.unk, tok.cls, tok.sep, tok.mask]
         .into_iter()
         .max()
@@ -68,7 +63,7 @@ pub fn special_ids(tok: &WordPieceTokenizer) -> Result<SpecialIds> {
         + 1;
     let vocab_size = tok.vocab_size() as u32;
     if first_regular >= vocab_size {
-        return Err(Error::Config(
+        return Err(pretext_core::Error::Config(
             "the tokenizer's special tokens must come first in its vocabulary (ids below every regular token)".into(),
         ));
     }
@@ -88,19 +83,17 @@ pub fn special_ids(tok: &WordPieceTokenizer) -> Result<SpecialIds> {
 /// # Errors
 /// An empty corpus or an unreadable tokenizer file.
 pub fn make_tokenizer(cfg: &MlmConfig, docs: &[String]) -> Result<WordPieceTokenizer> {
-    if cfg.tokenizer.path.is_empty() {
-        WordPieceTokenizer::train(docs, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    Ok(if cfg.tokenizer.path.is_empty() {
+        WordPieceTokenizer::train(docs, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)?
     } else {
-        WordPieceTokenizer::from_file(Path::new(&cfg.tokenizer.path))
-    }
+        WordPieceTokenizer::from_file(Path::new(&cfg.tokenizer.path))?
+    })
 }
 
-/// Everything training needs.
+/// The tokenized corpus: everything training needs beside the tokenizer.
 pub struct Prepared {
     /// The corpus and probe task.
     pub corpus: Corpus,
-    /// The tokenizer.
-    pub tokenizer: WordPieceTokenizer,
     /// Training sequences.
     pub train: Arc<Vec<Vec<u32>>>,
     /// Held-out sequences.
@@ -111,8 +104,8 @@ pub struct Prepared {
 ///
 /// # Errors
 /// No tokens.
-pub fn prepare(cfg: &MlmConfig, corpus: Corpus, tokenizer: WordPieceTokenizer) -> Result<Prepared> {
-    let ids = special_ids(&tokenizer)?;
+pub fn prepare(cfg: &MlmConfig, corpus: Corpus, tokenizer: &WordPieceTokenizer) -> Result<Prepared> {
+    let ids = special_ids(tokenizer)?;
     let train = sequences(
         &tokenizer.encode_all(&corpus.train)?,
         cfg.data.seq_len,
@@ -127,7 +120,6 @@ pub fn prepare(cfg: &MlmConfig, corpus: Corpus, tokenizer: WordPieceTokenizer) -
     )?;
     Ok(Prepared {
         corpus,
-        tokenizer,
         train: Arc::new(train),
         held_out,
     })
@@ -138,29 +130,8 @@ pub fn prepare(cfg: &MlmConfig, corpus: Corpus, tokenizer: WordPieceTokenizer) -
 /// # Errors
 /// An invalid config.
 pub fn new_model(cfg: &MlmConfig, tokenizer: &WordPieceTokenizer, device: &Device) -> Result<BertMlm> {
-    let dims = cfg.model.dims(tokenizer.vocab_size()).map_err(Error::Config)?;
-    BertMlm::new(&dims, cfg.train.seed, device)
-}
-
-/// The run's tokenizer, its model with the latest checkpoint's weights, and the checkpoint's step.
-///
-/// # Errors
-/// No run, tokenizer or checkpoint; a checkpoint that does not fit.
-pub fn load_trained(
-    dir: &Path,
-    cfg: &MlmConfig,
-    device: &Device,
-) -> Result<(RunDir, WordPieceTokenizer, BertMlm, u64)> {
-    let run = RunDir::open(dir)?;
-    let tok = WordPieceTokenizer::from_file(&tokenizer_dir(dir).join("tokenizer.json"))?;
-    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
-    let latest = mgr
-        .latest()?
-        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
-    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
-    let model = new_model(cfg, &tok, device)?;
-    pretext_core::trainer::load_model_weights(&model, &ckpt, &latest)?;
-    Ok((run, tok, model, ckpt.trainer.step))
+    let dims = cfg.model.dims(tokenizer.vocab_size()).map_err(Error::Invalid)?;
+    Ok(BertMlm::new(&dims, cfg.train.seed, device)?)
 }
 
 /// Held-out masked-LM figures.
@@ -221,122 +192,6 @@ fn held_out_slice<'a>(p: &'a Prepared, cfg: &MlmConfig) -> &'a [Vec<u32>] {
     &p.held_out[..n]
 }
 
-fn build(cfg: &MlmConfig, p: &Prepared, device: &Device) -> Result<(Trainer<BertMlm>, MlmBatcher)> {
-    let model = new_model(cfg, &p.tokenizer, device)?;
-    let trainer = Trainer::new(model, &cfg.optim, &cfg.schedule, &cfg.train)?;
-    let batcher = MlmBatcher::new(
-        p.train.clone(),
-        cfg.train.batch_size,
-        cfg.train.seed,
-        cfg.masking.clone(),
-        special_ids(&p.tokenizer)?,
-        device,
-    );
-    Ok((trainer, batcher))
-}
-
-fn train(
-    trainer: &mut Trainer<BertMlm>,
-    batcher: &mut MlmBatcher,
-    p: &Prepared,
-    cfg: &MlmConfig,
-    observer: &mut dyn Observer,
-) -> Result<()> {
-    use pretext_core::BatchSource;
-    let spe = batcher.steps_per_epoch().max(1);
-    let total = cfg.train.total_steps(spe);
-    let every = if cfg.eval.every_steps == 0 {
-        total
-    } else {
-        cfg.eval.every_steps
-    };
-    let ids = special_ids(&p.tokenizer)?;
-    while trainer.step() < total {
-        let stop = ((trainer.step() / every + 1) * every).min(total);
-        trainer.fit_until(batcher, observer, stop)?;
-        let e = trainer.with_published_weights(|m| {
-            masked_lm_eval(m, held_out_slice(p, cfg), cfg, &ids, cfg.train.seed, observer)
-        })?;
-        trainer.log_record(&serde_json::json!({
-            "event": "masked_lm", "step": trainer.step(), "epoch": trainer.step() as f64 / spe as f64,
-            "masked_accuracy": e.accuracy, "loss": e.loss, "perplexity": e.perplexity, "tokens": e.tokens,
-        }))?;
-        observer.on_message(&format!(
-            "step {}: held-out masked-token accuracy {:.2}%, perplexity {:.1}",
-            trainer.step(),
-            e.accuracy * 100.0,
-            e.perplexity
-        ));
-    }
-    Ok(())
-}
-
-/// Starts a run in `out` with `cfg` (whose resolved TOML is `config_toml`):
-/// trains (or loads) the tokenizer into `out/tokenizer/`, then the model.
-///
-/// # Errors
-/// Invalid config, unreadable data, a run already in `out`, divergence.
-pub fn pretrain(
-    cfg: &MlmConfig,
-    config_toml: &str,
-    out: &Path,
-    device: &Device,
-    observer: &mut dyn Observer,
-) -> Result<RunDir> {
-    cfg.validate().map_err(Error::Config)?;
-    let corpus = load_corpus(cfg)?;
-    observer.on_message(&format!(
-        "corpus: {} documents for pretraining, {} held out; probe task {} train / {} test documents, {} classes",
-        corpus.train.len(),
-        corpus.held_out.len(),
-        corpus.probe_train.len(),
-        corpus.probe_test.len(),
-        corpus.probe_train.classes.len()
-    ));
-    let started = std::time::Instant::now();
-    let tok = make_tokenizer(cfg, &corpus.train)?;
-    observer.on_message(&format!(
-        "tokenizer: {} tokens ({:.1} s)",
-        tok.vocab_size(),
-        started.elapsed().as_secs_f64()
-    ));
-    let p = prepare(cfg, corpus, tok)?;
-    let tokens: usize = p.train.iter().map(Vec::len).sum();
-    observer.on_message(&format!(
-        "{} training sequences ({} tokens), {} held out",
-        p.train.len(),
-        tokens,
-        p.held_out.len()
-    ));
-    let (mut trainer, mut batcher) = build(cfg, &p, device)?;
-    let run = RunDir::create(out, config_toml)?;
-    p.tokenizer.save(&tokenizer_dir(run.root()))?;
-    trainer.attach_run(&run)?;
-    train(&mut trainer, &mut batcher, &p, cfg, observer)?;
-    Ok(run)
-}
-
-/// Continues the run in `dir` from its latest checkpoint, on the exact trajectory.
-///
-/// # Errors
-/// No run, tokenizer or checkpoint; a config or checkpoint that does not fit.
-pub fn resume(dir: &Path, cfg: &MlmConfig, device: &Device, observer: &mut dyn Observer) -> Result<RunDir> {
-    let run = RunDir::open(dir)?;
-    let tok = WordPieceTokenizer::from_file(&tokenizer_dir(dir).join("tokenizer.json"))?;
-    let p = prepare(cfg, load_corpus(cfg)?, tok)?;
-    let (mut trainer, mut batcher) = build(cfg, &p, device)?;
-    let mgr = run.checkpoints(cfg.train.keep_checkpoints);
-    let latest = mgr
-        .latest()?
-        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
-    let ckpt = pretext_core::checkpoint::load_checkpoint(&latest, device)?;
-    trainer.resume(&ckpt, &latest)?;
-    trainer.attach_run(&run)?;
-    observer.on_message(&format!("resuming from {} (step {})", latest.display(), trainer.step()));
-    train(&mut trainer, &mut batcher, &p, cfg, observer)?;
-    Ok(run)
-}
-
 /// Frozen sentence features of `docs` (truncated to `eval.max_len` tokens, pooled as `eval.pooling`).
 ///
 /// # Errors
@@ -387,30 +242,31 @@ pub fn text_features(
     let labels = ds
         .labels
         .clone()
-        .ok_or_else(|| Error::Config("probe documents need labels".into()))?;
-    Embedded::new(out, h, labels).map_err(eval_err)
+        .ok_or_else(|| Error::Eval("probe documents need labels".into()))?;
+    Ok(Embedded::new(out, h, labels)?)
 }
 
-/// The probe of the run in `dir`: frozen features of the pretrained model,
+/// The probe of a trained run: frozen features of the pretrained model,
 /// of the same architecture randomly initialised and TF-IDF (the `raw`
 /// baseline), each through the linear probe and kNN at `fractions` of the
 /// probe task's training labels; also the held-out masked-token accuracy of
 /// both models. Writes `report/`.
 ///
 /// # Errors
-/// No run or checkpoint, unlabelled data, invalid fractions.
+/// Unlabelled data, invalid fractions, tensor and I/O errors.
 pub fn probe(
-    dir: &Path,
+    trained: &Trained<Mlm>,
     cfg: &MlmConfig,
     fractions: &[f64],
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<(pretext_eval::EvalReport, MaskedLmEval, MaskedLmEval)> {
-    let (run, tok, trained, _) = load_trained(dir, cfg, device)?;
-    let random = new_model(cfg, &tok, device)?;
+    let (run, tok) = (&trained.run, &trained.assets);
+    let trained = &trained.model;
+    let random = new_model(cfg, tok, device)?;
     let p = prepare(cfg, load_corpus(cfg)?, tok)?;
-    let ids = special_ids(&p.tokenizer)?;
-    let mlm = masked_lm_eval(&trained, &p.held_out, cfg, &ids, cfg.train.seed, observer)?;
+    let ids = special_ids(tok)?;
+    let mlm = masked_lm_eval(trained, &p.held_out, cfg, &ids, cfg.train.seed, observer)?;
     let mlm_random = masked_lm_eval(&random, &p.held_out, cfg, &ids, cfg.train.seed, observer)?;
     observer.on_message(&format!(
         "held-out masked-token accuracy {:.2}% (perplexity {:.1}); random init {:.2}%",
@@ -431,27 +287,26 @@ pub fn probe(
     let mut records = Vec::new();
     let mut pretrained_test = None;
     for (name, model) in [
-        ("pretrained", Some(&trained)),
+        ("pretrained", Some(trained)),
         ("random-init", Some(&random)),
         ("raw", None),
     ] {
         let (a, b) = match model {
             Some(m) => (
-                text_features(m, &p.tokenizer, tr, cfg, observer, &format!("{name}: train features"))?,
-                text_features(m, &p.tokenizer, te, cfg, observer, &format!("{name}: test features"))?,
+                text_features(m, tok, tr, cfg, observer, &format!("{name}: train features"))?,
+                text_features(m, tok, te, cfg, observer, &format!("{name}: test features"))?,
             ),
             None => {
-                let tfidf = pretext_eval::TfIdf::fit(&tr.docs, 2).map_err(eval_err)?;
+                let tfidf = pretext_eval::TfIdf::fit(&tr.docs, 2)?;
                 observer.on_message(&format!("TF-IDF baseline: {} terms", tfidf.dim()));
                 let lab = |d: &TextDataset| d.labels.clone().unwrap_or_default();
                 (
-                    tfidf.transform(&tr.docs, &lab(tr)).map_err(eval_err)?,
-                    tfidf.transform(&te.docs, &lab(te)).map_err(eval_err)?,
+                    tfidf.transform(&tr.docs, &lab(tr))?,
+                    tfidf.transform(&te.docs, &lab(te))?,
                 )
             }
         };
-        let recs = pretext_eval::evaluate_features(name, &a, &b, fractions, cfg.train.seed, &probe_cfg, &knn)
-            .map_err(eval_err)?;
+        let recs = pretext_eval::evaluate_features(name, &a, &b, fractions, cfg.train.seed, &probe_cfg, &knn)?;
         for r in &recs {
             observer.on_message(&format!(
                 "  {name} {} @ {}: {:.2}%",
@@ -466,18 +321,18 @@ pub fn probe(
         }
     }
     let report = pretext_eval::EvalReport {
-        paradigm: "mlm".into(),
+        paradigm: Mlm::NAME.into(),
         method: "bert-mlm".into(),
         dataset: dataset_name(cfg),
         records,
     };
     let report_dir = run.report_dir()?;
-    report.write(&report_dir).map_err(eval_err)?;
+    report.write(&report_dir)?;
     let mlm_json = serde_json::to_vec_pretty(&serde_json::json!({
         "pretrained": mlm, "random_init": mlm_random,
         "held_out_sequences": p.held_out.len(), "mask_seed": cfg.train.seed,
     }))
-    .map_err(|e| Error::Config(format!("masked_lm.json: {e}")))?;
+    .map_err(|e| pretext_core::Error::Config(format!("masked_lm.json: {e}")))?;
     pretext_core::run::write_atomic(&report_dir.join("masked_lm.json"), &mlm_json)?;
     let metrics_path = run.metrics_path();
     let records = pretext_core::run::read_metrics(&metrics_path).unwrap_or_default();
@@ -497,8 +352,7 @@ pub fn probe(
                 "accuracy (%)",
                 &[("masked tokens".to_string(), curve)],
                 false,
-            )
-            .map_err(eval_err)?,
+            )?,
         ));
     }
     let figures = pretext_eval::plots::RunFigures {
@@ -522,7 +376,7 @@ pub fn probe(
             te.len()
         ),
     };
-    pretext_eval::plots::write_report_page(&report_dir, &report, &figures).map_err(eval_err)?;
+    pretext_eval::plots::write_report_page(&report_dir, &report, &figures)?;
     Ok((report, mlm, mlm_random))
 }
 
@@ -555,8 +409,8 @@ pub fn fill_mask(
     top_k: usize,
     device: &Device,
 ) -> Result<Vec<MaskPrediction>> {
-    let (_, tok, model, _) = load_trained(dir, cfg, device)?;
-    fill_mask_with(&model, &tok, text, top_k)
+    let trained = pretext_core::paradigm::load_trained::<Mlm>(dir, cfg, device)?;
+    fill_mask_with(&trained.model, &trained.assets, text, top_k)
 }
 
 /// As [`fill_mask`] with a loaded model.
@@ -574,12 +428,12 @@ pub fn fill_mask_with(
     ids.push(tok.sep);
     let positions: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == tok.mask).collect();
     if positions.is_empty() {
-        return Err(Error::Config(format!(
+        return Err(Error::Eval(format!(
             "no [MASK] in {text:?}: write [MASK] where a word should be predicted"
         )));
     }
     if ids.len() > model.dims().max_position_embeddings {
-        return Err(Error::Config(format!(
+        return Err(Error::Eval(format!(
             "the text has {} tokens; the model takes at most {}",
             ids.len(),
             model.dims().max_position_embeddings
@@ -615,7 +469,171 @@ pub fn fill_mask_with(
 /// Unreadable data, an empty corpus, I/O errors.
 pub fn train_tokenizer(cfg: &MlmConfig, out: &Path) -> Result<WordPieceTokenizer> {
     let all = load_text(cfg)?;
-    let tok = WordPieceTokenizer::train(&all.docs, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)?;
+    let tok = WordPieceTokenizer::train(&all.docs, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+        .map_err(|e| corpus_error(cfg, e))?;
     tok.save(out)?;
     Ok(tok)
+}
+
+/// Names the corpus in a data problem found after reading it (an empty
+/// corpus, no tokens, no labelled documents).
+fn corpus_error(cfg: &MlmConfig, e: impl Into<Error>) -> Error {
+    match e.into() {
+        Error::Core(pretext_core::Error::Data(reason)) => {
+            let path = if cfg.data.path.is_empty() {
+                "the shipped fortunes"
+            } else {
+                cfg.data.path.as_str()
+            };
+            Error::Data(pretext_data::Error::format(path, reason))
+        }
+        other => other,
+    }
+}
+
+impl Paradigm for Mlm {
+    const NAME: &'static str = "mlm";
+    const FINETUNES: bool = false;
+    type Config = MlmConfig;
+    type Model = BertMlm;
+    type Assets = WordPieceTokenizer;
+    type Data = Prepared;
+    type Batches = MlmBatcher;
+    type Error = Error;
+
+    fn train_config(cfg: &MlmConfig) -> &TrainConfig {
+        &cfg.train
+    }
+
+    fn optim_config(cfg: &MlmConfig) -> &OptimConfig {
+        &cfg.optim
+    }
+
+    fn schedule_config(cfg: &MlmConfig) -> &ScheduleConfig {
+        &cfg.schedule
+    }
+
+    fn validate(cfg: &MlmConfig) -> Result<()> {
+        cfg.validate().map_err(Error::Invalid)
+    }
+
+    /// Reads the corpus, trains the tokenizer (or loads `tokenizer.path`)
+    /// unless the run has one, and tokenizes and packs the corpus.
+    fn load_data(
+        cfg: &MlmConfig,
+        tokenizer: Option<WordPieceTokenizer>,
+        observer: &mut dyn Observer,
+    ) -> Result<(Prepared, WordPieceTokenizer)> {
+        let corpus = load_corpus(cfg).map_err(|e| corpus_error(cfg, e))?;
+        observer.on_message(&format!(
+            "corpus: {} documents for pretraining, {} held out; probe task {} train / {} test documents, {} classes",
+            corpus.train.len(),
+            corpus.held_out.len(),
+            corpus.probe_train.len(),
+            corpus.probe_test.len(),
+            corpus.probe_train.classes.len()
+        ));
+        let tok = match tokenizer {
+            Some(t) => t,
+            None => {
+                let started = std::time::Instant::now();
+                let tok = make_tokenizer(cfg, &corpus.train).map_err(|e| corpus_error(cfg, e))?;
+                observer.on_message(&format!(
+                    "tokenizer: {} tokens ({:.1} s)",
+                    tok.vocab_size(),
+                    started.elapsed().as_secs_f64()
+                ));
+                tok
+            }
+        };
+        let p = prepare(cfg, corpus, &tok).map_err(|e| corpus_error(cfg, e))?;
+        let tokens: usize = p.train.iter().map(Vec::len).sum();
+        observer.on_message(&format!(
+            "{} training sequences ({} tokens), {} held out",
+            p.train.len(),
+            tokens,
+            p.held_out.len()
+        ));
+        Ok((p, tok))
+    }
+
+    fn save_assets(tok: &WordPieceTokenizer, run: &RunDir) -> Result<()> {
+        Ok(tok.save(&tokenizer_dir(run.root()))?)
+    }
+
+    fn load_assets(_: &MlmConfig, run: &RunDir) -> Result<WordPieceTokenizer> {
+        Ok(WordPieceTokenizer::from_file(
+            &tokenizer_dir(run.root()).join("tokenizer.json"),
+        )?)
+    }
+
+    fn new_model(cfg: &MlmConfig, tok: &WordPieceTokenizer, device: &Device) -> Result<BertMlm> {
+        new_model(cfg, tok, device)
+    }
+
+    fn batches(cfg: &MlmConfig, p: &Prepared, tok: &WordPieceTokenizer, device: &Device) -> Result<MlmBatcher> {
+        Ok(MlmBatcher::new(
+            p.train.clone(),
+            cfg.train.batch_size,
+            cfg.train.seed,
+            cfg.masking.clone(),
+            special_ids(tok)?,
+            device,
+        ))
+    }
+
+    fn eval_due(cfg: &MlmConfig, step: u64, _: u64, total: u64) -> bool {
+        let every = if cfg.eval.every_steps == 0 {
+            total
+        } else {
+            cfg.eval.every_steps
+        };
+        every > 0 && step % every == 0
+    }
+
+    fn evaluate(
+        cfg: &MlmConfig,
+        p: &Prepared,
+        tok: &WordPieceTokenizer,
+        model: &BertMlm,
+        at: EvalPoint,
+        _: &Device,
+        observer: &mut dyn Observer,
+    ) -> Result<Vec<serde_json::Value>> {
+        let ids = special_ids(tok)?;
+        let e = masked_lm_eval(model, held_out_slice(p, cfg), cfg, &ids, cfg.train.seed, observer)?;
+        observer.on_message(&format!(
+            "step {}: held-out masked-token accuracy {:.2}%, perplexity {:.1}",
+            at.step,
+            e.accuracy * 100.0,
+            e.perplexity
+        ));
+        Ok(vec![serde_json::json!({
+            "event": "masked_lm", "step": at.step, "epoch": at.step as f64 / at.steps_per_epoch.max(1) as f64,
+            "masked_accuracy": e.accuracy, "loss": e.loss, "perplexity": e.perplexity, "tokens": e.tokens,
+        })])
+    }
+
+    fn probe(
+        cfg: &MlmConfig,
+        trained: &Trained<Self>,
+        fractions: &[f64],
+        _finetune: bool,
+        device: &Device,
+        observer: &mut dyn Observer,
+    ) -> Result<String> {
+        let (report, mlm, random) = probe(trained, cfg, fractions, device, observer)?;
+        Ok(format!(
+            "held-out masked-token accuracy {:.2}% (perplexity {:.1}); random init {:.2}%\n\n{}\nreport: {}",
+            mlm.accuracy * 100.0,
+            mlm.perplexity,
+            random.accuracy * 100.0,
+            report.markdown(),
+            trained.run.root().join("report").join("index.html").display()
+        ))
+    }
+
+    fn export_files(cfg: &MlmConfig, trained: &Trained<Self>) -> Result<Vec<(String, Vec<u8>)>> {
+        crate::export::export_files(cfg, trained)
+    }
 }

@@ -114,7 +114,7 @@ pub fn sequences(docs: &[Vec<u32>], seq_len: usize, packing: Packing, ids: &Spec
         }
     };
     if out.is_empty() {
-        return Err(Error::Config("the corpus has no tokens to train on".into()));
+        return Err(Error::Data("the corpus has no tokens to train on".into()));
     }
     Ok(out)
 }

@@ -52,7 +52,7 @@ pub fn stratified_split(ds: &TextDataset, test_fraction: f64, seed: u64) -> Resu
     let labels = ds
         .labels
         .as_ref()
-        .ok_or_else(|| Error::Config("the probe task needs labelled documents".into()))?;
+        .ok_or_else(|| Error::Data("the probe task needs labelled documents".into()))?;
     if !(test_fraction > 0.0 && test_fraction < 1.0) {
         return Err(Error::Config(format!(
             "probe test fraction {test_fraction}: must be in (0, 1)"
@@ -90,7 +90,7 @@ pub fn stratified_split(ds: &TextDataset, test_fraction: f64, seed: u64) -> Resu
 /// Unknown categories, unlabelled data, too few documents.
 pub fn build(all: &TextDataset, categories: Option<&[String]>, held_out_fraction: f64, seed: u64) -> Result<Corpus> {
     let labels = all.labels.as_ref().ok_or_else(|| {
-        Error::Config(
+        Error::Data(
             "the corpus has no labels, so there is no probe task (use labelled JSONL/Parquet or fortune files)".into(),
         )
     })?;
@@ -123,7 +123,7 @@ pub fn build(all: &TextDataset, categories: Option<&[String]>, held_out_fraction
     let test_text: HashSet<&str> = probe_test.docs.iter().map(String::as_str).collect();
     let pre: Vec<&String> = all.docs.iter().filter(|d| !test_text.contains(d.as_str())).collect();
     if pre.len() < 2 {
-        return Err(Error::Config(format!(
+        return Err(Error::Data(format!(
             "only {} documents left for pretraining",
             pre.len()
         )));

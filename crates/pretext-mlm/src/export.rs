@@ -3,12 +3,13 @@
 //! (`tokenizer.json`, `vocab.txt`, `tokenizer_config.json`,
 //! `special_tokens_map.json`) and a model card.
 
-use crate::app::{dataset_name, load_trained};
+use crate::app::{dataset_name, Mlm};
 use crate::config::MlmConfig;
+use crate::error::Result;
 use crate::model::BertMlm;
 use candle_core::Tensor;
-use pretext_core::{Error, Result};
-use std::path::{Path, PathBuf};
+use pretext_core::paradigm::Trained;
+use pretext_core::Error;
 
 /// Every tensor of `BertForMaskedLM`'s state dict, by Hugging Face name. The
 /// tied `cls.predictions.decoder.weight` / `.bias` are written too (copies of
@@ -106,16 +107,15 @@ h = model.bert(**enc).last_hidden_state\nm = enc[\"attention_mask\"].unsqueeze(-
     y
 }
 
-/// Writes `dir/export/` from the run's latest checkpoint, all files through a
-/// temporary folder that then replaces `export/`.
+/// The files of `export/` from a trained run: the Hugging Face layout.
 ///
 /// # Errors
-/// No run, tokenizer or checkpoint; I/O errors naming the path.
-pub fn export(dir: &Path, cfg: &MlmConfig, device: &candle_core::Device) -> Result<PathBuf> {
-    let (run, tok, model, steps) = load_trained(dir, cfg, device)?;
-    let mut meta = pretext_core::Method::metadata(&model);
+/// Tensor and encoding errors; an unreadable `config.toml`.
+pub fn export_files(cfg: &MlmConfig, trained: &Trained<Mlm>) -> Result<Vec<(String, Vec<u8>)>> {
+    let (run, tok, model, steps) = (&trained.run, &trained.assets, &trained.model, trained.step);
+    let mut meta = pretext_core::Method::metadata(model);
     meta.insert("pretext.version".into(), env!("CARGO_PKG_VERSION").into());
-    let bytes = pretext_core::checkpoint::safetensors_bytes(&hf_tensors(&model), &meta)?;
+    let bytes = pretext_core::checkpoint::safetensors_bytes(&hf_tensors(model), &meta)?;
     let json = |v: &serde_json::Value, what: &str| {
         serde_json::to_vec_pretty(v).map_err(|e| Error::Config(format!("{what}: {e}")))
     };
@@ -135,20 +135,14 @@ pub fn export(dir: &Path, cfg: &MlmConfig, device: &candle_core::Device) -> Resu
     tok_conf["strip_accents"] = serde_json::Value::Null;
     tok_conf["model_max_length"] = serde_json::json!(model.dims().max_position_embeddings);
     tok_conf["clean_up_tokenization_spaces"] = serde_json::json!(true);
-    let report: Option<pretext_eval::EvalReport> = std::fs::read(run.root().join("report/eval.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let report: Option<pretext_eval::EvalReport> =
+        std::fs::read(run.root().join("report").join(pretext_eval::report::EVAL_JSON))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
     let masked: Option<serde_json::Value> = std::fs::read(run.root().join("report/masked_lm.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let readme = card(
-        cfg,
-        &model,
-        steps,
-        report.as_ref(),
-        masked.as_ref(),
-        &run.config_text()?,
-    );
+    let readme = card(cfg, model, steps, report.as_ref(), masked.as_ref(), &run.config_text()?);
     let (config_json, tok_json, tok_conf_json, specials_json) = (
         json(&conf, "config.json")?,
         tok.to_json()?,
@@ -156,18 +150,13 @@ pub fn export(dir: &Path, cfg: &MlmConfig, device: &candle_core::Device) -> Resu
         json(&specials, "special_tokens_map.json")?,
     );
     let vocab = tok.vocab_txt();
-    let out = run.root().join("export");
-    pretext_core::run::write_dir_atomic(
-        &out,
-        &[
-            ("model.safetensors", bytes.as_slice()),
-            ("config.json", config_json.as_slice()),
-            ("tokenizer.json", tok_json.as_bytes()),
-            ("vocab.txt", vocab.as_bytes()),
-            ("tokenizer_config.json", tok_conf_json.as_slice()),
-            ("special_tokens_map.json", specials_json.as_slice()),
-            ("README.md", readme.as_bytes()),
-        ],
-    )?;
-    Ok(out)
+    Ok(vec![
+        ("model.safetensors".into(), bytes),
+        ("config.json".into(), config_json),
+        ("tokenizer.json".into(), tok_json.into_bytes()),
+        ("vocab.txt".into(), vocab.into_bytes()),
+        ("tokenizer_config.json".into(), tok_conf_json),
+        ("special_tokens_map.json".into(), specials_json),
+        ("README.md".into(), readme.into_bytes()),
+    ])
 }

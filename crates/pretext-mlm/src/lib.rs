@@ -10,12 +10,15 @@ pub mod app;
 pub mod collator;
 pub mod config;
 pub mod corpus;
+pub mod error;
 pub mod export;
 pub mod model;
 pub mod ops;
 pub mod tokenizer;
 
+pub use app::Mlm;
 pub use collator::{MaskingConfig, MlmBatcher, Packing};
 pub use config::MlmConfig;
+pub use error::{Error, Result};
 pub use model::{BertDims, BertMlm, MlmBatch};
 pub use tokenizer::WordPieceTokenizer;

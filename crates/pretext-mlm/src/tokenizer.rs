@@ -44,7 +44,7 @@ impl WordPieceTokenizer {
     /// An empty corpus or a vocabulary too small for the special tokens.
     pub fn train(docs: &[String], vocab_size: usize, min_frequency: u64) -> Result<Self> {
         if docs.iter().all(|d| d.trim().is_empty()) {
-            return Err(Error::Config("tokenizer: empty corpus (no text to train on)".into()));
+            return Err(Error::Data("empty corpus: no text to train a tokenizer on".into()));
         }
         if vocab_size < SPECIAL_TOKENS.len() + 30 {
             return Err(Error::Config(format!(

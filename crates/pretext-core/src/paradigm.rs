@@ -1,0 +1,325 @@
+//! One orchestration for every paradigm: a [`Paradigm`] says how to build
+//! its data, model and batches from its config and how it monitors itself
+//! at epoch ends; [`pretrain`], [`resume`], [`load_trained`], [`probe`] and
+//! [`export`] are written once over it, and so is the command-line runner
+//! built on them (`pretext_cli::runner`).
+//!
+//! Adding a paradigm is implementing this trait; adding a command for every
+//! paradigm is writing one generic function here (and its subcommand in the
+//! runner).
+
+use crate::checkpoint::load_checkpoint;
+use crate::run::{write_dir_atomic, RunDir};
+use crate::trainer::{load_model_weights, Method, Monitor, Observer, TrainConfig, Trainer};
+use crate::{BatchSource, Error, OptimConfig, ScheduleConfig};
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+
+/// A self-supervised paradigm (contrastive, generative, masked language
+/// modeling): its config, model, data and epoch-end monitoring.
+pub trait Paradigm: Sized {
+    /// Short name for run folders and reports (`contrastive`).
+    const NAME: &'static str;
+    /// Whether `probe` can fine-tune (else `--no-finetune` is meaningless).
+    const FINETUNES: bool = true;
+
+    /// The run's configuration (`config.toml`).
+    type Config: Clone;
+    /// The trained model.
+    type Model: Method;
+    /// What a run keeps beside its weights, made at the start of a run from
+    /// its data (MLM: the tokenizer); `()` where there is nothing.
+    type Assets;
+    /// The loaded data (training set, held-out monitoring set).
+    type Data;
+    /// The training batches.
+    type Batches: BatchSource<Batch = <Self::Model as Method>::Batch>;
+    /// What the paradigm's operations fail with.
+    type Error: From<Error>;
+
+    /// The `train.*` section.
+    fn train_config(cfg: &Self::Config) -> &TrainConfig;
+    /// The `optim.*` section.
+    fn optim_config(cfg: &Self::Config) -> &OptimConfig;
+    /// The `schedule.*` section.
+    fn schedule_config(cfg: &Self::Config) -> &ScheduleConfig;
+
+    /// Checks the config as a whole before anything is read or written.
+    ///
+    /// # Errors
+    /// A key with a value that cannot work, named.
+    fn validate(cfg: &Self::Config) -> Result<(), Self::Error>;
+
+    /// Loads the data the config names. With `assets` (a resumed or
+    /// evaluated run's), uses them; without, makes them from the data.
+    ///
+    /// # Errors
+    /// Unreadable or malformed data, naming the file.
+    fn load_data(
+        cfg: &Self::Config,
+        assets: Option<Self::Assets>,
+        observer: &mut dyn Observer,
+    ) -> Result<(Self::Data, Self::Assets), Self::Error>;
+
+    /// Writes the assets into a new run.
+    ///
+    /// # Errors
+    /// I/O errors naming the file.
+    fn save_assets(_assets: &Self::Assets, _run: &RunDir) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    /// Reads the assets of an existing run.
+    ///
+    /// # Errors
+    /// Missing or unreadable assets.
+    fn load_assets(cfg: &Self::Config, run: &RunDir) -> Result<Self::Assets, Self::Error>;
+
+    /// A freshly initialised model (seeded by `train.seed`).
+    ///
+    /// # Errors
+    /// A config that does not describe a model.
+    fn new_model(cfg: &Self::Config, assets: &Self::Assets, device: &Device) -> Result<Self::Model, Self::Error>;
+
+    /// The training batches of `data`.
+    ///
+    /// # Errors
+    /// A config the batcher cannot work with.
+    fn batches(
+        cfg: &Self::Config,
+        data: &Self::Data,
+        assets: &Self::Assets,
+        device: &Device,
+    ) -> Result<Self::Batches, Self::Error>;
+
+    /// Whether to evaluate after `step` completed steps (epochs of
+    /// `steps_per_epoch`, `total` steps in all); the run evaluates after its
+    /// last step whatever this says.
+    fn eval_due(cfg: &Self::Config, step: u64, steps_per_epoch: u64, total: u64) -> bool;
+
+    /// The online evaluation after `step` steps: the records to append to
+    /// `metrics.jsonl` (none where the data allows none).
+    ///
+    /// # Errors
+    /// Tensor errors; data the evaluation cannot use.
+    fn evaluate(
+        cfg: &Self::Config,
+        data: &Self::Data,
+        assets: &Self::Assets,
+        model: &Self::Model,
+        at: EvalPoint,
+        device: &Device,
+        observer: &mut dyn Observer,
+    ) -> Result<Vec<serde_json::Value>, Self::Error>;
+
+    /// The transfer evaluation of a trained run (writes `report/`); returns
+    /// the summary to print.
+    ///
+    /// # Errors
+    /// Unlabelled data, invalid fractions, tensor and I/O errors.
+    fn probe(
+        cfg: &Self::Config,
+        trained: &Trained<Self>,
+        fractions: &[f64],
+        finetune: bool,
+        device: &Device,
+        observer: &mut dyn Observer,
+    ) -> Result<String, Self::Error>;
+
+    /// The files of `export/` (name, bytes): weights under the names the
+    /// Python ecosystem loads, `config.json`, a model card.
+    ///
+    /// # Errors
+    /// Tensor and encoding errors.
+    fn export_files(cfg: &Self::Config, trained: &Trained<Self>) -> Result<Vec<(String, Vec<u8>)>, Self::Error>;
+}
+
+/// Where in a run an online evaluation happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalPoint {
+    /// Completed steps.
+    pub step: u64,
+    /// Steps per epoch.
+    pub steps_per_epoch: u64,
+}
+
+impl EvalPoint {
+    /// The epoch the step ends or lies in (1-based: step 6 of 6 per epoch is epoch 1).
+    pub fn epoch(&self) -> u64 {
+        self.step.div_ceil(self.steps_per_epoch.max(1))
+    }
+}
+
+/// A run's model with the weights of its latest checkpoint.
+pub struct Trained<P: Paradigm> {
+    /// The run folder.
+    pub run: RunDir,
+    /// The run's assets.
+    pub assets: P::Assets,
+    /// The model.
+    pub model: P::Model,
+    /// The checkpoint folder the weights came from.
+    pub checkpoint: PathBuf,
+    /// Its step.
+    pub step: u64,
+}
+
+/// The epoch-end hook of a paradigm's run, for [`Trainer::train`].
+struct EpochEnd<'a, P: Paradigm> {
+    cfg: &'a P::Config,
+    data: &'a P::Data,
+    assets: &'a P::Assets,
+    device: &'a Device,
+}
+
+impl<P: Paradigm> Monitor<P::Model> for EpochEnd<'_, P> {
+    type Error = P::Error;
+
+    fn due(&self, step: u64, steps_per_epoch: u64, total: u64) -> bool {
+        P::eval_due(self.cfg, step, steps_per_epoch, total)
+    }
+
+    fn evaluate(
+        &mut self,
+        model: &P::Model,
+        step: u64,
+        steps_per_epoch: u64,
+        observer: &mut dyn Observer,
+    ) -> Result<Vec<serde_json::Value>, P::Error> {
+        let at = EvalPoint { step, steps_per_epoch };
+        P::evaluate(self.cfg, self.data, self.assets, model, at, self.device, observer)
+    }
+}
+
+fn new_trainer<P: Paradigm>(
+    cfg: &P::Config,
+    assets: &P::Assets,
+    device: &Device,
+) -> Result<Trainer<P::Model>, P::Error> {
+    let model = P::new_model(cfg, assets, device)?;
+    Ok(Trainer::new(
+        model,
+        P::optim_config(cfg),
+        P::schedule_config(cfg),
+        P::train_config(cfg),
+    )?)
+}
+
+/// Starts a run in `out` with `cfg` (whose resolved TOML is `config_toml`)
+/// and trains it to the end, evaluating at epoch ends.
+///
+/// Nothing is written before the config is valid and the data has loaded.
+///
+/// # Errors
+/// Invalid config, unreadable data, a run already in `out`, divergence.
+pub fn pretrain<P: Paradigm>(
+    cfg: &P::Config,
+    config_toml: &str,
+    out: &Path,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<RunDir, P::Error> {
+    P::validate(cfg)?;
+    let (data, assets) = P::load_data(cfg, None, observer)?;
+    let mut trainer = new_trainer::<P>(cfg, &assets, device)?;
+    let mut batches = P::batches(cfg, &data, &assets, device)?;
+    let run = RunDir::create(out, config_toml)?;
+    P::save_assets(&assets, &run)?;
+    trainer.attach_run(&run)?;
+    let mut monitor = EpochEnd::<P> {
+        cfg,
+        data: &data,
+        assets: &assets,
+        device,
+    };
+    trainer.train(&mut batches, &mut monitor, observer)?;
+    Ok(run)
+}
+
+/// Continues the run in `dir` (whose `config.toml` the caller parsed into
+/// `cfg`) from its latest checkpoint, on the exact trajectory of an
+/// uninterrupted run: same batches, same evaluations, same records.
+///
+/// # Errors
+/// No run or checkpoint there; a config or checkpoint that does not fit.
+pub fn resume<P: Paradigm>(
+    dir: &Path,
+    cfg: &P::Config,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<RunDir, P::Error> {
+    P::validate(cfg)?;
+    let run = RunDir::open(dir)?;
+    let assets = P::load_assets(cfg, &run)?;
+    let (data, assets) = P::load_data(cfg, Some(assets), observer)?;
+    let mut trainer = new_trainer::<P>(cfg, &assets, device)?;
+    let mut batches = P::batches(cfg, &data, &assets, device)?;
+    let (latest, ckpt) = run
+        .checkpoints(P::train_config(cfg).keep_checkpoints)
+        .load_latest_with_path(device)?;
+    trainer.resume(&ckpt, &latest)?;
+    trainer.attach_run(&run)?;
+    observer.on_message(&format!("resuming from {} (step {})", latest.display(), trainer.step()));
+    let mut monitor = EpochEnd::<P> {
+        cfg,
+        data: &data,
+        assets: &assets,
+        device,
+    };
+    trainer.train(&mut batches, &mut monitor, observer)?;
+    Ok(run)
+}
+
+/// The model of the run in `dir` with the weights of its latest checkpoint.
+///
+/// # Errors
+/// No run, assets or checkpoint there; a checkpoint that does not fit the config.
+pub fn load_trained<P: Paradigm>(dir: &Path, cfg: &P::Config, device: &Device) -> Result<Trained<P>, P::Error> {
+    let run = RunDir::open(dir)?;
+    let assets = P::load_assets(cfg, &run)?;
+    let mgr = run.checkpoints(P::train_config(cfg).keep_checkpoints);
+    let checkpoint = mgr
+        .latest()?
+        .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;
+    let ckpt = load_checkpoint(&checkpoint, device)?;
+    let model = P::new_model(cfg, &assets, device)?;
+    load_model_weights(&model, &ckpt, &checkpoint)?;
+    Ok(Trained {
+        run,
+        assets,
+        model,
+        checkpoint,
+        step: ckpt.trainer.step,
+    })
+}
+
+/// Evaluates the run in `dir` (see [`Paradigm::probe`]); returns the summary to print.
+///
+/// # Errors
+/// As [`load_trained`] and [`Paradigm::probe`].
+pub fn probe<P: Paradigm>(
+    dir: &Path,
+    cfg: &P::Config,
+    fractions: &[f64],
+    finetune: bool,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<String, P::Error> {
+    P::validate(cfg)?;
+    let trained = load_trained::<P>(dir, cfg, device)?;
+    P::probe(cfg, &trained, fractions, finetune, device, observer)
+}
+
+/// Writes the run's `export/` folder (see [`Paradigm::export_files`])
+/// through a temporary folder, so it is never half-written; returns it.
+///
+/// # Errors
+/// As [`load_trained`]; I/O errors naming the path.
+pub fn export<P: Paradigm>(dir: &Path, cfg: &P::Config, device: &Device) -> Result<PathBuf, P::Error> {
+    let trained = load_trained::<P>(dir, cfg, device)?;
+    let files = P::export_files(cfg, &trained)?;
+    let out = trained.run.export_path();
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+    write_dir_atomic(&out, &refs)?;
+    Ok(out)
+}

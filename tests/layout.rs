@@ -67,3 +67,44 @@ fn only_binaries_use_cli_crates() {
         }
     }
 }
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn custom_ops_are_written_once_against_the_fused_op_adapter() {
+    // One home for ops: kernels implement `ops::fused::FusedOp`; only the
+    // adapter implements candle's `CustomOp1/2/3`.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    rust_files(&root.join("crates"), &mut files);
+    let adapter = root.join("crates/pretext-core/src/ops/fused.rs");
+    assert!(files.contains(&adapter), "the adapter is at {}", adapter.display());
+    let mut offenders = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let implements = ["CustomOp1 for", "CustomOp2 for", "CustomOp3 for"]
+            .iter()
+            .any(|p| text.contains(&format!("impl {p}")) || text.contains(&format!("impl<T: FusedOp> {p}")));
+        if implements && *f != adapter {
+            offenders.push(f.display().to_string());
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "candle custom ops outside ops::fused: {offenders:?}"
+    );
+    assert!(
+        !root.join("crates/pretext-core/src/ops/resnet.rs").exists(),
+        "pretext-core knows no models: the ResNet trunk belongs to pretext-contrastive"
+    );
+}

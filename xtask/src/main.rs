@@ -133,6 +133,22 @@ struct Reference {
     python: PathBuf,
 }
 
+/// "PyTorch <version>" as the reference's own Python reports it (what the
+/// tables print beside its figures).
+fn torch_name(r: &Reference) -> String {
+    let out = Command::new(&r.python)
+        .args(["-c", "import torch; print(torch.__version__)"])
+        .current_dir(&r.dir)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let v = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            format!("PyTorch {v}")
+        }
+        _ => "PyTorch (version not reported)".to_string(),
+    }
+}
+
 fn reference() -> Option<Reference> {
     let dir = std::env::var_os("PRETEXT_REFERENCE")
         .map(PathBuf::from)
@@ -188,12 +204,10 @@ fn bench_conv(iters: usize) -> Result<String> {
             let t_cl = find(&cl, "pre-augmented").context("no channels_last step figure from the reference")?;
             md.push_str("| SimCLR step, batch 256 pairs, fp32 | images/s | ratio pretext / this |\n|---|---|---|\n");
             md.push_str(&format!("| pretext (CPU, fused NHWC trunk), mean of runs before and after the reference ({a:.1}, {b:.1}) | {ours:.1} | 1.00 |\n"));
+            let torch = torch_name(&r);
+            md.push_str(&format!("| {torch}, NCHW | {t_nchw:.1} | {:.2} |\n", ours / t_nchw));
             md.push_str(&format!(
-                "| PyTorch 2.15, NCHW | {t_nchw:.1} | {:.2} |\n",
-                ours / t_nchw
-            ));
-            md.push_str(&format!(
-                "| PyTorch 2.15, channels_last | {t_cl:.1} | {:.2} |\n",
+                "| {torch}, channels_last | {t_cl:.1} | {:.2} |\n",
                 ours / t_cl
             ));
             if let Some(p) = find(&cl, "sgemm probe") {
@@ -307,7 +321,8 @@ fn bench_vae() -> Result<String> {
                 "| pretext (CPU), mean of runs before and after the reference ({a:.0}, {b:.0}) | {ours:.0} | 1.00 |\n"
             ));
             md.push_str(&format!(
-                "| PyTorch 2.15 (`reference.py vae`, 2 epochs) | {t:.0} | {:.2} |\n",
+                "| {} (`reference.py vae`, 2 epochs) | {t:.0} | {:.2} |\n",
+                torch_name(&r),
                 ours / t
             ));
         }

@@ -141,6 +141,9 @@ fn mlm_trains_resumes_probes_fills_masks_and_exports() {
         let acc = r["accuracy"].as_f64().expect("accuracy");
         assert!((0.0..=1.0).contains(&acc));
         assert_eq!(r["n_test"], 631, "the 8-category fortune test split");
+        // an accuracy over 631 test texts is a whole number of them
+        let correct = acc * 631.0;
+        assert!((correct - correct.round()).abs() < 1e-6, "{acc} is not k / 631");
     }
     let tfidf_full = recs
         .iter()

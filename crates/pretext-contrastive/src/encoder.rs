@@ -15,10 +15,10 @@
 //! Batch-norm tensors are `weight`, `bias`, `running_mean`, `running_var`,
 //! `num_batches_tracked` as in PyTorch.
 
+use crate::trunk::{resnet_trunk, BlockSpec, ConvBnSpec, TrunkMode, TrunkPlan};
 use candle_core::{Result, Tensor};
 use pretext_core::nn::{BatchNorm, Builders, Conv2d};
 use pretext_core::ops;
-use pretext_core::ops::resnet::{resnet_trunk, BlockSpec, ConvBnSpec, TrunkMode, TrunkPlan};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 

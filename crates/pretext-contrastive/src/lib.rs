@@ -15,6 +15,7 @@ pub mod loss;
 pub mod moco;
 pub mod model;
 pub mod simclr;
+pub mod trunk;
 
 pub use app::Contrastive;
 pub use config::{ContrastiveConfig, DataConfig, EvalConfig, DEFAULT_CONFIG};

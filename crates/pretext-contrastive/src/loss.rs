@@ -1,6 +1,7 @@
 //! Contrastive losses. Pure functions of their inputs.
 
 use candle_core::{DType, Result, Tensor, D};
+use pretext_core::ops::cross_entropy;
 
 /// Rows scaled to unit L2 norm (norms clamped at 1e-12).
 ///
@@ -29,7 +30,7 @@ pub fn nt_xent(z1: &Tensor, z2: &Tensor, tau: f64) -> Result<Tensor> {
     let logits = (sim - (eye * 1e9)?)?;
     let targets: Vec<u32> = (0..2 * n).map(|i| ((i + n) % (2 * n)) as u32).collect();
     let targets = Tensor::new(targets, z.device())?;
-    candle_nn::loss::cross_entropy(&logits, &targets)
+    cross_entropy(&logits, &targets)
 }
 
 /// InfoNCE (MoCo): each query's positive is its key; negatives are the
@@ -49,11 +50,11 @@ pub fn info_nce(q: &Tensor, k: &Tensor, queue: Option<&Tensor>, tau: f64) -> Res
             let all = q.matmul(&k.t()?)?; // (b, b), positive on the diagonal
             let b = q.dim(0)?;
             let targets = Tensor::arange(0u32, b as u32, q.device())?;
-            return candle_nn::loss::cross_entropy(&(all / tau)?, &targets);
+            return cross_entropy(&(all / tau)?, &targets);
         }
     };
     let targets = Tensor::zeros(q.dim(0)?, DType::U32, q.device())?;
-    candle_nn::loss::cross_entropy(&(logits / tau)?, &targets)
+    cross_entropy(&(logits / tau)?, &targets)
 }
 
 #[cfg(test)]
@@ -103,6 +104,39 @@ mod tests {
             let got = f64::from(nt_xent(&a, &b, tau)?.to_scalar::<f32>()?);
             let want = naive_nt_xent(&rows(&a)?, &rows(&b)?, tau);
             assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{got} vs {want}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn nt_xent_gradient_on_the_fused_cross_entropy_matches_candle_composition() -> Result<()> {
+        use candle_core::Var;
+        let (n, d, tau) = (6, 5, 0.2);
+        let z1 = Var::from_tensor(&randn(n, d, 3)?)?;
+        let z2 = Var::from_tensor(&randn(n, d, 4)?)?;
+        let fused = nt_xent(z1.as_tensor(), z2.as_tensor(), tau)?;
+        // the same loss through candle's cross-entropy
+        let z = l2_normalize(&Tensor::cat(&[z1.as_tensor(), z2.as_tensor()], 0)?)?;
+        let sim = (z.matmul(&z.t()?)? / tau)?;
+        let logits = (sim - (Tensor::eye(2 * n, DType::F32, &Device::Cpu)? * 1e9)?)?;
+        let targets = Tensor::new(
+            (0..2 * n).map(|i| ((i + n) % (2 * n)) as u32).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )?;
+        let composed = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        let (a, b) = (fused.to_scalar::<f32>()?, composed.to_scalar::<f32>()?);
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        let (gf, gc) = (fused.backward()?, composed.backward()?);
+        for v in [&z1, &z2] {
+            let x = gf.get(v.as_tensor()).expect("fused").flatten_all()?.to_vec1::<f32>()?;
+            let y = gc
+                .get(v.as_tensor())
+                .expect("composed")
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let err = x.iter().zip(&y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(err < 1e-5, "gradient differs by {err}");
+            assert!(y.iter().any(|g| g.abs() > 1e-3), "a gradient that is not zero");
         }
         Ok(())
     }

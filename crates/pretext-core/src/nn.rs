@@ -93,6 +93,49 @@ pub fn linear(din: usize, dout: usize, bias: bool, vb: VarBuilder) -> candle_cor
     Ok(Linear::new(w, b))
 }
 
+/// A fully connected layer with the given initialisation of its weight
+/// `(out, in)` and bias `(out)` (BERT's: weight `N(0, 0.02²)`, bias 0).
+///
+/// # Errors
+/// The builder failed.
+pub fn linear_init(din: usize, dout: usize, weight: Init, bias: Init, vb: &VarBuilder) -> candle_core::Result<Linear> {
+    let w = vb.get_with_hints((dout, din), "weight", weight)?;
+    let b = vb.get_with_hints(dout, "bias", bias)?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// Layer normalisation over the last dimension (`torch.nn.LayerNorm`'s
+/// names `weight`, `bias` and initialisation 1, 0), on the fused
+/// [`ops::layer_norm`] node.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// A layer over `h` features with `eps` added to the variance.
+    ///
+    /// # Errors
+    /// The builder failed.
+    pub fn new(h: usize, eps: f64, vb: &VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(h, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(h, "bias", Init::Const(0.0))?,
+            eps: eps as f32,
+        })
+    }
+
+    /// `(…, h)` → `(…, h)`.
+    ///
+    /// # Errors
+    /// The last dimension is not `h`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
 /// A 2-D convolution over NHWC activations (`torch.nn.Conv2d` names and init).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -158,11 +201,6 @@ impl Conv2d {
     /// The weight `(out, in, kh, kw)`.
     pub fn weight(&self) -> &Tensor {
         &self.weight
-    }
-
-    /// Whether the layer has a bias.
-    pub fn has_bias(&self) -> bool {
-        self.bias.is_some()
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Random numbers are *counter based*: the generator for a given use is
 //! derived from the run's seed, a stream name (`"init"`, `"data-order"`,
-//! `"augment"`, `"masking"`, ...) and counters such as the epoch, the sample
+//! `"augment"`, `"mlm-mask"`, ...) and counters such as the epoch, the sample
 //! index or the step. No generator state has to be saved for an exact resume:
 //! the same (seed, stream, counters) always yields the same draws, whatever
 //! happened before.
@@ -16,8 +16,6 @@ pub const INIT: &str = "init";
 pub const DATA_ORDER: &str = "data-order";
 /// The stream of per-sample augmentations.
 pub const AUGMENT: &str = "augment";
-/// The stream of per-step token masking (MLM).
-pub const MASKING: &str = "masking";
 /// The stream a training method draws from inside a step (noise, dropout, permutations).
 pub const METHOD: &str = "method";
 /// The stream used by evaluation (subsets, splits).
@@ -77,7 +75,7 @@ mod tests {
     fn streams_counters_and_seeds_differ() {
         let base = derive_seed(7, AUGMENT, &[1, 2]);
         assert_ne!(base, derive_seed(8, AUGMENT, &[1, 2]));
-        assert_ne!(base, derive_seed(7, MASKING, &[1, 2]));
+        assert_ne!(base, derive_seed(7, DATA_ORDER, &[1, 2]));
         assert_ne!(base, derive_seed(7, AUGMENT, &[2, 1]));
         assert_ne!(base, derive_seed(7, AUGMENT, &[1, 2, 0]));
     }

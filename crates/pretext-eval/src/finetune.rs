@@ -171,7 +171,7 @@ pub fn fine_tune(
             .ok_or_else(|| Error::Invalid("the training batch carries no labels".into()))?;
         let feats = encoder.encode(&batch.views[0], true).map_err(core_err)?;
         let logits = candle_nn::Module::forward(&head, &feats).map_err(core_err)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, labels).map_err(core_err)?;
+        let loss = pretext_core::ops::cross_entropy(&logits, labels).map_err(core_err)?;
         let loss_v = f64::from(loss.to_scalar::<f32>().map_err(core_err)?);
         if !loss_v.is_finite() {
             return Err(Error::Invalid(format!(

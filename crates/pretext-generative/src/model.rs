@@ -330,11 +330,6 @@ impl Vae {
         &self.cfg
     }
 
-    /// Input shape `(channels, size, size)`.
-    pub fn input_shape(&self) -> (usize, usize, usize) {
-        (self.channels, self.size, self.size)
-    }
-
     /// The encoder's parameters (what fine-tuning trains): everything but the decoder.
     pub fn encoder_vars(&self) -> Vec<(String, Var)> {
         named_vars(self.params.var_map())

@@ -447,7 +447,7 @@ pub fn fill_mask_with(
     )?;
     let mut out = Vec::new();
     for &p in &positions {
-        let probs = crate::ops::softmax_last_dim(&logits.get(0)?.get(p)?)?.to_vec1::<f32>()?;
+        let probs = pretext_core::ops::softmax_last_dim(&logits.get(0)?.get(p)?)?.to_vec1::<f32>()?;
         let mut order: Vec<usize> = (0..probs.len()).filter(|&i| !tok.is_special(i as u32)).collect();
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
         out.push(MaskPrediction {

@@ -13,7 +13,6 @@ pub mod corpus;
 pub mod error;
 pub mod export;
 pub mod model;
-pub mod ops;
 pub mod tokenizer;
 
 pub use app::Mlm;

@@ -10,10 +10,11 @@
 //! only at the masked positions: the loss is the same as over all positions
 //! with ignored labels, for a fraction of the decoder's cost.
 
-use crate::ops::{attention, cross_entropy, dropout, gelu, layer_norm, linear, Attention};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::{Init, VarBuilder, VarMap};
 use pretext_core::init::SeededVarMap;
+use pretext_core::nn;
+use pretext_core::ops::{attention, cross_entropy, dropout, gelu, linear, Attention};
 use pretext_core::trainer::{Method, StepCx, StepOut};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -118,57 +119,21 @@ impl BertDims {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Dense {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Dense {
-    fn new(din: usize, dout: usize, std: f64, vb: &VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self {
-            w: vb.get_with_hints((dout, din), "weight", Init::Randn { mean: 0.0, stdev: std })?,
-            b: vb.get_with_hints(dout, "bias", Init::Const(0.0))?,
-        })
-    }
-
-    /// `x (rows, din) → (rows, dout)`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        linear(x, &self.w, &self.b)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Norm {
-    w: Tensor,
-    b: Tensor,
-    eps: f32,
-}
-
-impl Norm {
-    fn new(h: usize, eps: f64, vb: &VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self {
-            w: vb.get_with_hints(h, "weight", Init::Const(1.0))?,
-            b: vb.get_with_hints(h, "bias", Init::Const(0.0))?,
-            eps: eps as f32,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        layer_norm(x, &self.w, &self.b, self.eps)
-    }
+/// A BERT dense layer: weight `N(0, std²)`, bias 0, Hugging Face's names.
+fn dense(din: usize, dout: usize, std: f64, vb: &VarBuilder) -> candle_core::Result<nn::Linear> {
+    nn::linear_init(din, dout, Init::Randn { mean: 0.0, stdev: std }, Init::Const(0.0), vb)
 }
 
 #[derive(Debug, Clone)]
 struct Layer {
-    query: Dense,
-    key: Dense,
-    value: Dense,
-    attn_out: Dense,
-    attn_norm: Norm,
-    intermediate: Dense,
-    output: Dense,
-    out_norm: Norm,
+    query: nn::Linear,
+    key: nn::Linear,
+    value: nn::Linear,
+    attn_out: nn::Linear,
+    attn_norm: nn::LayerNorm,
+    intermediate: nn::Linear,
+    output: nn::Linear,
+    out_norm: nn::LayerNorm,
 }
 
 /// Dropout seeds of one forward pass: a distinct stream per dropout site.
@@ -223,10 +188,10 @@ pub struct BertMlm {
     word: Tensor,
     position: Tensor,
     token_type: Tensor,
-    emb_norm: Norm,
+    emb_norm: nn::LayerNorm,
     layers: Vec<Layer>,
-    head_dense: Dense,
-    head_norm: Norm,
+    head_dense: nn::Linear,
+    head_norm: nn::LayerNorm,
     head_bias: Tensor,
     device: Device,
 }
@@ -255,25 +220,25 @@ impl BertMlm {
         let token_type = e
             .pp("token_type_embeddings")
             .get_with_hints((dims.type_vocab_size, h), "weight", normal)?;
-        let emb_norm = Norm::new(h, eps, &e.pp("LayerNorm"))?;
+        let emb_norm = nn::LayerNorm::new(h, eps, &e.pp("LayerNorm"))?;
         let mut layers = Vec::new();
         for i in 0..dims.num_hidden_layers {
             let l = vb.pp("bert").pp("encoder").pp("layer").pp(i);
             let a = l.pp("attention");
             layers.push(Layer {
-                query: Dense::new(h, h, std, &a.pp("self").pp("query"))?,
-                key: Dense::new(h, h, std, &a.pp("self").pp("key"))?,
-                value: Dense::new(h, h, std, &a.pp("self").pp("value"))?,
-                attn_out: Dense::new(h, h, std, &a.pp("output").pp("dense"))?,
-                attn_norm: Norm::new(h, eps, &a.pp("output").pp("LayerNorm"))?,
-                intermediate: Dense::new(h, dims.intermediate_size, std, &l.pp("intermediate").pp("dense"))?,
-                output: Dense::new(dims.intermediate_size, h, std, &l.pp("output").pp("dense"))?,
-                out_norm: Norm::new(h, eps, &l.pp("output").pp("LayerNorm"))?,
+                query: dense(h, h, std, &a.pp("self").pp("query"))?,
+                key: dense(h, h, std, &a.pp("self").pp("key"))?,
+                value: dense(h, h, std, &a.pp("self").pp("value"))?,
+                attn_out: dense(h, h, std, &a.pp("output").pp("dense"))?,
+                attn_norm: nn::LayerNorm::new(h, eps, &a.pp("output").pp("LayerNorm"))?,
+                intermediate: dense(h, dims.intermediate_size, std, &l.pp("intermediate").pp("dense"))?,
+                output: dense(dims.intermediate_size, h, std, &l.pp("output").pp("dense"))?,
+                out_norm: nn::LayerNorm::new(h, eps, &l.pp("output").pp("LayerNorm"))?,
             });
         }
         let p = vb.pp("cls").pp("predictions");
-        let head_dense = Dense::new(h, h, std, &p.pp("transform").pp("dense"))?;
-        let head_norm = Norm::new(h, eps, &p.pp("transform").pp("LayerNorm"))?;
+        let head_dense = dense(h, h, std, &p.pp("transform").pp("dense"))?;
+        let head_norm = nn::LayerNorm::new(h, eps, &p.pp("transform").pp("LayerNorm"))?;
         let head_bias = p.get_with_hints(dims.vocab_size, "bias", Init::Const(0.0))?;
         let model = Self {
             dims: dims.clone(),

@@ -10,8 +10,15 @@
 //!
 //! `m` counts output pixels of the chunk, `K = kh·kw·in`. A 1×1, stride-1,
 //! unpadded convolution uses `X` itself as `col(X)`.
+//!
+//! The kernels, the graph nodes of the convolution and the transposed
+//! convolution ([`conv2d_nhwc`], [`conv_transpose2d_nhwc`]) and their
+//! `reference_*` twins through candle's NCHW ops.
 
+use super::fast_path;
+use super::fused::{apply, apply_no_grad, FusedOp, Operand};
 use super::gemm::{sgemm, Mat};
+use candle_core::{bail, Shape, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -312,6 +319,250 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
         }
     }
     matrix_to_weight(&dwk, g)
+}
+
+fn geom_of(x: &[usize], w: &[usize], stride: usize, pad: usize) -> candle_core::Result<ConvGeom> {
+    let (&[n, h, wd, c], &[o, wc, kh, kw]) = (x, w) else {
+        bail!("conv2d: expects x (n, h, w, c) and weight (o, c, kh, kw), got {x:?} and {w:?}")
+    };
+    if wc != c {
+        bail!("conv2d: input has {c} channels, weight expects {wc}")
+    }
+    match ConvGeom::new(n, h, wd, c, o, kh, kw, stride, pad) {
+        Some(g) => Ok(g),
+        None => bail!("conv2d: kernel {kh}x{kw} does not fit input {h}x{wd} with padding {pad} (stride {stride})"),
+    }
+}
+
+struct Conv2dOp {
+    stride: usize,
+    pad: usize,
+}
+
+impl FusedOp for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "pretext-conv2d-nhwc"
+    }
+
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, w] = xs else { bail!("conv2d: takes x, weight") };
+        let g = geom_of(x.dims, w.dims, self.stride, self.pad)?;
+        Ok((conv2d_forward(x.data, w.data, &g), Shape::from((g.n, g.oh, g.ow, g.o))))
+    }
+
+    fn backward(&self, xs: &[&Tensor], _res: &Tensor, grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x, w] = xs else { bail!("conv2d: takes x, weight") };
+        let grad = grad.contiguous()?;
+        // The input of a first layer (a batch of images) needs no gradient:
+        // skip the transposed product and the col2im for it.
+        let dx = if x.track_op() {
+            Some(apply_no_grad(
+                &[&grad, &w.contiguous()?],
+                ConvBwdInput {
+                    stride: self.stride,
+                    pad: self.pad,
+                    x_dims: x.dims().to_vec(),
+                },
+            )?)
+        } else {
+            None
+        };
+        let dw = apply_no_grad(
+            &[&x.contiguous()?, &grad],
+            ConvBwdWeight {
+                stride: self.stride,
+                pad: self.pad,
+                w_dims: w.dims().to_vec(),
+            },
+        )?;
+        Ok(vec![dx, Some(dw)])
+    }
+}
+
+struct ConvBwdInput {
+    stride: usize,
+    pad: usize,
+    x_dims: Vec<usize>,
+}
+
+impl FusedOp for ConvBwdInput {
+    fn name(&self) -> &'static str {
+        "pretext-conv2d-nhwc-bwd-input"
+    }
+
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [dy, w] = xs else {
+            bail!("conv2d backward: takes dy, weight")
+        };
+        let g = geom_of(&self.x_dims, w.dims, self.stride, self.pad)?;
+        Ok((
+            conv2d_backward_input(dy.data, w.data, &g),
+            Shape::from(self.x_dims.clone()),
+        ))
+    }
+}
+
+struct ConvBwdWeight {
+    stride: usize,
+    pad: usize,
+    w_dims: Vec<usize>,
+}
+
+impl FusedOp for ConvBwdWeight {
+    fn name(&self) -> &'static str {
+        "pretext-conv2d-nhwc-bwd-weight"
+    }
+
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, dy] = xs else {
+            bail!("conv2d backward: takes x, dy")
+        };
+        let g = geom_of(x.dims, &self.w_dims, self.stride, self.pad)?;
+        Ok((
+            conv2d_backward_weight(x.data, dy.data, &g),
+            Shape::from(self.w_dims.clone()),
+        ))
+    }
+}
+
+/// 2-D convolution of channels-last `x` `(n, h, w, c)` with PyTorch-layout
+/// `weight` `(o, c, kh, kw)`, no bias → `(n, oh, ow, o)`.
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn conv2d_nhwc(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> candle_core::Result<Tensor> {
+    if fast_path(&[x, weight]) {
+        apply(&[&x.contiguous()?, &weight.contiguous()?], Conv2dOp { stride, pad })
+    } else {
+        reference_conv2d_nhwc(x, weight, stride, pad)
+    }
+}
+
+/// [`conv2d_nhwc`] through candle's `conv2d` (NCHW), for other devices and as a test reference.
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn reference_conv2d_nhwc(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> candle_core::Result<Tensor> {
+    x.permute((0, 3, 1, 2))?
+        .contiguous()?
+        .conv2d(weight, pad, stride, 1, 1)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()
+}
+
+/// Geometry of a transposed convolution as the convolution it transposes:
+/// `x` `(n, h, w, cin)` is that convolution's output, `weight` `(cin, cout, kh, kw)`.
+fn transpose_geom(
+    x: &[usize],
+    w: &[usize],
+    stride: usize,
+    pad: usize,
+    out_pad: usize,
+) -> candle_core::Result<ConvGeom> {
+    let (&[n, h, wd, c], &[wc, o, kh, kw]) = (x, w) else {
+        bail!("conv_transpose2d: expects x (n, h, w, c) and weight (c, o, kh, kw), got {x:?} and {w:?}")
+    };
+    if wc != c {
+        bail!("conv_transpose2d: input has {c} channels, weight expects {wc}")
+    }
+    if h == 0 || wd == 0 || out_pad >= stride.max(1) || (h - 1) * stride + kh + out_pad < 2 * pad + 1 {
+        bail!("conv_transpose2d: invalid geometry (input {h}x{wd}, kernel {kh}x{kw}, stride {stride}, padding {pad}, output padding {out_pad})")
+    }
+    let oh = (h - 1) * stride + kh + out_pad - 2 * pad;
+    let ow = (wd - 1) * stride + kw + out_pad - 2 * pad;
+    match ConvGeom::new(n, oh, ow, o, c, kh, kw, stride, pad) {
+        Some(g) if g.oh == h && g.ow == wd => Ok(g),
+        _ => bail!("conv_transpose2d: no convolution maps {oh}x{ow} back to {h}x{wd}"),
+    }
+}
+
+struct ConvTranspose2dOp {
+    stride: usize,
+    pad: usize,
+    out_pad: usize,
+}
+
+impl FusedOp for ConvTranspose2dOp {
+    fn name(&self) -> &'static str {
+        "pretext-conv-transpose2d-nhwc"
+    }
+
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, w] = xs else {
+            bail!("conv_transpose2d: takes x, weight")
+        };
+        let g = transpose_geom(x.dims, w.dims, self.stride, self.pad, self.out_pad)?;
+        // The forward of a transposed convolution is the input gradient of the convolution.
+        Ok((
+            conv2d_backward_input(x.data, w.data, &g),
+            Shape::from((g.n, g.h, g.w, g.c)),
+        ))
+    }
+
+    fn backward(&self, xs: &[&Tensor], _res: &Tensor, grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x, w] = xs else {
+            bail!("conv_transpose2d: takes x, weight")
+        };
+        let grad = grad.contiguous()?;
+        // dx: the convolution's forward on the output gradient; dw: its weight gradient.
+        let dx = apply_no_grad(
+            &[&grad, &w.contiguous()?],
+            Conv2dOp {
+                stride: self.stride,
+                pad: self.pad,
+            },
+        )?;
+        let dw = apply_no_grad(
+            &[&grad, &x.contiguous()?],
+            ConvBwdWeight {
+                stride: self.stride,
+                pad: self.pad,
+                w_dims: w.dims().to_vec(),
+            },
+        )?;
+        Ok(vec![Some(dx), Some(dw)])
+    }
+}
+
+/// Transposed 2-D convolution (`torch.nn.ConvTranspose2d`) of channels-last
+/// `x` `(n, h, w, cin)` with `weight` `(cin, cout, kh, kw)` (PyTorch's layout),
+/// no bias → `(n, (h-1)·stride - 2·pad + kh + out_pad, …, cout)`.
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn conv_transpose2d_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    pad: usize,
+    out_pad: usize,
+) -> candle_core::Result<Tensor> {
+    if fast_path(&[x, weight]) {
+        apply(
+            &[&x.contiguous()?, &weight.contiguous()?],
+            ConvTranspose2dOp { stride, pad, out_pad },
+        )
+    } else {
+        reference_conv_transpose2d_nhwc(x, weight, stride, pad, out_pad)
+    }
+}
+
+/// [`conv_transpose2d_nhwc`] through candle's `conv_transpose2d` (NCHW).
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn reference_conv_transpose2d_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    pad: usize,
+    out_pad: usize,
+) -> candle_core::Result<Tensor> {
+    x.permute((0, 3, 1, 2))?
+        .contiguous()?
+        .conv_transpose2d(weight, pad, out_pad, stride, 1)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()
 }
 
 #[cfg(test)]

@@ -108,6 +108,84 @@ pub fn sgemm_threads(a: &[f32], am: Mat, b: &[f32], bm: Mat, c: &mut [f32], cm: 
     }
 }
 
+/// A strided view into a slice: element `(i, j)` at `off + i * rs + j * cs`.
+#[derive(Debug, Clone, Copy)]
+pub struct View {
+    /// Offset of element (0, 0).
+    pub off: usize,
+    /// Row stride.
+    pub rs: usize,
+    /// Column stride.
+    pub cs: usize,
+}
+
+fn span(v: View, rows: usize, cols: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        v.off + (rows - 1) * v.rs + (cols - 1) * v.cs + 1
+    }
+}
+
+/// `c (m × n) = a (m × k) · b (k × n)`, or `c += …` with `accumulate`;
+/// `threads` > 1 splits the product over the rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    av: View,
+    b: &[f32],
+    bv: View,
+    c: &mut [f32],
+    cv: View,
+    accumulate: bool,
+    threads: usize,
+) {
+    assert!(
+        a.len() >= span(av, m, k) && b.len() >= span(bv, k, n) && c.len() >= span(cv, m, n),
+        "matmul: a view runs past its buffer"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let mat = |v: View, rows: usize, cols: usize| Mat {
+        rows,
+        cols,
+        rs: v.rs,
+        cs: v.cs,
+    };
+    let a = if k == 0 { &a[..0] } else { &a[av.off..] };
+    let b = if k == 0 { &b[..0] } else { &b[bv.off..] };
+    sgemm_threads(
+        a,
+        mat(av, m, k),
+        b,
+        mat(bv, k, n),
+        &mut c[cv.off..],
+        mat(cv, m, n),
+        accumulate,
+        threads,
+    );
+}
+
+/// A row-major `(…, cols)` matrix from offset 0.
+pub fn row_major(cols: usize) -> View {
+    View {
+        off: 0,
+        rs: cols,
+        cs: 1,
+    }
+}
+
+/// The transpose of a row-major `(…, cols)` matrix from offset 0.
+pub fn transposed(cols: usize) -> View {
+    View {
+        off: 0,
+        rs: 1,
+        cs: cols,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,8 +7,9 @@
 //! parallel pass of per-image `(pixels, channels)` transposes, and the
 //! backward is the other direction.
 
-use super::{f32_slice, fast_path};
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use super::fast_path;
+use super::fused::{apply, FusedOp, Operand};
+use candle_core::{bail, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Per image, the row-major `(rows, cols)` block of `x` transposed into `(cols, rows)`.
@@ -38,7 +39,7 @@ struct Relayout {
     to_nchw: bool,
 }
 
-impl CustomOp1 for Relayout {
+impl FusedOp for Relayout {
     fn name(&self) -> &'static str {
         if self.to_nchw {
             "pretext-nhwc-to-nchw"
@@ -47,28 +48,25 @@ impl CustomOp1 for Relayout {
         }
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let &[n, a, b, c] = l.dims() else {
-            bail!("{}: expects a 4-d tensor, got {:?}", self.name(), l.dims())
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let &[n, a, b, c] = xs[0].dims else {
+            bail!("{}: expects a 4-d tensor, got {:?}", self.name(), xs[0].dims)
         };
-        let x = f32_slice(s, l, self.name())?;
+        let x = xs[0].data;
         Ok(if self.to_nchw {
             // (n, h=a, w=b, c) → (n, c, h, w): per image (h·w, c) → (c, h·w)
-            (
-                CpuStorage::F32(transpose_images(x, a * b, c)),
-                Shape::from((n, c, a, b)),
-            )
+            (transpose_images(x, a * b, c), Shape::from((n, c, a, b)))
         } else {
             // (n, c=a, h=b, w=c) → (n, h, w, c): per image (c, h·w) → (h·w, c)
-            (
-                CpuStorage::F32(transpose_images(x, a, b * c)),
-                Shape::from((n, b, c, a)),
-            )
+            (transpose_images(x, a, b * c), Shape::from((n, b, c, a)))
         })
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(dy.contiguous()?.apply_op1(Relayout { to_nchw: !self.to_nchw })?))
+    fn backward(&self, _x: &[&Tensor], _y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(apply(
+            &[&dy.contiguous()?],
+            Relayout { to_nchw: !self.to_nchw },
+        )?)])
     }
 }
 
@@ -78,7 +76,7 @@ impl CustomOp1 for Relayout {
 /// Not a 4-d tensor.
 pub fn nhwc_to_nchw(x: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x]) {
-        x.contiguous()?.apply_op1(Relayout { to_nchw: true })
+        apply(&[&x.contiguous()?], Relayout { to_nchw: true })
     } else {
         x.permute((0, 3, 1, 2))?.contiguous()
     }
@@ -90,7 +88,7 @@ pub fn nhwc_to_nchw(x: &Tensor) -> candle_core::Result<Tensor> {
 /// Not a 4-d tensor.
 pub fn nchw_to_nhwc(x: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x]) {
-        x.contiguous()?.apply_op1(Relayout { to_nchw: false })
+        apply(&[&x.contiguous()?], Relayout { to_nchw: false })
     } else {
         x.permute((0, 2, 3, 1))?.contiguous()
     }

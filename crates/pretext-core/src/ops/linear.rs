@@ -9,15 +9,12 @@
 //! sum) and a bias, optionally followed by ReLU, is one node whose backward
 //! is a masked copy and a column sum, both parallel and deterministic.
 
+use super::activation::relu_backward;
+use super::fused::{apply, apply_no_grad, FusedOp, Operand};
 use super::gemm::{sgemm_threads, Mat};
-use super::{f32_slice, fast_path, ReluMaskOp};
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use super::{fast_path, rows_per_task, CONV_TASK};
+use candle_core::{bail, Shape, Tensor};
 use rayon::prelude::*;
-
-/// Rows per parallel task of the element-wise passes and column sums.
-fn rows_per_task(cols: usize) -> usize {
-    (1usize << 15).div_ceil(cols.max(1)).max(1)
-}
 
 /// Sums of the columns of the row-major `(rows, cols)` matrix `g`. Partial
 /// sums over fixed blocks of rows run in parallel and are added in block order,
@@ -27,7 +24,7 @@ pub fn column_sum(g: &[f32], cols: usize) -> Vec<f32> {
         return Vec::new();
     }
     let parts: Vec<Vec<f32>> = g
-        .par_chunks(rows_per_task(cols) * cols)
+        .par_chunks(rows_per_task(cols, CONV_TASK) * cols)
         .map(|block| {
             let mut s = vec![0f32; cols];
             for row in block.chunks(cols) {
@@ -43,42 +40,35 @@ pub fn column_sum(g: &[f32], cols: usize) -> Vec<f32> {
     total
 }
 
+/// `x · weightᵀ + bias` over the last dimension.
 struct LinearOp;
 
-impl CustomOp3 for LinearOp {
+impl FusedOp for LinearOp {
     fn name(&self) -> &'static str {
         "pretext-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "linear x")?;
-        let w = f32_slice(s2, l2, "linear weight")?;
-        let b = f32_slice(s3, l3, "linear bias")?;
-        let (&[dout, din], dims) = (l2.dims(), l1.dims()) else {
-            bail!("linear: weight must be (out, in), got {:?}", l2.dims());
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, w, b] = xs else {
+            bail!("linear: takes x, weight, bias")
         };
-        if dims.last() != Some(&din) || b.len() != dout {
-            bail!("linear: x {dims:?}, weight ({dout}, {din}), bias {}", b.len());
+        let (&[dout, din], dims) = (w.dims, x.dims) else {
+            bail!("linear: weight must be (out, in), got {:?}", w.dims);
+        };
+        if dims.last() != Some(&din) || b.data.len() != dout {
+            bail!("linear: x {dims:?}, weight ({dout}, {din}), bias {}", b.data.len());
         }
-        let rows = x.len() / din.max(1);
+        let rows = x.data.len() / din.max(1);
         let mut y = vec![0f32; rows * dout];
         if dout > 0 {
             for r in y.chunks_mut(dout) {
-                r.copy_from_slice(b);
+                r.copy_from_slice(b.data);
             }
         }
         sgemm_threads(
-            x,
+            x.data,
             Mat::row_major(rows, din),
-            w,
+            w.data,
             Mat::row_major(dout, din).t(),
             &mut y,
             Mat::row_major(rows, dout),
@@ -89,116 +79,101 @@ impl CustomOp3 for LinearOp {
         if let Some(l) = shape.last_mut() {
             *l = dout;
         }
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
+        Ok((y, Shape::from(shape)))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, xs: &[&Tensor], _y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x, w, _] = xs else {
+            bail!("linear: takes x, weight, bias")
+        };
         let dy = dy.contiguous()?;
         // As for the convolutions: an input that tracks no gradient (a batch
         // of data into a first layer) gets no input product.
         let dx = if x.track_op() {
-            Some(dy.apply_op2_no_bwd(w, &LinearBwdInput)?.reshape(x.shape())?)
+            Some(apply_no_grad(&[&dy, w], LinearBwdInput)?.reshape(x.shape())?)
         } else {
             None
         };
-        let dw = dy.apply_op2_no_bwd(x, &LinearBwdWeight)?;
-        let db = dy.apply_op1_no_bwd(&ColumnSumOp)?;
-        Ok((dx, Some(dw), Some(db)))
+        let dw = apply_no_grad(&[&dy, x], LinearBwdWeight)?;
+        let db = apply_no_grad(&[&dy], ColumnSumOp)?;
+        Ok(vec![dx, Some(dw), Some(db)])
     }
 }
 
 /// `dx (rows, in) = dy (rows, out) · W (out, in)`.
 struct LinearBwdInput;
 
-impl CustomOp2 for LinearBwdInput {
+impl FusedOp for LinearBwdInput {
     fn name(&self) -> &'static str {
         "pretext-linear-bwd-input"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dy = f32_slice(s1, l1, "linear dy")?;
-        let w = f32_slice(s2, l2, "linear weight")?;
-        let &[dout, din] = l2.dims() else {
-            bail!("linear: weight must be (out, in), got {:?}", l2.dims());
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [dy, w] = xs else {
+            bail!("linear backward: takes dy, weight")
         };
-        let rows = dy.len() / dout.max(1);
+        let &[dout, din] = w.dims else {
+            bail!("linear: weight must be (out, in), got {:?}", w.dims);
+        };
+        let rows = dy.data.len() / dout.max(1);
         let mut dx = vec![0f32; rows * din];
         sgemm_threads(
-            dy,
+            dy.data,
             Mat::row_major(rows, dout),
-            w,
+            w.data,
             Mat::row_major(dout, din),
             &mut dx,
             Mat::row_major(rows, din),
             false,
             rayon::current_num_threads(),
         );
-        Ok((CpuStorage::F32(dx), Shape::from((rows, din))))
+        Ok((dx, Shape::from((rows, din))))
     }
 }
 
 /// `dW (out, in) = dyᵀ (out, rows) · x (rows, in)`.
 struct LinearBwdWeight;
 
-impl CustomOp2 for LinearBwdWeight {
+impl FusedOp for LinearBwdWeight {
     fn name(&self) -> &'static str {
         "pretext-linear-bwd-weight"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dy = f32_slice(s1, l1, "linear dy")?;
-        let x = f32_slice(s2, l2, "linear x")?;
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [dy, x] = xs else {
+            bail!("linear backward: takes dy, x")
+        };
         let (dout, din) = (
-            l1.dims().last().copied().unwrap_or(0),
-            l2.dims().last().copied().unwrap_or(0),
+            dy.dims.last().copied().unwrap_or(0),
+            x.dims.last().copied().unwrap_or(0),
         );
-        let rows = dy.len() / dout.max(1);
+        let rows = dy.data.len() / dout.max(1);
         let mut dw = vec![0f32; dout * din];
         sgemm_threads(
-            dy,
+            dy.data,
             Mat::row_major(rows, dout).t(),
-            x,
+            x.data,
             Mat::row_major(rows, din),
             &mut dw,
             Mat::row_major(dout, din),
             false,
             rayon::current_num_threads(),
         );
-        Ok((CpuStorage::F32(dw), Shape::from((dout, din))))
+        Ok((dw, Shape::from((dout, din))))
     }
 }
 
 /// Column sums over the last dimension: `(…, c)` → `(c)`.
 struct ColumnSumOp;
 
-impl CustomOp1 for ColumnSumOp {
+impl FusedOp for ColumnSumOp {
     fn name(&self) -> &'static str {
         "pretext-column-sum"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let cols = l.dims().last().copied().unwrap_or(1);
-        let sums = column_sum(f32_slice(s, l, "column_sum")?, cols);
-        Ok((CpuStorage::F32(sums), Shape::from(cols)))
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let cols = xs[0].last_dim();
+        Ok((column_sum(xs[0].data, cols), Shape::from(cols)))
     }
 }
 
@@ -210,10 +185,9 @@ impl CustomOp1 for ColumnSumOp {
 /// Shape mismatch.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x, weight, bias]) {
-        x.contiguous()?.apply_op3_arc(
-            &weight.contiguous()?,
-            &bias.contiguous()?,
-            std::sync::Arc::new(Box::new(LinearOp)),
+        apply(
+            &[&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?],
+            LinearOp,
         )
     } else {
         reference_linear(x, weight, bias)
@@ -233,7 +207,7 @@ struct BiasOp {
     relu: bool,
 }
 
-impl CustomOp2 for BiasOp {
+impl FusedOp for BiasOp {
     fn name(&self) -> &'static str {
         if self.relu {
             "pretext-bias-relu"
@@ -242,51 +216,34 @@ impl CustomOp2 for BiasOp {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "bias x")?;
-        let b = f32_slice(s2, l2, "bias")?;
-        let c = b.len();
-        if l2.dims().len() != 1 || l1.dims().last() != Some(&c) {
-            bail!("bias: x {:?} does not end in the bias's {:?}", l1.dims(), l2.dims());
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, b] = xs else { bail!("bias: takes x, bias") };
+        let c = b.data.len();
+        if b.dims.len() != 1 || x.dims.last() != Some(&c) {
+            bail!("bias: x {:?} does not end in the bias's {:?}", x.dims, b.dims);
         }
-        let mut y = vec![0f32; x.len()];
+        let mut y = vec![0f32; x.data.len()];
         if c > 0 {
             let relu = self.relu;
-            y.par_chunks_mut(rows_per_task(c) * c)
-                .zip(x.par_chunks(rows_per_task(c) * c))
+            y.par_chunks_mut(rows_per_task(c, CONV_TASK) * c)
+                .zip(x.data.par_chunks(rows_per_task(c, CONV_TASK) * c))
                 .for_each(|(y, x)| {
                     for (yr, xr) in y.chunks_mut(c).zip(x.chunks(c)) {
-                        for ((y, x), b) in yr.iter_mut().zip(xr).zip(b) {
+                        for ((y, x), b) in yr.iter_mut().zip(xr).zip(b.data) {
                             let v = x + b;
                             *y = if relu { v.max(0.0) } else { v };
                         }
                     }
                 });
         }
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((y, Shape::from(x.dims.to_vec())))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _b: &Tensor,
-        y: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, _xs: &[&Tensor], y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
         let dy = dy.contiguous()?;
-        let g = if self.relu {
-            dy.apply_op2_no_bwd(&y.contiguous()?, &ReluMaskOp)?
-        } else {
-            dy
-        };
-        let db = g.apply_op1_no_bwd(&ColumnSumOp)?;
-        Ok((Some(g), Some(db)))
+        let g = if self.relu { relu_backward(&dy, y)? } else { dy };
+        let db = apply_no_grad(&[&g], ColumnSumOp)?;
+        Ok(vec![Some(g), Some(db)])
     }
 }
 
@@ -296,7 +253,7 @@ impl CustomOp2 for BiasOp {
 /// The last dimension of `x` is not the bias's length.
 pub fn add_bias(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x, bias]) {
-        x.contiguous()?.apply_op2(&bias.contiguous()?, BiasOp { relu: false })
+        apply(&[&x.contiguous()?, &bias.contiguous()?], BiasOp { relu: false })
     } else {
         x.broadcast_add(bias)
     }
@@ -308,49 +265,16 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
 /// The last dimension of `x` is not the bias's length.
 pub fn add_bias_relu(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x, bias]) {
-        x.contiguous()?.apply_op2(&bias.contiguous()?, BiasOp { relu: true })
+        apply(&[&x.contiguous()?, &bias.contiguous()?], BiasOp { relu: true })
     } else {
         x.broadcast_add(bias)?.relu()
-    }
-}
-
-struct ReluOp;
-
-impl CustomOp1 for ReluOp {
-    fn name(&self) -> &'static str {
-        "pretext-relu"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "relu")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(1 << 15)
-            .zip(x.par_chunks(1 << 15))
-            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y = x.max(0.0)));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(dy.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, &ReluMaskOp)?))
-    }
-}
-
-/// `max(x, 0)` as one node whose backward is a single masked copy (candle's
-/// takes four passes).
-///
-/// # Errors
-/// A tensor operation failed.
-pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
-    if fast_path(&[x]) {
-        x.contiguous()?.apply_op1(ReluOp)
-    } else {
-        x.relu()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::relu;
     use crate::seed::stream_rng;
     use candle_core::{Device, Var};
     use rand::Rng;
@@ -473,7 +397,7 @@ mod tests {
     #[test]
     fn column_sum_is_exact_and_independent_of_the_thread_count() {
         let cols = 3;
-        let rows = 3 * rows_per_task(cols) + 5; // several blocks, the last one partial
+        let rows = 3 * rows_per_task(cols, CONV_TASK) + 5; // several blocks, the last one partial
         let g: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 101) as f32 - 50.0).collect();
         let want: Vec<f32> = (0..cols)
             .map(|j| (0..rows).map(|i| g[i * cols + j] as f64).sum::<f64>() as f32)

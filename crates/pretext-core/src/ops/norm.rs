@@ -1,8 +1,14 @@
-//! Batch normalisation over the last dimension of a `(rows, c)` matrix
-//! (channels-last activations viewed as pixels × channels), optionally fused
-//! with ReLU. Sums are accumulated in f64 per chunk of rows, chunks in parallel.
+//! Normalisation over the last dimension: batch normalisation of
+//! channels-last activations viewed as a `(pixels, channels)` matrix
+//! (optionally fused with ReLU; sums accumulated in f64 per chunk of rows,
+//! chunks in parallel) and layer normalisation of each row. Kernels, graph
+//! nodes and their `reference_*` twins.
 
+use super::fused::{apply, apply_no_grad, FusedOp, Operand};
+use super::{fast_path, rows_per_task, ROW_TASK};
+use candle_core::{bail, Shape, Tensor, D};
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 const ROWS_PER_CHUNK: usize = 2048;
 
@@ -221,69 +227,313 @@ fn bn_backward_impl<const RELU: bool>(
     (dx, dgamma, dbeta)
 }
 
-/// `max(a + b, 0)`.
-pub fn add_relu(a: &[f32], b: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; a.len()];
-    y.par_chunks_mut(1 << 16)
-        .zip(a.par_chunks(1 << 16))
-        .zip(b.par_chunks(1 << 16))
-        .for_each(|((y, a), b)| {
-            for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
-                *y = (a + b).max(0.0);
+/// Batch statistics of one forward pass: per-channel mean and biased variance.
+pub type BatchStats = (Vec<f32>, Vec<f32>);
+
+/// How batch normalisation gets its statistics.
+#[derive(Debug, Clone)]
+pub enum NormStats {
+    /// From the batch (training); the batch mean and biased variance are returned.
+    Batch,
+    /// Fixed (evaluation): running mean and variance.
+    Fixed(Vec<f32>, Vec<f32>),
+}
+
+/// Mean, biased variance and inverse standard deviation saved by a forward pass.
+type SavedStats = Arc<Mutex<Option<(Vec<f32>, Vec<f32>, Vec<f32>)>>>;
+
+struct BatchNormOp {
+    eps: f64,
+    relu: bool,
+    stats: NormStats,
+    saved: SavedStats,
+}
+
+impl FusedOp for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "pretext-batch-norm"
+    }
+
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, gamma, beta] = xs else {
+            bail!("batch_norm: takes x, weight, bias")
+        };
+        let c = x.last_dim();
+        if gamma.data.len() != c || beta.data.len() != c || c == 0 {
+            bail!(
+                "batch_norm: {c} channels but weight {} and bias {}",
+                gamma.data.len(),
+                beta.data.len()
+            )
+        }
+        let (mean, var) = match &self.stats {
+            NormStats::Batch => channel_stats(x.data, c),
+            NormStats::Fixed(m, v) => (m.clone(), v.clone()),
+        };
+        let invstd: Vec<f32> = var
+            .iter()
+            .map(|v| (1.0 / (f64::from(*v) + self.eps).sqrt()) as f32)
+            .collect();
+        let y = bn_apply(x.data, c, &mean, &invstd, gamma.data, beta.data, self.relu);
+        if let Ok(mut s) = self.saved.lock() {
+            *s = Some((mean, var, invstd));
+        }
+        Ok((y, Shape::from(x.dims.to_vec())))
+    }
+
+    fn backward(&self, xs: &[&Tensor], res: &Tensor, grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x, gamma, _] = xs else {
+            bail!("batch_norm: takes x, weight, bias")
+        };
+        let Some((mean, _, invstd)) = self.saved.lock().ok().and_then(|s| s.clone()) else {
+            bail!("batch_norm backward without a forward pass")
+        };
+        let c = mean.len();
+        let op = BatchNormBwd {
+            mean,
+            invstd,
+            gamma: gamma.to_vec1::<f32>()?,
+            relu: self.relu,
+            batch_stats: matches!(self.stats, NormStats::Batch),
+        };
+        let packed = apply_no_grad(&[&x.contiguous()?, &grad.contiguous()?, &res.contiguous()?], op)?;
+        let n = x.elem_count();
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dgamma = packed.narrow(0, n, c)?;
+        let dbeta = packed.narrow(0, n + c, c)?;
+        Ok(vec![Some(dx), Some(dgamma), Some(dbeta)])
+    }
+}
+
+/// The input, weight and bias gradients of batch norm, packed into one vector.
+struct BatchNormBwd {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    gamma: Vec<f32>,
+    relu: bool,
+    batch_stats: bool,
+}
+
+impl FusedOp for BatchNormBwd {
+    fn name(&self) -> &'static str {
+        "pretext-batch-norm-bwd"
+    }
+
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, dy, y] = xs else {
+            bail!("batch_norm backward: takes x, dy, y")
+        };
+        let c = self.mean.len();
+        let (mut dx, dg, db) = bn_backward(
+            x.data,
+            dy.data,
+            y.data,
+            c,
+            &self.mean,
+            &self.invstd,
+            &self.gamma,
+            self.relu,
+            self.batch_stats,
+        );
+        dx.extend_from_slice(&dg);
+        dx.extend_from_slice(&db);
+        let n = dx.len();
+        Ok((dx, Shape::from(n)))
+    }
+}
+
+/// Batch normalisation over the last dimension of `x` (channels-last), fused
+/// with ReLU when `relu`. Returns the output and, with [`NormStats::Batch`],
+/// the batch mean and biased variance (for running statistics).
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn batch_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    stats: NormStats,
+    eps: f64,
+    relu: bool,
+) -> candle_core::Result<(Tensor, Option<BatchStats>)> {
+    if !fast_path(&[x, gamma, beta]) {
+        return reference_batch_norm(x, gamma, beta, stats, eps, relu);
+    }
+    let batch = matches!(stats, NormStats::Batch);
+    let saved = Arc::new(Mutex::new(None));
+    let op = BatchNormOp {
+        eps,
+        relu,
+        stats,
+        saved: saved.clone(),
+    };
+    let y = apply(&[&x.contiguous()?, &gamma.contiguous()?, &beta.contiguous()?], op)?;
+    let out = if batch {
+        saved
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|(m, v, _)| (m.clone(), v.clone())))
+    } else {
+        None
+    };
+    Ok((y, out))
+}
+
+/// [`batch_norm`] with candle's generic ops.
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn reference_batch_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    stats: NormStats,
+    eps: f64,
+    relu: bool,
+) -> candle_core::Result<(Tensor, Option<BatchStats>)> {
+    let c = x.dim(D::Minus1)?;
+    let flat = x.reshape(((), c))?;
+    let (mean, var, out) = match stats {
+        NormStats::Batch => {
+            let mean = flat.mean(0)?;
+            let var = flat.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+            let out = Some((mean.to_vec1::<f32>()?, var.to_vec1::<f32>()?));
+            (mean, var, out)
+        }
+        NormStats::Fixed(m, v) => (Tensor::new(m, x.device())?, Tensor::new(v, x.device())?, None),
+    };
+    let y = flat
+        .broadcast_sub(&mean)?
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(gamma)?
+        .broadcast_add(beta)?;
+    let y = if relu { y.relu()? } else { y };
+    Ok((y.reshape(x.shape())?, out))
+}
+
+/// Layer normalisation over the last dimension with affine weight and bias.
+struct LayerNormOp {
+    eps: f32,
+}
+
+/// Mean and inverse standard deviation of one row.
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl FusedOp for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "pretext-layer-norm"
+    }
+
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, g, b] = xs else {
+            bail!("layer_norm: takes x, weight, bias")
+        };
+        let (dims, x, g, b) = (x.dims, x.data, g.data, b.data);
+        let h = g.len();
+        if h == 0 || x.len() % h != 0 || b.len() != h {
+            bail!("layer_norm: x {dims:?} does not end in the weight's size {h}");
+        }
+        let mut y = vec![0f32; x.len()];
+        let rows = rows_per_task(h, ROW_TASK) * h;
+        y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(h).zip(xc.chunks(h)) {
+                let (mean, rstd) = row_stats(xr, self.eps);
+                for i in 0..h {
+                    yr[i] = (xr[i] - mean) * rstd * g[i] + b[i];
+                }
             }
         });
-    y
+        Ok((y, Shape::from(dims.to_vec())))
+    }
+
+    fn backward(&self, xs: &[&Tensor], _res: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x, g, _] = xs else {
+            bail!("layer_norm: takes x, weight, bias")
+        };
+        let h = g.elem_count();
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let gs = g.to_vec1::<f32>()?;
+        let dys = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; xs.len()];
+        let rows = rows_per_task(h, ROW_TASK) * h;
+        let (dg, db) = dx
+            .par_chunks_mut(rows)
+            .zip(xs.par_chunks(rows).zip(dys.par_chunks(rows)))
+            .map(|(dxc, (xc, dyc))| {
+                let mut dg = vec![0f32; h];
+                let mut db = vec![0f32; h];
+                for ((dxr, xr), dyr) in dxc.chunks_mut(h).zip(xc.chunks(h)).zip(dyc.chunks(h)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    let (mut s1, mut s2) = (0f32, 0f32);
+                    for i in 0..h {
+                        let xh = (xr[i] - mean) * rstd;
+                        let gy = dyr[i] * gs[i];
+                        s1 += gy;
+                        s2 += gy * xh;
+                        dg[i] += dyr[i] * xh;
+                        db[i] += dyr[i];
+                    }
+                    let (m1, m2) = (s1 / h as f32, s2 / h as f32);
+                    for i in 0..h {
+                        let xh = (xr[i] - mean) * rstd;
+                        dxr[i] = rstd * (dyr[i] * gs[i] - m1 - xh * m2);
+                    }
+                }
+                (dg, db)
+            })
+            .reduce(
+                || (vec![0f32; h], vec![0f32; h]),
+                |(mut a, mut b), (c, d)| {
+                    a.iter_mut().zip(&c).for_each(|(p, q)| *p += q);
+                    b.iter_mut().zip(&d).for_each(|(p, q)| *p += q);
+                    (a, b)
+                },
+            );
+        let dev = x.device();
+        Ok(vec![
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dg, g.shape(), dev)?),
+            Some(Tensor::from_vec(db, g.shape(), dev)?),
+        ])
+    }
 }
 
-/// `dy` where `y > 0`, else 0.
-pub fn relu_mask(dy: &[f32], y: &[f32]) -> Vec<f32> {
-    let mut g = vec![0f32; dy.len()];
-    g.par_chunks_mut(1 << 16)
-        .zip(dy.par_chunks(1 << 16))
-        .zip(y.par_chunks(1 << 16))
-        .for_each(|((g, d), y)| {
-            for ((g, d), y) in g.iter_mut().zip(d).zip(y) {
-                *g = if *y > 0.0 { *d } else { 0.0 };
-            }
-        });
-    g
+/// Layer normalisation over the last dimension with affine `weight` and
+/// `bias` (`torch.nn.LayerNorm`): fused on CPU f32, composed elsewhere.
+///
+/// # Errors
+/// Shape mismatch.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    if fast_path(&[x, weight, bias]) {
+        apply(&[&x.contiguous()?, weight, bias], LayerNormOp { eps })
+    } else {
+        reference_layer_norm(x, weight, bias, eps)
+    }
 }
 
-/// Mean over the pixels of each image: `(n, px, c)` → `(n, c)`.
-pub fn global_avg_pool(x: &[f32], n: usize, px: usize, c: usize) -> Vec<f32> {
-    let mut y = vec![0f32; n * c];
-    y.par_chunks_mut(c).enumerate().for_each(|(i, yr)| {
-        for row in x[i * px * c..(i + 1) * px * c].chunks_exact(c) {
-            for (a, v) in yr.iter_mut().zip(row) {
-                *a += v;
-            }
-        }
-        let inv = 1.0 / px as f32;
-        for a in yr.iter_mut() {
-            *a *= inv;
-        }
-    });
-    y
-}
-
-/// Gradient of [`global_avg_pool`]: `(n, c)` → `(n, px, c)`.
-pub fn global_avg_pool_backward(dy: &[f32], n: usize, px: usize, c: usize) -> Vec<f32> {
-    let mut dx = vec![0f32; n * px * c];
-    let inv = 1.0 / px as f32;
-    dx.par_chunks_mut(px * c).enumerate().for_each(|(i, d)| {
-        let g = &dy[i * c..(i + 1) * c];
-        for row in d.chunks_exact_mut(c) {
-            for (a, v) in row.iter_mut().zip(g) {
-                *a = v * inv;
-            }
-        }
-    });
-    dx
+/// Layer normalisation from candle's differentiable elementwise ops.
+///
+/// # Errors
+/// Shape mismatch.
+pub fn reference_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + f64::from(eps))?.sqrt()?)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{max_diff, rand};
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn stats_match_two_pass() {
@@ -300,12 +550,62 @@ mod tests {
     }
 
     #[test]
-    fn pool_and_its_gradient() {
-        let x: Vec<f32> = (0..2 * 4 * 3).map(|i| i as f32).collect();
-        let y = global_avg_pool(&x, 2, 4, 3);
-        assert_eq!(y, vec![4.5, 5.5, 6.5, 16.5, 17.5, 18.5]);
-        let dx = global_avg_pool_backward(&[4.0, 8.0, 0.0, 1.0, 1.0, 1.0], 2, 4, 3);
-        assert_eq!(&dx[..3], &[1.0, 2.0, 0.0]);
-        assert_eq!(&dx[21..], &[0.25, 0.25, 0.25]);
+    fn layer_norm_matches_composed_ops_with_parameter_gradients() -> candle_core::Result<()> {
+        let x = Var::from_tensor(&rand(&[6, 7, 48], 3))?;
+        let g = Var::from_tensor(&(rand(&[48], 4) + 1.0)?)?;
+        let b = Var::from_tensor(&rand(&[48], 5))?;
+        let w = rand(&[6, 7, 48], 6);
+        let a = layer_norm(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-12)?;
+        let r = reference_layer_norm(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-12)?;
+        assert!(max_diff(&a, &r) < 1e-5);
+        let ga = (a * &w)?.sum_all()?.backward()?;
+        let gr = (r * &w)?.sum_all()?.backward()?;
+        for v in [&x, &g, &b] {
+            let d = max_diff(
+                ga.get(v.as_tensor()).expect("grad"),
+                gr.get(v.as_tensor()).expect("grad"),
+            );
+            assert!(d < 1e-4, "gradient differs by {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_gradient_matches_finite_differences() -> candle_core::Result<()> {
+        // f64 finite differences of the composed op on the same input: the
+        // fused f32 gradient must agree with the true derivative.
+        let x = rand(&[2, 9], 7);
+        let g = (rand(&[9], 8) + 1.0)?;
+        let b = rand(&[9], 9);
+        let w = rand(&[2, 9], 10);
+        let xv = Var::from_tensor(&x)?;
+        let grad = (layer_norm(xv.as_tensor(), &g, &b, 1e-5)? * &w)?
+            .sum_all()?
+            .backward()?;
+        let grad = grad
+            .get(xv.as_tensor())
+            .expect("grad")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let f = |x: &Tensor| -> candle_core::Result<f64> {
+            let x = x.to_dtype(DType::F64)?;
+            (reference_layer_norm(&x, &g.to_dtype(DType::F64)?, &b.to_dtype(DType::F64)?, 1e-5)?
+                * w.to_dtype(DType::F64)?)?
+            .sum_all()?
+            .to_scalar::<f64>()
+        };
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        for i in 0..xs.len() {
+            let h = 1e-3;
+            let mut p = xs.clone();
+            p[i] += h;
+            let mut m = xs.clone();
+            m[i] -= h;
+            let fp = f(&Tensor::from_vec(p, x.shape(), &Device::Cpu)?)?;
+            let fm = f(&Tensor::from_vec(m, x.shape(), &Device::Cpu)?)?;
+            let fd = (fp - fm) / (2.0 * f64::from(h));
+            assert!((fd - f64::from(grad[i])).abs() < 2e-3, "x[{i}]: fd {fd} vs {}", grad[i]);
+        }
+        Ok(())
     }
 }

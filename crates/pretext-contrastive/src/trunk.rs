@@ -6,15 +6,19 @@
 //! a memset and an add over ~25 activations of up to 51 MB per step — as much
 //! time as the convolutions themselves. Running the trunk as one node keeps
 //! its activations on a private tape and back-propagates through them with
-//! the kernels of [`super::conv`] and [`super::norm`], no zero-filled buffers.
+//! the kernels of [`pretext_core::ops::conv`] and [`pretext_core::ops::norm`],
+//! no zero-filled buffers.
 //!
 //! Parameters travel as one flat tensor (the concatenation of every layer's
 //! flattened weight, BN weight and BN bias, in [`TrunkPlan`] order) so the op
 //! has two inputs; its gradient is split back by candle's `cat` backward.
 
-use super::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, ConvGeom};
-use super::norm;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{bail, Shape, Tensor};
+use pretext_core::ops::activation::{add_relu_kernel, relu_mask};
+use pretext_core::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, ConvGeom};
+use pretext_core::ops::fused::{apply, FusedOp, Operand};
+use pretext_core::ops::norm;
+use pretext_core::ops::pool::{global_avg_pool, global_avg_pool_backward};
 use std::sync::{Arc, Mutex};
 
 /// One convolution followed by batch norm.
@@ -205,20 +209,17 @@ impl TrunkOp {
     }
 }
 
-impl CustomOp2 for TrunkOp {
+impl FusedOp for TrunkOp {
     fn name(&self) -> &'static str {
         "pretext-resnet-trunk"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let &[n, h, w, c] = l1.dims() else {
-            bail!("resnet trunk: expects x (n, h, w, c), got {:?}", l1.dims())
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, params] = xs else {
+            bail!("resnet trunk: takes x, parameters")
+        };
+        let &[n, h, w, c] = x.dims else {
+            bail!("resnet trunk: expects x (n, h, w, c), got {:?}", x.dims)
         };
         if c != self.plan.stem.cin {
             bail!(
@@ -226,8 +227,7 @@ impl CustomOp2 for TrunkOp {
                 self.plan.stem.cin
             )
         }
-        let x = super::f32_slice(s1, l1, "resnet trunk x")?;
-        let params = super::f32_slice(s2, l2, "resnet trunk parameters")?;
+        let (x, params) = (x.data, params.data);
         if params.len() != self.plan.param_len() {
             bail!(
                 "resnet trunk: {} parameters, the plan needs {}",
@@ -262,7 +262,7 @@ impl CustomOp2 for TrunkOp {
                     let us = self.unit_forward(&s, xin, (n, hh, ww), params, offset, index, false)?;
                     offset += s.param_len();
                     index += 1;
-                    let o = norm::add_relu(&u2.y, &us.y);
+                    let o = add_relu_kernel(&u2.y, &us.y);
                     units.push(u1);
                     units.push(u2);
                     units.push(us);
@@ -272,7 +272,7 @@ impl CustomOp2 for TrunkOp {
                     if xin.len() != u2.y.len() {
                         bail!("resnet trunk: identity shortcut needs equal shapes")
                     }
-                    let o = norm::add_relu(&u2.y, xin);
+                    let o = add_relu_kernel(&u2.y, xin);
                     units.push(u1);
                     units.push(u2);
                     o
@@ -284,7 +284,7 @@ impl CustomOp2 for TrunkOp {
         }
         let cout = self.plan.out_dim();
         let last = acts.last().map(Vec::as_slice).unwrap_or(&[]);
-        let feats = norm::global_avg_pool(last, n, hh * ww, cout);
+        let feats = global_avg_pool(last, n, hh * ww, cout);
         if let Ok(mut t) = self.tape.lock() {
             *t = Some(Tape {
                 acts,
@@ -294,16 +294,13 @@ impl CustomOp2 for TrunkOp {
             });
         }
         let _ = x;
-        Ok((CpuStorage::F32(feats), Shape::from((n, cout))))
+        Ok((feats, Shape::from((n, cout))))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        params: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, xs: &[&Tensor], _res: &Tensor, grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x, params] = xs else {
+            bail!("resnet trunk: takes x, parameters")
+        };
         let Some(tape) = self.tape.lock().ok().and_then(|mut t| t.take()) else {
             bail!("resnet trunk: backward without forward (or run twice)")
         };
@@ -313,11 +310,11 @@ impl CustomOp2 for TrunkOp {
         let mut dp = vec![0f32; p.len()];
         let (hh, ww, c) = tape.final_hw;
         // gradient w.r.t. the last block's output
-        let mut dout = norm::global_avg_pool_backward(&dfeat, tape.n, hh * ww, c);
+        let mut dout = global_avg_pool_backward(&dfeat, tape.n, hh * ww, c);
         let mut ui = tape.units.len();
         for (bi, b) in self.plan.blocks.iter().enumerate().rev() {
             let out = &tape.acts[bi + 1];
-            let g = norm::relu_mask(&dout, out); // through the final ReLU
+            let g = relu_mask(&dout, out); // through the final ReLU
             let input = &tape.acts[bi];
             let mut dx_short = match b.short {
                 Some(_) => {
@@ -344,7 +341,7 @@ impl CustomOp2 for TrunkOp {
         let stem = &tape.units[ui];
         let _ = self.unit_backward(stem, &xin, &dout, &p, &mut dp, false);
         let dparams = Tensor::from_vec(dp, params.shape(), params.device())?;
-        Ok((None, Some(dparams)))
+        Ok(vec![None, Some(dparams)])
     }
 }
 
@@ -370,7 +367,7 @@ pub fn resnet_trunk(
         tape: Arc::new(Mutex::new(None)),
         stats: stats.clone(),
     };
-    let y = x.contiguous()?.apply_op2(&params.contiguous()?, op)?;
+    let y = apply(&[&x.contiguous()?, &params.contiguous()?], op)?;
     let s = stats.lock().map(|s| s.clone()).unwrap_or_default();
     Ok((y, s))
 }

@@ -1,0 +1,304 @@
+//! Element-wise activations as single graph nodes: ReLU (alone and at the end
+//! of a residual block), exact GELU, and softmax over the last dimension.
+//!
+//! candle's ReLU backward takes four passes (a comparison, a cast, a product
+//! and an add into a zeroed buffer); here it is one masked copy. GELU uses an
+//! `erf` that is several times faster than libm's and as accurate in f32.
+
+use super::fused::{apply, apply_no_grad, FusedOp, Operand};
+use super::{fast_path, rows_per_task, ROW_TASK};
+use candle_core::{bail, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Elements per parallel task of the row-free passes.
+const CHUNK: usize = 1 << 16;
+
+/// `max(a + b, 0)`.
+pub fn add_relu_kernel(a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; a.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK))
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|((y, a), b)| {
+            for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+                *y = (a + b).max(0.0);
+            }
+        });
+    y
+}
+
+/// `dy` where `y > 0`, else 0: the gradient through a ReLU whose output is `y`.
+pub fn relu_mask(dy: &[f32], y: &[f32]) -> Vec<f32> {
+    let mut g = vec![0f32; dy.len()];
+    g.par_chunks_mut(CHUNK)
+        .zip(dy.par_chunks(CHUNK))
+        .zip(y.par_chunks(CHUNK))
+        .for_each(|((g, d), y)| {
+            for ((g, d), y) in g.iter_mut().zip(d).zip(y) {
+                *g = if *y > 0.0 { *d } else { 0.0 };
+            }
+        });
+    g
+}
+
+/// The gradient through a ReLU: `dy` masked by its output `y > 0`.
+struct ReluMaskOp;
+
+impl FusedOp for ReluMaskOp {
+    fn name(&self) -> &'static str {
+        "pretext-relu-mask"
+    }
+
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [dy, y] = xs else { bail!("relu_mask: takes dy, y") };
+        if dy.dims != y.dims {
+            bail!("relu_mask: shapes {:?} and {:?} differ", dy.dims, y.dims)
+        }
+        Ok((relu_mask(dy.data, y.data), Shape::from(dy.dims.to_vec())))
+    }
+}
+
+/// The gradient through any ReLU-ended node whose output is `y`, as a node
+/// without a gradient of its own.
+///
+/// # Errors
+/// Shapes differ.
+pub fn relu_backward(dy: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    apply_no_grad(&[&dy.contiguous()?, &y.contiguous()?], ReluMaskOp)
+}
+
+struct ReluOp;
+
+impl FusedOp for ReluOp {
+    fn name(&self) -> &'static str {
+        "pretext-relu"
+    }
+
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let x = xs[0].data;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(1 << 15)
+            .zip(x.par_chunks(1 << 15))
+            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y = x.max(0.0)));
+        Ok((y, Shape::from(xs[0].dims.to_vec())))
+    }
+
+    fn backward(&self, _x: &[&Tensor], y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(relu_backward(dy, y)?)])
+    }
+}
+
+/// `max(x, 0)` as one node whose backward is a single masked copy (candle's
+/// takes four passes).
+///
+/// # Errors
+/// A tensor operation failed.
+pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
+    if fast_path(&[x]) {
+        apply(&[&x.contiguous()?], ReluOp)
+    } else {
+        x.relu()
+    }
+}
+
+struct AddReluOp;
+
+impl FusedOp for AddReluOp {
+    fn name(&self) -> &'static str {
+        "pretext-add-relu"
+    }
+
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [a, b] = xs else { bail!("add_relu: takes a, b") };
+        if a.dims != b.dims {
+            bail!("add_relu: shapes {:?} and {:?} differ", a.dims, b.dims)
+        }
+        Ok((add_relu_kernel(a.data, b.data), Shape::from(a.dims.to_vec())))
+    }
+
+    fn backward(&self, _x: &[&Tensor], y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let g = relu_backward(dy, y)?;
+        Ok(vec![Some(g.clone()), Some(g)])
+    }
+}
+
+/// `relu(a + b)` (the end of a residual block).
+///
+/// # Errors
+/// Shapes differ.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if fast_path(&[a, b]) {
+        apply(&[&a.contiguous()?, &b.contiguous()?], AddReluOp)
+    } else {
+        (a + b)?.relu()
+    }
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+
+/// Elements per parallel task of GELU.
+const GELU_CHUNK: usize = 16384;
+
+/// `erf(x)` to within 1.5e-7 (Abramowitz & Stegun 7.1.26, evaluated in f64):
+/// branch-free apart from the sign, several times faster than libm's `erff`.
+pub fn erf(x: f32) -> f32 {
+    let a = f64::from(x.abs());
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly =
+        t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let y = (1.0 - poly * (-a * a).exp()) as f32;
+    y.copysign(x)
+}
+
+struct GeluOp;
+
+impl FusedOp for GeluOp {
+    fn name(&self) -> &'static str {
+        "pretext-gelu"
+    }
+
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let x = xs[0].data;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(GELU_CHUNK)
+            .zip(x.par_chunks(GELU_CHUNK))
+            .for_each(|(yc, xc)| {
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    *o = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
+                }
+            });
+        Ok((y, Shape::from(xs[0].dims.to_vec())))
+    }
+
+    fn backward(&self, x: &[&Tensor], _y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let x = x[0];
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let dys = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; xs.len()];
+        let c = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
+        dx.par_chunks_mut(GELU_CHUNK)
+            .zip(xs.par_chunks(GELU_CHUNK).zip(dys.par_chunks(GELU_CHUNK)))
+            .for_each(|(o, (xc, dc))| {
+                for i in 0..o.len() {
+                    let v = xc[i];
+                    o[i] = dc[i] * (0.5 * (1.0 + erf(v * FRAC_1_SQRT_2)) + v * c * (-0.5 * v * v).exp());
+                }
+            });
+        Ok(vec![Some(Tensor::from_vec(dx, x.shape(), x.device())?)])
+    }
+}
+
+/// Exact GELU, `x · Φ(x)` (`torch.nn.functional.gelu`, HF's `"gelu"`): fused on CPU f32.
+///
+/// # Errors
+/// Tensor errors.
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    if fast_path(&[x]) {
+        apply(&[&x.contiguous()?], GeluOp)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+/// Softmax of each row of `x` into `y` (rows of `w`).
+pub(crate) fn softmax_rows(x: &[f32], y: &mut [f32], w: usize) {
+    let rows = rows_per_task(w, ROW_TASK) * w;
+    y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yc, xc)| {
+        for (yr, xr) in yc.chunks_mut(w).zip(xc.chunks(w)) {
+            let m = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = (v - m).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            yr.iter_mut().for_each(|o| *o *= inv);
+        }
+    });
+}
+
+struct SoftmaxOp;
+
+impl FusedOp for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "pretext-softmax"
+    }
+
+    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let x = xs[0];
+        let mut y = vec![0f32; x.data.len()];
+        softmax_rows(x.data, &mut y, x.last_dim().max(1));
+        Ok((y, Shape::from(x.dims.to_vec())))
+    }
+
+    fn backward(&self, _x: &[&Tensor], y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let w = y.dim(D::Minus1)?.max(1);
+        let ys = y.flatten_all()?.to_vec1::<f32>()?;
+        let dys = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; ys.len()];
+        let rows = rows_per_task(w, ROW_TASK) * w;
+        dx.par_chunks_mut(rows)
+            .zip(ys.par_chunks(rows).zip(dys.par_chunks(rows)))
+            .for_each(|(dxc, (yc, dyc))| {
+                for ((dxr, yr), dyr) in dxc.chunks_mut(w).zip(yc.chunks(w)).zip(dyc.chunks(w)) {
+                    let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
+                    for i in 0..w {
+                        dxr[i] = yr[i] * (dyr[i] - dot);
+                    }
+                }
+            });
+        Ok(vec![Some(Tensor::from_vec(dx, y.shape(), y.device())?)])
+    }
+}
+
+/// Softmax over the last dimension: fused on CPU f32 (with its backward), composed elsewhere.
+///
+/// # Errors
+/// Tensor errors.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if fast_path(&[x]) {
+        apply(&[&x.contiguous()?], SoftmaxOp)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::check_against_reference;
+
+    #[test]
+    fn softmax_matches_candle() -> candle_core::Result<()> {
+        check_against_reference(
+            softmax_last_dim,
+            |x| candle_nn::ops::softmax(x, D::Minus1),
+            &[3, 5, 37],
+            1e-5,
+        )
+    }
+
+    #[test]
+    fn erf_is_accurate() {
+        for i in -400..=400 {
+            let x = i as f32 * 0.01;
+            let e = (erf(x) - candle_core::cpu::erf::erf_f32(x)).abs();
+            assert!(e < 3e-7, "erf({x}) off by {e}");
+        }
+    }
+
+    #[test]
+    fn gelu_matches_candle() -> candle_core::Result<()> {
+        check_against_reference(gelu, |x| x.gelu_erf(), &[4, 300], 1e-5)
+    }
+
+    #[test]
+    fn relu_and_add_relu_match_candle() -> candle_core::Result<()> {
+        check_against_reference(relu, |x| x.relu(), &[3, 70_000], 1e-6)?;
+        let b = crate::ops::testing::rand(&[3, 70_000], 9);
+        check_against_reference(|x| add_relu(x, &b), |x| (x + &b)?.relu(), &[3, 70_000], 1e-6)?;
+        let e = add_relu(&b, &b.t()?.contiguous()?).expect_err("shapes differ");
+        assert!(e.to_string().contains("differ"), "{e}");
+        Ok(())
+    }
+}

@@ -1,0 +1,53 @@
+//! Shared helpers of the ops' tests.
+
+use candle_core::{Device, Tensor, Var};
+
+/// A tensor of `shape` with values uniform in [-2, 2) from a SplitMix64 stream of `seed`.
+pub fn rand(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = crate::seed::splitmix64(s);
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+}
+
+/// `max |a - b|` over all elements.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .flatten_all()
+        .expect("flat")
+        .max(0)
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("scalar")
+}
+
+/// Forward values and the input gradient of `Σ w ⊙ f(x)` of the fused op
+/// equal those of candle's composed ops, within `tol`.
+pub fn check_against_reference(
+    fused: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    reference: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    shape: &[usize],
+    tol: f32,
+) -> candle_core::Result<()> {
+    let x = Var::from_tensor(&rand(shape, 1))?;
+    let w = rand(shape, 2);
+    let a = fused(x.as_tensor())?;
+    let b = reference(x.as_tensor())?;
+    assert!(max_diff(&a, &b) < tol, "forward differs by {}", max_diff(&a, &b));
+    let ga = (a * &w)?.sum_all()?.backward()?;
+    let gb = (b * &w)?.sum_all()?.backward()?;
+    let (ga, gb) = (
+        ga.get(x.as_tensor()).expect("grad"),
+        gb.get(x.as_tensor()).expect("grad"),
+    );
+    assert!(max_diff(ga, gb) < tol, "gradient differs by {}", max_diff(ga, gb));
+    Ok(())
+}

@@ -29,6 +29,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod paradigm;
+pub mod prefetch;
 pub mod run;
 pub mod schedule;
 pub mod seed;

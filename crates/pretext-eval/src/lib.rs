@@ -21,4 +21,4 @@ pub use knn::{knn_accuracy, KnnConfig};
 pub use linear::{LinearProbe, LinearProbeConfig};
 pub use report::{evaluate_features, EvalRecord, EvalReport};
 pub use tfidf::TfIdf;
-pub use transfer::{probe_subset, transfer_records, Init, TransferSetup};
+pub use transfer::{frozen_feature_records, probe_subset, transfer_records, Init, TransferSetup};

@@ -65,54 +65,43 @@ pub fn transfer_records(
 ) -> Result<(Vec<EvalRecord>, Embedded)> {
     let all_train: Vec<usize> = (0..setup.train.len()).collect();
     let all_test: Vec<usize> = (0..setup.test.len()).collect();
-    let mut records = Vec::new();
-    let mut pretrained_test = None;
-    for (name, model) in [
-        ("pretrained", Some(pretrained)),
-        ("random-init", Some(random)),
-        ("raw", None),
-    ] {
+    let mut features = |name: &str, observer: &mut dyn Observer| -> Result<(Embedded, Embedded)> {
         observer.on_message(&format!(
             "probing {name} features ({} train, {} test images)",
             all_train.len(),
             all_test.len()
         ));
-        let (tr, te) = match model {
-            Some(m) => {
-                let feats = |ds: &ImageDataset, idx: &[usize], part: &str, observer: &mut dyn Observer| {
-                    extract_features(
-                        m,
-                        ds,
-                        idx,
-                        setup.mean,
-                        setup.std,
-                        setup.size,
-                        device,
-                        observer,
-                        &format!("{name}: {part} features"),
-                    )
-                };
-                (
-                    feats(setup.train, &all_train, "train", observer)?,
-                    feats(setup.test, &all_test, "test", observer)?,
-                )
-            }
-            None => (Embedded::from_pixels(setup.train)?, Embedded::from_pixels(setup.test)?),
+        let model = match name {
+            "pretrained" => pretrained,
+            "random-init" => random,
+            _ => return Ok((Embedded::from_pixels(setup.train)?, Embedded::from_pixels(setup.test)?)),
         };
-        let recs = evaluate_features(name, &tr, &te, setup.fractions, setup.seed, &setup.probe, &setup.knn)?;
-        for r in &recs {
-            observer.on_message(&format!(
-                "  {name} {} @ {}: {:.2}%",
-                r.protocol,
-                fraction_label(r.labels),
-                r.accuracy * 100.0
-            ));
-        }
-        records.extend(recs);
-        if name == "pretrained" {
-            pretrained_test = Some(te);
-        }
-    }
+        let feats = |ds: &ImageDataset, idx: &[usize], part: &str, observer: &mut dyn Observer| {
+            extract_features(
+                model,
+                ds,
+                idx,
+                setup.mean,
+                setup.std,
+                setup.size,
+                device,
+                observer,
+                &format!("{name}: {part} features"),
+            )
+        };
+        Ok((
+            feats(setup.train, &all_train, "train", observer)?,
+            feats(setup.test, &all_test, "test", observer)?,
+        ))
+    };
+    let (mut records, pretrained_test) = frozen_feature_records(
+        &mut features,
+        setup.fractions,
+        setup.seed,
+        &setup.probe,
+        &setup.knn,
+        observer,
+    )?;
     if let Some((ft, max_labels)) = &setup.finetune {
         let labels = setup
             .train
@@ -160,9 +149,53 @@ pub fn transfer_records(
             }
         }
     }
+    Ok((records, pretrained_test))
+}
+
+/// The frozen-feature half of the protocol for any modality: for each of the
+/// feature sets `pretrained`, `random-init` and `raw` (the paradigm's
+/// baseline: pixels, TF-IDF), `features(name)` gives the train and test
+/// features; each goes through the linear probe and kNN at every label
+/// fraction. Returns the records and the pretrained test features.
+///
+/// # Errors
+/// An error of `features`, invalid fractions, or unlabelled features.
+pub fn frozen_feature_records(
+    features: &mut FeatureSource<'_>,
+    fractions: &[f64],
+    seed: u64,
+    probe: &LinearProbeConfig,
+    knn: &KnnConfig,
+    observer: &mut dyn Observer,
+) -> Result<(Vec<EvalRecord>, Embedded)> {
+    let mut records = Vec::new();
+    let mut pretrained_test = None;
+    for name in FEATURE_SETS {
+        let (tr, te) = features(name, observer)?;
+        let recs = evaluate_features(name, &tr, &te, fractions, seed, probe, knn)?;
+        for r in &recs {
+            observer.on_message(&format!(
+                "  {name} {} @ {}: {:.2}%",
+                r.protocol,
+                fraction_label(r.labels),
+                r.accuracy * 100.0
+            ));
+        }
+        records.extend(recs);
+        if name == "pretrained" {
+            pretrained_test = Some(te);
+        }
+    }
     let pretrained_test = pretrained_test.ok_or_else(|| Error::Invalid("no pretrained features".into()))?;
     Ok((records, pretrained_test))
 }
+
+/// What [`frozen_feature_records`] asks for each feature set: its train and
+/// test features.
+pub type FeatureSource<'a> = dyn FnMut(&str, &mut dyn Observer) -> Result<(Embedded, Embedded)> + 'a;
+
+/// The feature sets of the frozen-feature protocol, in report order.
+pub const FEATURE_SETS: [&str; 3] = ["pretrained", "random-init", "raw"];
 
 /// A class-balanced, seeded subset of `n` labelled images of `ds` (all of
 /// them when `n` is 0 or at least `ds.len()`), for quicker probes.

@@ -42,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dev = Device::Cpu;
     let docs = pretext_data::shipped::fortunes(&pretext_data::shipped::datasets_dir()?, None)?.docs;
     let tok = WordPieceTokenizer::train(&docs, 8000, 2)?;
-    let ids = pretext_mlm::app::special_ids(&tok)?;
+    let ids = tok.special_ids()?;
     let seqs = sequences(&tok.encode_all(&docs)?, seq, Packing::Pack, &ids)?;
     let mc = ModelConfig {
         size: size.clone(),

@@ -11,6 +11,7 @@ use crate::model::BertMlm;
 use crate::tokenizer::WordPieceTokenizer;
 use candle_core::{Device, Tensor};
 use pretext_core::paradigm::{EvalPoint, Paradigm, Trained};
+use pretext_core::prefetch::Prefetched;
 use pretext_core::trainer::{Observer, TrainConfig};
 use pretext_core::{OptimConfig, RunDir, ScheduleConfig};
 use pretext_data::TextDataset;
@@ -18,6 +19,9 @@ use pretext_eval::{Embedded, KnnConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Text batches built ahead of the step on a worker thread.
+const TEXT_PREFETCH: usize = 2;
 
 /// BERT-style masked language modeling on text.
 pub struct Mlm;
@@ -51,32 +55,6 @@ pub fn load_corpus(cfg: &MlmConfig) -> Result<Corpus> {
     Ok(crate::corpus::build(&all, cats, cfg.data.held_out, cfg.train.seed)?)
 }
 
-/// The token ids the collator needs.
-///
-/// # Errors
-/// A tokenizer whose special tokens do not come first in its vocabulary.
-pub fn special_ids(tok: &WordPieceTokenizer) -> pretext_core::Result<SpecialIds> {
-    let first_regular = [tok.pad, tok.unk, tok.cls, tok.sep, tok.mask]
-        .into_iter()
-        .max()
-        .unwrap_or(0)
-        + 1;
-    let vocab_size = tok.vocab_size() as u32;
-    if first_regular >= vocab_size {
-        return Err(pretext_core::Error::Config(
-            "the tokenizer's special tokens must come first in its vocabulary (ids below every regular token)".into(),
-        ));
-    }
-    Ok(SpecialIds {
-        pad: tok.pad,
-        cls: tok.cls,
-        sep: tok.sep,
-        mask: tok.mask,
-        first_regular,
-        vocab_size,
-    })
-}
-
 /// Trains a tokenizer on `docs` (`tokenizer.vocab_size`, `tokenizer.min_frequency`)
 /// or loads `tokenizer.path`.
 ///
@@ -105,7 +83,7 @@ pub struct Prepared {
 /// # Errors
 /// No tokens.
 pub fn prepare(cfg: &MlmConfig, corpus: Corpus, tokenizer: &WordPieceTokenizer) -> Result<Prepared> {
-    let ids = special_ids(tokenizer)?;
+    let ids = tokenizer.special_ids()?;
     let train = sequences(
         &tokenizer.encode_all(&corpus.train)?,
         cfg.data.seq_len,
@@ -204,7 +182,7 @@ pub fn text_features(
     observer: &mut dyn Observer,
     task: &str,
 ) -> Result<Embedded> {
-    let ids = special_ids(tok)?;
+    let ids = tok.special_ids()?;
     // one `[CLS] doc [SEP]` sequence per document, cut at `eval.max_len`
     // (an empty document still yields `[CLS] [SEP]`)
     let seqs: Vec<Vec<u32>> = tok
@@ -265,7 +243,7 @@ pub fn probe(
     let trained = &trained.model;
     let random = new_model(cfg, tok, device)?;
     let p = prepare(cfg, load_corpus(cfg)?, tok)?;
-    let ids = special_ids(tok)?;
+    let ids = tok.special_ids()?;
     let mlm = masked_lm_eval(trained, &p.held_out, cfg, &ids, cfg.train.seed, observer)?;
     let mlm_random = masked_lm_eval(&random, &p.held_out, cfg, &ids, cfg.train.seed, observer)?;
     observer.on_message(&format!(
@@ -284,42 +262,28 @@ pub fn probe(
         temperature: cfg.eval.knn_temperature,
         ..Default::default()
     };
-    let mut records = Vec::new();
-    let mut pretrained_test = None;
-    for (name, model) in [
-        ("pretrained", Some(trained)),
-        ("random-init", Some(&random)),
-        ("raw", None),
-    ] {
-        let (a, b) = match model {
-            Some(m) => (
-                text_features(m, tok, tr, cfg, observer, &format!("{name}: train features"))?,
-                text_features(m, tok, te, cfg, observer, &format!("{name}: test features"))?,
-            ),
-            None => {
+    let mut features = |name: &str, observer: &mut dyn Observer| -> pretext_eval::Result<_> {
+        let model = match name {
+            "pretrained" => trained,
+            "random-init" => &random,
+            _ => {
                 let tfidf = pretext_eval::TfIdf::fit(&tr.docs, 2)?;
                 observer.on_message(&format!("TF-IDF baseline: {} terms", tfidf.dim()));
                 let lab = |d: &TextDataset| d.labels.clone().unwrap_or_default();
-                (
+                return Ok((
                     tfidf.transform(&tr.docs, &lab(tr))?,
                     tfidf.transform(&te.docs, &lab(te))?,
-                )
+                ));
             }
         };
-        let recs = pretext_eval::evaluate_features(name, &a, &b, fractions, cfg.train.seed, &probe_cfg, &knn)?;
-        for r in &recs {
-            observer.on_message(&format!(
-                "  {name} {} @ {}: {:.2}%",
-                r.protocol,
-                pretext_eval::report::fraction_label(r.labels),
-                r.accuracy * 100.0
-            ));
-        }
-        records.extend(recs);
-        if name == "pretrained" {
-            pretrained_test = Some(b);
-        }
-    }
+        let feats = |ds: &TextDataset, part: &str, observer: &mut dyn Observer| {
+            text_features(model, tok, ds, cfg, observer, &format!("{name}: {part} features"))
+                .map_err(pretext_eval::Error::from)
+        };
+        Ok((feats(tr, "train", observer)?, feats(te, "test", observer)?))
+    };
+    let (records, pretrained_test) =
+        pretext_eval::frozen_feature_records(&mut features, fractions, cfg.train.seed, &probe_cfg, &knn, observer)?;
     let report = pretext_eval::EvalReport {
         paradigm: Mlm::NAME.into(),
         method: "bert-mlm".into(),
@@ -357,7 +321,7 @@ pub fn probe(
     }
     let figures = pretext_eval::plots::RunFigures {
         metrics: Some(&metrics_path),
-        test_features: pretrained_test.as_ref(),
+        test_features: Some(&pretrained_test),
         class_names: &te.classes,
         extra_images: extra,
         intro_html: format!(
@@ -498,7 +462,7 @@ impl Paradigm for Mlm {
     type Model = BertMlm;
     type Assets = WordPieceTokenizer;
     type Data = Prepared;
-    type Batches = MlmBatcher;
+    type Batches = Prefetched<MlmBatcher>;
     type Error = Error;
 
     fn train_config(cfg: &MlmConfig) -> &TrainConfig {
@@ -571,15 +535,17 @@ impl Paradigm for Mlm {
         new_model(cfg, tok, device)
     }
 
-    fn batches(cfg: &MlmConfig, p: &Prepared, tok: &WordPieceTokenizer, device: &Device) -> Result<MlmBatcher> {
-        Ok(MlmBatcher::new(
+    fn batches(cfg: &MlmConfig, p: &Prepared, tok: &WordPieceTokenizer, device: &Device) -> Result<Self::Batches> {
+        let batcher = MlmBatcher::new(
             p.train.clone(),
             cfg.train.batch_size,
             cfg.train.seed,
             cfg.masking.clone(),
-            special_ids(tok)?,
+            tok.special_ids()?,
             device,
-        ))
+        );
+        // Masking and padding the next batches overlaps the step, as the images' pipeline does.
+        Ok(Prefetched::new(batcher, TEXT_PREFETCH))
     }
 
     fn eval_due(cfg: &MlmConfig, step: u64, _: u64, total: u64) -> bool {
@@ -600,7 +566,7 @@ impl Paradigm for Mlm {
         _: &Device,
         observer: &mut dyn Observer,
     ) -> Result<Vec<serde_json::Value>> {
-        let ids = special_ids(tok)?;
+        let ids = tok.special_ids()?;
         let e = masked_lm_eval(model, held_out_slice(p, cfg), cfg, &ids, cfg.train.seed, observer)?;
         observer.on_message(&format!(
             "step {}: held-out masked-token accuracy {:.2}%, perplexity {:.1}",

@@ -2,7 +2,7 @@
 //! sequences, BERT masking (15% of the non-special tokens chosen; of those
 //! 80% become `[MASK]`, 10% a random token, 10% stay) and dynamic padding.
 
-use crate::model::MlmBatch;
+pub use crate::tokenizer::SpecialIds;
 use candle_core::{Device, Tensor};
 use pretext_core::trainer::BatchSource;
 use pretext_core::{Error, Result};
@@ -61,23 +61,6 @@ impl MaskingConfig {
         }
         Ok(())
     }
-}
-
-/// The token ids a collator needs to know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SpecialIds {
-    /// `[PAD]`.
-    pub pad: u32,
-    /// `[CLS]`.
-    pub cls: u32,
-    /// `[SEP]`.
-    pub sep: u32,
-    /// `[MASK]`.
-    pub mask: u32,
-    /// Ids below this are special tokens (never chosen, never drawn as random replacements).
-    pub first_regular: u32,
-    /// Vocabulary size.
-    pub vocab_size: u32,
 }
 
 /// Token sequences of at most `seq_len` tokens, each `[CLS] … [SEP]`.
@@ -196,8 +179,22 @@ impl Masked {
     }
 }
 
+/// Token ids, attention mask and (for training) the masked positions and their targets.
+#[derive(Debug, Clone)]
+pub struct MlmBatch {
+    /// `(batch, seq)` u32 token ids (masking applied).
+    pub input_ids: Tensor,
+    /// `(batch, seq)` f32: 1 for real tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// `(m,)` u32 flat indices (`b · seq + t`) of the positions to predict.
+    pub positions: Tensor,
+    /// `(m,)` u32 original token ids at those positions.
+    pub targets: Tensor,
+}
+
 /// Seeded, shuffled, masked batches of sequences: the batch of a step is a
 /// pure function of (seed, step), so resumed runs see the same batches.
+#[derive(Debug, Clone)]
 pub struct MlmBatcher {
     seqs: Arc<Vec<Vec<u32>>>,
     batch_size: usize,

@@ -16,8 +16,8 @@ pub mod model;
 pub mod tokenizer;
 
 pub use app::Mlm;
-pub use collator::{MaskingConfig, MlmBatcher, Packing};
+pub use collator::{MaskingConfig, MlmBatch, MlmBatcher, Packing, SpecialIds};
 pub use config::MlmConfig;
 pub use error::{Error, Result};
-pub use model::{BertDims, BertMlm, MlmBatch};
+pub use model::{BertDims, BertMlm};
 pub use tokenizer::WordPieceTokenizer;

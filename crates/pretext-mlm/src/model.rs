@@ -10,6 +10,7 @@
 //! only at the masked positions: the loss is the same as over all positions
 //! with ignored labels, for a fraction of the decoder's cost.
 
+use crate::collator::MlmBatch;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::{Init, VarBuilder, VarMap};
 use pretext_core::init::SeededVarMap;
@@ -166,19 +167,6 @@ impl Drops {
         }
         (self.attention, self.seed())
     }
-}
-
-/// Token ids, attention mask and (for training) the masked positions and their targets.
-#[derive(Debug, Clone)]
-pub struct MlmBatch {
-    /// `(batch, seq)` u32 token ids (masking applied).
-    pub input_ids: Tensor,
-    /// `(batch, seq)` f32: 1 for real tokens, 0 for padding.
-    pub attention_mask: Tensor,
-    /// `(m,)` u32 flat indices (`b · seq + t`) of the positions to predict.
-    pub positions: Tensor,
-    /// `(m,)` u32 original token ids at those positions.
-    pub targets: Tensor,
 }
 
 /// `BertForMaskedLM`: the encoder and the tied MLM head.

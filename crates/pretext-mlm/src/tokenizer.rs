@@ -16,6 +16,23 @@ use tokenizers::{AddedToken, Tokenizer};
 /// The special tokens, in id order: `[PAD]` is 0, `[MASK]` is 4.
 pub const SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 
+/// The token ids a collator needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialIds {
+    /// `[PAD]`.
+    pub pad: u32,
+    /// `[CLS]`.
+    pub cls: u32,
+    /// `[SEP]`.
+    pub sep: u32,
+    /// `[MASK]`.
+    pub mask: u32,
+    /// Ids below this are special tokens (never chosen, never drawn as random replacements).
+    pub first_regular: u32,
+    /// Vocabulary size.
+    pub vocab_size: u32,
+}
+
 /// A WordPiece tokenizer and the ids of its special tokens.
 #[derive(Clone)]
 pub struct WordPieceTokenizer {
@@ -37,6 +54,34 @@ fn tk_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
 }
 
 impl WordPieceTokenizer {
+    /// The token ids the collator needs.
+    ///
+    /// # Errors
+    /// A tokenizer whose special tokens do not come first in its vocabulary.
+    pub fn special_ids(&self) -> pretext_core::Result<SpecialIds> {
+        let tok = self;
+        let first_regular = [tok.pad, tok.unk, tok.cls, tok.sep, tok.mask]
+            .into_iter()
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let vocab_size = tok.vocab_size() as u32;
+        if first_regular >= vocab_size {
+            return Err(pretext_core::Error::Config(
+                "the tokenizer's special tokens must come first in its vocabulary (ids below every regular token)"
+                    .into(),
+            ));
+        }
+        Ok(SpecialIds {
+            pad: tok.pad,
+            cls: tok.cls,
+            sep: tok.sep,
+            mask: tok.mask,
+            first_regular,
+            vocab_size,
+        })
+    }
+
     /// Trains a vocabulary of at most `vocab_size` tokens (special tokens
     /// included) on `docs`; pieces seen fewer than `min_frequency` times are left out.
     ///

@@ -82,7 +82,7 @@ fn loss_falls_on_a_tiny_corpus() -> pretext_core::Result<()> {
     .map(|s| s.to_string())
     .collect();
     let tok = WordPieceTokenizer::train(&docs, 60, 1)?;
-    let ids = pretext_mlm::app::special_ids(&tok)?;
+    let ids = tok.special_ids()?;
     let seqs = sequences(&tok.encode_all(&docs)?, 16, Packing::Pack, &ids)?;
     let mut d = dims(tok.vocab_size());
     d.initializer_range = 0.02;

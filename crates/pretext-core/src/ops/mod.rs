@@ -47,22 +47,7 @@ pub use loss::{bernoulli_log_lik, cross_entropy, reference_bernoulli_log_lik, so
 pub use norm::{batch_norm, layer_norm, reference_batch_norm, reference_layer_norm, BatchStats, NormStats};
 pub use pool::{global_avg_pool_nhwc, max_pool2d_nhwc};
 
-use candle_core::{bail, CpuStorage, DType, Layout, Tensor};
-
-/// The contiguous f32 values of a CPU storage under `l` (for custom ops'
-/// `cpu_fwd`); `what` names the operand in errors.
-///
-/// # Errors
-/// Not f32, or not contiguous.
-pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => match l.contiguous_offsets() {
-            Some((a, b)) => Ok(&v[a..b]),
-            None => bail!("{what}: expects a contiguous tensor"),
-        },
-        _ => bail!("{what}: expects f32"),
-    }
-}
+use candle_core::{DType, Tensor};
 
 /// Whether every tensor is f32 on the CPU, where the fused kernels run.
 pub fn fast_path(ts: &[&Tensor]) -> bool {

@@ -36,7 +36,17 @@ pub fn load_data(cfg: &ContrastiveConfig) -> Result<RunData> {
         cfg.data.image_size,
         cfg.data.channels,
         cfg.train.seed,
-    )?;
+    )
+    .map_err(|e| match e {
+        // The encoder's input follows the data: name both keys.
+        pretext_data::Error::Channels { found, expected } => Error::Config {
+            key: "data.channels".into(),
+            reason: format!(
+                "{expected}, but the data has {found} channel(s): --set data.channels={found} --set model.encoder.in_channels={found}"
+            ),
+        },
+        other => other.into(),
+    })?;
     Ok(RunData {
         train: Arc::new(imgs.train),
         held_out: imgs.held_out,

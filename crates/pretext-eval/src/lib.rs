@@ -11,6 +11,7 @@ pub mod knn;
 pub mod linear;
 pub mod plots;
 pub mod report;
+mod run_error;
 pub mod tfidf;
 pub mod transfer;
 
@@ -20,5 +21,6 @@ pub use finetune::{fine_tune, FineTuneConfig, FineTuneResult};
 pub use knn::{knn_accuracy, KnnConfig};
 pub use linear::{LinearProbe, LinearProbeConfig};
 pub use report::{evaluate_features, EvalRecord, EvalReport};
+pub use run_error::{RunError, RunResult};
 pub use tfidf::TfIdf;
 pub use transfer::{frozen_feature_records, probe_subset, transfer_records, Init, TransferSetup};

@@ -205,6 +205,27 @@ fn new_trainer<P: Paradigm>(
     )?)
 }
 
+/// Trains `trainer` (attached to its run) on `batches` to the end with the
+/// paradigm's epoch-end evaluations.
+fn train_to_end<P: Paradigm>(
+    cfg: &P::Config,
+    data: &P::Data,
+    assets: &P::Assets,
+    mut trainer: Trainer<P::Model>,
+    mut batches: P::Batches,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<(), P::Error> {
+    let mut monitor = EpochEnd::<P> {
+        cfg,
+        data,
+        assets,
+        device,
+    };
+    trainer.train(&mut batches, &mut monitor, observer)?;
+    Ok(())
+}
+
 /// Starts a run in `out` with `cfg` (whose resolved TOML is `config_toml`)
 /// and trains it to the end, evaluating at epoch ends.
 ///
@@ -222,17 +243,11 @@ pub fn pretrain<P: Paradigm>(
     P::validate(cfg)?;
     let (data, assets) = P::load_data(cfg, None, observer)?;
     let mut trainer = new_trainer::<P>(cfg, &assets, device)?;
-    let mut batches = P::batches(cfg, &data, &assets, device)?;
+    let batches = P::batches(cfg, &data, &assets, device)?;
     let run = RunDir::create(out, config_toml)?;
     P::save_assets(&assets, &run)?;
     trainer.attach_run(&run)?;
-    let mut monitor = EpochEnd::<P> {
-        cfg,
-        data: &data,
-        assets: &assets,
-        device,
-    };
-    trainer.train(&mut batches, &mut monitor, observer)?;
+    train_to_end::<P>(cfg, &data, &assets, trainer, batches, device, observer)?;
     Ok(run)
 }
 
@@ -253,20 +268,14 @@ pub fn resume<P: Paradigm>(
     let assets = P::load_assets(cfg, &run)?;
     let (data, assets) = P::load_data(cfg, Some(assets), observer)?;
     let mut trainer = new_trainer::<P>(cfg, &assets, device)?;
-    let mut batches = P::batches(cfg, &data, &assets, device)?;
+    let batches = P::batches(cfg, &data, &assets, device)?;
     let (latest, ckpt) = run
         .checkpoints(P::train_config(cfg).keep_checkpoints)
         .load_latest_with_path(device)?;
     trainer.resume(&ckpt, &latest)?;
     trainer.attach_run(&run)?;
     observer.on_message(&format!("resuming from {} (step {})", latest.display(), trainer.step()));
-    let mut monitor = EpochEnd::<P> {
-        cfg,
-        data: &data,
-        assets: &assets,
-        device,
-    };
-    trainer.train(&mut batches, &mut monitor, observer)?;
+    train_to_end::<P>(cfg, &data, &assets, trainer, batches, device, observer)?;
     Ok(run)
 }
 

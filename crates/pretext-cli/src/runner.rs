@@ -116,6 +116,18 @@ pub fn run_config<T: DeserializeOwned + Serialize>(run: &Path, overrides: &[Stri
         .config)
 }
 
+/// The config (with `overrides`) and the device of a command on the existing
+/// run `run`.
+fn existing_run<T: DeserializeOwned + Serialize>(
+    run: &Path,
+    overrides: &[String],
+    device: &str,
+) -> anyhow::Result<(T, candle_core::Device)> {
+    crate::init_tracing(false);
+    let cfg = run_config(run, overrides)?;
+    Ok((cfg, pretext_core::select_device(device)?))
+}
+
 fn default_out(name: &str, label: &str) -> PathBuf {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -185,16 +197,13 @@ where
             println!("run folder: {}", run.root().display());
         }
         Command::Resume(ResumeArgs { run, device, quiet }) => {
-            crate::init_tracing(false);
-            let cfg: P::Config = run_config(&run, &[])?;
-            let device = pretext_core::select_device(&device)?;
+            let (cfg, device) = existing_run::<P::Config>(&run, &[], &device)?;
             let mut observer = observer(&P::label(&cfg), quiet);
             paradigm::resume::<P>(&run, &cfg, &device, &mut observer)
                 .with_context(|| format!("resuming {}", run.display()))?;
             println!("run folder: {}", run.display());
         }
         Command::Probe(args) => {
-            crate::init_tracing(false);
             if args.no_finetune && !P::FINETUNES {
                 anyhow::bail!("probe --no-finetune: pretext-{} probes without fine-tuning", P::NAME);
             }
@@ -206,17 +215,14 @@ where
             if let Some(bad) = args.overrides.iter().find(|o| !o.trim_start().starts_with("eval.")) {
                 anyhow::bail!("probe --set {bad:?}: only eval.* keys can change after pretraining");
             }
-            let cfg: P::Config = run_config(&args.run, &args.overrides)?;
-            let device = pretext_core::select_device(&args.device)?;
+            let (cfg, device) = existing_run::<P::Config>(&args.run, &args.overrides, &args.device)?;
             let mut observer = crate::progress::ProgressObserver::new("probe", args.quiet);
             let summary = paradigm::probe::<P>(&args.run, &cfg, &fractions, !args.no_finetune, &device, &mut observer)
                 .with_context(|| format!("probing {}", args.run.display()))?;
             println!("{summary}");
         }
         Command::Export(RunArg { run, device }) => {
-            crate::init_tracing(false);
-            let cfg: P::Config = run_config(&run, &[])?;
-            let device = pretext_core::select_device(&device)?;
+            let (cfg, device) = existing_run::<P::Config>(&run, &[], &device)?;
             let out =
                 paradigm::export::<P>(&run, &cfg, &device).with_context(|| format!("exporting {}", run.display()))?;
             println!("exported: {}", out.display());

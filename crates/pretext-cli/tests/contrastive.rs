@@ -94,31 +94,7 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(records(&b), rec_a, "metrics differ after resume");
     // Same tensors, bit for bit (the files' metadata headers may list keys in another order).
-    let load = |run: &Path| {
-        let t = candle_core::safetensors::load(
-            run.join("checkpoints/step-00000004/model.safetensors"),
-            &candle_core::Device::Cpu,
-        )
-        .expect("weights");
-        let mut v: Vec<(String, Vec<u8>)> = t
-            .into_iter()
-            .map(|(k, t)| {
-                (
-                    k,
-                    format!(
-                        "{:?}",
-                        t.flatten_all()
-                            .and_then(|t| t.to_dtype(candle_core::DType::F64))
-                            .and_then(|t| t.to_vec1::<f64>())
-                    )
-                    .into_bytes(),
-                )
-            })
-            .collect();
-        v.sort();
-        v
-    };
-    let (wa, wb) = (load(&a), load(&b));
+    let (wa, wb) = (final_weights(&a, "step-00000004"), final_weights(&b, "step-00000004"));
     assert!(wa.len() > 10);
     assert!(wa == wb, "final weights differ");
     if method == "moco" {
@@ -141,6 +117,90 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
             assert_eq!(d, 0.0, "{k} differs after resume");
         }
     }
+}
+
+/// The weights of a run's checkpoint `step`, tensor by tensor, sorted by name
+/// (as f64: every f32 and integer value exactly).
+fn final_weights(run: &Path, step: &str) -> Vec<(String, Vec<f64>)> {
+    let t = candle_core::safetensors::load(
+        run.join("checkpoints").join(step).join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .expect("weights");
+    let mut v: Vec<(String, Vec<f64>)> = t
+        .into_iter()
+        .map(|(k, t)| {
+            let values = t
+                .flatten_all()
+                .and_then(|t| t.to_dtype(candle_core::DType::F64))
+                .and_then(|t| t.to_vec1::<f64>())
+                .expect("values");
+            (k, values)
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// A run killed with SIGKILL after its last training step, inside the final
+/// online kNN evaluation (before the checkpoint that follows it), resumes to
+/// the uninterrupted run's log, the kNN record included, and its weights.
+#[test]
+fn a_run_killed_during_its_final_evaluation_resumes_to_the_same_log() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A large kNN bank makes the final evaluation last long enough to be hit.
+    let eval = ["--set", "eval.knn_train=20000", "--set", "eval.knn_test=5000"];
+    let a = tmp.path().join("a");
+    let out = bin()
+        .arg("pretrain")
+        .arg("--out")
+        .arg(&a)
+        .args(TINY)
+        .args(eval)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rec_a = records(&a);
+    assert!(rec_a.last().is_some_and(|r| r["event"] == "knn"), "{rec_a:?}");
+
+    let b = tmp.path().join("b");
+    let tiny: Vec<&str> = TINY.iter().copied().filter(|a| *a != "--quiet").collect();
+    let mut child = bin()
+        .arg("pretrain")
+        .arg("--out")
+        .arg(&b)
+        .args(&tiny)
+        .args(eval)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.expect("stderr line");
+        let last_step = line.contains(" step 4/4 ");
+        seen.push(line);
+        if last_step {
+            // the 4th step is logged; its evaluation and checkpoint follow
+            child.kill().expect("kill");
+            break;
+        }
+    }
+    let status = child.wait().expect("wait");
+    assert!(!status.success(), "the run was not killed: {seen:?}");
+    // Killed inside the window: the step-4 checkpoint and kNN record are not written.
+    let latest = std::fs::read_to_string(b.join("checkpoints/latest")).expect("latest");
+    assert_eq!(latest.trim(), "step-00000002", "{seen:?}");
+    assert!(!records(&b).iter().any(|r| r["event"] == "knn"));
+
+    let out = bin().arg("resume").arg(&b).arg("--quiet").output().expect("resume");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(records(&b), rec_a, "metrics differ after resume");
+    let wa = final_weights(&a, "step-00000004");
+    assert!(wa.len() > 10);
+    assert!(wa == final_weights(&b, "step-00000004"), "final weights differ");
 }
 
 #[test]

@@ -6,9 +6,9 @@ use crate::config::ContrastiveConfig;
 use crate::error::{Error, Result};
 use crate::model::{ContrastiveModel, MethodKind};
 use candle_core::Device;
-use pretext_core::paradigm::{EvalPoint, Paradigm, Trained};
-use pretext_core::trainer::{Observer, TrainConfig};
-use pretext_core::{OptimConfig, RunDir, ScheduleConfig};
+use pretext_core::paradigm::{EvalPoint, EvalSchedule, Paradigm, Sections, Trained};
+use pretext_core::trainer::Observer;
+use pretext_core::RunDir;
 use pretext_data::{BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
 use pretext_eval::{knn_accuracy, Embedded, KnnConfig};
 use std::path::Path;
@@ -18,12 +18,7 @@ use std::sync::Arc;
 pub struct Contrastive;
 
 /// Training images and a labelled held-out set for monitoring.
-pub struct RunData {
-    /// What the encoder learns from.
-    pub train: Arc<ImageDataset>,
-    /// Labelled held-out images (the test split, or 10% of train when there is none).
-    pub held_out: Option<ImageDataset>,
-}
+pub use pretext_data::source::RunImages as RunData;
 
 /// Loads the data a config names (the shipped Fashion-MNIST by default).
 ///
@@ -47,10 +42,7 @@ pub fn load_data(cfg: &ContrastiveConfig) -> Result<RunData> {
         },
         other => other.into(),
     })?;
-    Ok(RunData {
-        train: Arc::new(imgs.train),
-        held_out: imgs.held_out,
-    })
+    Ok(imgs)
 }
 
 /// Encoder features of `indices` of `ds` (eval mode, no augmentation).
@@ -124,17 +116,9 @@ pub fn new_model(cfg: &ContrastiveConfig, device: &Device) -> Result<Contrastive
     Ok(ContrastiveModel::new(method, &cfg.model, cfg.train.seed, device)?)
 }
 
-/// The dataset name for reports: `fashion-mnist` for the shipped default, else the path.
-pub fn dataset_name(cfg: &ContrastiveConfig) -> String {
-    if cfg.data.path.is_empty() {
-        "fashion-mnist".to_string()
-    } else {
-        cfg.data.path.clone()
-    }
-}
-
 impl Paradigm for Contrastive {
     const NAME: &'static str = "contrastive";
+    const SHIPPED_DATA: &'static str = "fashion-mnist";
     type Config = ContrastiveConfig;
     type Model = ContrastiveModel;
     type Assets = ();
@@ -142,16 +126,13 @@ impl Paradigm for Contrastive {
     type Batches = ImageBatcher;
     type Error = Error;
 
-    fn train_config(cfg: &ContrastiveConfig) -> &TrainConfig {
-        &cfg.train
-    }
-
-    fn optim_config(cfg: &ContrastiveConfig) -> &OptimConfig {
-        &cfg.optim
-    }
-
-    fn schedule_config(cfg: &ContrastiveConfig) -> &ScheduleConfig {
-        &cfg.schedule
+    fn sections(cfg: &ContrastiveConfig) -> Sections<'_> {
+        Sections {
+            train: &cfg.train,
+            optim: &cfg.optim,
+            schedule: &cfg.schedule,
+            data_path: &cfg.data.path,
+        }
     }
 
     fn validate(cfg: &ContrastiveConfig) -> Result<()> {
@@ -175,20 +156,12 @@ impl Paradigm for Contrastive {
             Pipeline::new(cfg.data.augment.clone(), cfg.data.image_size, cfg.data.image_size)
                 .map_err(Error::Invalid)?,
         );
-        let bc = BatcherConfig {
-            batch_size: cfg.train.batch_size,
-            views: 2,
-            seed: cfg.train.seed,
-            shuffle: true,
-            drop_last: true,
-            prefetch: cfg.data.prefetch,
-        };
+        let bc = BatcherConfig::training(cfg.train.batch_size, 2, cfg.train.seed, cfg.data.prefetch);
         Ok(ImageBatcher::new(data.train.clone(), pipeline, bc, device)?)
     }
 
-    fn eval_due(cfg: &ContrastiveConfig, step: u64, spe: u64, _: u64) -> bool {
-        let every = cfg.eval.knn_every;
-        every > 0 && step % spe == 0 && (step / spe) % every == 0
+    fn eval_schedule(cfg: &ContrastiveConfig) -> EvalSchedule {
+        EvalSchedule::Epochs(cfg.eval.knn_every)
     }
 
     fn evaluate(
@@ -286,7 +259,7 @@ pub fn probe(
     let report = pretext_eval::EvalReport {
         paradigm: Contrastive::NAME.into(),
         method: cfg.method.clone(),
-        dataset: dataset_name(cfg),
+        dataset: Contrastive::dataset_name(cfg),
         records,
     };
     let report_dir = trained.run.report_dir()?;

@@ -256,7 +256,7 @@ pub fn export_files(cfg: &ContrastiveConfig, trained: &Trained<Contrastive>) -> 
         std: cfg.data.augment.std.clone(),
         paradigm: Contrastive::NAME.into(),
         method: cfg.method.clone(),
-        dataset: crate::app::dataset_name(cfg),
+        dataset: Contrastive::dataset_name(cfg),
         steps: trained.step,
         library: format!("pretext {}", env!("CARGO_PKG_VERSION")),
     };

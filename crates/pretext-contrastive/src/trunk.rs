@@ -209,15 +209,10 @@ impl TrunkOp {
     }
 }
 
-impl FusedOp for TrunkOp {
-    fn name(&self) -> &'static str {
-        "pretext-resnet-trunk"
-    }
+impl FusedOp<2> for TrunkOp {
+    const NAME: &'static str = "pretext-resnet-trunk";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [x, params] = xs else {
-            bail!("resnet trunk: takes x, parameters")
-        };
+    fn forward(&self, [x, params]: [Operand<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let &[n, h, w, c] = x.dims else {
             bail!("resnet trunk: expects x (n, h, w, c), got {:?}", x.dims)
         };
@@ -297,10 +292,12 @@ impl FusedOp for TrunkOp {
         Ok((feats, Shape::from((n, cout))))
     }
 
-    fn backward(&self, xs: &[&Tensor], _res: &Tensor, grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let [x, params] = xs else {
-            bail!("resnet trunk: takes x, parameters")
-        };
+    fn backward(
+        &self,
+        [x, params]: [&Tensor; 2],
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 2]> {
         let Some(tape) = self.tape.lock().ok().and_then(|mut t| t.take()) else {
             bail!("resnet trunk: backward without forward (or run twice)")
         };
@@ -341,7 +338,7 @@ impl FusedOp for TrunkOp {
         let stem = &tape.units[ui];
         let _ = self.unit_backward(stem, &xin, &dout, &p, &mut dp, false);
         let dparams = Tensor::from_vec(dp, params.shape(), params.device())?;
-        Ok(vec![None, Some(dparams)])
+        Ok([None, Some(dparams)])
     }
 }
 
@@ -367,7 +364,7 @@ pub fn resnet_trunk(
         tape: Arc::new(Mutex::new(None)),
         stats: stats.clone(),
     };
-    let y = apply(&[&x.contiguous()?, &params.contiguous()?], op)?;
+    let y = apply([&x.contiguous()?, &params.contiguous()?], op)?;
     let s = stats.lock().map(|s| s.clone()).unwrap_or_default();
     Ok((y, s))
 }

@@ -37,12 +37,20 @@ pub trait Paradigm: Sized {
     /// What the paradigm's operations fail with.
     type Error: From<Error>;
 
-    /// The `train.*` section.
-    fn train_config(cfg: &Self::Config) -> &TrainConfig;
-    /// The `optim.*` section.
-    fn optim_config(cfg: &Self::Config) -> &OptimConfig;
-    /// The `schedule.*` section.
-    fn schedule_config(cfg: &Self::Config) -> &ScheduleConfig;
+    /// The name reports give the shipped dataset (an empty `data.path`).
+    const SHIPPED_DATA: &'static str;
+
+    /// The sections of the config that every paradigm has.
+    fn sections(cfg: &Self::Config) -> Sections<'_>;
+
+    /// The dataset name for reports: [`Self::SHIPPED_DATA`] for the shipped
+    /// data, else the path.
+    fn dataset_name(cfg: &Self::Config) -> String {
+        match Self::sections(cfg).data_path {
+            "" => Self::SHIPPED_DATA.to_string(),
+            path => path.to_string(),
+        }
+    }
 
     /// Checks the config as a whole before anything is read or written.
     ///
@@ -92,10 +100,9 @@ pub trait Paradigm: Sized {
         device: &Device,
     ) -> Result<Self::Batches, Self::Error>;
 
-    /// Whether to evaluate after `step` completed steps (epochs of
-    /// `steps_per_epoch`, `total` steps in all); the run evaluates after its
-    /// last step whatever this says.
-    fn eval_due(cfg: &Self::Config, step: u64, steps_per_epoch: u64, total: u64) -> bool;
+    /// When to evaluate during a run; the run evaluates after its last step
+    /// whatever this says.
+    fn eval_schedule(cfg: &Self::Config) -> EvalSchedule;
 
     /// The online evaluation after `step` steps: the records to append to
     /// `metrics.jsonl` (none where the data allows none).
@@ -132,6 +139,42 @@ pub trait Paradigm: Sized {
     /// # Errors
     /// Tensor and encoding errors.
     fn export_files(cfg: &Self::Config, trained: &Trained<Self>) -> Result<Vec<(String, Vec<u8>)>, Self::Error>;
+}
+
+/// The sections of a paradigm's config that the orchestration reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Sections<'a> {
+    /// `train.*`.
+    pub train: &'a TrainConfig,
+    /// `optim.*`.
+    pub optim: &'a OptimConfig,
+    /// `schedule.*`.
+    pub schedule: &'a ScheduleConfig,
+    /// `data.path` (empty: the shipped data).
+    pub data_path: &'a str,
+}
+
+/// When a run evaluates itself (besides after its last step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalSchedule {
+    /// At the end of every n-th epoch (0: only after the last step).
+    Epochs(u64),
+    /// After every n-th step (0: only after the last step).
+    Steps(u64),
+}
+
+impl EvalSchedule {
+    /// Whether an evaluation is due after `step` completed steps in epochs of
+    /// `steps_per_epoch`.
+    pub fn due(self, step: u64, steps_per_epoch: u64) -> bool {
+        match self {
+            Self::Epochs(n) => {
+                let spe = steps_per_epoch.max(1);
+                n > 0 && step % spe == 0 && (step / spe) % n == 0
+            }
+            Self::Steps(n) => n > 0 && step % n == 0,
+        }
+    }
 }
 
 /// Where in a run an online evaluation happens.
@@ -175,8 +218,8 @@ struct EpochEnd<'a, P: Paradigm> {
 impl<P: Paradigm> Monitor<P::Model> for EpochEnd<'_, P> {
     type Error = P::Error;
 
-    fn due(&self, step: u64, steps_per_epoch: u64, total: u64) -> bool {
-        P::eval_due(self.cfg, step, steps_per_epoch, total)
+    fn due(&self, step: u64, steps_per_epoch: u64, _total: u64) -> bool {
+        P::eval_schedule(self.cfg).due(step, steps_per_epoch)
     }
 
     fn evaluate(
@@ -197,12 +240,8 @@ fn new_trainer<P: Paradigm>(
     device: &Device,
 ) -> Result<Trainer<P::Model>, P::Error> {
     let model = P::new_model(cfg, assets, device)?;
-    Ok(Trainer::new(
-        model,
-        P::optim_config(cfg),
-        P::schedule_config(cfg),
-        P::train_config(cfg),
-    )?)
+    let s = P::sections(cfg);
+    Ok(Trainer::new(model, s.optim, s.schedule, s.train)?)
 }
 
 /// Trains `trainer` (attached to its run) on `batches` to the end with the
@@ -270,7 +309,7 @@ pub fn resume<P: Paradigm>(
     let mut trainer = new_trainer::<P>(cfg, &assets, device)?;
     let batches = P::batches(cfg, &data, &assets, device)?;
     let (latest, ckpt) = run
-        .checkpoints(P::train_config(cfg).keep_checkpoints)
+        .checkpoints(P::sections(cfg).train.keep_checkpoints)
         .load_latest_with_path(device)?;
     trainer.resume(&ckpt, &latest)?;
     trainer.attach_run(&run)?;
@@ -286,7 +325,7 @@ pub fn resume<P: Paradigm>(
 pub fn load_trained<P: Paradigm>(dir: &Path, cfg: &P::Config, device: &Device) -> Result<Trained<P>, P::Error> {
     let run = RunDir::open(dir)?;
     let assets = P::load_assets(cfg, &run)?;
-    let mgr = run.checkpoints(P::train_config(cfg).keep_checkpoints);
+    let mgr = run.checkpoints(P::sections(cfg).train.keep_checkpoints);
     let checkpoint = mgr
         .latest()?
         .ok_or_else(|| Error::NoCheckpoint(mgr.dir().to_path_buf()))?;

@@ -60,6 +60,21 @@ impl Default for BatcherConfig {
     }
 }
 
+impl BatcherConfig {
+    /// Training batches: `views` augmented views per sample, reshuffled every
+    /// epoch by `seed`, the last incomplete batch dropped.
+    pub fn training(batch_size: usize, views: usize, seed: u64, prefetch: usize) -> Self {
+        Self {
+            batch_size,
+            views,
+            seed,
+            shuffle: true,
+            drop_last: true,
+            prefetch,
+        }
+    }
+}
+
 /// A batch before it becomes tensors (made off the main thread).
 #[derive(Debug)]
 struct RawBatch {

@@ -6,6 +6,7 @@ use crate::idx::read_idx_images;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Image formats `--data` understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,8 +52,8 @@ fn idx_pair(dir: &Path, prefix: &str) -> Option<(PathBuf, Option<PathBuf>)> {
 /// set for monitoring and evaluation.
 #[derive(Debug, Clone)]
 pub struct RunImages {
-    /// Training images.
-    pub train: ImageDataset,
+    /// Training images (shared with the batcher's workers).
+    pub train: Arc<ImageDataset>,
     /// The labelled test split, or a seeded 10% of the training images when
     /// the source has no test split; `None` for unlabelled data.
     pub held_out: Option<ImageDataset>,
@@ -86,7 +87,7 @@ pub fn load_run_images(path: &str, format: ImageFormat, size: usize, channels: u
         _ => None,
     };
     Ok(RunImages {
-        train: splits.train,
+        train: Arc::new(splits.train),
         held_out,
     })
 }

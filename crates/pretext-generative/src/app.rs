@@ -8,9 +8,9 @@ use crate::error::{Error, Result};
 use crate::model::{binarize, Vae, VaeArch};
 use crate::pictures::grid_png;
 use candle_core::{Device, Tensor};
-use pretext_core::paradigm::{EvalPoint, Paradigm, Trained};
-use pretext_core::trainer::{Observer, TrainConfig};
-use pretext_core::{OptimConfig, RunDir, ScheduleConfig};
+use pretext_core::paradigm::{EvalPoint, EvalSchedule, Paradigm, Sections, Trained};
+use pretext_core::trainer::Observer;
+use pretext_core::RunDir;
 use pretext_data::{AugmentConfig, BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
 use pretext_eval::{knn_accuracy, Embedded, KnnConfig};
 use rand::SeedableRng;
@@ -21,13 +21,8 @@ use std::sync::Arc;
 /// The variational autoencoder on images.
 pub struct Generative;
 
-/// Training images and a labelled held-out set.
-pub struct RunData {
-    /// What the VAE learns from.
-    pub train: Arc<ImageDataset>,
-    /// Labelled held-out images (the test split, or 10% of train).
-    pub held_out: Option<ImageDataset>,
-}
+/// Training images and a labelled held-out set for monitoring.
+pub use pretext_data::source::RunImages as RunData;
 
 /// Loads the data a config names (the shipped Fashion-MNIST by default).
 ///
@@ -41,10 +36,7 @@ pub fn load_data(cfg: &GenerativeConfig) -> Result<RunData> {
         cfg.data.channels,
         cfg.train.seed,
     )?;
-    Ok(RunData {
-        train: Arc::new(imgs.train),
-        held_out: imgs.held_out,
-    })
+    Ok(imgs)
 }
 
 /// A freshly initialised VAE (seeded by `train.seed`).
@@ -400,7 +392,7 @@ pub fn probe(
     let report = pretext_eval::EvalReport {
         paradigm: Generative::NAME.into(),
         method: "vae".into(),
-        dataset: dataset_name(cfg),
+        dataset: Generative::dataset_name(cfg),
         records,
     };
     let report_dir = run.report_dir()?;
@@ -429,17 +421,9 @@ fn likelihood_html(l: &LikelihoodReport) -> String {
     )
 }
 
-/// The dataset name for reports.
-pub fn dataset_name(cfg: &GenerativeConfig) -> String {
-    if cfg.data.path.is_empty() {
-        "fashion-mnist".to_string()
-    } else {
-        cfg.data.path.clone()
-    }
-}
-
 impl Paradigm for Generative {
     const NAME: &'static str = "generative";
+    const SHIPPED_DATA: &'static str = "fashion-mnist";
     type Config = GenerativeConfig;
     type Model = Vae;
     type Assets = ();
@@ -447,16 +431,13 @@ impl Paradigm for Generative {
     type Batches = ImageBatcher;
     type Error = Error;
 
-    fn train_config(cfg: &GenerativeConfig) -> &TrainConfig {
-        &cfg.train
-    }
-
-    fn optim_config(cfg: &GenerativeConfig) -> &OptimConfig {
-        &cfg.optim
-    }
-
-    fn schedule_config(cfg: &GenerativeConfig) -> &ScheduleConfig {
-        &cfg.schedule
+    fn sections(cfg: &GenerativeConfig) -> Sections<'_> {
+        Sections {
+            train: &cfg.train,
+            optim: &cfg.optim,
+            schedule: &cfg.schedule,
+            data_path: &cfg.data.path,
+        }
     }
 
     fn validate(cfg: &GenerativeConfig) -> Result<()> {
@@ -476,14 +457,7 @@ impl Paradigm for Generative {
     }
 
     fn batches(cfg: &GenerativeConfig, data: &RunData, _: &(), device: &Device) -> Result<ImageBatcher> {
-        let bc = BatcherConfig {
-            batch_size: cfg.train.batch_size,
-            views: 1,
-            seed: cfg.train.seed,
-            shuffle: true,
-            drop_last: true,
-            prefetch: cfg.data.prefetch,
-        };
+        let bc = BatcherConfig::training(cfg.train.batch_size, 1, cfg.train.seed, cfg.data.prefetch);
         Ok(ImageBatcher::new(
             data.train.clone(),
             Arc::new(plain_pipeline(cfg)?),
@@ -492,9 +466,8 @@ impl Paradigm for Generative {
         )?)
     }
 
-    fn eval_due(cfg: &GenerativeConfig, step: u64, spe: u64, _: u64) -> bool {
-        let every = cfg.eval.every;
-        every > 0 && step % spe == 0 && (step / spe) % every == 0
+    fn eval_schedule(cfg: &GenerativeConfig) -> EvalSchedule {
+        EvalSchedule::Epochs(cfg.eval.every)
     }
 
     fn evaluate(
@@ -607,7 +580,7 @@ pub fn export_files(cfg: &GenerativeConfig, trained: &Trained<Generative>) -> Re
         "inputs": "intensities in [0, 1], NCHW",
         "paradigm": Generative::NAME,
         "method": "vae",
-        "dataset": dataset_name(cfg),
+        "dataset": Generative::dataset_name(cfg),
         "steps": steps,
         "ema_decay": cfg.train.ema_decay,
         "test_likelihood": lik,
@@ -620,9 +593,9 @@ pub fn export_files(cfg: &GenerativeConfig, trained: &Trained<Generative>) -> Re
 # VAE ({arch}, latent {}) trained on {}\n\nA variational autoencoder trained with [pretext](https://github.com/pretext-rs/pretext) \
 for {steps} optimizer steps: Gaussian posterior, standard normal prior, {:?} likelihood. The encoder's posterior means are \
 {}-dimensional features.\n\n",
-        if dataset_name(cfg) == "fashion-mnist" { "fashion_mnist" } else { "custom" },
+        if Generative::dataset_name(cfg) == "fashion-mnist" { "fashion_mnist" } else { "custom" },
         cfg.model.latent,
-        dataset_name(cfg),
+        Generative::dataset_name(cfg),
         cfg.model.likelihood,
         cfg.model.latent,
     );

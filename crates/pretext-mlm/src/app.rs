@@ -10,10 +10,10 @@ use crate::error::{Error, Result};
 use crate::model::BertMlm;
 use crate::tokenizer::WordPieceTokenizer;
 use candle_core::{Device, Tensor};
-use pretext_core::paradigm::{EvalPoint, Paradigm, Trained};
+use pretext_core::paradigm::{EvalPoint, EvalSchedule, Paradigm, Sections, Trained};
 use pretext_core::prefetch::Prefetched;
-use pretext_core::trainer::{Observer, TrainConfig};
-use pretext_core::{OptimConfig, RunDir, ScheduleConfig};
+use pretext_core::trainer::Observer;
+use pretext_core::RunDir;
 use pretext_data::TextDataset;
 use pretext_eval::{Embedded, KnnConfig};
 use serde::{Deserialize, Serialize};
@@ -287,7 +287,7 @@ pub fn probe(
     let report = pretext_eval::EvalReport {
         paradigm: Mlm::NAME.into(),
         method: "bert-mlm".into(),
-        dataset: dataset_name(cfg),
+        dataset: Mlm::dataset_name(cfg),
         records,
     };
     let report_dir = run.report_dir()?;
@@ -342,15 +342,6 @@ pub fn probe(
     };
     pretext_eval::plots::write_report_page(&report_dir, &report, &figures)?;
     Ok((report, mlm, mlm_random))
-}
-
-/// The dataset name for reports.
-pub fn dataset_name(cfg: &MlmConfig) -> String {
-    if cfg.data.path.is_empty() {
-        "fortunes".to_string()
-    } else {
-        cfg.data.path.clone()
-    }
 }
 
 /// One `[MASK]` of a fill-mask query and its top candidates `(token, probability)`.
@@ -457,6 +448,7 @@ fn corpus_error(cfg: &MlmConfig, e: impl Into<Error>) -> Error {
 
 impl Paradigm for Mlm {
     const NAME: &'static str = "mlm";
+    const SHIPPED_DATA: &'static str = "fortunes";
     const FINETUNES: bool = false;
     type Config = MlmConfig;
     type Model = BertMlm;
@@ -465,16 +457,13 @@ impl Paradigm for Mlm {
     type Batches = Prefetched<MlmBatcher>;
     type Error = Error;
 
-    fn train_config(cfg: &MlmConfig) -> &TrainConfig {
-        &cfg.train
-    }
-
-    fn optim_config(cfg: &MlmConfig) -> &OptimConfig {
-        &cfg.optim
-    }
-
-    fn schedule_config(cfg: &MlmConfig) -> &ScheduleConfig {
-        &cfg.schedule
+    fn sections(cfg: &MlmConfig) -> Sections<'_> {
+        Sections {
+            train: &cfg.train,
+            optim: &cfg.optim,
+            schedule: &cfg.schedule,
+            data_path: &cfg.data.path,
+        }
     }
 
     fn validate(cfg: &MlmConfig) -> Result<()> {
@@ -548,13 +537,8 @@ impl Paradigm for Mlm {
         Ok(Prefetched::new(batcher, TEXT_PREFETCH))
     }
 
-    fn eval_due(cfg: &MlmConfig, step: u64, _: u64, total: u64) -> bool {
-        let every = if cfg.eval.every_steps == 0 {
-            total
-        } else {
-            cfg.eval.every_steps
-        };
-        every > 0 && step % every == 0
+    fn eval_schedule(cfg: &MlmConfig) -> EvalSchedule {
+        EvalSchedule::Steps(cfg.eval.every_steps)
     }
 
     fn evaluate(

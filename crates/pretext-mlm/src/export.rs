@@ -3,11 +3,12 @@
 //! (`tokenizer.json`, `vocab.txt`, `tokenizer_config.json`,
 //! `special_tokens_map.json`) and a model card.
 
-use crate::app::{dataset_name, Mlm};
+use crate::app::Mlm;
 use crate::config::MlmConfig;
 use crate::error::Result;
 use crate::model::BertMlm;
 use candle_core::Tensor;
+use pretext_core::paradigm::Paradigm;
 use pretext_core::paradigm::Trained;
 use pretext_core::Error;
 
@@ -40,7 +41,7 @@ fn card(
     let mut y = String::from(
         "---\nlibrary_name: transformers\nlicense: mit\npipeline_tag: fill-mask\ntags:\n- self-supervised\n- masked-language-modeling\n- bert\n- bert-mlm\n- pretext\n",
     );
-    y.push_str(&format!("datasets:\n- {}\n", dataset_name(cfg)));
+    y.push_str(&format!("datasets:\n- {}\n", Mlm::dataset_name(cfg)));
     let recs: Vec<&pretext_eval::EvalRecord> = report
         .map(|r| r.records.iter().filter(|x| x.features == "pretrained").collect())
         .unwrap_or_default();
@@ -56,7 +57,7 @@ fn card(
             y.push_str(&format!(
                 "  - task:\n      type: text-classification\n      name: {proto} on frozen mean-pooled features ({frac} labels)\n    dataset:\n      type: {ds}\n      name: {ds} categories\n      split: test\n    metrics:\n    - type: accuracy\n      value: {:.4}\n      name: {proto} accuracy, {frac} labels\n",
                 r.accuracy,
-                ds = dataset_name(cfg),
+                ds = Mlm::dataset_name(cfg),
             ));
         }
     }
@@ -68,7 +69,7 @@ steps: WordPiece tokenizer ({} tokens) trained on the same corpus, 15% of tokens
 kept), AdamW. {:.2} M parameters (the decoder is tied to the word embeddings).\n\n",
         d.num_hidden_layers,
         d.hidden_size,
-        dataset_name(cfg),
+        Mlm::dataset_name(cfg),
         d.vocab_size,
         d.parameter_count() as f64 / 1e6
     ));
@@ -122,7 +123,7 @@ pub fn export_files(cfg: &MlmConfig, trained: &Trained<Mlm>) -> Result<Vec<(Stri
     let mut conf = model.dims().hf_config();
     conf["transformers_version"] = serde_json::json!("4.0.0");
     conf["pretext"] = serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"), "steps": steps, "dataset": dataset_name(cfg),
+        "version": env!("CARGO_PKG_VERSION"), "steps": steps, "dataset": Mlm::dataset_name(cfg),
         "pooling": cfg.eval.pooling, "seq_len": cfg.data.seq_len,
     });
     let specials = serde_json::json!({

@@ -44,13 +44,10 @@ pub fn relu_mask(dy: &[f32], y: &[f32]) -> Vec<f32> {
 /// The gradient through a ReLU: `dy` masked by its output `y > 0`.
 struct ReluMaskOp;
 
-impl FusedOp for ReluMaskOp {
-    fn name(&self) -> &'static str {
-        "pretext-relu-mask"
-    }
+impl FusedOp<2> for ReluMaskOp {
+    const NAME: &'static str = "pretext-relu-mask";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [dy, y] = xs else { bail!("relu_mask: takes dy, y") };
+    fn forward(&self, [dy, y]: [Operand<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
         if dy.dims != y.dims {
             bail!("relu_mask: shapes {:?} and {:?} differ", dy.dims, y.dims)
         }
@@ -64,27 +61,25 @@ impl FusedOp for ReluMaskOp {
 /// # Errors
 /// Shapes differ.
 pub fn relu_backward(dy: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-    apply_no_grad(&[&dy.contiguous()?, &y.contiguous()?], ReluMaskOp)
+    apply_no_grad([&dy.contiguous()?, &y.contiguous()?], ReluMaskOp)
 }
 
 struct ReluOp;
 
-impl FusedOp for ReluOp {
-    fn name(&self) -> &'static str {
-        "pretext-relu"
-    }
+impl FusedOp<1> for ReluOp {
+    const NAME: &'static str = "pretext-relu";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let x = xs[0].data;
+    fn forward(&self, [input]: [Operand<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let x = input.data;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(1 << 15)
             .zip(x.par_chunks(1 << 15))
             .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y = x.max(0.0)));
-        Ok((y, Shape::from(xs[0].dims.to_vec())))
+        Ok((y, Shape::from(input.dims.to_vec())))
     }
 
-    fn backward(&self, _x: &[&Tensor], y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(relu_backward(dy, y)?)])
+    fn backward(&self, _x: [&Tensor; 1], y: &Tensor, dy: &Tensor) -> candle_core::Result<[Option<Tensor>; 1]> {
+        Ok([Some(relu_backward(dy, y)?)])
     }
 }
 
@@ -95,7 +90,7 @@ impl FusedOp for ReluOp {
 /// A tensor operation failed.
 pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x]) {
-        apply(&[&x.contiguous()?], ReluOp)
+        apply([&x.contiguous()?], ReluOp)
     } else {
         x.relu()
     }
@@ -103,22 +98,19 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
 
 struct AddReluOp;
 
-impl FusedOp for AddReluOp {
-    fn name(&self) -> &'static str {
-        "pretext-add-relu"
-    }
+impl FusedOp<2> for AddReluOp {
+    const NAME: &'static str = "pretext-add-relu";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [a, b] = xs else { bail!("add_relu: takes a, b") };
+    fn forward(&self, [a, b]: [Operand<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
         if a.dims != b.dims {
             bail!("add_relu: shapes {:?} and {:?} differ", a.dims, b.dims)
         }
         Ok((add_relu_kernel(a.data, b.data), Shape::from(a.dims.to_vec())))
     }
 
-    fn backward(&self, _x: &[&Tensor], y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+    fn backward(&self, _x: [&Tensor; 2], y: &Tensor, dy: &Tensor) -> candle_core::Result<[Option<Tensor>; 2]> {
         let g = relu_backward(dy, y)?;
-        Ok(vec![Some(g.clone()), Some(g)])
+        Ok([Some(g.clone()), Some(g)])
     }
 }
 
@@ -128,7 +120,7 @@ impl FusedOp for AddReluOp {
 /// Shapes differ.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[a, b]) {
-        apply(&[&a.contiguous()?, &b.contiguous()?], AddReluOp)
+        apply([&a.contiguous()?, &b.contiguous()?], AddReluOp)
     } else {
         (a + b)?.relu()
     }
@@ -152,13 +144,11 @@ pub fn erf(x: f32) -> f32 {
 
 struct GeluOp;
 
-impl FusedOp for GeluOp {
-    fn name(&self) -> &'static str {
-        "pretext-gelu"
-    }
+impl FusedOp<1> for GeluOp {
+    const NAME: &'static str = "pretext-gelu";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let x = xs[0].data;
+    fn forward(&self, [input]: [Operand<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let x = input.data;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(GELU_CHUNK)
             .zip(x.par_chunks(GELU_CHUNK))
@@ -167,11 +157,10 @@ impl FusedOp for GeluOp {
                     *o = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
                 }
             });
-        Ok((y, Shape::from(xs[0].dims.to_vec())))
+        Ok((y, Shape::from(input.dims.to_vec())))
     }
 
-    fn backward(&self, x: &[&Tensor], _y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let x = x[0];
+    fn backward(&self, [x]: [&Tensor; 1], _y: &Tensor, dy: &Tensor) -> candle_core::Result<[Option<Tensor>; 1]> {
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let dys = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut dx = vec![0f32; xs.len()];
@@ -184,7 +173,7 @@ impl FusedOp for GeluOp {
                     o[i] = dc[i] * (0.5 * (1.0 + erf(v * FRAC_1_SQRT_2)) + v * c * (-0.5 * v * v).exp());
                 }
             });
-        Ok(vec![Some(Tensor::from_vec(dx, x.shape(), x.device())?)])
+        Ok([Some(Tensor::from_vec(dx, x.shape(), x.device())?)])
     }
 }
 
@@ -194,7 +183,7 @@ impl FusedOp for GeluOp {
 /// Tensor errors.
 pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x]) {
-        apply(&[&x.contiguous()?], GeluOp)
+        apply([&x.contiguous()?], GeluOp)
     } else {
         x.gelu_erf()
     }
@@ -219,19 +208,16 @@ pub(crate) fn softmax_rows(x: &[f32], y: &mut [f32], w: usize) {
 
 struct SoftmaxOp;
 
-impl FusedOp for SoftmaxOp {
-    fn name(&self) -> &'static str {
-        "pretext-softmax"
-    }
+impl FusedOp<1> for SoftmaxOp {
+    const NAME: &'static str = "pretext-softmax";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let x = xs[0];
+    fn forward(&self, [x]: [Operand<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let mut y = vec![0f32; x.data.len()];
         softmax_rows(x.data, &mut y, x.last_dim().max(1));
         Ok((y, Shape::from(x.dims.to_vec())))
     }
 
-    fn backward(&self, _x: &[&Tensor], y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+    fn backward(&self, _x: [&Tensor; 1], y: &Tensor, dy: &Tensor) -> candle_core::Result<[Option<Tensor>; 1]> {
         let w = y.dim(D::Minus1)?.max(1);
         let ys = y.flatten_all()?.to_vec1::<f32>()?;
         let dys = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
@@ -247,7 +233,7 @@ impl FusedOp for SoftmaxOp {
                     }
                 }
             });
-        Ok(vec![Some(Tensor::from_vec(dx, y.shape(), y.device())?)])
+        Ok([Some(Tensor::from_vec(dx, y.shape(), y.device())?)])
     }
 }
 
@@ -257,7 +243,7 @@ impl FusedOp for SoftmaxOp {
 /// Tensor errors.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x]) {
-        apply(&[&x.contiguous()?], SoftmaxOp)
+        apply([&x.contiguous()?], SoftmaxOp)
     } else {
         candle_nn::ops::softmax(x, D::Minus1)
     }

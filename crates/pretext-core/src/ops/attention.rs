@@ -43,6 +43,23 @@ impl Attention {
         Ok((len / rows, len / rows / self.heads))
     }
 
+    /// Head `task = b · heads + h`'s `(seq, dh)` block of the `(batch · seq,
+    /// hidden)` rows, and the same block transposed.
+    fn head_views(&self, task: usize, hid: usize, dh: usize) -> (View, View) {
+        let (b, h) = (task / self.heads, task % self.heads);
+        let block = View {
+            off: b * self.seq * hid + h * dh,
+            rs: hid,
+            cs: 1,
+        };
+        let transposed = View {
+            off: block.off,
+            rs: 1,
+            cs: hid,
+        };
+        (block, transposed)
+    }
+
     /// Probabilities (after dropout when `drop`) of head `task = b · heads + h`, `seq × seq`,
     /// and the dropout mask used.
     fn probs(
@@ -54,17 +71,8 @@ impl Attention {
         dh: usize,
     ) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
         let t = self.seq;
-        let (b, h) = (task / self.heads, task % self.heads);
-        let base = View {
-            off: b * t * hid + h * dh,
-            rs: hid,
-            cs: 1,
-        };
-        let kt = View {
-            off: base.off,
-            rs: 1,
-            cs: hid,
-        };
+        let b = task / self.heads;
+        let (base, kt) = self.head_views(task, hid, dh);
         let mut s = vec![0f32; t * t];
         matmul((t, t, dh), q, base, k, kt, &mut s, row_major(t), false, 1);
         let scale = 1.0 / (dh as f32).sqrt();
@@ -106,15 +114,10 @@ impl Attention {
     }
 }
 
-impl FusedOp for Attention {
-    fn name(&self) -> &'static str {
-        "pretext-attention"
-    }
+impl FusedOp<3> for Attention {
+    const NAME: &'static str = "pretext-attention";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [q, k, v] = xs else {
-            bail!("attention: takes q, k, v")
-        };
+    fn forward(&self, [q, k, v]: [Operand<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let shape = Shape::from(q.dims.to_vec());
         let (q, k, v) = (q.data, k.data, v.data);
         if q.len() != k.len() || q.len() != v.len() {
@@ -142,10 +145,12 @@ impl FusedOp for Attention {
         Ok((ctx, shape))
     }
 
-    fn backward(&self, xs: &[&Tensor], _ctx: &Tensor, dctx: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let [q, k, v] = xs else {
-            bail!("attention: takes q, k, v")
-        };
+    fn backward(
+        &self,
+        [q, k, v]: [&Tensor; 3],
+        _ctx: &Tensor,
+        dctx: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
         let qs = q.flatten_all()?.to_vec1::<f32>()?;
         let ks = k.flatten_all()?.to_vec1::<f32>()?;
         let vs = v.flatten_all()?.to_vec1::<f32>()?;
@@ -157,17 +162,7 @@ impl FusedOp for Attention {
             .into_par_iter()
             .map(|task| {
                 let (p, pd, mask) = self.probs(&qs, &ks, task, hid, dh);
-                let (b, h) = (task / self.heads, task % self.heads);
-                let blk = View {
-                    off: b * t * hid + h * dh,
-                    rs: hid,
-                    cs: 1,
-                };
-                let blk_t = View {
-                    off: blk.off,
-                    rs: 1,
-                    cs: hid,
-                };
+                let (blk, blk_t) = self.head_views(task, hid, dh);
                 // dV = P'ᵀ · dctx
                 let mut dv = vec![0f32; t * dh];
                 matmul(
@@ -233,7 +228,7 @@ impl FusedOp for Attention {
         scatter(&mut dk, &pk, self.heads, t, hid, dh);
         scatter(&mut dv, &pv, self.heads, t, hid, dh);
         let dev = q.device();
-        Ok(vec![
+        Ok([
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
             Some(Tensor::from_vec(dk, k.shape(), dev)?),
             Some(Tensor::from_vec(dv, v.shape(), dev)?),
@@ -260,7 +255,7 @@ fn scatter(out: &mut [f32], parts: &[Vec<f32>], heads: usize, t: usize, hid: usi
 /// Shapes that do not fit.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, op: Attention) -> candle_core::Result<Tensor> {
     if fast_path(&[q, k, v]) {
-        apply(&[&q.contiguous()?, &k.contiguous()?, &v.contiguous()?], op)
+        apply([&q.contiguous()?, &k.contiguous()?, &v.contiguous()?], op)
     } else {
         reference_attention(q, k, v, &op)
     }

@@ -339,25 +339,21 @@ struct Conv2dOp {
     pad: usize,
 }
 
-impl FusedOp for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "pretext-conv2d-nhwc"
-    }
+impl FusedOp<2> for Conv2dOp {
+    const NAME: &'static str = "pretext-conv2d-nhwc";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [x, w] = xs else { bail!("conv2d: takes x, weight") };
+    fn forward(&self, [x, w]: [Operand<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let g = geom_of(x.dims, w.dims, self.stride, self.pad)?;
         Ok((conv2d_forward(x.data, w.data, &g), Shape::from((g.n, g.oh, g.ow, g.o))))
     }
 
-    fn backward(&self, xs: &[&Tensor], _res: &Tensor, grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let [x, w] = xs else { bail!("conv2d: takes x, weight") };
+    fn backward(&self, [x, w]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 2]> {
         let grad = grad.contiguous()?;
         // The input of a first layer (a batch of images) needs no gradient:
         // skip the transposed product and the col2im for it.
         let dx = if x.track_op() {
             Some(apply_no_grad(
-                &[&grad, &w.contiguous()?],
+                [&grad, &w.contiguous()?],
                 ConvBwdInput {
                     stride: self.stride,
                     pad: self.pad,
@@ -368,14 +364,14 @@ impl FusedOp for Conv2dOp {
             None
         };
         let dw = apply_no_grad(
-            &[&x.contiguous()?, &grad],
+            [&x.contiguous()?, &grad],
             ConvBwdWeight {
                 stride: self.stride,
                 pad: self.pad,
                 w_dims: w.dims().to_vec(),
             },
         )?;
-        Ok(vec![dx, Some(dw)])
+        Ok([dx, Some(dw)])
     }
 }
 
@@ -385,15 +381,10 @@ struct ConvBwdInput {
     x_dims: Vec<usize>,
 }
 
-impl FusedOp for ConvBwdInput {
-    fn name(&self) -> &'static str {
-        "pretext-conv2d-nhwc-bwd-input"
-    }
+impl FusedOp<2> for ConvBwdInput {
+    const NAME: &'static str = "pretext-conv2d-nhwc-bwd-input";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [dy, w] = xs else {
-            bail!("conv2d backward: takes dy, weight")
-        };
+    fn forward(&self, [dy, w]: [Operand<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let g = geom_of(&self.x_dims, w.dims, self.stride, self.pad)?;
         Ok((
             conv2d_backward_input(dy.data, w.data, &g),
@@ -408,15 +399,10 @@ struct ConvBwdWeight {
     w_dims: Vec<usize>,
 }
 
-impl FusedOp for ConvBwdWeight {
-    fn name(&self) -> &'static str {
-        "pretext-conv2d-nhwc-bwd-weight"
-    }
+impl FusedOp<2> for ConvBwdWeight {
+    const NAME: &'static str = "pretext-conv2d-nhwc-bwd-weight";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [x, dy] = xs else {
-            bail!("conv2d backward: takes x, dy")
-        };
+    fn forward(&self, [x, dy]: [Operand<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let g = geom_of(x.dims, &self.w_dims, self.stride, self.pad)?;
         Ok((
             conv2d_backward_weight(x.data, dy.data, &g),
@@ -432,7 +418,7 @@ impl FusedOp for ConvBwdWeight {
 /// Shapes that do not fit.
 pub fn conv2d_nhwc(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> candle_core::Result<Tensor> {
     if fast_path(&[x, weight]) {
-        apply(&[&x.contiguous()?, &weight.contiguous()?], Conv2dOp { stride, pad })
+        apply([&x.contiguous()?, &weight.contiguous()?], Conv2dOp { stride, pad })
     } else {
         reference_conv2d_nhwc(x, weight, stride, pad)
     }
@@ -482,15 +468,10 @@ struct ConvTranspose2dOp {
     out_pad: usize,
 }
 
-impl FusedOp for ConvTranspose2dOp {
-    fn name(&self) -> &'static str {
-        "pretext-conv-transpose2d-nhwc"
-    }
+impl FusedOp<2> for ConvTranspose2dOp {
+    const NAME: &'static str = "pretext-conv-transpose2d-nhwc";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [x, w] = xs else {
-            bail!("conv_transpose2d: takes x, weight")
-        };
+    fn forward(&self, [x, w]: [Operand<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let g = transpose_geom(x.dims, w.dims, self.stride, self.pad, self.out_pad)?;
         // The forward of a transposed convolution is the input gradient of the convolution.
         Ok((
@@ -499,28 +480,25 @@ impl FusedOp for ConvTranspose2dOp {
         ))
     }
 
-    fn backward(&self, xs: &[&Tensor], _res: &Tensor, grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let [x, w] = xs else {
-            bail!("conv_transpose2d: takes x, weight")
-        };
+    fn backward(&self, [x, w]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 2]> {
         let grad = grad.contiguous()?;
         // dx: the convolution's forward on the output gradient; dw: its weight gradient.
         let dx = apply_no_grad(
-            &[&grad, &w.contiguous()?],
+            [&grad, &w.contiguous()?],
             Conv2dOp {
                 stride: self.stride,
                 pad: self.pad,
             },
         )?;
         let dw = apply_no_grad(
-            &[&grad, &x.contiguous()?],
+            [&grad, &x.contiguous()?],
             ConvBwdWeight {
                 stride: self.stride,
                 pad: self.pad,
                 w_dims: w.dims().to_vec(),
             },
         )?;
-        Ok(vec![Some(dx), Some(dw)])
+        Ok([Some(dx), Some(dw)])
     }
 }
 
@@ -539,7 +517,7 @@ pub fn conv_transpose2d_nhwc(
 ) -> candle_core::Result<Tensor> {
     if fast_path(&[x, weight]) {
         apply(
-            &[&x.contiguous()?, &weight.contiguous()?],
+            [&x.contiguous()?, &weight.contiguous()?],
             ConvTranspose2dOp { stride, pad, out_pad },
         )
     } else {

@@ -39,7 +39,9 @@ struct Relayout {
     to_nchw: bool,
 }
 
-impl FusedOp for Relayout {
+impl FusedOp<1> for Relayout {
+    const NAME: &'static str = "pretext-relayout";
+
     fn name(&self) -> &'static str {
         if self.to_nchw {
             "pretext-nhwc-to-nchw"
@@ -48,11 +50,11 @@ impl FusedOp for Relayout {
         }
     }
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let &[n, a, b, c] = xs[0].dims else {
-            bail!("{}: expects a 4-d tensor, got {:?}", self.name(), xs[0].dims)
+    fn forward(&self, [input]: [Operand<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let &[n, a, b, c] = input.dims else {
+            bail!("{}: expects a 4-d tensor, got {:?}", self.name(), input.dims)
         };
-        let x = xs[0].data;
+        let x = input.data;
         Ok(if self.to_nchw {
             // (n, h=a, w=b, c) → (n, c, h, w): per image (h·w, c) → (c, h·w)
             (transpose_images(x, a * b, c), Shape::from((n, c, a, b)))
@@ -62,11 +64,8 @@ impl FusedOp for Relayout {
         })
     }
 
-    fn backward(&self, _x: &[&Tensor], _y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(apply(
-            &[&dy.contiguous()?],
-            Relayout { to_nchw: !self.to_nchw },
-        )?)])
+    fn backward(&self, _x: [&Tensor; 1], _y: &Tensor, dy: &Tensor) -> candle_core::Result<[Option<Tensor>; 1]> {
+        Ok([Some(apply([&dy.contiguous()?], Relayout { to_nchw: !self.to_nchw })?)])
     }
 }
 
@@ -76,7 +75,7 @@ impl FusedOp for Relayout {
 /// Not a 4-d tensor.
 pub fn nhwc_to_nchw(x: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x]) {
-        apply(&[&x.contiguous()?], Relayout { to_nchw: true })
+        apply([&x.contiguous()?], Relayout { to_nchw: true })
     } else {
         x.permute((0, 3, 1, 2))?.contiguous()
     }
@@ -88,7 +87,7 @@ pub fn nhwc_to_nchw(x: &Tensor) -> candle_core::Result<Tensor> {
 /// Not a 4-d tensor.
 pub fn nchw_to_nhwc(x: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x]) {
-        apply(&[&x.contiguous()?], Relayout { to_nchw: false })
+        apply([&x.contiguous()?], Relayout { to_nchw: false })
     } else {
         x.permute((0, 2, 3, 1))?.contiguous()
     }

@@ -43,15 +43,10 @@ pub fn column_sum(g: &[f32], cols: usize) -> Vec<f32> {
 /// `x · weightᵀ + bias` over the last dimension.
 struct LinearOp;
 
-impl FusedOp for LinearOp {
-    fn name(&self) -> &'static str {
-        "pretext-linear"
-    }
+impl FusedOp<3> for LinearOp {
+    const NAME: &'static str = "pretext-linear";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [x, w, b] = xs else {
-            bail!("linear: takes x, weight, bias")
-        };
+    fn forward(&self, [x, w, b]: [Operand<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (&[dout, din], dims) = (w.dims, x.dims) else {
             bail!("linear: weight must be (out, in), got {:?}", w.dims);
         };
@@ -82,36 +77,28 @@ impl FusedOp for LinearOp {
         Ok((y, Shape::from(shape)))
     }
 
-    fn backward(&self, xs: &[&Tensor], _y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let [x, w, _] = xs else {
-            bail!("linear: takes x, weight, bias")
-        };
+    fn backward(&self, [x, w, _]: [&Tensor; 3], _y: &Tensor, dy: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
         let dy = dy.contiguous()?;
         // As for the convolutions: an input that tracks no gradient (a batch
         // of data into a first layer) gets no input product.
         let dx = if x.track_op() {
-            Some(apply_no_grad(&[&dy, w], LinearBwdInput)?.reshape(x.shape())?)
+            Some(apply_no_grad([&dy, w], LinearBwdInput)?.reshape(x.shape())?)
         } else {
             None
         };
-        let dw = apply_no_grad(&[&dy, x], LinearBwdWeight)?;
-        let db = apply_no_grad(&[&dy], ColumnSumOp)?;
-        Ok(vec![dx, Some(dw), Some(db)])
+        let dw = apply_no_grad([&dy, x], LinearBwdWeight)?;
+        let db = apply_no_grad([&dy], ColumnSumOp)?;
+        Ok([dx, Some(dw), Some(db)])
     }
 }
 
 /// `dx (rows, in) = dy (rows, out) · W (out, in)`.
 struct LinearBwdInput;
 
-impl FusedOp for LinearBwdInput {
-    fn name(&self) -> &'static str {
-        "pretext-linear-bwd-input"
-    }
+impl FusedOp<2> for LinearBwdInput {
+    const NAME: &'static str = "pretext-linear-bwd-input";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [dy, w] = xs else {
-            bail!("linear backward: takes dy, weight")
-        };
+    fn forward(&self, [dy, w]: [Operand<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let &[dout, din] = w.dims else {
             bail!("linear: weight must be (out, in), got {:?}", w.dims);
         };
@@ -134,15 +121,10 @@ impl FusedOp for LinearBwdInput {
 /// `dW (out, in) = dyᵀ (out, rows) · x (rows, in)`.
 struct LinearBwdWeight;
 
-impl FusedOp for LinearBwdWeight {
-    fn name(&self) -> &'static str {
-        "pretext-linear-bwd-weight"
-    }
+impl FusedOp<2> for LinearBwdWeight {
+    const NAME: &'static str = "pretext-linear-bwd-weight";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [dy, x] = xs else {
-            bail!("linear backward: takes dy, x")
-        };
+    fn forward(&self, [dy, x]: [Operand<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (dout, din) = (
             dy.dims.last().copied().unwrap_or(0),
             x.dims.last().copied().unwrap_or(0),
@@ -166,14 +148,12 @@ impl FusedOp for LinearBwdWeight {
 /// Column sums over the last dimension: `(…, c)` → `(c)`.
 struct ColumnSumOp;
 
-impl FusedOp for ColumnSumOp {
-    fn name(&self) -> &'static str {
-        "pretext-column-sum"
-    }
+impl FusedOp<1> for ColumnSumOp {
+    const NAME: &'static str = "pretext-column-sum";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let cols = xs[0].last_dim();
-        Ok((column_sum(xs[0].data, cols), Shape::from(cols)))
+    fn forward(&self, [input]: [Operand<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let cols = input.last_dim();
+        Ok((column_sum(input.data, cols), Shape::from(cols)))
     }
 }
 
@@ -185,10 +165,7 @@ impl FusedOp for ColumnSumOp {
 /// Shape mismatch.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x, weight, bias]) {
-        apply(
-            &[&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?],
-            LinearOp,
-        )
+        apply([&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?], LinearOp)
     } else {
         reference_linear(x, weight, bias)
     }
@@ -207,7 +184,9 @@ struct BiasOp {
     relu: bool,
 }
 
-impl FusedOp for BiasOp {
+impl FusedOp<2> for BiasOp {
+    const NAME: &'static str = "pretext-bias";
+
     fn name(&self) -> &'static str {
         if self.relu {
             "pretext-bias-relu"
@@ -216,8 +195,7 @@ impl FusedOp for BiasOp {
         }
     }
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [x, b] = xs else { bail!("bias: takes x, bias") };
+    fn forward(&self, [x, b]: [Operand<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let c = b.data.len();
         if b.dims.len() != 1 || x.dims.last() != Some(&c) {
             bail!("bias: x {:?} does not end in the bias's {:?}", x.dims, b.dims);
@@ -239,11 +217,11 @@ impl FusedOp for BiasOp {
         Ok((y, Shape::from(x.dims.to_vec())))
     }
 
-    fn backward(&self, _xs: &[&Tensor], y: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+    fn backward(&self, _xs: [&Tensor; 2], y: &Tensor, dy: &Tensor) -> candle_core::Result<[Option<Tensor>; 2]> {
         let dy = dy.contiguous()?;
         let g = if self.relu { relu_backward(&dy, y)? } else { dy };
-        let db = apply_no_grad(&[&g], ColumnSumOp)?;
-        Ok(vec![Some(g), Some(db)])
+        let db = apply_no_grad([&g], ColumnSumOp)?;
+        Ok([Some(g), Some(db)])
     }
 }
 
@@ -253,7 +231,7 @@ impl FusedOp for BiasOp {
 /// The last dimension of `x` is not the bias's length.
 pub fn add_bias(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x, bias]) {
-        apply(&[&x.contiguous()?, &bias.contiguous()?], BiasOp { relu: false })
+        apply([&x.contiguous()?, &bias.contiguous()?], BiasOp { relu: false })
     } else {
         x.broadcast_add(bias)
     }
@@ -265,7 +243,7 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
 /// The last dimension of `x` is not the bias's length.
 pub fn add_bias_relu(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x, bias]) {
-        apply(&[&x.contiguous()?, &bias.contiguous()?], BiasOp { relu: true })
+        apply([&x.contiguous()?, &bias.contiguous()?], BiasOp { relu: true })
     } else {
         x.broadcast_add(bias)?.relu()
     }

@@ -15,13 +15,10 @@ struct CrossEntropyOp {
     targets: Arc<Vec<u32>>,
 }
 
-impl FusedOp for CrossEntropyOp {
-    fn name(&self) -> &'static str {
-        "pretext-cross-entropy"
-    }
+impl FusedOp<1> for CrossEntropyOp {
+    const NAME: &'static str = "pretext-cross-entropy";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> Result<(Vec<f32>, Shape)> {
-        let x = xs[0];
+    fn forward(&self, [x]: [Operand<'_>; 1]) -> Result<(Vec<f32>, Shape)> {
         let &[rows, c] = x.dims else {
             bail!("cross_entropy: logits must be (rows, classes), got {:?}", x.dims);
         };
@@ -44,8 +41,7 @@ impl FusedOp for CrossEntropyOp {
         Ok((vec![(total / rows.max(1) as f64) as f32], Shape::from(())))
     }
 
-    fn backward(&self, x: &[&Tensor], _loss: &Tensor, dl: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let x = x[0];
+    fn backward(&self, [x]: [&Tensor; 1], _loss: &Tensor, dl: &Tensor) -> Result<[Option<Tensor>; 1]> {
         let (rows, c) = x.dims2()?;
         let g = dl.to_dtype(DType::F32)?.to_scalar::<f32>()? / rows.max(1) as f32;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
@@ -63,7 +59,7 @@ impl FusedOp for CrossEntropyOp {
                 d.iter_mut().for_each(|o| *o *= inv);
                 d[t as usize] -= g;
             });
-        Ok(vec![Some(Tensor::from_vec(dx, x.shape(), x.device())?)])
+        Ok([Some(Tensor::from_vec(dx, x.shape(), x.device())?)])
     }
 }
 
@@ -76,7 +72,7 @@ impl FusedOp for CrossEntropyOp {
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if fast_path(&[logits]) && targets.device().is_cpu() {
         let t = Arc::new(targets.to_dtype(DType::U32)?.to_vec1::<u32>()?);
-        apply(&[&logits.contiguous()?], CrossEntropyOp { targets: t })
+        apply([&logits.contiguous()?], CrossEntropyOp { targets: t })
     } else {
         candle_nn::loss::cross_entropy(logits, targets)
     }
@@ -108,7 +104,7 @@ pub fn bernoulli_log_lik(logits: &Tensor, x: &Tensor) -> Result<Tensor> {
         );
     }
     if fast_path(&[logits, x]) && x.rank() > 0 {
-        apply(&[&logits.contiguous()?, &x.contiguous()?], BernoulliLogLik)
+        apply([&logits.contiguous()?, &x.contiguous()?], BernoulliLogLik)
     } else {
         reference_bernoulli_log_lik(logits, x)
     }
@@ -139,15 +135,10 @@ fn rows_of(dims: &[usize]) -> (usize, usize) {
 /// dozen element-wise nodes each way.
 struct BernoulliLogLik;
 
-impl FusedOp for BernoulliLogLik {
-    fn name(&self) -> &'static str {
-        "pretext-bernoulli-log-lik"
-    }
+impl FusedOp<2> for BernoulliLogLik {
+    const NAME: &'static str = "pretext-bernoulli-log-lik";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> Result<(Vec<f32>, Shape)> {
-        let [logits, x] = xs else {
-            bail!("bernoulli_log_lik: takes logits, targets")
-        };
+    fn forward(&self, [logits, x]: [Operand<'_>; 2]) -> Result<(Vec<f32>, Shape)> {
         let (n, d) = rows_of(logits.dims);
         let out: Vec<f32> = if d == 0 {
             vec![0.0; n]
@@ -162,13 +153,10 @@ impl FusedOp for BernoulliLogLik {
         Ok((out, Shape::from(n)))
     }
 
-    fn backward(&self, xs: &[&Tensor], _res: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let [logits, x] = xs else {
-            bail!("bernoulli_log_lik: takes logits, targets")
-        };
+    fn backward(&self, [logits, x]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
         let (shape, n) = (logits.shape(), logits.dims()[0]);
         let g = grad.contiguous()?;
-        let dl = apply_no_grad(&[logits, &x.contiguous()?, &g], BernoulliGrad)?;
+        let dl = apply_no_grad([logits, &x.contiguous()?, &g], BernoulliGrad)?;
         let dx = if x.track_op() {
             Some(
                 logits
@@ -179,22 +167,17 @@ impl FusedOp for BernoulliLogLik {
         } else {
             None
         };
-        Ok(vec![Some(dl), dx])
+        Ok([Some(dl), dx])
     }
 }
 
 /// `(x − σ(l)) · g_row`, element by element.
 struct BernoulliGrad;
 
-impl FusedOp for BernoulliGrad {
-    fn name(&self) -> &'static str {
-        "pretext-bernoulli-log-lik-grad"
-    }
+impl FusedOp<3> for BernoulliGrad {
+    const NAME: &'static str = "pretext-bernoulli-log-lik-grad";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> Result<(Vec<f32>, Shape)> {
-        let [logits, x, g] = xs else {
-            bail!("bernoulli_log_lik backward: takes logits, targets, row gradients")
-        };
+    fn forward(&self, [logits, x, g]: [Operand<'_>; 3]) -> Result<(Vec<f32>, Shape)> {
         let (_, d) = rows_of(logits.dims);
         let mut out = vec![0f32; logits.data.len()];
         if d > 0 {

@@ -249,15 +249,10 @@ struct BatchNormOp {
     saved: SavedStats,
 }
 
-impl FusedOp for BatchNormOp {
-    fn name(&self) -> &'static str {
-        "pretext-batch-norm"
-    }
+impl FusedOp<3> for BatchNormOp {
+    const NAME: &'static str = "pretext-batch-norm";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [x, gamma, beta] = xs else {
-            bail!("batch_norm: takes x, weight, bias")
-        };
+    fn forward(&self, [x, gamma, beta]: [Operand<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let c = x.last_dim();
         if gamma.data.len() != c || beta.data.len() != c || c == 0 {
             bail!(
@@ -281,10 +276,12 @@ impl FusedOp for BatchNormOp {
         Ok((y, Shape::from(x.dims.to_vec())))
     }
 
-    fn backward(&self, xs: &[&Tensor], res: &Tensor, grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let [x, gamma, _] = xs else {
-            bail!("batch_norm: takes x, weight, bias")
-        };
+    fn backward(
+        &self,
+        [x, gamma, _]: [&Tensor; 3],
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
         let Some((mean, _, invstd)) = self.saved.lock().ok().and_then(|s| s.clone()) else {
             bail!("batch_norm backward without a forward pass")
         };
@@ -296,12 +293,12 @@ impl FusedOp for BatchNormOp {
             relu: self.relu,
             batch_stats: matches!(self.stats, NormStats::Batch),
         };
-        let packed = apply_no_grad(&[&x.contiguous()?, &grad.contiguous()?, &res.contiguous()?], op)?;
+        let packed = apply_no_grad([&x.contiguous()?, &grad.contiguous()?, &res.contiguous()?], op)?;
         let n = x.elem_count();
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let dgamma = packed.narrow(0, n, c)?;
         let dbeta = packed.narrow(0, n + c, c)?;
-        Ok(vec![Some(dx), Some(dgamma), Some(dbeta)])
+        Ok([Some(dx), Some(dgamma), Some(dbeta)])
     }
 }
 
@@ -314,15 +311,10 @@ struct BatchNormBwd {
     batch_stats: bool,
 }
 
-impl FusedOp for BatchNormBwd {
-    fn name(&self) -> &'static str {
-        "pretext-batch-norm-bwd"
-    }
+impl FusedOp<3> for BatchNormBwd {
+    const NAME: &'static str = "pretext-batch-norm-bwd";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [x, dy, y] = xs else {
-            bail!("batch_norm backward: takes x, dy, y")
-        };
+    fn forward(&self, [x, dy, y]: [Operand<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let c = self.mean.len();
         let (mut dx, dg, db) = bn_backward(
             x.data,
@@ -367,7 +359,7 @@ pub fn batch_norm(
         stats,
         saved: saved.clone(),
     };
-    let y = apply(&[&x.contiguous()?, &gamma.contiguous()?, &beta.contiguous()?], op)?;
+    let y = apply([&x.contiguous()?, &gamma.contiguous()?, &beta.contiguous()?], op)?;
     let out = if batch {
         saved
             .lock()
@@ -424,15 +416,10 @@ fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-impl FusedOp for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "pretext-layer-norm"
-    }
+impl FusedOp<3> for LayerNormOp {
+    const NAME: &'static str = "pretext-layer-norm";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [x, g, b] = xs else {
-            bail!("layer_norm: takes x, weight, bias")
-        };
+    fn forward(&self, [x, g, b]: [Operand<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (dims, x, g, b) = (x.dims, x.data, g.data, b.data);
         let h = g.len();
         if h == 0 || x.len() % h != 0 || b.len() != h {
@@ -451,10 +438,12 @@ impl FusedOp for LayerNormOp {
         Ok((y, Shape::from(dims.to_vec())))
     }
 
-    fn backward(&self, xs: &[&Tensor], _res: &Tensor, dy: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let [x, g, _] = xs else {
-            bail!("layer_norm: takes x, weight, bias")
-        };
+    fn backward(
+        &self,
+        [x, g, _]: [&Tensor; 3],
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
         let h = g.elem_count();
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let gs = g.to_vec1::<f32>()?;
@@ -495,7 +484,7 @@ impl FusedOp for LayerNormOp {
                 },
             );
         let dev = x.device();
-        Ok(vec![
+        Ok([
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dg, g.shape(), dev)?),
             Some(Tensor::from_vec(db, g.shape(), dev)?),
@@ -510,7 +499,7 @@ impl FusedOp for LayerNormOp {
 /// Shape mismatch.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     if fast_path(&[x, weight, bias]) {
-        apply(&[&x.contiguous()?, weight, bias], LayerNormOp { eps })
+        apply([&x.contiguous()?, weight, bias], LayerNormOp { eps })
     } else {
         reference_layer_norm(x, weight, bias, eps)
     }

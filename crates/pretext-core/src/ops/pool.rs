@@ -41,24 +41,19 @@ pub fn global_avg_pool_backward(dy: &[f32], n: usize, px: usize, c: usize) -> Ve
 
 struct GapOp;
 
-impl FusedOp for GapOp {
-    fn name(&self) -> &'static str {
-        "pretext-global-avg-pool"
-    }
+impl FusedOp<1> for GapOp {
+    const NAME: &'static str = "pretext-global-avg-pool";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let &[n, h, w, c] = xs[0].dims else {
-            bail!("global_avg_pool: expects (n, h, w, c), got {:?}", xs[0].dims)
+    fn forward(&self, [input]: [Operand<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let &[n, h, w, c] = input.dims else {
+            bail!("global_avg_pool: expects (n, h, w, c), got {:?}", input.dims)
         };
-        Ok((global_avg_pool(xs[0].data, n, h * w, c), Shape::from((n, c))))
+        Ok((global_avg_pool(input.data, n, h * w, c), Shape::from((n, c))))
     }
 
-    fn backward(&self, x: &[&Tensor], _res: &Tensor, grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let (n, h, w, c) = x[0].dims4()?;
-        Ok(vec![Some(apply_no_grad(
-            &[&grad.contiguous()?],
-            GapBwdOp { n, h, w, c },
-        )?)])
+    fn backward(&self, [x]: [&Tensor; 1], _res: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 1]> {
+        let (n, h, w, c) = x.dims4()?;
+        Ok([Some(apply_no_grad([&grad.contiguous()?], GapBwdOp { n, h, w, c })?)])
     }
 }
 
@@ -69,13 +64,11 @@ struct GapBwdOp {
     c: usize,
 }
 
-impl FusedOp for GapBwdOp {
-    fn name(&self) -> &'static str {
-        "pretext-global-avg-pool-bwd"
-    }
+impl FusedOp<1> for GapBwdOp {
+    const NAME: &'static str = "pretext-global-avg-pool-bwd";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let dx = global_avg_pool_backward(xs[0].data, self.n, self.h * self.w, self.c);
+    fn forward(&self, [input]: [Operand<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let dx = global_avg_pool_backward(input.data, self.n, self.h * self.w, self.c);
         Ok((dx, Shape::from((self.n, self.h, self.w, self.c))))
     }
 }
@@ -86,7 +79,7 @@ impl FusedOp for GapBwdOp {
 /// Not 4-D.
 pub fn global_avg_pool_nhwc(x: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x]) {
-        apply(&[&x.contiguous()?], GapOp)
+        apply([&x.contiguous()?], GapOp)
     } else {
         x.mean((1, 2))
     }
@@ -139,14 +132,12 @@ impl MaxPoolOp {
     }
 }
 
-impl FusedOp for MaxPoolOp {
-    fn name(&self) -> &'static str {
-        "pretext-max-pool-nhwc"
-    }
+impl FusedOp<1> for MaxPoolOp {
+    const NAME: &'static str = "pretext-max-pool-nhwc";
 
-    fn forward(&self, xs: &[Operand<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let &[n, h, w, c] = xs[0].dims else {
-            bail!("max_pool2d_nhwc: expects (n, h, w, c), got {:?}", xs[0].dims)
+    fn forward(&self, [input]: [Operand<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let &[n, h, w, c] = input.dims else {
+            bail!("max_pool2d_nhwc: expects (n, h, w, c), got {:?}", input.dims)
         };
         if h + 2 * self.pad < self.k || w + 2 * self.pad < self.k {
             bail!(
@@ -155,12 +146,11 @@ impl FusedOp for MaxPoolOp {
                 self.k
             )
         }
-        let (y, _) = self.argmax(xs[0].data, (n, h, w, c));
+        let (y, _) = self.argmax(input.data, (n, h, w, c));
         Ok((y, Shape::from((n, self.out_size(h), self.out_size(w), c))))
     }
 
-    fn backward(&self, x: &[&Tensor], _res: &Tensor, grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let x = x[0];
+    fn backward(&self, [x]: [&Tensor; 1], _res: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 1]> {
         let (n, h, w, c) = x.dims4()?;
         let xv = x.flatten_all()?.to_vec1::<f32>()?;
         let gv = grad.flatten_all()?.to_vec1::<f32>()?;
@@ -169,7 +159,7 @@ impl FusedOp for MaxPoolOp {
         for (g, &i) in gv.iter().zip(&at) {
             dx[i] += g;
         }
-        Ok(vec![Some(Tensor::from_vec(dx, x.shape(), x.device())?)])
+        Ok([Some(Tensor::from_vec(dx, x.shape(), x.device())?)])
     }
 }
 
@@ -187,7 +177,7 @@ pub fn max_pool2d_nhwc(x: &Tensor, k: usize, stride: usize, pad: usize) -> candl
     if k == 0 || stride == 0 || pad * 2 > k {
         bail!("max_pool2d_nhwc: k = {k}, stride = {stride}, pad = {pad} is not a valid window")
     }
-    apply(&[&x.contiguous()?], MaxPoolOp { k, stride, pad })
+    apply([&x.contiguous()?], MaxPoolOp { k, stride, pad })
 }
 
 #[cfg(test)]

@@ -89,3 +89,67 @@ fn an_empty_corpus_is_a_data_error() {
     );
     assert_data_error(&err, "empty.txt");
 }
+
+/// A bad key is reported as `config: <key>: <reason>` before anything is read
+/// or written, by every tool, for core's sections and for its own.
+#[test]
+fn a_bad_setting_is_a_config_error_naming_the_key() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cases = [
+        (
+            env!("CARGO_BIN_EXE_pretext-contrastive"),
+            "data.augment.flip_p=2",
+            "config: data.augment.flip_p: must lie in [0, 1], not 2",
+        ),
+        (
+            env!("CARGO_BIN_EXE_pretext-contrastive"),
+            "model.encoder.strides=[1, 0, 2]",
+            "config: model.encoder.strides: must all be > 0",
+        ),
+        (
+            env!("CARGO_BIN_EXE_pretext-generative"),
+            "model.latent=0",
+            "config: model.latent: must be > 0, not 0",
+        ),
+        (
+            env!("CARGO_BIN_EXE_pretext-mlm"),
+            "masking.mask_prob=0",
+            "config: masking.mask_prob: must be in (0, 1], not 0",
+        ),
+        (
+            env!("CARGO_BIN_EXE_pretext-mlm"),
+            "train.batch_size=0",
+            "config: train.batch_size: must be > 0, not 0",
+        ),
+        (
+            env!("CARGO_BIN_EXE_pretext-generative"),
+            "optim.beta1=1.5",
+            "config: optim.beta1: must lie in [0, 1), not 1.5",
+        ),
+    ];
+    let too_big = "config: train.batch_size: must be at most the 60000 training images, not 70000";
+    let cases = cases.into_iter().chain([
+        (
+            env!("CARGO_BIN_EXE_pretext-contrastive"),
+            "train.batch_size=70000",
+            too_big,
+        ),
+        (
+            env!("CARGO_BIN_EXE_pretext-generative"),
+            "train.batch_size=70000",
+            too_big,
+        ),
+    ]);
+    for (bin, set, expected) in cases {
+        let out = tmp.path().join("run");
+        let res = Command::new(bin)
+            .args(["pretrain", "--quiet", "--set", set, "--out"])
+            .arg(&out)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success(), "{bin} accepted {set}");
+        assert!(err.contains(expected), "{bin} --set {set}: {err}");
+        assert!(!out.exists(), "a bad setting left {}", out.display());
+    }
+}

@@ -12,7 +12,6 @@ use pretext_core::RunDir;
 use pretext_data::{BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
 use pretext_eval::{knn_accuracy, Embedded, KnnConfig};
 use std::path::Path;
-use std::sync::Arc;
 
 /// SimCLR and MoCo v2 on images.
 pub struct Contrastive;
@@ -108,11 +107,8 @@ pub fn monitor_knn(
 /// # Errors
 /// An invalid config.
 pub fn new_model(cfg: &ContrastiveConfig, device: &Device) -> Result<ContrastiveModel> {
-    cfg.validate().map_err(Error::Invalid)?;
-    let method = MethodKind::parse(&cfg.method).map_err(|reason| Error::Config {
-        key: "method".into(),
-        reason,
-    })?;
+    cfg.validate()?;
+    let method = MethodKind::parse(&cfg.method)?;
     Ok(ContrastiveModel::new(method, &cfg.model, cfg.train.seed, device)?)
 }
 
@@ -136,7 +132,7 @@ impl Paradigm for Contrastive {
     }
 
     fn validate(cfg: &ContrastiveConfig) -> Result<()> {
-        cfg.validate().map_err(Error::Invalid)
+        Ok(cfg.validate()?)
     }
 
     fn load_data(cfg: &ContrastiveConfig, _: Option<()>, _: &mut dyn Observer) -> Result<(RunData, ())> {
@@ -152,12 +148,9 @@ impl Paradigm for Contrastive {
     }
 
     fn batches(cfg: &ContrastiveConfig, data: &RunData, _: &(), device: &Device) -> Result<ImageBatcher> {
-        let pipeline = Arc::new(
-            Pipeline::new(cfg.data.augment.clone(), cfg.data.image_size, cfg.data.image_size)
-                .map_err(Error::Invalid)?,
-        );
+        let pipeline = Pipeline::new(cfg.data.augment.clone(), cfg.data.image_size, cfg.data.image_size)?;
         let bc = BatcherConfig::training(cfg.train.batch_size, 2, cfg.train.seed, cfg.data.prefetch);
-        Ok(ImageBatcher::new(data.train.clone(), pipeline, bc, device)?)
+        Ok(data.training_batches(pipeline, bc, device)?)
     }
 
     fn eval_schedule(cfg: &ContrastiveConfig) -> EvalSchedule {

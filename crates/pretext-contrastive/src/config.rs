@@ -1,7 +1,7 @@
 //! The config of a contrastive run (`config.toml` of its run folder).
 
 use crate::model::{MethodKind, ModelConfig};
-use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig};
+use pretext_core::{InvalidSetting, OptimConfig, ScheduleConfig, SettingResult, TrainConfig};
 use pretext_data::source::ImageFormat;
 use pretext_data::AugmentConfig;
 use serde::{Deserialize, Serialize};
@@ -122,36 +122,50 @@ impl ContrastiveConfig {
     ///
     /// # Errors
     /// A message naming the bad key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> SettingResult {
         let method = MethodKind::parse(&self.method)?;
         if method == MethodKind::MoCo {
             self.model.moco.validate(self.train.batch_size)?;
         }
         self.model.encoder.validate()?;
-        self.optim.validate().map_err(|e| e.to_string())?;
-        self.schedule.validate().map_err(|e| e.to_string())?;
-        self.train.validate().map_err(|e| e.to_string())?;
+        self.optim.validate()?;
+        self.schedule.validate()?;
+        self.train.validate()?;
         self.data.augment.validate()?;
         if self.data.channels != 1 && self.data.channels != 3 {
-            return Err(format!("data.channels = {}: must be 1 or 3", self.data.channels));
+            return Err(InvalidSetting::value(
+                "data.channels",
+                self.data.channels,
+                "must be 1 or 3",
+            ));
         }
         if self.data.image_size < 8 {
-            return Err(format!(
-                "data.image_size = {}: must be at least 8",
-                self.data.image_size
+            return Err(InvalidSetting::value(
+                "data.image_size",
+                self.data.image_size,
+                "must be at least 8",
             ));
         }
         if self.model.encoder.in_channels != self.data.channels {
-            return Err(format!(
-                "model.encoder.in_channels = {} but data.channels = {}",
-                self.model.encoder.in_channels, self.data.channels
+            return Err(InvalidSetting::value(
+                "model.encoder.in_channels",
+                self.model.encoder.in_channels,
+                &format!("must equal data.channels = {}", self.data.channels),
             ));
         }
         if self.train.batch_size < 2 {
-            return Err("train.batch_size must be at least 2 for a contrastive loss".into());
+            return Err(InvalidSetting::value(
+                "train.batch_size",
+                self.train.batch_size,
+                "must be at least 2 for a contrastive loss",
+            ));
         }
-        if self.model.temperature <= 0.0 {
-            return Err(format!("model.temperature = {}: must be > 0", self.model.temperature));
+        if self.model.temperature.is_nan() || self.model.temperature <= 0.0 {
+            return Err(InvalidSetting::value(
+                "model.temperature",
+                self.model.temperature,
+                "must be > 0",
+            ));
         }
         Ok(())
     }

@@ -97,21 +97,36 @@ impl ResNetConfig {
     ///
     /// # Errors
     /// A message naming the bad key.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> pretext_core::SettingResult {
+        use pretext_core::InvalidSetting;
         if self.in_channels == 0 {
-            return Err("model.encoder.in_channels must be > 0".into());
+            return Err(InvalidSetting::value("model.encoder.in_channels", 0, "must be > 0"));
         }
         if self.arch == Arch::SmallResnet {
             if self.widths.is_empty() || self.widths.len() != self.strides.len() {
-                return Err(
-                    "model.encoder.widths and model.encoder.strides must be non-empty and of equal length".into(),
-                );
+                return Err(InvalidSetting::new(
+                    "model.encoder.widths",
+                    format!(
+                        "{:?} and model.encoder.strides {:?} must be non-empty and of equal length",
+                        self.widths, self.strides
+                    ),
+                ));
             }
             if !self.blocks.is_empty() && self.blocks.len() != self.widths.len() {
-                return Err("model.encoder.blocks must be empty or have one count per stage".into());
+                return Err(InvalidSetting::value(
+                    "model.encoder.blocks",
+                    format!("{:?}", self.blocks),
+                    "must be empty or have one count per stage",
+                ));
             }
-            if self.widths.contains(&0) || self.strides.contains(&0) || self.blocks.contains(&0) {
-                return Err("model.encoder.widths, strides and blocks must be > 0".into());
+            for (key, values) in [
+                ("model.encoder.widths", &self.widths),
+                ("model.encoder.strides", &self.strides),
+                ("model.encoder.blocks", &self.blocks),
+            ] {
+                if values.contains(&0) {
+                    return Err(InvalidSetting::value(key, format!("{values:?}"), "must all be > 0"));
+                }
             }
         }
         Ok(())
@@ -195,7 +210,8 @@ impl ResNet {
     /// # Errors
     /// An invalid config or a builder failure.
     pub fn new(cfg: &ResNetConfig, b: &Builders) -> Result<Self> {
-        cfg.validate().map_err(candle_core::Error::msg)?;
+        cfg.validate()
+            .map_err(|e| candle_core::Error::msg(format!("config: {e}")))?;
         let stages_cfg = cfg.stages();
         let tv = cfg.arch.torchvision_names();
         let w0 = stages_cfg[0].0;
@@ -530,6 +546,9 @@ mod tests {
             blocks: vec![1, 2],
             ..ResNetConfig::default()
         };
-        assert!(cfg.validate().unwrap_err().contains("model.encoder.blocks"));
+        assert_eq!(cfg.validate().unwrap_err().key, "model.encoder.blocks");
+        let mut cfg = ResNetConfig::default();
+        cfg.strides[1] = 0;
+        assert_eq!(cfg.validate().unwrap_err().key, "model.encoder.strides");
     }
 }

@@ -62,24 +62,35 @@ impl MoCoConfig {
     ///
     /// # Errors
     /// A message naming the bad key.
-    pub fn validate(&self, batch_size: usize) -> Result<(), String> {
+    pub fn validate(&self, batch_size: usize) -> pretext_core::SettingResult {
+        use pretext_core::InvalidSetting;
         if self.temperature.is_nan() || self.temperature <= 0.0 {
-            return Err(format!("model.moco.temperature = {}: must be > 0", self.temperature));
+            return Err(InvalidSetting::value(
+                "model.moco.temperature",
+                self.temperature,
+                "must be > 0",
+            ));
         }
         if !(0.0..=1.0).contains(&self.momentum) {
-            return Err(format!("model.moco.momentum = {}: must lie in [0, 1]", self.momentum));
+            return Err(InvalidSetting::value(
+                "model.moco.momentum",
+                self.momentum,
+                "must lie in [0, 1]",
+            ));
         }
         let per_step = if self.symmetric { 2 * batch_size } else { batch_size };
         if self.queue_size < per_step {
-            return Err(format!(
-                "model.moco.queue_size = {}: must hold at least the {per_step} keys of one step",
-                self.queue_size
+            return Err(InvalidSetting::value(
+                "model.moco.queue_size",
+                self.queue_size,
+                &format!("must hold at least the {per_step} keys of one step"),
             ));
         }
         if self.bn_groups == 0 || batch_size / self.bn_groups < 2 {
-            return Err(format!(
-                "model.moco.bn_groups = {}: needs at least 2 images per group (batch {batch_size})",
-                self.bn_groups
+            return Err(InvalidSetting::value(
+                "model.moco.bn_groups",
+                self.bn_groups,
+                &format!("needs at least 2 images per group (train.batch_size = {batch_size})"),
             ));
         }
         Ok(())

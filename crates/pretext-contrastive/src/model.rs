@@ -85,11 +85,15 @@ impl MethodKind {
     ///
     /// # Errors
     /// Any other name.
-    pub fn parse(name: &str) -> Result<Self, String> {
+    pub fn parse(name: &str) -> Result<Self, pretext_core::InvalidSetting> {
         match name {
             "simclr" => Ok(Self::SimClr),
             "moco" => Ok(Self::MoCo),
-            other => Err(format!("method = {other:?}: must be \"simclr\" or \"moco\"")),
+            other => Err(pretext_core::InvalidSetting::value(
+                "method",
+                format!("{other:?}"),
+                "must be \"simclr\" or \"moco\"",
+            )),
         }
     }
 }

@@ -64,7 +64,12 @@ pub enum Error {
         value: String,
     },
 
-    /// A configuration value is invalid.
+    /// A config key whose value cannot work.
+    #[error("config: {0}")]
+    Setting(#[from] crate::InvalidSetting),
+
+    /// A value or state that the operation cannot use (a programming or
+    /// encoding problem rather than a file's or a key's).
     #[error("config: {0}")]
     Config(String),
 

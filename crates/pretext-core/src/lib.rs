@@ -33,6 +33,7 @@ pub mod prefetch;
 pub mod run;
 pub mod schedule;
 pub mod seed;
+pub mod setting;
 pub mod trainer;
 
 pub use checkpoint::{Checkpoint, CheckpointManager, TrainerState};
@@ -42,4 +43,5 @@ pub use init::SeededVarMap;
 pub use optim::{Optim, OptimConfig, OptimKind};
 pub use run::{MetricsLog, RunDir};
 pub use schedule::{ScheduleConfig, ScheduleKind};
+pub use setting::{InvalidSetting, SettingResult};
 pub use trainer::{BatchSource, Method, NullObserver, Observer, StepCx, StepOut, StepReport, TrainConfig, Trainer};

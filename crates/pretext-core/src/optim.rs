@@ -99,9 +99,9 @@ impl OptimConfig {
     /// Checks the ranges of every field.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the bad field.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |f: &str, v: f64, why: &str| Err(Error::Config(format!("optim.{f} = {v}: {why}")));
+    /// The bad key and why.
+    pub fn validate(&self) -> crate::SettingResult {
+        let bad = |f: &str, v: f64, why: &str| Err(crate::InvalidSetting::value(format!("optim.{f}"), v, why));
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return bad("lr", self.lr, "must be finite and >= 0");
         }

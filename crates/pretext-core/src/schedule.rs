@@ -1,6 +1,5 @@
 //! Learning-rate schedules as pure functions of the step.
 
-use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// Linear warmup from 0 over `warmup` steps to `base`, then cosine decay to 0 at `total`.
@@ -87,13 +86,14 @@ impl ScheduleConfig {
     /// Checks the fields.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the bad field.
-    pub fn validate(&self) -> Result<()> {
+    /// The bad key and why.
+    pub fn validate(&self) -> crate::SettingResult {
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return Err(Error::Config(format!(
-                "schedule.min_lr_ratio = {}: must lie in [0, 1]",
-                self.min_lr_ratio
-            )));
+            return Err(crate::InvalidSetting::value(
+                "schedule.min_lr_ratio",
+                self.min_lr_ratio,
+                "must lie in [0, 1]",
+            ));
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ use crate::init::{named_tensors, named_vars};
 use crate::optim::{Optim, OptimConfig};
 use crate::run::{MetricsLog, RunDir};
 use crate::schedule::ScheduleConfig;
+use crate::InvalidSetting;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
@@ -286,30 +287,33 @@ impl TrainConfig {
     /// Checks the fields.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the bad field.
-    pub fn validate(&self) -> Result<()> {
+    /// The bad key and why.
+    pub fn validate(&self) -> crate::SettingResult {
         if self.epochs == 0 && self.max_steps == 0 {
-            return Err(Error::Config(
-                "train.epochs and train.max_steps are both 0: nothing to train".into(),
+            return Err(InvalidSetting::new(
+                "train.epochs",
+                "0, and train.max_steps is 0 too: nothing to train",
             ));
         }
         if self.batch_size == 0 {
-            return Err(Error::Config("train.batch_size must be > 0".into()));
+            return Err(InvalidSetting::value("train.batch_size", 0, "must be > 0"));
         }
         if !(self.clip_grad_norm.is_finite() && self.clip_grad_norm >= 0.0) {
-            return Err(Error::Config(format!(
-                "train.clip_grad_norm = {}: must be >= 0",
-                self.clip_grad_norm
-            )));
+            return Err(InvalidSetting::value(
+                "train.clip_grad_norm",
+                self.clip_grad_norm,
+                "must be >= 0 (0 = no clipping)",
+            ));
         }
         if self.log_every == 0 {
-            return Err(Error::Config("train.log_every must be > 0".into()));
+            return Err(InvalidSetting::value("train.log_every", 0, "must be > 0"));
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
-            return Err(Error::Config(format!(
-                "train.ema_decay = {}: must lie in [0, 1) (0 = no weight averaging)",
-                self.ema_decay
-            )));
+            return Err(InvalidSetting::value(
+                "train.ema_decay",
+                self.ema_decay,
+                "must lie in [0, 1) (0 = no weight averaging)",
+            ));
         }
         Ok(())
     }

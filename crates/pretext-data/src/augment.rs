@@ -559,19 +559,22 @@ impl AugmentConfig {
     ///
     /// # Errors
     /// A message naming the bad field.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> pretext_core::SettingResult {
+        use pretext_core::InvalidSetting;
         let (s0, s1) = self.crop_scale;
         if !(s0 > 0.0 && s0 <= s1 && s1 <= 1.0) {
-            return Err(format!(
-                "data.augment.crop_scale {:?} must satisfy 0 < lo <= hi <= 1",
-                self.crop_scale
+            return Err(InvalidSetting::value(
+                "data.augment.crop_scale",
+                format!("{:?}", self.crop_scale),
+                "must satisfy 0 < lo <= hi <= 1",
             ));
         }
         let (r0, r1) = self.crop_ratio;
         if !(r0 > 0.0 && r0 <= r1) {
-            return Err(format!(
-                "data.augment.crop_ratio {:?} must satisfy 0 < lo <= hi",
-                self.crop_ratio
+            return Err(InvalidSetting::value(
+                "data.augment.crop_ratio",
+                format!("{:?}", self.crop_ratio),
+                "must satisfy 0 < lo <= hi",
             ));
         }
         for (n, p) in [
@@ -582,20 +585,36 @@ impl AugmentConfig {
             ("solarize_p", self.solarize_p),
         ] {
             if !(0.0..=1.0).contains(&p) {
-                return Err(format!("data.augment.{n} = {p} must lie in [0, 1]"));
+                return Err(InvalidSetting::value(
+                    format!("data.augment.{n}"),
+                    p,
+                    "must lie in [0, 1]",
+                ));
             }
         }
         if !(0.0..=0.5).contains(&self.jitter.hue) {
-            return Err(format!(
-                "data.augment.jitter.hue = {} must lie in [0, 0.5]",
-                self.jitter.hue
+            return Err(InvalidSetting::value(
+                "data.augment.jitter.hue",
+                self.jitter.hue,
+                "must lie in [0, 0.5]",
             ));
         }
         if self.mean.len() != self.std.len() {
-            return Err("data.augment.mean and std must have the same length".into());
+            return Err(InvalidSetting::new(
+                "data.augment.std",
+                format!(
+                    "{} values, but data.augment.mean has {}: one each per channel",
+                    self.std.len(),
+                    self.mean.len()
+                ),
+            ));
         }
-        if self.std.iter().any(|s| *s <= 0.0) {
-            return Err("data.augment.std values must be > 0".into());
+        if self.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
+            return Err(InvalidSetting::value(
+                "data.augment.std",
+                format!("{:?}", self.std),
+                "must all be > 0",
+            ));
         }
         Ok(())
     }
@@ -623,10 +642,18 @@ impl Pipeline {
     ///
     /// # Errors
     /// As [`AugmentConfig::validate`].
-    pub fn new(cfg: AugmentConfig, out_h: usize, out_w: usize) -> std::result::Result<Self, String> {
+    pub fn new(
+        cfg: AugmentConfig,
+        out_h: usize,
+        out_w: usize,
+    ) -> std::result::Result<Self, pretext_core::InvalidSetting> {
         cfg.validate()?;
         if out_h == 0 || out_w == 0 {
-            return Err(format!("output size {out_h}x{out_w} must be positive"));
+            return Err(pretext_core::InvalidSetting::value(
+                "data.image_size",
+                format!("{out_h}x{out_w}"),
+                "must be positive",
+            ));
         }
         Ok(Self {
             cfg,
@@ -874,7 +901,7 @@ mod tests {
     }
 
     #[test]
-    fn pipeline_is_deterministic_per_seed_and_normalises() -> std::result::Result<(), String> {
+    fn pipeline_is_deterministic_per_seed_and_normalises() -> std::result::Result<(), pretext_core::InvalidSetting> {
         let src: Vec<u8> = (0..28 * 28).map(|i| (i % 251) as u8).collect();
         let p = Pipeline::new(AugmentConfig::fashion_mnist(), 28, 28)?;
         let mut a = vec![0f32; 784];
@@ -899,12 +926,12 @@ mod tests {
             crop_scale: (0.0, 1.0),
             ..AugmentConfig::default()
         };
-        assert!(bad.validate().unwrap_err().contains("crop_scale"));
+        assert_eq!(bad.validate().unwrap_err().key, "data.augment.crop_scale");
         let bad = AugmentConfig {
             flip_p: 2.0,
             ..AugmentConfig::default()
         };
-        assert!(bad.validate().unwrap_err().contains("flip_p"));
+        assert_eq!(bad.validate().unwrap_err().key, "data.augment.flip_p");
         let bad = AugmentConfig {
             mean: vec![0.5],
             std: vec![],

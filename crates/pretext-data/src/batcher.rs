@@ -335,7 +335,7 @@ mod tests {
     }
 
     fn batcher(prefetch: usize) -> Result<ImageBatcher> {
-        let p = Arc::new(Pipeline::new(AugmentConfig::fashion_mnist(), 8, 8).map_err(Error::Invalid)?);
+        let p = Arc::new(Pipeline::new(AugmentConfig::fashion_mnist(), 8, 8).map_err(pretext_core::Error::from)?);
         let cfg = BatcherConfig {
             batch_size: 4,
             views: 2,

@@ -59,6 +59,33 @@ pub struct RunImages {
     pub held_out: Option<ImageDataset>,
 }
 
+impl RunImages {
+    /// The training batches of these images through `pipeline` (training
+    /// settings: see [`crate::BatcherConfig::training`]).
+    ///
+    /// # Errors
+    /// `train.batch_size` larger than the training set (a config error naming
+    /// the key); the batcher's own errors.
+    pub fn training_batches(
+        &self,
+        pipeline: crate::Pipeline,
+        cfg: crate::BatcherConfig,
+        device: &candle_core::Device,
+    ) -> Result<crate::ImageBatcher> {
+        if cfg.batch_size > self.train.len() {
+            return Err(Error::Core(
+                pretext_core::InvalidSetting::value(
+                    "train.batch_size",
+                    cfg.batch_size,
+                    &format!("must be at most the {} training images", self.train.len()),
+                )
+                .into(),
+            ));
+        }
+        crate::ImageBatcher::new(self.train.clone(), Arc::new(pipeline), cfg, device)
+    }
+}
+
 /// Loads `path` (empty = the shipped Fashion-MNIST) and checks its channels.
 /// When the source has no labelled test split, 10% of the labelled training
 /// images (seeded by `seed`) are held out — and stay in the training set, as

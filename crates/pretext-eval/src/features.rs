@@ -144,12 +144,12 @@ pub fn extract_features(
 
 /// The evaluation transform: resize only, then normalise.
 pub(crate) fn eval_pipeline(mean: &[f32], std: &[f32], size: usize) -> Result<pretext_data::Pipeline> {
-    pretext_data::Pipeline::new(
+    Ok(pretext_data::Pipeline::new(
         pretext_data::AugmentConfig::none(mean.to_vec(), std.to_vec()),
         size,
         size,
     )
-    .map_err(Error::Invalid)
+    .map_err(pretext_core::Error::from)?)
 }
 
 /// Images `ds[chunk]` through `plain` as one `(n, c, size, size)` tensor.

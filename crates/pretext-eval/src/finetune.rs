@@ -119,7 +119,7 @@ pub fn fine_tune(
         flip_p: cfg.flip_p,
         ..AugmentConfig::none(mean.to_vec(), std.to_vec())
     };
-    let pipeline = Arc::new(Pipeline::new(augment, size, size).map_err(Error::Invalid)?);
+    let pipeline = Arc::new(Pipeline::new(augment, size, size).map_err(pretext_core::Error::from)?);
     let mut batcher = ImageBatcher::new(
         Arc::new(train.clone()),
         pipeline,

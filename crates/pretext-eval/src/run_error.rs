@@ -7,11 +7,12 @@
 pub enum RunError {
     /// Training, checkpoints, run folders, tensors.
     #[error(transparent)]
-    Core(#[from] pretext_core::Error),
+    Core(pretext_core::Error),
     /// Data that cannot be read or used, the file named.
     #[error("data: {0}")]
     Data(pretext_data::Error),
-    /// A config key whose value cannot work.
+    /// A config key whose value cannot work, or that does not fit another
+    /// key (which the reason names).
     #[error("config: {key}: {reason}")]
     Config {
         /// The key (`data.channels`).
@@ -19,18 +20,33 @@ pub enum RunError {
         /// What is wrong with its value.
         reason: String,
     },
-    /// A config whose keys do not hold together (the message names them).
-    #[error("config: {0}")]
-    Invalid(String),
     /// An evaluation this data cannot support (no labels, too few of them).
     #[error("evaluation: {0}")]
     Eval(String),
 }
 
+impl From<pretext_core::InvalidSetting> for RunError {
+    fn from(e: pretext_core::InvalidSetting) -> Self {
+        RunError::Config {
+            key: e.key,
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<pretext_core::Error> for RunError {
+    fn from(e: pretext_core::Error) -> Self {
+        match e {
+            pretext_core::Error::Setting(s) => s.into(),
+            other => RunError::Core(other),
+        }
+    }
+}
+
 impl From<pretext_data::Error> for RunError {
     fn from(e: pretext_data::Error) -> Self {
         match e {
-            pretext_data::Error::Core(c) => RunError::Core(c),
+            pretext_data::Error::Core(c) => c.into(),
             pretext_data::Error::Candle(c) => RunError::Core(c.into()),
             pretext_data::Error::Channels { found, expected } => RunError::Config {
                 key: "data.channels".into(),
@@ -44,7 +60,7 @@ impl From<pretext_data::Error> for RunError {
 impl From<crate::Error> for RunError {
     fn from(e: crate::Error) -> Self {
         match e {
-            crate::Error::Core(c) => RunError::Core(c),
+            crate::Error::Core(c) => c.into(),
             crate::Error::Data(d) => d.into(),
             crate::Error::Invalid(m) => RunError::Eval(m),
         }
@@ -61,6 +77,7 @@ impl From<RunError> for crate::Error {
     fn from(e: RunError) -> Self {
         match e {
             RunError::Core(c) => crate::Error::Core(c),
+            RunError::Config { key, reason } => crate::Error::Core(pretext_core::InvalidSetting { key, reason }.into()),
             RunError::Data(d) => crate::Error::Data(d),
             other => crate::Error::Invalid(other.to_string()),
         }

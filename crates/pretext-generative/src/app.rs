@@ -16,7 +16,6 @@ use pretext_eval::{knn_accuracy, Embedded, KnnConfig};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// The variational autoencoder on images.
 pub struct Generative;
@@ -44,7 +43,7 @@ pub fn load_data(cfg: &GenerativeConfig) -> Result<RunData> {
 /// # Errors
 /// An invalid config.
 pub fn new_model(cfg: &GenerativeConfig, device: &Device) -> Result<Vae> {
-    cfg.validate().map_err(Error::Invalid)?;
+    cfg.validate()?;
     Ok(Vae::new(
         &cfg.model,
         cfg.data.channels,
@@ -57,12 +56,11 @@ pub fn new_model(cfg: &GenerativeConfig, device: &Device) -> Result<Vae> {
 
 /// Images in [0, 1], no augmentation, as the model sees them.
 fn plain_pipeline(cfg: &GenerativeConfig) -> Result<Pipeline> {
-    Pipeline::new(
+    Ok(Pipeline::new(
         AugmentConfig::none(vec![], vec![]),
         cfg.data.image_size,
         cfg.data.image_size,
-    )
-    .map_err(Error::Invalid)
+    )?)
 }
 
 /// `ds[indices]` as one `(n, c, s, s)` tensor in [0, 1].
@@ -441,7 +439,7 @@ impl Paradigm for Generative {
     }
 
     fn validate(cfg: &GenerativeConfig) -> Result<()> {
-        cfg.validate().map_err(Error::Invalid)
+        Ok(cfg.validate()?)
     }
 
     fn load_data(cfg: &GenerativeConfig, _: Option<()>, _: &mut dyn Observer) -> Result<(RunData, ())> {
@@ -458,12 +456,7 @@ impl Paradigm for Generative {
 
     fn batches(cfg: &GenerativeConfig, data: &RunData, _: &(), device: &Device) -> Result<ImageBatcher> {
         let bc = BatcherConfig::training(cfg.train.batch_size, 1, cfg.train.seed, cfg.data.prefetch);
-        Ok(ImageBatcher::new(
-            data.train.clone(),
-            Arc::new(plain_pipeline(cfg)?),
-            bc,
-            device,
-        )?)
+        Ok(data.training_batches(plain_pipeline(cfg)?, bc, device)?)
     }
 
     fn eval_schedule(cfg: &GenerativeConfig) -> EvalSchedule {

@@ -140,25 +140,40 @@ impl GenerativeConfig {
     ///
     /// # Errors
     /// A message naming the bad key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> pretext_core::SettingResult {
+        use pretext_core::InvalidSetting;
         if self.method != "vae" {
-            return Err(format!("method = {:?}: must be \"vae\"", self.method));
+            return Err(InvalidSetting::value(
+                "method",
+                format!("{:?}", self.method),
+                "must be \"vae\"",
+            ));
         }
-        self.optim.validate().map_err(|e| e.to_string())?;
-        self.schedule.validate().map_err(|e| e.to_string())?;
-        self.train.validate().map_err(|e| e.to_string())?;
+        self.optim.validate()?;
+        self.schedule.validate()?;
+        self.train.validate()?;
         if self.data.channels != 1 && self.data.channels != 3 {
-            return Err(format!("data.channels = {}: must be 1 or 3", self.data.channels));
+            return Err(InvalidSetting::value(
+                "data.channels",
+                self.data.channels,
+                "must be 1 or 3",
+            ));
         }
         if self.data.image_size < 4 {
-            return Err(format!(
-                "data.image_size = {}: must be at least 4",
-                self.data.image_size
+            return Err(InvalidSetting::value(
+                "data.image_size",
+                self.data.image_size,
+                "must be at least 4",
             ));
         }
         self.model.validate(self.data.channels, self.data.image_size)?;
-        if self.eval.iwae_samples == 0 || self.eval.elbo_samples == 0 {
-            return Err("eval.iwae_samples and eval.elbo_samples must be > 0".into());
+        for (key, n) in [
+            ("eval.iwae_samples", self.eval.iwae_samples),
+            ("eval.elbo_samples", self.eval.elbo_samples),
+        ] {
+            if n == 0 {
+                return Err(InvalidSetting::value(key, n, "must be > 0"));
+            }
         }
         Ok(())
     }

@@ -118,40 +118,55 @@ impl VaeConfig {
     ///
     /// # Errors
     /// A message naming the bad key.
-    pub fn validate(&self, channels: usize, size: usize) -> std::result::Result<(), String> {
+    pub fn validate(&self, channels: usize, size: usize) -> pretext_core::SettingResult {
+        use pretext_core::InvalidSetting as Bad;
+        let list = |v: &[usize]| format!("{v:?}");
         if self.latent == 0 {
-            return Err("model.latent must be > 0".into());
+            return Err(Bad::value("model.latent", 0, "must be > 0"));
         }
         match self.arch {
-            VaeArch::Mlp if self.hidden.is_empty() || self.hidden.contains(&0) => {
-                Err("model.hidden must list at least one positive size".into())
-            }
-            VaeArch::Conv if self.channels.len() != 2 || self.channels.contains(&0) => {
-                Err("model.channels must be two positive channel counts".into())
-            }
+            VaeArch::Mlp if self.hidden.is_empty() || self.hidden.contains(&0) => Err(Bad::value(
+                "model.hidden",
+                list(&self.hidden),
+                "must list at least one positive size",
+            )),
+            VaeArch::Conv if self.channels.len() != 2 || self.channels.contains(&0) => Err(Bad::value(
+                "model.channels",
+                list(&self.channels),
+                "must be two positive channel counts",
+            )),
             VaeArch::Conv
                 if !self.dec_channels.is_empty()
                     && (self.dec_channels.len() != 2 || self.dec_channels.contains(&0)) =>
             {
-                Err("model.dec_channels must be empty (the encoder's) or two positive channel counts".into())
+                Err(Bad::value(
+                    "model.dec_channels",
+                    list(&self.dec_channels),
+                    "must be empty (the encoder's) or two positive channel counts",
+                ))
             }
-            VaeArch::Conv if self.enc_fc.contains(&0) || self.dec_fc.contains(&0) => {
-                Err("model.enc_fc and model.dec_fc sizes must be positive".into())
+            VaeArch::Conv if self.enc_fc.contains(&0) => {
+                Err(Bad::value("model.enc_fc", list(&self.enc_fc), "sizes must be positive"))
             }
-            VaeArch::Conv if size % 4 != 0 => {
-                Err(format!("data.image_size = {size}: the conv VAE needs a multiple of 4"))
+            VaeArch::Conv if self.dec_fc.contains(&0) => {
+                Err(Bad::value("model.dec_fc", list(&self.dec_fc), "sizes must be positive"))
             }
-            _ if channels == 0 => Err("data.channels must be > 0".into()),
+            VaeArch::Conv if size % 4 != 0 => Err(Bad::value(
+                "data.image_size",
+                size,
+                "must be a multiple of 4 for the conv VAE",
+            )),
+            _ if channels == 0 => Err(Bad::value("data.channels", 0, "must be > 0")),
             _ if !(self.beta >= 0.0 && self.beta.is_finite()) => {
-                Err(format!("model.beta = {}: must be >= 0", self.beta))
+                Err(Bad::value("model.beta", self.beta, "must be >= 0"))
             }
             _ if !(self.free_bits >= 0.0 && self.free_bits.is_finite()) => {
-                Err(format!("model.free_bits = {}: must be >= 0", self.free_bits))
+                Err(Bad::value("model.free_bits", self.free_bits, "must be >= 0"))
             }
             _ if self.likelihood == Likelihood::Gaussian
                 && self.sigma.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) =>
             {
-                Err(format!("model.sigma = {}: must be > 0", self.sigma))
+                Err(Bad::value("model.sigma", self.sigma, "must be > 0"))
             }
             _ => Ok(()),
         }
@@ -772,7 +787,7 @@ mod tests {
                 ..conv.clone()
             };
             let e = cfg.validate(1, 28).expect_err("invalid dec_channels");
-            assert!(e.contains("model.dec_channels"), "{bad:?}: {e}");
+            assert_eq!(e.key, "model.dec_channels", "{bad:?}: {e}");
         }
     }
 

@@ -84,18 +84,15 @@ pub struct Prepared {
 /// No tokens.
 pub fn prepare(cfg: &MlmConfig, corpus: Corpus, tokenizer: &WordPieceTokenizer) -> Result<Prepared> {
     let ids = tokenizer.special_ids()?;
-    let train = sequences(
-        &tokenizer.encode_all(&corpus.train)?,
-        cfg.data.seq_len,
-        cfg.data.packing,
-        &ids,
-    )?;
-    let held_out = sequences(
-        &tokenizer.encode_all(&corpus.held_out)?,
-        cfg.data.seq_len,
-        cfg.data.packing,
-        &ids,
-    )?;
+    let pack = |docs: &[String]| -> Result<Vec<Vec<u32>>> {
+        Ok(sequences(
+            &tokenizer.encode_all(docs)?,
+            cfg.data.seq_len,
+            cfg.data.packing,
+            &ids,
+        )?)
+    };
+    let (train, held_out) = (pack(&corpus.train)?, pack(&corpus.held_out)?);
     Ok(Prepared {
         corpus,
         train: Arc::new(train),
@@ -108,7 +105,7 @@ pub fn prepare(cfg: &MlmConfig, corpus: Corpus, tokenizer: &WordPieceTokenizer) 
 /// # Errors
 /// An invalid config.
 pub fn new_model(cfg: &MlmConfig, tokenizer: &WordPieceTokenizer, device: &Device) -> Result<BertMlm> {
-    let dims = cfg.model.dims(tokenizer.vocab_size()).map_err(Error::Invalid)?;
+    let dims = cfg.model.dims(tokenizer.vocab_size())?;
     Ok(BertMlm::new(&dims, cfg.train.seed, device)?)
 }
 
@@ -467,7 +464,7 @@ impl Paradigm for Mlm {
     }
 
     fn validate(cfg: &MlmConfig) -> Result<()> {
-        cfg.validate().map_err(Error::Invalid)
+        Ok(cfg.validate()?)
     }
 
     /// Reads the corpus, trains the tokenizer (or loads `tokenizer.path`)

@@ -49,14 +49,30 @@ impl MaskingConfig {
     ///
     /// # Errors
     /// A message naming the bad key.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> pretext_core::SettingResult {
+        use pretext_core::InvalidSetting;
         if !(self.mask_prob > 0.0 && self.mask_prob <= 1.0) {
-            return Err(format!("masking.mask_prob = {}: must be in (0, 1]", self.mask_prob));
+            return Err(InvalidSetting::value(
+                "masking.mask_prob",
+                self.mask_prob,
+                "must be in (0, 1]",
+            ));
         }
-        if self.mask_ratio < 0.0 || self.random_ratio < 0.0 || self.mask_ratio + self.random_ratio > 1.0 {
-            return Err(format!(
-                "masking.mask_ratio + masking.random_ratio = {} + {}: each >= 0, sum <= 1",
-                self.mask_ratio, self.random_ratio
+        for (key, r) in [
+            ("masking.mask_ratio", self.mask_ratio),
+            ("masking.random_ratio", self.random_ratio),
+        ] {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(InvalidSetting::value(key, r, "must be in [0, 1]"));
+            }
+        }
+        if self.mask_ratio + self.random_ratio > 1.0 {
+            return Err(InvalidSetting::new(
+                "masking.random_ratio",
+                format!(
+                    "{} plus masking.mask_ratio = {} must be at most 1",
+                    self.random_ratio, self.mask_ratio
+                ),
             ));
         }
         Ok(())
@@ -69,7 +85,7 @@ impl MaskingConfig {
 /// `seq_len` < 3, or no tokens at all.
 pub fn sequences(docs: &[Vec<u32>], seq_len: usize, packing: Packing, ids: &SpecialIds) -> Result<Vec<Vec<u32>>> {
     if seq_len < 3 {
-        return Err(Error::Config(format!("data.seq_len = {seq_len}: must be at least 3")));
+        return Err(pretext_core::InvalidSetting::value("data.seq_len", seq_len, "must be at least 3").into());
     }
     let body = seq_len - 2;
     let wrap = |piece: &[u32]| {

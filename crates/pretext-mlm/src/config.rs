@@ -2,7 +2,7 @@
 
 use crate::collator::{MaskingConfig, Packing};
 use crate::model::BertDims;
-use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig};
+use pretext_core::{InvalidSetting, OptimConfig, ScheduleConfig, SettingResult, TrainConfig};
 use pretext_data::source::TextFormat;
 use serde::{Deserialize, Serialize};
 
@@ -51,7 +51,7 @@ impl ModelConfig {
     ///
     /// # Errors
     /// An unknown preset or inconsistent sizes, naming the key.
-    pub fn dims(&self, vocab_size: usize) -> Result<BertDims, String> {
+    pub fn dims(&self, vocab_size: usize) -> Result<BertDims, InvalidSetting> {
         let (h, l) = match self.size.as_str() {
             "tiny" => (128, 2),
             "mini" => (256, 4),
@@ -59,15 +59,20 @@ impl ModelConfig {
             "medium" => (512, 8),
             "custom" => (0, 0),
             other => {
-                return Err(format!(
-                    "model.size = {other:?}: expected tiny, mini, small, medium or custom"
+                return Err(InvalidSetting::value(
+                    "model.size",
+                    format!("{other:?}"),
+                    "must be tiny, mini, small, medium or custom",
                 ))
             }
         };
         let hidden = if self.hidden > 0 { self.hidden } else { h };
         let layers = if self.layers > 0 { self.layers } else { l };
         if hidden == 0 || layers == 0 {
-            return Err("model.size = \"custom\" needs model.hidden and model.layers".into());
+            return Err(InvalidSetting::new(
+                "model.size",
+                "\"custom\" needs model.hidden and model.layers",
+            ));
         }
         let heads = if self.heads > 0 {
             self.heads
@@ -248,29 +253,31 @@ impl MlmConfig {
     ///
     /// # Errors
     /// A message naming the bad key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> SettingResult {
         if self.method != "bert-mlm" {
-            return Err(format!("method = {:?}: must be \"bert-mlm\"", self.method));
+            return Err(InvalidSetting::value(
+                "method",
+                format!("{:?}", self.method),
+                "must be \"bert-mlm\"",
+            ));
         }
-        self.optim.validate().map_err(|e| e.to_string())?;
-        self.schedule.validate().map_err(|e| e.to_string())?;
-        self.train.validate().map_err(|e| e.to_string())?;
+        self.optim.validate()?;
+        self.schedule.validate()?;
+        self.train.validate()?;
         self.masking.validate()?;
         self.model.dims(self.tokenizer.vocab_size.max(64))?;
-        if self.data.seq_len < 3 || self.data.seq_len > self.model.max_position {
-            return Err(format!(
-                "data.seq_len = {}: must be in [3, model.max_position = {}]",
-                self.data.seq_len, self.model.max_position
-            ));
-        }
-        if self.eval.max_len < 3 || self.eval.max_len > self.model.max_position {
-            return Err(format!(
-                "eval.max_len = {}: must be in [3, model.max_position = {}]",
-                self.eval.max_len, self.model.max_position
-            ));
+        let positions = format!("must be in [3, model.max_position = {}]", self.model.max_position);
+        for (key, len) in [("data.seq_len", self.data.seq_len), ("eval.max_len", self.eval.max_len)] {
+            if len < 3 || len > self.model.max_position {
+                return Err(InvalidSetting::value(key, len, &positions));
+            }
         }
         if !(self.data.held_out > 0.0 && self.data.held_out < 1.0) {
-            return Err(format!("data.held_out = {}: must be in (0, 1)", self.data.held_out));
+            return Err(InvalidSetting::value(
+                "data.held_out",
+                self.data.held_out,
+                "must be in (0, 1)",
+            ));
         }
         Ok(())
     }
@@ -297,12 +304,14 @@ mod tests {
             (256, 4, 4, 1024)
         );
         m.size = "huge".into();
-        assert!(m.dims(8000).unwrap_err().contains("model.size"));
+        assert_eq!(m.dims(8000).unwrap_err().key, "model.size");
         m.size = "custom".into();
         assert!(m.dims(8000).is_err());
         m.hidden = 96;
         m.layers = 1;
         m.heads = 5;
-        assert!(m.dims(8000).unwrap_err().contains("multiple"));
+        let e = m.dims(8000).unwrap_err();
+        assert_eq!(e.key, "model.hidden");
+        assert!(e.reason.contains("multiple of model.heads = 5"), "{e}");
     }
 }

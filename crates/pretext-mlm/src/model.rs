@@ -54,31 +54,34 @@ impl BertDims {
     ///
     /// # Errors
     /// A message naming the bad field.
-    pub fn validate(&self) -> Result<(), String> {
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("max_position_embeddings", self.max_position_embeddings),
+    pub fn validate(&self) -> pretext_core::SettingResult {
+        use pretext_core::InvalidSetting;
+        // the config keys that set each dimension
+        for (key, v) in [
+            ("tokenizer.vocab_size", self.vocab_size),
+            ("model.hidden", self.hidden_size),
+            ("model.layers", self.num_hidden_layers),
+            ("model.heads", self.num_attention_heads),
+            ("model.intermediate", self.intermediate_size),
+            ("model.max_position", self.max_position_embeddings),
         ] {
             if v == 0 {
-                return Err(format!("model {name} must be > 0"));
+                return Err(InvalidSetting::value(key, v, "must be > 0"));
             }
         }
         if self.hidden_size % self.num_attention_heads != 0 {
-            return Err(format!(
-                "model hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
+            return Err(InvalidSetting::value(
+                "model.hidden",
+                self.hidden_size,
+                &format!("must be a multiple of model.heads = {}", self.num_attention_heads),
             ));
         }
-        for (name, p) in [
-            ("hidden_dropout", self.hidden_dropout_prob),
-            ("attention_dropout", self.attention_probs_dropout_prob),
+        for (key, p) in [
+            ("model.hidden_dropout", self.hidden_dropout_prob),
+            ("model.attention_dropout", self.attention_probs_dropout_prob),
         ] {
             if !(0.0..1.0).contains(&p) {
-                return Err(format!("model.{name} = {p}: must be in [0, 1)"));
+                return Err(InvalidSetting::value(key, p, "must be in [0, 1)"));
             }
         }
         Ok(())
@@ -192,7 +195,7 @@ impl BertMlm {
     /// # Errors
     /// An invalid shape or a tensor error.
     pub fn new(dims: &BertDims, seed: u64, device: &Device) -> pretext_core::Result<Self> {
-        dims.validate().map_err(pretext_core::Error::Config)?;
+        dims.validate()?;
         let vars = SeededVarMap::from_seed(seed, "init");
         let vb = vars.var_builder(DType::F32, device);
         let std = dims.initializer_range;

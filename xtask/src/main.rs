@@ -106,7 +106,22 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
                 .join("\n")
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if let Some(line) = stdout.lines().find(|l| l.starts_with("CPU: ")) {
+        let _ = CPU_LINE.set(line.to_string());
+    }
+    Ok(stdout)
+}
+
+/// The `CPU: …` line the first benchmark printed (its model, threads and kernel flags).
+static CPU_LINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `md` under the CPU line of the machine it was measured on.
+fn on_this_cpu(md: String) -> String {
+    match CPU_LINE.get() {
+        Some(cpu) => format!("{cpu}\n\n{md}"),
+        None => md,
+    }
 }
 
 fn field(line: &str, key: &str) -> Option<f64> {
@@ -401,7 +416,7 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Task::Bench { what, iters, no_record } => (|| -> Result<()> {
             if matches!(what, BenchWhat::Conv | BenchWhat::All) {
-                let md = bench_conv(iters)?;
+                let md = on_this_cpu(bench_conv(iters)?);
                 println!("{md}");
                 if !no_record {
                     record("SimCLR training step", &md)?;
@@ -415,14 +430,14 @@ fn main() -> ExitCode {
                 }
             }
             if matches!(what, BenchWhat::Vae | BenchWhat::All) {
-                let md = bench_vae()?;
+                let md = on_this_cpu(bench_vae()?);
                 println!("{md}");
                 if !no_record {
                     record("VAE training", &md)?;
                 }
             }
             if matches!(what, BenchWhat::Mlm | BenchWhat::All) {
-                let md = bench_mlm(iters.max(20))?;
+                let md = on_this_cpu(bench_mlm(iters.max(20))?);
                 println!("{md}");
                 if !no_record {
                     record("MLM training", &md)?;

@@ -37,6 +37,8 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // the machine the figures belong to (xtask copies this line into its tables)
+    println!("{}", pretext_core::cpu::CpuInfo::current().line());
     if std::env::args().any(|a| a == "--list") {
         return Ok(()); // `cargo bench -- --list` probing
     }

@@ -123,12 +123,7 @@ impl Paradigm for Contrastive {
     type Error = Error;
 
     fn sections(cfg: &ContrastiveConfig) -> Sections<'_> {
-        Sections {
-            train: &cfg.train,
-            optim: &cfg.optim,
-            schedule: &cfg.schedule,
-            data_path: &cfg.data.path,
-        }
+        Sections::new(&cfg.train, &cfg.optim, &cfg.schedule, &cfg.data.path)
     }
 
     fn validate(cfg: &ContrastiveConfig) -> Result<()> {

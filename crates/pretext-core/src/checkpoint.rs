@@ -60,6 +60,10 @@ pub struct TrainerState {
     pub last_loss: Option<f64>,
     /// pretext version that wrote it.
     pub pretext_version: String,
+    /// The CPU that trained to this step (absent in checkpoints written
+    /// before it was recorded).
+    #[serde(default)]
+    pub cpu: Option<crate::cpu::CpuInfo>,
 }
 
 /// The contents of one checkpoint.
@@ -492,6 +496,9 @@ mod tests {
                 lr: 0.001,
                 last_loss: Some(1.25),
                 pretext_version: "test".into(),
+                cpu: Some(crate::cpu::CpuInfo::from_cpuinfo(
+                    "model name: Test CPU\nflags: avx2 fma\n",
+                )),
             },
             metadata: [("pretext.paradigm".to_string(), "test".to_string())]
                 .into_iter()

@@ -21,6 +21,7 @@
 
 pub mod alloc;
 pub mod checkpoint;
+pub mod cpu;
 pub mod device;
 pub mod ema;
 mod error;

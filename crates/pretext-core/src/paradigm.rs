@@ -154,6 +154,23 @@ pub struct Sections<'a> {
     pub data_path: &'a str,
 }
 
+impl<'a> Sections<'a> {
+    /// The sections, from a config's `train`, `optim`, `schedule` and `data.path`.
+    pub fn new(
+        train: &'a TrainConfig,
+        optim: &'a OptimConfig,
+        schedule: &'a ScheduleConfig,
+        data_path: &'a str,
+    ) -> Self {
+        Self {
+            train,
+            optim,
+            schedule,
+            data_path,
+        }
+    }
+}
+
 /// When a run evaluates itself (besides after its last step).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EvalSchedule {

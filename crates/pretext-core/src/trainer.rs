@@ -525,6 +525,7 @@ impl<M: Method> Trainer<M> {
                 lr: self.last_lr,
                 last_loss: self.last_loss,
                 pretext_version: env!("CARGO_PKG_VERSION").into(),
+                cpu: Some(crate::cpu::CpuInfo::current().clone()),
             },
             metadata,
         })

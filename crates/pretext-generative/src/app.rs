@@ -430,12 +430,7 @@ impl Paradigm for Generative {
     type Error = Error;
 
     fn sections(cfg: &GenerativeConfig) -> Sections<'_> {
-        Sections {
-            train: &cfg.train,
-            optim: &cfg.optim,
-            schedule: &cfg.schedule,
-            data_path: &cfg.data.path,
-        }
+        Sections::new(&cfg.train, &cfg.optim, &cfg.schedule, &cfg.data.path)
     }
 
     fn validate(cfg: &GenerativeConfig) -> Result<()> {

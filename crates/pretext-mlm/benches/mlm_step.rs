@@ -30,6 +30,8 @@ impl Observer for Times {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // the machine the figures belong to (xtask copies this line into its tables)
+    println!("{}", pretext_core::cpu::CpuInfo::current().line());
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }

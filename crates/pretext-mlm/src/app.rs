@@ -455,12 +455,7 @@ impl Paradigm for Mlm {
     type Error = Error;
 
     fn sections(cfg: &MlmConfig) -> Sections<'_> {
-        Sections {
-            train: &cfg.train,
-            optim: &cfg.optim,
-            schedule: &cfg.schedule,
-            data_path: &cfg.data.path,
-        }
+        Sections::new(&cfg.train, &cfg.optim, &cfg.schedule, &cfg.data.path)
     }
 
     fn validate(cfg: &MlmConfig) -> Result<()> {

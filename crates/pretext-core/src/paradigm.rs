@@ -235,7 +235,7 @@ struct EpochEnd<'a, P: Paradigm> {
 impl<P: Paradigm> Monitor<P::Model> for EpochEnd<'_, P> {
     type Error = P::Error;
 
-    fn due(&self, step: u64, steps_per_epoch: u64, _total: u64) -> bool {
+    fn due(&self, step: u64, steps_per_epoch: u64) -> bool {
         P::eval_schedule(self.cfg).due(step, steps_per_epoch)
     }
 

@@ -212,10 +212,10 @@ pub trait Monitor<M> {
     /// What an evaluation can fail with.
     type Error: From<Error>;
 
-    /// Whether to evaluate after `step` completed steps of a run of `total`
-    /// steps in epochs of `steps_per_epoch` (the trainer also evaluates after
-    /// the last step whatever this says).
-    fn due(&self, step: u64, steps_per_epoch: u64, total: u64) -> bool;
+    /// Whether to evaluate after `step` completed steps in epochs of
+    /// `steps_per_epoch` (the trainer also evaluates after the last step
+    /// whatever this says).
+    fn due(&self, step: u64, steps_per_epoch: u64) -> bool;
 
     /// Evaluates `model`, which holds the published weights, after `step`
     /// steps; the records returned are appended to `metrics.jsonl`.
@@ -648,11 +648,11 @@ impl<M: Method> Trainer<M> {
         while self.step < total {
             let boundary = ((self.step / spe + 1) * spe).min(total);
             let stop = (self.step + 1..boundary)
-                .find(|&s| monitor.due(s, spe, total))
+                .find(|&s| monitor.due(s, spe))
                 .unwrap_or(boundary);
             self.run_steps(data, observer, stop)?;
             let step = self.step;
-            if step >= total || monitor.due(step, spe, total) {
+            if step >= total || monitor.due(step, spe) {
                 let records = self.with_published_weights(|m| monitor.evaluate(m, step, spe, observer))?;
                 for r in &records {
                     self.log_record(r)?;

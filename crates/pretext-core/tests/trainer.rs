@@ -482,7 +482,7 @@ struct WeightMonitor {
 impl pretext_core::trainer::Monitor<TinyMlp> for WeightMonitor {
     type Error = Error;
 
-    fn due(&self, step: u64, steps_per_epoch: u64, _total: u64) -> bool {
+    fn due(&self, step: u64, steps_per_epoch: u64) -> bool {
         step % steps_per_epoch == 0
     }
 

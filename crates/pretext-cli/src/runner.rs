@@ -177,6 +177,8 @@ where
     F: PretrainFlags,
     X: Extra,
 {
+    // A kernel request this CPU cannot honour stops the tool before any work.
+    pretext_core::cpu::KernelSet::from_env().context("environment")?;
     match command {
         Command::Pretrain { data, flags, common } => {
             crate::init_tracing(common.verbose);

@@ -119,6 +119,55 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
     }
 }
 
+#[test]
+fn the_kernel_switch_forces_narrower_kernels_that_train_alike() {
+    use pretext_core::cpu::{KernelSet, KERNELS_ENV};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let run = |name: &str, kernels: Option<KernelSet>| {
+        let out = tmp.path().join(name);
+        let mut cmd = bin();
+        cmd.arg("pretrain").arg("--out").arg(&out).args(TINY);
+        cmd.args(["--set", "train.max_steps=2", "--set", "train.checkpoint_every=2"]);
+        match kernels {
+            Some(k) => cmd.env(KERNELS_ENV, k.name()),
+            None => cmd.env_remove(KERNELS_ENV),
+        };
+        let res = cmd.output().expect("run");
+        assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+        let trainer: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("checkpoints/step-00000002/trainer.json")).expect("trainer.json"),
+        )
+        .expect("json");
+        let losses: Vec<f64> = records(&out)
+            .iter()
+            .filter_map(|r| r.get("loss").and_then(|l| l.as_f64()))
+            .collect();
+        assert_eq!(losses.len(), 2);
+        (trainer["cpu"]["kernels"].as_str().expect("kernels").to_string(), losses)
+    };
+    let widest = KernelSet::widest();
+    let (recorded, want) = run("auto", None);
+    assert_eq!(
+        recorded,
+        widest.name(),
+        "the default is the widest kernels this CPU has"
+    );
+    for k in KernelSet::ALL.into_iter().filter(|&k| k < widest) {
+        let (recorded, got) = run(k.name(), Some(k));
+        assert_eq!(recorded, k.name(), "{KERNELS_ENV}={k} was not what the run used");
+        // The first loss is one forward pass of the same weights: the products
+        // differ only in the order of their sums. The second has one update in it.
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
+        assert!(rel(got[0], want[0]) < 1e-5, "{k}: first loss {} vs {}", got[0], want[0]);
+        assert!(
+            rel(got[1], want[1]) < 1e-4,
+            "{k}: second loss {} vs {}",
+            got[1],
+            want[1]
+        );
+    }
+}
+
 /// The weights of a run's checkpoint `step`, tensor by tensor, sorted by name
 /// (as f64: every f32 and integer value exactly).
 fn final_weights(run: &Path, step: &str) -> Vec<(String, Vec<f64>)> {

@@ -153,3 +153,24 @@ fn a_bad_setting_is_a_config_error_naming_the_key() {
         assert!(!out.exists(), "a bad setting left {}", out.display());
     }
 }
+
+#[test]
+fn a_kernel_request_this_cpu_cannot_honour_stops_every_tool_before_it_starts() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    for bin in VISION.into_iter().chain([env!("CARGO_BIN_EXE_pretext-mlm")]) {
+        let out = tmp.path().join("run");
+        let res = Command::new(bin)
+            .args(["pretrain", "--quiet", "--set", "train.max_steps=1", "--out"])
+            .arg(&out)
+            .env(pretext_core::cpu::KERNELS_ENV, "sse9")
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success(), "{bin} accepted PRETEXT_KERNELS=sse9");
+        assert!(
+            err.contains("environment: PRETEXT_KERNELS: must be one of auto, avx512, avx2, portable, not \"sse9\""),
+            "{bin}: {err}"
+        );
+        assert!(!out.exists(), "a refused start left {}", out.display());
+    }
+}

@@ -1,8 +1,14 @@
 //! What the CPU can do, as the kernels see it: its model and the
 //! instruction-set flags that select kernels. Benchmarks print it and every
 //! run records it in `trainer.json`, so a speed figure names its machine.
+//!
+//! It also chooses, once per process, which family of f32 kernels the
+//! matrix products use ([`KernelSet`]): the widest the CPU has, or a narrower
+//! one named by the `PRETEXT_KERNELS` environment variable.
 
 use serde::{Deserialize, Serialize};
+
+use crate::setting::InvalidSetting;
 
 /// The flags that select kernels, in the names `/proc/cpuinfo` uses.
 pub const KERNEL_FLAGS: [&str; 6] = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"];
@@ -16,6 +22,10 @@ pub struct CpuInfo {
     pub flags: Vec<String>,
     /// Logical cores available to this process.
     pub threads: usize,
+    /// The f32 kernels this process's products use (absent in records
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernels: Option<KernelSet>,
 }
 
 impl CpuInfo {
@@ -27,6 +37,7 @@ impl CpuInfo {
             info.flags = detected_flags();
         }
         info.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        info.kernels = Some(KernelSet::current());
         info
     }
 
@@ -57,6 +68,7 @@ impl CpuInfo {
             model: field("model name").unwrap_or_else(|| "unknown".into()),
             flags: present,
             threads: 1,
+            kernels: None,
         }
     }
 
@@ -65,14 +77,120 @@ impl CpuInfo {
         self.flags.iter().any(|f| f == flag)
     }
 
-    /// The line benchmarks print: `CPU: <model>, <n> threads; flags: avx2 fma avx512f …`.
+    /// The line benchmarks print:
+    /// `CPU: <model>, <n> threads; flags: avx2 fma avx512f …; f32 kernels: avx512`.
     pub fn line(&self) -> String {
         let flags = if self.flags.is_empty() {
             "none of the kernel flags".to_string()
         } else {
             self.flags.join(" ")
         };
-        format!("CPU: {}, {} threads; flags: {flags}", self.model, self.threads)
+        let kernels = self
+            .kernels
+            .map_or(String::new(), |k| format!("; f32 kernels: {}", k.name()));
+        format!("CPU: {}, {} threads; flags: {flags}{kernels}", self.model, self.threads)
+    }
+}
+
+/// The environment variable that narrows the kernels a process uses:
+/// `auto` (the default: the widest this CPU has), `avx512`, `avx2` or `portable`.
+pub const KERNELS_ENV: &str = "PRETEXT_KERNELS";
+
+/// A family of f32 matrix-product kernels, from narrowest to widest.
+///
+/// Every product pretext computes itself (convolutions, linear layers,
+/// attention, kNN, probes) runs the kernels of one family, chosen once per
+/// process by [`KernelSet::current`]. The families give the same results up to
+/// float rounding (the order of the sums differs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelSet {
+    /// Plain Rust, no vector instructions: any CPU.
+    Portable,
+    /// 256-bit AVX2 + FMA kernels (x86-64-v3).
+    Avx2,
+    /// 512-bit AVX-512F kernels (x86-64-v4).
+    Avx512,
+}
+
+impl KernelSet {
+    /// Every family, narrowest first.
+    pub const ALL: [KernelSet; 3] = [KernelSet::Portable, KernelSet::Avx2, KernelSet::Avx512];
+
+    /// Its name, as [`KERNELS_ENV`] and `trainer.json` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelSet::Portable => "portable",
+            KernelSet::Avx2 => "avx2",
+            KernelSet::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run it (the instruction sets its kernels are
+    /// compiled for are all detected).
+    pub fn is_available(self) -> bool {
+        crate::ops::gemm::kernels_available(self)
+    }
+
+    /// The widest family this CPU can run.
+    pub fn widest() -> Self {
+        Self::ALL
+            .into_iter()
+            .rev()
+            .find(|k| k.is_available())
+            .unwrap_or(KernelSet::Portable)
+    }
+
+    /// The family a [`KERNELS_ENV`] value asks for: `None` (or `auto`) is
+    /// [`KernelSet::widest`]; a family this CPU cannot run is an error.
+    pub fn requested(value: Option<&str>) -> Result<Self, InvalidSetting> {
+        let value = value.map(str::trim).unwrap_or("auto");
+        if value.is_empty() || value.eq_ignore_ascii_case("auto") {
+            return Ok(Self::widest());
+        }
+        let Some(k) = Self::ALL.into_iter().find(|k| value.eq_ignore_ascii_case(k.name())) else {
+            return Err(InvalidSetting::value(
+                KERNELS_ENV,
+                format!("{value:?}"),
+                "must be one of auto, avx512, avx2, portable",
+            ));
+        };
+        if !k.is_available() {
+            return Err(InvalidSetting::new(
+                KERNELS_ENV,
+                format!(
+                    "this CPU cannot run the {} kernels (the widest it has is {})",
+                    k.name(),
+                    Self::widest().name()
+                ),
+            ));
+        }
+        Ok(k)
+    }
+
+    /// The family named by the [`KERNELS_ENV`] environment variable.
+    pub fn from_env() -> Result<Self, InvalidSetting> {
+        Self::requested(std::env::var(KERNELS_ENV).ok().as_deref())
+    }
+
+    /// The family this process uses, chosen on first use from
+    /// [`KernelSet::from_env`]. A value it refuses falls back to
+    /// [`KernelSet::widest`] with a warning; the command-line tools check
+    /// [`KernelSet::from_env`] first and refuse to start instead.
+    pub fn current() -> Self {
+        static CURRENT: std::sync::OnceLock<KernelSet> = std::sync::OnceLock::new();
+        *CURRENT.get_or_init(|| {
+            Self::from_env().unwrap_or_else(|e| {
+                tracing::warn!("{e}; using the {} kernels", Self::widest().name());
+                Self::widest()
+            })
+        })
+    }
+}
+
+impl std::fmt::Display for KernelSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -119,10 +237,35 @@ mod tests {
     }
 
     #[test]
+    fn the_kernel_request_is_parsed_and_checked_against_the_cpu() {
+        let widest = KernelSet::widest();
+        assert!(widest.is_available() && KernelSet::Portable.is_available());
+        assert_eq!(KernelSet::requested(None).unwrap(), widest);
+        assert_eq!(KernelSet::requested(Some(" Auto ")).unwrap(), widest);
+        assert_eq!(KernelSet::requested(Some("portable")).unwrap(), KernelSet::Portable);
+        let bad = KernelSet::requested(Some("sse9")).unwrap_err();
+        assert_eq!(bad.key, KERNELS_ENV);
+        assert_eq!(bad.reason, "must be one of auto, avx512, avx2, portable, not \"sse9\"");
+        for k in KernelSet::ALL {
+            match KernelSet::requested(Some(k.name())) {
+                Ok(got) => assert!(got == k && k <= widest),
+                Err(e) => {
+                    assert!(k > widest, "{k} refused on a CPU whose widest is {widest}");
+                    assert!(e.reason.contains("cannot run the"), "{}", e.reason);
+                }
+            }
+        }
+        let json = serde_json::to_string(&KernelSet::Avx512).unwrap();
+        assert_eq!(json, "\"avx512\"");
+    }
+
+    #[test]
     fn this_machine_is_detected() {
         let c = CpuInfo::detect();
         assert!(c.threads >= 1);
         assert!(c.line().starts_with("CPU: "));
+        assert_eq!(c.kernels, Some(KernelSet::current()));
+        assert!(c.line().ends_with(&format!("f32 kernels: {}", KernelSet::current())));
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             assert!(c.has("avx512f"), "{c:?}");

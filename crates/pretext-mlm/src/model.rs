@@ -559,6 +559,16 @@ mod tests {
         for (name, v) in &vars {
             let g = grads.get(v.as_tensor()).expect("every parameter gets a gradient");
             let g = g.flatten_all()?.to_vec1::<f32>()?;
+            if name.ends_with("attention.self.key.bias") {
+                // Adding b to every key adds q·b to a whole row of scores,
+                // which softmax ignores: the gradient is zero in exact
+                // arithmetic, and a finite difference of it measures only the
+                // f32 rounding of the loss (~1e-4 at this step size).
+                let largest = g.iter().fold(0f32, |a, x| a.max(x.abs()));
+                assert!(largest < 1e-4, "{name}: gradient {largest}, not ~0");
+                checked += 1;
+                continue;
+            }
             let w0 = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             // probe the entry with the largest gradient of each parameter
             let (i, _) = g

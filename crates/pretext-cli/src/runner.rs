@@ -1,19 +1,21 @@
 //! One command-line runner for every paradigm: `pretrain`, `resume`,
-//! `probe` and `export` are written here once over a [`Tool`] (a
-//! [`Paradigm`] with its built-in config and help texts); each binary adds
-//! only its own subcommands (`sample`, `fill-mask`, `tokenizer`).
+//! `probe`, `export`, `embed`, `finetune` and `predict` are written here
+//! once over a [`Tool`] (a [`Paradigm`](pretext_core::paradigm::Paradigm) and its [`Downstream`] with its
+//! built-in config and help texts); each binary adds only its own
+//! subcommands (`sample`, `fill-mask`, `tokenizer`).
 
-use crate::args::{CommonArgs, ProbeArgs, ResumeArgs, RunArg};
+use crate::args::{CommonArgs, EmbedArgs, FinetuneArgs, PredictArgs, ProbeArgs, ResumeArgs, RunArg};
 use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use pretext_core::paradigm::{self, Paradigm};
+use pretext_core::paradigm;
+use pretext_eval::downstream::{self, Downstream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// A paradigm as a command-line tool.
-pub trait Tool: Paradigm
+pub trait Tool: Downstream
 where
     Self::Config: DeserializeOwned + Serialize,
     Self::Error: std::error::Error + Send + Sync + 'static,
@@ -93,6 +95,15 @@ pub enum Command<F: PretrainFlags, X: Extra> {
     Probe(ProbeArgs),
     /// Write the model for the Python ecosystem and the Hub -> RUN/export/.
     Export(RunArg),
+    /// Write the frozen features of every input (the probe's) to a file:
+    /// Parquet, NumPy or JSON lines, with each input's path or row and label.
+    Embed(EmbedArgs),
+    /// Train a classifier on labelled data from the pretrained encoder (with
+    /// early stopping on a validation split) -> a folder PyTorch / Hugging
+    /// Face load, with its test accuracy and the baselines it beat.
+    Finetune(FinetuneArgs),
+    /// Classify data with a `finetune` folder: one JSON line per input.
+    Predict(PredictArgs),
     #[command(flatten)]
     Extra(X),
 }
@@ -126,6 +137,30 @@ fn existing_run<T: DeserializeOwned + Serialize>(
     crate::init_tracing(false);
     let cfg = run_config(run, overrides)?;
     Ok((cfg, pretext_core::select_device(device)?))
+}
+
+/// A config file (`file`, e.g. a run's `config.toml`) with `overrides`
+/// applied, and its resolved TOML.
+fn config_file<T: DeserializeOwned + Serialize>(
+    file: &Path,
+    overrides: &[String],
+) -> anyhow::Result<crate::config::Resolved<T>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("{} is missing: not a folder pretext wrote", file.display()))?;
+    crate::config::resolve(&text, None, overrides).with_context(|| format!("parsing {}", file.display()))
+}
+
+/// The data a command on the run with config `cfg` reads by default: the
+/// run's own, or the shipped dataset.
+fn own_data<P: Tool>(cfg: &P::Config) -> anyhow::Result<PathBuf>
+where
+    P::Config: DeserializeOwned + Serialize,
+    P::Error: std::error::Error + Send + Sync + 'static,
+{
+    Ok(match P::sections(cfg).data_path {
+        "" => pretext_data::shipped::datasets_dir()?.join(P::SHIPPED_DATA),
+        p => PathBuf::from(p),
+    })
 }
 
 fn default_out(name: &str, label: &str) -> PathBuf {
@@ -214,12 +249,15 @@ where
                 .iter()
                 .map(|l| crate::args::parse_fraction(l))
                 .collect::<anyhow::Result<Vec<f64>>>()?;
-            if let Some(bad) = args.overrides.iter().find(|o| !o.trim_start().starts_with("eval.")) {
-                anyhow::bail!("probe --set {bad:?}: only eval.* keys can change after pretraining");
-            }
-            let (cfg, device) = existing_run::<P::Config>(&args.run, &args.overrides, &args.device)?;
+            let overrides = crate::args::existing_run_overrides("probe", args.data.as_deref(), &args.overrides)?;
+            let (cfg, device) = existing_run::<P::Config>(&args.run, &overrides, &args.device)?;
             let mut observer = crate::progress::ProgressObserver::new("probe", args.quiet);
-            let summary = paradigm::probe::<P>(&args.run, &cfg, &fractions, !args.no_finetune, &device, &mut observer)
+            let opts = paradigm::ProbeOptions {
+                fractions: &fractions,
+                finetune: !args.no_finetune,
+                data: args.data.as_deref(),
+            };
+            let summary = paradigm::probe::<P>(&args.run, &cfg, &opts, &device, &mut observer)
                 .with_context(|| format!("probing {}", args.run.display()))?;
             println!("{summary}");
         }
@@ -229,8 +267,176 @@ where
                 paradigm::export::<P>(&run, &cfg, &device).with_context(|| format!("exporting {}", run.display()))?;
             println!("exported: {}", out.display());
         }
+        Command::Embed(args) => embed::<P>(args)?,
+        Command::Finetune(args) => finetune::<P>(args)?,
+        Command::Predict(args) => predict::<P>(args)?,
         Command::Extra(x) => x.run()?,
     }
+    Ok(())
+}
+
+fn embed<P>(args: EmbedArgs) -> anyhow::Result<()>
+where
+    P: Tool,
+    P::Config: DeserializeOwned + Serialize,
+    P::Error: std::error::Error + Send + Sync + 'static,
+{
+    let (plain, device) = existing_run::<P::Config>(&args.run, &[], &args.device)?;
+    let data = match &args.data {
+        Some(d) => d.clone(),
+        None => own_data::<P>(&plain)?,
+    };
+    let overrides = crate::args::existing_run_overrides("embed", Some(&data), &args.overrides)?;
+    let cfg: P::Config = run_config(&args.run, &overrides)?;
+    let format = match (
+        args.format,
+        args.out
+            .as_deref()
+            .and_then(pretext_data::embeddings::EmbeddingFormat::from_path),
+    ) {
+        (Some(crate::args::FormatArg::Parquet), _) => pretext_data::embeddings::EmbeddingFormat::Parquet,
+        (Some(crate::args::FormatArg::Npy), _) => pretext_data::embeddings::EmbeddingFormat::Npy,
+        (Some(crate::args::FormatArg::Jsonl), _) => pretext_data::embeddings::EmbeddingFormat::Jsonl,
+        (None, Some(f)) => f,
+        (None, None) => pretext_data::embeddings::EmbeddingFormat::Parquet,
+    };
+    let out = args.out.clone().unwrap_or_else(|| {
+        args.run
+            .join("embeddings")
+            .join(format!("{}.{}", crate::args::data_name(&data), format.extension()))
+    });
+    let mut observer = crate::progress::ProgressObserver::new("embed", args.quiet);
+    let trained = paradigm::load_trained::<P>(&args.run, &cfg, &device)
+        .with_context(|| format!("loading {}", args.run.display()))?;
+    let opts = downstream::EmbedOptions {
+        data: data.clone(),
+        out,
+        format,
+    };
+    let s = downstream::embed::<P>(&cfg, &trained, &opts, &device, &mut observer)
+        .with_context(|| format!("embedding {} with {}", data.display(), args.run.display()))?;
+    println!(
+        "{} rows × {} features{} -> {}",
+        s.rows,
+        s.dim,
+        if s.labelled { ", with labels" } else { "" },
+        s.files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+fn finetune<P>(args: FinetuneArgs) -> anyhow::Result<()>
+where
+    P: Tool,
+    P::Config: DeserializeOwned + Serialize,
+    P::Error: std::error::Error + Send + Sync + 'static,
+{
+    let labels = downstream::LabelBudget::parse(&args.labels).map_err(anyhow::Error::msg)?;
+    let overrides = crate::args::existing_run_overrides("finetune", Some(&args.data), &args.overrides)?;
+    crate::init_tracing(false);
+    let resolved: crate::config::Resolved<P::Config> = config_file(&args.run.join("config.toml"), &overrides)?;
+    let cfg = resolved.config;
+    P::validate(&cfg)?;
+    let device = pretext_core::select_device(&args.device)?;
+    let trained = paradigm::load_trained::<P>(&args.run, &cfg, &device)
+        .with_context(|| format!("loading {}", args.run.display()))?;
+    let suffix = labels.label().replace('%', "pct").replace('/', "-per-");
+    let out = args.out.clone().unwrap_or_else(|| {
+        args.run.join("classifiers").join(format!(
+            "{}-{suffix}{}",
+            crate::args::data_name(&args.data),
+            if args.frozen { "-frozen" } else { "" }
+        ))
+    });
+    let opts = downstream::FineTuneOptions {
+        data: args.data.clone(),
+        labels,
+        frozen: args.frozen,
+        scratch: args.scratch,
+        out: out.clone(),
+        seed: P::sections(&cfg).train.seed,
+        from: args.run.display().to_string(),
+    };
+    let mut observer = crate::progress::ProgressObserver::new("finetune", args.quiet);
+    let mut fresh = || -> pretext_eval::RunResult<P::Model> { P::new_model(&cfg, &trained.assets, &device) };
+    let info = downstream::finetune::<P>(
+        &cfg,
+        &resolved.toml,
+        &trained.model,
+        &mut fresh,
+        &trained.assets,
+        &opts,
+        &device,
+        &mut observer,
+    )
+    .with_context(|| format!("fine-tuning {} on {}", args.run.display(), args.data.display()))?;
+    println!(
+        "test accuracy {:.2}% on {} test records ({} classes, {} labels)",
+        info.test_accuracy * 100.0,
+        info.n_test,
+        info.classes.len(),
+        info.labels
+    );
+    for b in &info.baselines {
+        println!(
+            "  {} {:.2}%: {}",
+            if b.beaten { "beats" } else { "does not beat" },
+            b.accuracy * 100.0,
+            b.description
+        );
+    }
+    println!("classifier: {}", out.display());
+    Ok(())
+}
+
+fn predict<P>(args: PredictArgs) -> anyhow::Result<()>
+where
+    P: Tool,
+    P::Config: DeserializeOwned + Serialize,
+    P::Error: std::error::Error + Send + Sync + 'static,
+{
+    crate::init_tracing(false);
+    let folder = downstream::ClassifierFolder::open(&args.classifier)?;
+    if folder.info.paradigm != P::NAME {
+        anyhow::bail!(
+            "{} holds a {} classifier: use pretext-{} predict",
+            args.classifier.display(),
+            folder.info.paradigm,
+            folder.info.paradigm
+        );
+    }
+    let overrides = crate::args::existing_run_overrides("predict", Some(&args.data), &args.overrides)?;
+    let cfg: P::Config = config_file(&args.classifier.join(downstream::CLASSIFIER_CONFIG_TOML), &overrides)?.config;
+    let device = pretext_core::select_device(&args.device)?;
+    let mut observer = crate::progress::ProgressObserver::new("predict", args.quiet);
+    let (out, to_stdout) = match &args.out {
+        Some(o) => (o.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("pretext-predict-{}.jsonl", std::process::id())),
+            true,
+        ),
+    };
+    let s = downstream::predict::<P>(&cfg, &folder, &args.data, &out, &device, &mut observer)
+        .with_context(|| format!("predicting {} with {}", args.data.display(), args.classifier.display()))?;
+    if to_stdout {
+        let bytes = std::fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
+        let _ = std::fs::remove_file(&out);
+        std::io::Write::write_all(&mut std::io::stdout().lock(), &bytes).context("writing to standard output")?;
+    }
+    let acc = s
+        .accuracy
+        .map(|a| format!("; accuracy {:.2}% against the data's labels", a * 100.0))
+        .unwrap_or_default();
+    let dest = if to_stdout {
+        "standard output".to_string()
+    } else {
+        out.display().to_string()
+    };
+    eprintln!("{} predictions -> {dest}{acc}", s.rows);
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use crate::config::ContrastiveConfig;
 use crate::error::{Error, Result};
 use crate::model::{ContrastiveModel, MethodKind};
 use candle_core::Device;
-use pretext_core::paradigm::{EvalPoint, EvalSchedule, Paradigm, Sections, Trained};
+use pretext_core::paradigm::{EvalPoint, EvalSchedule, Paradigm, ProbeOptions, Sections, Trained};
 use pretext_core::trainer::Observer;
 use pretext_core::RunDir;
 use pretext_data::{BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
@@ -31,8 +31,13 @@ pub fn load_data(cfg: &ContrastiveConfig) -> Result<RunData> {
         cfg.data.channels,
         cfg.train.seed,
     )
-    .map_err(|e| match e {
-        // The encoder's input follows the data: name both keys.
+    .map_err(channels_hint)?;
+    Ok(imgs)
+}
+
+/// The encoder's input follows the data: a channel mismatch names both keys.
+fn channels_hint(e: pretext_data::Error) -> Error {
+    match e {
         pretext_data::Error::Channels { found, expected } => Error::Config {
             key: "data.channels".into(),
             reason: format!(
@@ -40,8 +45,33 @@ pub fn load_data(cfg: &ContrastiveConfig) -> Result<RunData> {
             ),
         },
         other => other.into(),
-    })?;
-    Ok(imgs)
+    }
+}
+
+/// The images a probe evaluates on (`--data` or the run's own) and, for
+/// `--data`, where they came from.
+///
+/// # Errors
+/// As [`load_data`]; unlabelled `--data`.
+pub fn probe_data(cfg: &ContrastiveConfig, data: Option<&Path>) -> Result<(RunData, Option<pretext_data::DataSource>)> {
+    let d = &cfg.data;
+    RunData::for_probe(
+        data,
+        || pretext_data::source::load_run_images(&d.path, d.format, d.image_size, d.channels, cfg.train.seed),
+        d.format,
+        d.image_size,
+        d.channels,
+        cfg.train.seed,
+    )
+    .map_err(|e| match e {
+        pretext_data::Error::Channels { found, expected } if data.is_some() => Error::Config {
+            key: "data.channels".into(),
+            reason: format!(
+                "the encoder takes {expected} channel(s), but the probe data has {found}: give it images with {expected}"
+            ),
+        },
+        other => channels_hint(other),
+    })
 }
 
 /// Encoder features of `indices` of `ds` (eval mode, no augmentation).
@@ -174,12 +204,11 @@ impl Paradigm for Contrastive {
     fn probe(
         cfg: &ContrastiveConfig,
         trained: &Trained<Self>,
-        fractions: &[f64],
-        finetune: bool,
+        opts: &ProbeOptions<'_>,
         device: &Device,
         observer: &mut dyn Observer,
     ) -> Result<String> {
-        let report = probe(trained, cfg, fractions, finetune, device, observer)?;
+        let report = probe(trained, cfg, opts, device, observer)?;
         Ok(format!(
             "{}\nreport: {}",
             report.markdown(),
@@ -204,17 +233,17 @@ impl Paradigm for Contrastive {
 pub fn probe(
     trained: &Trained<Contrastive>,
     cfg: &ContrastiveConfig,
-    fractions: &[f64],
-    finetune: bool,
+    opts: &ProbeOptions<'_>,
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<pretext_eval::EvalReport> {
+    let (fractions, finetune) = (opts.fractions, opts.finetune);
     let dir: &Path = trained.run.root();
-    let data = load_data(cfg)?;
+    let (data, source) = probe_data(cfg, opts.data)?;
     let held = data
         .held_out
         .as_ref()
-        .ok_or_else(|| Error::Eval("probing needs labelled data".into()))?;
+        .ok_or_else(|| Error::Eval(pretext_eval::transfer::UNLABELLED_RUN.into()))?;
     let random = new_model(cfg, device)?;
     let train = pretext_eval::probe_subset(&data.train, cfg.eval.probe_train, cfg.train.seed)?;
     let test = pretext_eval::probe_subset(held, cfg.eval.probe_test, cfg.train.seed)?;
@@ -247,8 +276,11 @@ pub fn probe(
     let report = pretext_eval::EvalReport {
         paradigm: Contrastive::NAME.into(),
         method: cfg.method.clone(),
-        dataset: Contrastive::dataset_name(cfg),
+        dataset: source
+            .as_ref()
+            .map_or_else(|| Contrastive::dataset_name(cfg), |s| s.path.clone()),
         records,
+        data: source,
     };
     let report_dir = trained.run.report_dir()?;
     report.write(&report_dir)?;

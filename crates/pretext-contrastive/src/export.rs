@@ -52,13 +52,38 @@ class SmallResNet(nn.Module):
         self.stages = nn.Sequential(*blocks)
 
     def forward(self, x):
-        return self.stages(self.stem(x)).mean(dim=(2, 3))
+        features = self.stages(self.stem(x)).mean(dim=(2, 3))
+        return self.fc(features) if hasattr(self, "fc") else features
 
 
 model = SmallResNet()
-model.load_state_dict(state)
-model.eval()
 "#;
+
+/// PyTorch source of the reference's `SmallResNet` with these stages; it
+/// defines `model` (features out; logits once it has an `fc` layer).
+pub fn small_resnet_py(in_channels: usize, stages: &[[usize; 3]]) -> String {
+    let stages = stages.iter().map(|s| (s[0], s[1], s[2])).collect::<Vec<_>>();
+    SMALL_RESNET_PY
+        .replace("{cin}", &in_channels.to_string())
+        .replace("{stages}", &format!("{stages:?}"))
+}
+
+/// PyTorch source that defines `model` as torchvision's ResNet-18 with this
+/// encoder's stem and `fc` of `head` (`Identity` for the backbone alone).
+pub fn torchvision_resnet_py(arch: Arch, in_channels: usize, head: &str) -> String {
+    let mut y = String::from("import torchvision\n\nmodel = torchvision.models.resnet18()\n");
+    if arch == Arch::Resnet18Cifar {
+        y.push_str(&format!(
+            "model.conv1 = torch.nn.Conv2d({in_channels}, 64, 3, 1, 1, bias=False)  # CIFAR stem\nmodel.maxpool = torch.nn.Identity()\n"
+        ));
+    } else if in_channels != 3 {
+        y.push_str(&format!(
+            "model.conv1 = torch.nn.Conv2d({in_channels}, 64, 7, 2, 3, bias=False)\n"
+        ));
+    }
+    y.push_str(&format!("model.fc = {head}\n"));
+    y
+}
 
 /// `config.json` of an exported backbone.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -187,28 +212,17 @@ retrieval or fine-tuning with few labels.\n\n",
     ));
     y.push_str("## Load it in Python\n\n```python\nimport torch\nfrom safetensors.torch import load_file\n\nstate = load_file(\"model.safetensors\")\n");
     match cfg.model.encoder.arch {
-        Arch::Resnet18 | Arch::Resnet18Cifar => {
-            y.push_str("import torchvision\n\nmodel = torchvision.models.resnet18()\n");
-            if conf.architecture == "resnet18-cifar" {
-                y.push_str(&format!(
-                    "model.conv1 = torch.nn.Conv2d({}, 64, 3, 1, 1, bias=False)  # CIFAR stem\nmodel.maxpool = torch.nn.Identity()\n",
-                    conf.in_channels
-                ));
-            } else if conf.in_channels != 3 {
-                y.push_str(&format!(
-                    "model.conv1 = torch.nn.Conv2d({}, 64, 7, 2, 3, bias=False)\n",
-                    conf.in_channels
-                ));
-            }
-            y.push_str("model.fc = torch.nn.Identity()  # the backbone has no classifier\nmodel.load_state_dict(state)\nmodel.eval()\n");
+        arch @ (Arch::Resnet18 | Arch::Resnet18Cifar) => {
+            y.push_str(&torchvision_resnet_py(
+                arch,
+                conf.in_channels,
+                "torch.nn.Identity()  # the backbone has no classifier",
+            ));
+            y.push_str("model.load_state_dict(state)\nmodel.eval()\n");
         }
         Arch::SmallResnet => {
-            let stages = conf.stages.iter().map(|s| (s[0], s[1], s[2])).collect::<Vec<_>>();
-            y.push_str(
-                &SMALL_RESNET_PY
-                    .replace("{cin}", &conf.in_channels.to_string())
-                    .replace("{stages}", &format!("{stages:?}")),
-            );
+            y.push_str(&small_resnet_py(conf.in_channels, &conf.stages));
+            y.push_str("model.load_state_dict(state)\nmodel.eval()\n");
         }
     }
     y.push_str(&format!(

@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod config;
+pub mod downstream;
 pub mod encoder;
 pub mod error;
 pub mod export;

@@ -185,4 +185,19 @@ impl pretext_eval::ImageEncoder for ContrastiveModel {
     fn trainable(&self) -> Vec<(String, Var)> {
         encoder_vars(self.vars())
     }
+
+    /// The encoder's weights and batch-norm statistics under the export's
+    /// (torchvision's) names: `encoder.` dropped.
+    fn state(&self) -> Vec<(String, Var)> {
+        let mut all = named_vars(self.vars());
+        if let Some(b) = self.model_buffers() {
+            all.extend(named_vars(b));
+        }
+        let mut out: Vec<(String, Var)> = all
+            .into_iter()
+            .filter_map(|(n, v)| n.strip_prefix("encoder.").map(|s| (s.to_string(), v)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
 }

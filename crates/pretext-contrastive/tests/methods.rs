@@ -142,6 +142,7 @@ fn fixture() -> ImageDataset {
         pixels,
         labels: Some((0..64).map(|i| (i % 4) as u32).collect()),
         classes: vec![],
+        ids: None,
     }
 }
 

@@ -119,16 +119,15 @@ pub trait Paradigm: Sized {
         observer: &mut dyn Observer,
     ) -> Result<Vec<serde_json::Value>, Self::Error>;
 
-    /// The transfer evaluation of a trained run (writes `report/`); returns
-    /// the summary to print.
+    /// The transfer evaluation of a trained run (writes `report/`) on the
+    /// run's own data or on `opts.data`; returns the summary to print.
     ///
     /// # Errors
     /// Unlabelled data, invalid fractions, tensor and I/O errors.
     fn probe(
         cfg: &Self::Config,
         trained: &Trained<Self>,
-        fractions: &[f64],
-        finetune: bool,
+        opts: &ProbeOptions<'_>,
         device: &Device,
         observer: &mut dyn Observer,
     ) -> Result<String, Self::Error>;
@@ -169,6 +168,19 @@ impl<'a> Sections<'a> {
             data_path,
         }
     }
+}
+
+/// What `probe` measures, and on which data.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeOptions<'a> {
+    /// Label fractions of the linear probe and kNN (and of fine-tuning up to
+    /// the config's limit).
+    pub fractions: &'a [f64],
+    /// Whether to fine-tune (pretrained against from scratch).
+    pub finetune: bool,
+    /// Labelled data other than the run's own (`probe --data PATH`): its own
+    /// train/test split where it has one, a seeded stratified one otherwise.
+    pub data: Option<&'a Path>,
 }
 
 /// When a run evaluates itself (besides after its last step).
@@ -365,14 +377,13 @@ pub fn load_trained<P: Paradigm>(dir: &Path, cfg: &P::Config, device: &Device) -
 pub fn probe<P: Paradigm>(
     dir: &Path,
     cfg: &P::Config,
-    fractions: &[f64],
-    finetune: bool,
+    opts: &ProbeOptions<'_>,
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<String, P::Error> {
     P::validate(cfg)?;
     let trained = load_trained::<P>(dir, cfg, device)?;
-    P::probe(cfg, &trained, fractions, finetune, device, observer)
+    P::probe(cfg, &trained, opts, device, observer)
 }
 
 /// Writes the run's `export/` folder (see [`Paradigm::export_files`])

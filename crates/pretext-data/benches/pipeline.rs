@@ -19,6 +19,7 @@ fn synthetic(n: usize, h: usize, w: usize, c: usize) -> Arc<ImageDataset> {
         pixels,
         labels: None,
         classes: vec![],
+        ids: None,
     })
 }
 

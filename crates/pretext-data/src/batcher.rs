@@ -330,7 +330,7 @@ mod tests {
             channels: 1,
             pixels,
             labels: Some((0..n as u32).map(|i| i % 4).collect()),
-            classes: vec![],
+            ..Default::default()
         })
     }
 
@@ -417,8 +417,7 @@ mod tests {
             width: 8,
             channels: 1,
             pixels: vec![],
-            labels: None,
-            classes: vec![],
+            ..Default::default()
         });
         assert!(ImageBatcher::new(empty, p, BatcherConfig::default(), &Device::Cpu).is_err());
     }

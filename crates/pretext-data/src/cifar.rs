@@ -103,6 +103,7 @@ pub fn read_cifar(files: &[&Path], kind: CifarKind) -> Result<ImageDataset> {
             CifarKind::Cifar10 => CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
             CifarKind::Cifar100 => Vec::new(),
         },
+        ids: None,
     })
 }
 

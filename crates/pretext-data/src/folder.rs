@@ -122,6 +122,10 @@ pub fn read_image_folder(root: &Path, opts: FolderOptions) -> Result<ImageDatase
         .map(|(p, _)| load_image(p, opts))
         .collect::<Result<_>>()?;
     let labels: Option<Vec<u32>> = files.iter().map(|(_, l)| *l).collect();
+    let ids = files
+        .iter()
+        .map(|(p, _)| p.strip_prefix(root).unwrap_or(p).to_string_lossy().replace('\\', "/"))
+        .collect();
     Ok(ImageDataset {
         height: opts.size.0,
         width: opts.size.1,
@@ -129,6 +133,7 @@ pub fn read_image_folder(root: &Path, opts: FolderOptions) -> Result<ImageDatase
         pixels: decoded.concat(),
         labels,
         classes,
+        ids: Some(ids),
     })
 }
 

@@ -172,6 +172,7 @@ pub fn read_idx_images(images: &Path, labels: Option<&Path>) -> Result<ImageData
         pixels: img.data,
         labels,
         classes: Vec::new(),
+        ids: None,
     })
 }
 

@@ -12,10 +12,13 @@ pub mod augment;
 pub mod batcher;
 pub mod cifar;
 pub mod dataset;
+pub mod embeddings;
 mod error;
 #[cfg(feature = "vision")]
 pub mod folder;
 pub mod idx;
+pub mod inputs;
+pub mod labelled;
 pub mod shipped;
 pub mod source;
 pub mod subset;
@@ -23,5 +26,7 @@ pub mod text;
 
 pub use augment::{AugmentConfig, Pipeline};
 pub use batcher::{BatcherConfig, ImageBatch, ImageBatcher};
-pub use dataset::{ImageDataset, ImageSplits, TextDataset};
+pub use dataset::{ImageDataset, ImageSplits, Split, TextDataset};
 pub use error::{Error, Result};
+pub use inputs::Inputs;
+pub use labelled::{DataSource, Labelled};

@@ -86,6 +86,41 @@ impl RunImages {
     }
 }
 
+impl RunImages {
+    /// The images a probe evaluates on: labelled `data` (`probe --data`,
+    /// split by [`crate::labelled::load_labelled_images`]; its test part as
+    /// `held_out`) with its source, or the run's own images from `own`.
+    ///
+    /// # Errors
+    /// Reader errors; unlabelled data; images with another channel count.
+    pub fn for_probe(
+        data: Option<&Path>,
+        own: impl FnOnce() -> Result<RunImages>,
+        format: ImageFormat,
+        size: usize,
+        channels: usize,
+        seed: u64,
+    ) -> Result<(RunImages, Option<crate::labelled::DataSource>)> {
+        let Some(path) = data else {
+            return Ok((own()?, None));
+        };
+        let l = crate::labelled::load_labelled_images(path, format, size, channels, seed)?;
+        if l.train.channels != channels {
+            return Err(Error::Channels {
+                found: l.train.channels,
+                expected: channels,
+            });
+        }
+        Ok((
+            RunImages {
+                train: Arc::new(l.train),
+                held_out: Some(l.test),
+            },
+            Some(l.source),
+        ))
+    }
+}
+
 /// Loads `path` (empty = the shipped Fashion-MNIST) and checks its channels.
 /// When the source has no labelled test split, 10% of the labelled training
 /// images (seeded by `seed`) are held out — and stay in the training set, as
@@ -270,11 +305,11 @@ pub enum TextFormat {
 
 /// Loads a corpus from `path`: a folder → fortune files; `.jsonl` → JSONL;
 /// `.parquet` → Parquet; `.txt` → lines; another file → fortune file.
-/// `text_field`/`label_field` name the JSONL fields or Parquet columns.
+/// `fields` name the JSONL fields or Parquet columns.
 ///
 /// # Errors
 /// Reader errors, naming the file.
-pub fn load_text(path: &Path, format: TextFormat, text_field: &str, label_field: Option<&str>) -> Result<TextDataset> {
+pub fn load_text(path: &Path, format: TextFormat, fields: &crate::text::TextFields<'_>) -> Result<TextDataset> {
     if !path.exists() {
         return Err(Error::Invalid(format!("{}: no such file or folder", path.display())));
     }
@@ -297,9 +332,9 @@ pub fn load_text(path: &Path, format: TextFormat, text_field: &str, label_field:
         TextFormat::Fortune | TextFormat::Auto => crate::text::read_fortunes(path, None),
         TextFormat::Lines => crate::text::read_plain_text(path, crate::text::PlainSplit::Lines),
         TextFormat::Paragraphs => crate::text::read_plain_text(path, crate::text::PlainSplit::Paragraphs),
-        TextFormat::Jsonl => crate::text::read_jsonl(path, text_field, label_field),
+        TextFormat::Jsonl => crate::text::read_jsonl(path, fields),
         #[cfg(feature = "text")]
-        TextFormat::Parquet => crate::text::read_parquet(path, text_field, label_field),
+        TextFormat::Parquet => crate::text::read_parquet(path, fields),
         #[cfg(not(feature = "text"))]
         TextFormat::Parquet => Err(Error::Invalid(format!(
             "{}: Parquet needs pretext-data's `text` feature",
@@ -359,11 +394,12 @@ mod tests {
         let d = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
         let j = d.path().join("c.jsonl");
         std::fs::write(&j, "{\"text\": \"a\"}\n").map_err(|e| Error::io(&j, e))?;
-        assert_eq!(load_text(&j, TextFormat::Auto, "text", None)?.docs, vec!["a"]);
+        let fields = crate::text::TextFields::new("text", "");
+        assert_eq!(load_text(&j, TextFormat::Auto, &fields)?.docs, vec!["a"]);
         let t = d.path().join("c.txt");
         std::fs::write(&t, "x\ny\n").map_err(|e| Error::io(&t, e))?;
-        assert_eq!(load_text(&t, TextFormat::Auto, "text", None)?.len(), 2);
-        assert_eq!(load_text(&t, TextFormat::Fortune, "text", None)?.len(), 1);
+        assert_eq!(load_text(&t, TextFormat::Auto, &fields)?.len(), 2);
+        assert_eq!(load_text(&t, TextFormat::Fortune, &fields)?.len(), 1);
         Ok(())
     }
 }

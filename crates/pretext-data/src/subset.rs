@@ -80,6 +80,42 @@ pub fn split(n: usize, fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usiz
     Ok((first, second))
 }
 
+/// A stratified split of labelled items: per class, a seeded `test_fraction`
+/// (rounded, at least one when the class has two or more items, never all
+/// of them) goes to the second part. Both parts sorted.
+///
+/// # Errors
+/// [`Error::Invalid`] when `test_fraction` is not in (0, 1).
+pub fn stratified_split(labels: &[u32], test_fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
+    if !(test_fraction > 0.0 && test_fraction < 1.0) {
+        return Err(Error::Invalid(format!(
+            "test fraction {test_fraction}: must be in (0, 1)"
+        )));
+    }
+    let classes = labels.iter().copied().max().map_or(0, |m| m as usize + 1);
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for c in 0..classes {
+        let idx: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] as usize == c).collect();
+        let mut rng = stream_rng(seed, "probe-split", &[c as u64]);
+        let perm = permutation(idx.len(), &mut rng);
+        let n_test = if idx.len() >= 2 {
+            ((idx.len() as f64 * test_fraction).round() as usize).clamp(1, idx.len() - 1)
+        } else {
+            0
+        };
+        for (k, &p) in perm.iter().enumerate() {
+            if k < n_test {
+                test.push(idx[p]);
+            } else {
+                train.push(idx[p]);
+            }
+        }
+    }
+    train.sort_unstable();
+    test.sort_unstable();
+    Ok((train, test))
+}
+
 /// Deals a seeded permutation of `0..n` into `k` folds of sizes differing by
 /// at most one; returns `(train, validation)` per fold, each sorted: every
 /// index is validated exactly once (k-fold cross-validation).

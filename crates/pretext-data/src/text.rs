@@ -117,7 +117,7 @@ pub fn read_fortunes(path: &Path, categories: Option<&[String]>) -> Result<TextD
     let mut ds = TextDataset {
         docs: Vec::new(),
         labels: Some(Vec::new()),
-        classes: Vec::new(),
+        ..Default::default()
     };
     for f in &files {
         let entries = parse_fortunes(&read_utf8(f)?);
@@ -186,8 +186,7 @@ pub fn read_plain_text(path: &Path, split: PlainSplit) -> Result<TextDataset> {
     }
     Ok(TextDataset {
         docs,
-        labels: None,
-        classes: Vec::new(),
+        ..Default::default()
     })
 }
 
@@ -213,16 +212,116 @@ fn label_text(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-/// Reads JSONL: each non-blank line an object with string field `text_field`
-/// (and, if given, `label_field`: string or number).
+/// The fields (JSONL) or columns (Parquet) a text table is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextFields<'a> {
+    /// The text of each record (required).
+    pub text: &'a str,
+    /// Its label, where the records have one: a table without this field
+    /// anywhere is unlabelled; one with it on some records only is an error.
+    pub label: Option<&'a str>,
+    /// Its split (`train`, `validation`, `test`), read the same way.
+    pub split: Option<&'a str>,
+}
+
+impl<'a> TextFields<'a> {
+    /// `text`, with the label in `label` (empty: none) and the split in `split`.
+    pub fn new(text: &'a str, label: &'a str) -> Self {
+        Self {
+            text,
+            label: (!label.is_empty()).then_some(label),
+            split: Some("split"),
+        }
+    }
+}
+
+/// Values of an optional field or column, collected record by record: all
+/// present, or all absent (then `None`).
+struct Optional {
+    name: String,
+    values: Vec<Option<String>>,
+}
+
+impl Optional {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            values: Vec::new(),
+        }
+    }
+
+    /// All values, or `None` where no record has one; an error naming the
+    /// first record without a value when others have one.
+    fn finish(self, path: &Path, what: &str, at: impl Fn(usize) -> String) -> Result<Option<Vec<String>>> {
+        if self.values.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        if let Some(i) = self.values.iter().position(Option::is_none) {
+            let with = self.values.iter().filter(|v| v.is_some()).count();
+            return Err(Error::format_at(
+                path,
+                at(i),
+                format!(
+                    "no {what} {:?}, which {with} other records have (give every record one, or none)",
+                    self.name
+                ),
+            ));
+        }
+        Ok(Some(self.values.into_iter().flatten().collect()))
+    }
+}
+
+/// Labels, class names and splits of a table's records.
+type Annotations = (Option<Vec<u32>>, Vec<String>, Option<Vec<crate::dataset::Split>>);
+
+/// Labels and splits from their raw values.
+fn labels_and_splits(
+    path: &Path,
+    labels: Option<Vec<String>>,
+    splits: Option<Vec<String>>,
+    at: impl Fn(usize) -> String,
+) -> Result<Annotations> {
+    let (labels, classes) = match labels {
+        Some(raw) => {
+            let (l, c) = index_labels(raw);
+            (Some(l), c)
+        }
+        None => (None, Vec::new()),
+    };
+    let splits = match splits {
+        Some(raw) => Some(
+            raw.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    crate::dataset::Split::parse(v).ok_or_else(|| {
+                        Error::format_at(
+                            path,
+                            at(i),
+                            format!("split {v:?} is not one of train, validation (valid, val, dev), test"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
+    Ok((labels, classes, splits))
+}
+
+/// Reads JSONL: each non-blank line an object with string field
+/// `fields.text`, and optionally `fields.label` (string or number) and
+/// `fields.split`.
 ///
 /// # Errors
 /// [`Error::Format`] naming the file and line for non-JSON lines, missing or
-/// non-string fields; [`Error::Invalid`] when empty.
-pub fn read_jsonl(path: &Path, text_field: &str, label_field: Option<&str>) -> Result<TextDataset> {
+/// non-string fields, a label or split on some lines only, an unknown split;
+/// [`Error::Invalid`] when empty.
+pub fn read_jsonl(path: &Path, fields: &TextFields<'_>) -> Result<TextDataset> {
     let text = read_utf8(path)?;
     let mut docs = Vec::new();
-    let mut raw_labels = Vec::new();
+    let mut lines = Vec::new();
+    let mut labels = Optional::new(fields.label.unwrap_or_default());
+    let mut splits = Optional::new(fields.split.unwrap_or_default());
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -231,17 +330,22 @@ pub fn read_jsonl(path: &Path, text_field: &str, label_field: Option<&str>) -> R
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|e| Error::format_at(path, &at, format!("not JSON ({e})")))?;
         let t = v
-            .get(text_field)
-            .ok_or_else(|| Error::format_at(path, &at, format!("no field {text_field:?}")))?
+            .get(fields.text)
+            .ok_or_else(|| Error::format_at(path, &at, format!("no field {:?}", fields.text)))?
             .as_str()
-            .ok_or_else(|| Error::format_at(path, &at, format!("field {text_field:?} is not a string")))?;
+            .ok_or_else(|| Error::format_at(path, &at, format!("field {:?} is not a string", fields.text)))?;
         docs.push(t.to_string());
-        if let Some(lf) = label_field {
-            let l = v
-                .get(lf)
-                .and_then(label_text)
-                .ok_or_else(|| Error::format_at(path, &at, format!("no string or number field {lf:?}")))?;
-            raw_labels.push(l);
+        lines.push(i + 1);
+        for (name, out) in [(fields.label, &mut labels), (fields.split, &mut splits)] {
+            let Some(name) = name else { continue };
+            let value =
+                match v.get(name) {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(x) => Some(label_text(x).ok_or_else(|| {
+                        Error::format_at(path, &at, format!("field {name:?} is not a string or number"))
+                    })?),
+                };
+            out.values.push(value);
         }
     }
     if docs.is_empty() {
@@ -250,23 +354,28 @@ pub fn read_jsonl(path: &Path, text_field: &str, label_field: Option<&str>) -> R
             path.display()
         )));
     }
-    let (labels, classes) = if label_field.is_some() {
-        let (l, c) = index_labels(raw_labels);
-        (Some(l), c)
-    } else {
-        (None, Vec::new())
-    };
-    Ok(TextDataset { docs, labels, classes })
+    let at = |r: usize| format!("line {}", lines[r]);
+    let labels = labels.finish(path, "field", at)?;
+    let splits = splits.finish(path, "field", at)?;
+    let (labels, classes, splits) = labels_and_splits(path, labels, splits, at)?;
+    Ok(TextDataset {
+        docs,
+        labels,
+        classes,
+        splits,
+    })
 }
 
-/// Reads a Parquet file's string column `text_column` (and, if given, the
-/// string or integer column `label_column`).
+/// Reads a Parquet file's string column `fields.text`, and the string or
+/// integer columns `fields.label` and `fields.split` where the file has them
+/// (a file without the label column is unlabelled).
 ///
 /// # Errors
-/// [`Error::Format`] naming the file (and row) for unreadable files, missing
-/// or non-string columns; [`Error::Invalid`] when empty.
+/// [`Error::Format`] naming the file (and row) for unreadable files, a
+/// missing text column, values of the wrong type, nulls; [`Error::Invalid`]
+/// when empty.
 #[cfg(feature = "text")]
-pub fn read_parquet(path: &Path, text_column: &str, label_column: Option<&str>) -> Result<TextDataset> {
+pub fn read_parquet<'a>(path: &Path, fields: &TextFields<'a>) -> Result<TextDataset> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use parquet::record::Field;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -274,23 +383,46 @@ pub fn read_parquet(path: &Path, text_column: &str, label_column: Option<&str>) 
         .map_err(|e| Error::format(path, format!("not a readable Parquet file ({e})")))?;
     let schema = reader.metadata().file_metadata().schema_descr();
     let names: Vec<String> = schema.columns().iter().map(|c| c.name().to_string()).collect();
-    for col in std::iter::once(text_column).chain(label_column) {
-        if !names.iter().any(|n| n == col) {
-            return Err(Error::format(path, format!("no column {col:?} (columns: {names:?})")));
-        }
+    if !names.iter().any(|n| n == fields.text) {
+        return Err(Error::format(
+            path,
+            format!("no column {:?} (columns: {names:?})", fields.text),
+        ));
     }
+    let present = |c: Option<&'a str>| c.filter(|c| names.iter().any(|n| n == c));
+    let (label_column, split_column) = (present(fields.label), present(fields.split));
     let rows = reader
         .get_row_iter(None)
         .map_err(|e| Error::format(path, format!("cannot read rows ({e})")))?;
+    let value = |field: &Field, column: &str, at: &str| -> Result<Option<String>> {
+        Ok(match field {
+            Field::Str(s) => Some(s.clone()),
+            Field::Int(i) => Some(i.to_string()),
+            Field::Long(i) => Some(i.to_string()),
+            Field::Short(i) => Some(i.to_string()),
+            Field::Byte(i) => Some(i.to_string()),
+            Field::UInt(i) => Some(i.to_string()),
+            Field::ULong(i) => Some(i.to_string()),
+            Field::Bool(b) => Some(b.to_string()),
+            Field::Null => None,
+            other => {
+                return Err(Error::format_at(
+                    path,
+                    at,
+                    format!("column {column:?} holds {other}, not a string or integer"),
+                ))
+            }
+        })
+    };
     let mut docs = Vec::new();
-    let mut raw_labels = Vec::new();
+    let mut labels = Optional::new(label_column.unwrap_or_default());
+    let mut splits = Optional::new(split_column.unwrap_or_default());
     for (r, row) in rows.enumerate() {
         let at = format!("row {r}");
         let row = row.map_err(|e| Error::format_at(path, &at, e.to_string()))?;
-        let mut text = None;
-        let mut label = None;
+        let (mut text, mut label, mut split) = (None, None, None);
         for (name, field) in row.get_column_iter() {
-            if name == text_column {
+            if name == fields.text {
                 text = match field {
                     Field::Str(s) => Some(s.clone()),
                     Field::Null => None,
@@ -298,42 +430,40 @@ pub fn read_parquet(path: &Path, text_column: &str, label_column: Option<&str>) 
                         return Err(Error::format_at(
                             path,
                             &at,
-                            format!("column {text_column:?} holds {other}, not text"),
+                            format!("column {:?} holds {other}, not text", fields.text),
                         ))
                     }
                 };
             } else if Some(name.as_str()) == label_column {
-                label = match field {
-                    Field::Str(s) => Some(s.clone()),
-                    Field::Int(i) => Some(i.to_string()),
-                    Field::Long(i) => Some(i.to_string()),
-                    Field::Short(i) => Some(i.to_string()),
-                    Field::Byte(i) => Some(i.to_string()),
-                    Field::UInt(i) => Some(i.to_string()),
-                    Field::ULong(i) => Some(i.to_string()),
-                    Field::Bool(b) => Some(b.to_string()),
-                    other => return Err(Error::format_at(path, &at, format!("label column holds {other}"))),
-                };
+                label = value(field, name, &at)?;
+            } else if Some(name.as_str()) == split_column {
+                split = value(field, name, &at)?;
             }
         }
         let Some(t) = text else {
-            return Err(Error::format_at(path, &at, format!("null in column {text_column:?}")));
+            return Err(Error::format_at(path, &at, format!("null in column {:?}", fields.text)));
         };
         docs.push(t);
-        if let Some(lc) = label_column {
-            raw_labels.push(label.ok_or_else(|| Error::format_at(path, &at, format!("null in column {lc:?}")))?);
+        if label_column.is_some() {
+            labels.values.push(label);
+        }
+        if split_column.is_some() {
+            splits.values.push(split);
         }
     }
     if docs.is_empty() {
         return Err(Error::Invalid(format!("{}: empty corpus (no rows)", path.display())));
     }
-    let (labels, classes) = if label_column.is_some() {
-        let (l, c) = index_labels(raw_labels);
-        (Some(l), c)
-    } else {
-        (None, Vec::new())
-    };
-    Ok(TextDataset { docs, labels, classes })
+    let at = |r: usize| format!("row {r}");
+    let labels = labels.finish(path, "value in column", at)?;
+    let splits = splits.finish(path, "value in column", at)?;
+    let (labels, classes, splits) = labels_and_splits(path, labels, splits, at)?;
+    Ok(TextDataset {
+        docs,
+        labels,
+        classes,
+        splits,
+    })
 }
 
 #[cfg(test)]
@@ -404,19 +534,56 @@ mod tests {
             &p,
             "{\"text\": \"hi\", \"label\": \"pos\"}\n\n{\"text\": \"bye\", \"label\": \"neg\"}\n",
         )?;
-        let ds = read_jsonl(&p, "text", Some("label"))?;
+        let ds = read_jsonl(&p, &TextFields::new("text", "label"))?;
         assert_eq!(ds.docs, vec!["hi", "bye"]);
         assert_eq!(ds.classes, vec!["neg", "pos"]);
         assert_eq!(ds.labels, Some(vec![1, 0]));
         write(&p, "{\"text\": \"hi\"}\n{\"txt\": \"x\"}\n")?;
-        let err = read_jsonl(&p, "text", None).expect_err("field");
+        let err = read_jsonl(&p, &TextFields::new("text", "")).expect_err("field");
         assert!(
             err.to_string().contains("line 2") && err.to_string().contains("\"text\""),
             "{err}"
         );
         write(&p, "{\"text\": \"hi\"}\nnot json\n")?;
-        let err = read_jsonl(&p, "text", None).expect_err("json");
+        let err = read_jsonl(&p, &TextFields::new("text", "")).expect_err("json");
         assert!(err.to_string().contains("c.jsonl (line 2)"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn jsonl_labels_and_splits_are_optional_but_all_or_none() -> Result<()> {
+        let d = tmp()?;
+        let p = d.path().join("c.jsonl");
+        let fields = TextFields::new("text", "label");
+        write(&p, "{\"text\": \"hi\"}\n{\"text\": \"bye\", \"id\": 7}\n")?;
+        let ds = read_jsonl(&p, &fields)?;
+        assert_eq!((ds.len(), ds.labels, ds.splits), (2, None, None));
+        write(
+            &p,
+            "{\"text\": \"a\", \"label\": 1, \"split\": \"train\"}\n{\"text\": \"b\", \"label\": 0, \"split\": \"TEST\"}\n{\"text\": \"c\", \"label\": 1, \"split\": \"dev\"}\n",
+        )?;
+        let ds = read_jsonl(&p, &fields)?;
+        assert_eq!(ds.labels, Some(vec![1, 0, 1]));
+        assert_eq!(
+            ds.splits,
+            Some(vec![
+                crate::dataset::Split::Train,
+                crate::dataset::Split::Test,
+                crate::dataset::Split::Validation
+            ])
+        );
+        write(
+            &p,
+            "{\"text\": \"a\", \"label\": \"x\"}\n\n{\"text\": \"b\", \"label\": null}\n",
+        )?;
+        let err = read_jsonl(&p, &fields).expect_err("partial labels");
+        assert!(
+            err.to_string().contains("c.jsonl (line 3)") && err.to_string().contains("1 other records"),
+            "{err}"
+        );
+        write(&p, "{\"text\": \"a\", \"split\": \"holdout\"}\n")?;
+        let err = read_jsonl(&p, &fields).expect_err("split");
+        assert!(err.to_string().contains("\"holdout\""), "{err}");
         Ok(())
     }
 
@@ -457,15 +624,17 @@ mod tests {
         }
         rg.close().map_err(perr)?;
         w.close().map_err(perr)?;
-        let ds = read_parquet(&p, "text", Some("label"))?;
+        let ds = read_parquet(&p, &TextFields::new("text", "label"))?;
         assert_eq!(ds.docs, vec!["one", "two", "three"]);
         assert_eq!(ds.classes, vec!["1", "5"]);
         assert_eq!(ds.labels, Some(vec![1, 0, 1]));
-        let err = read_parquet(&p, "content", None).expect_err("column");
+        let unlabelled = read_parquet(&p, &TextFields::new("text", "category"))?;
+        assert_eq!((unlabelled.len(), unlabelled.labels), (3, None));
+        let err = read_parquet(&p, &TextFields::new("content", "")).expect_err("column");
         assert!(err.to_string().contains("\"content\""), "{err}");
         let bad = d.path().join("bad.parquet");
         write(&bad, b"PAR1 garbage")?;
-        assert!(read_parquet(&bad, "text", None)
+        assert!(read_parquet(&bad, &TextFields::new("text", ""))
             .expect_err("bad")
             .to_string()
             .contains("bad.parquet"));

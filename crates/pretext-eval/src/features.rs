@@ -95,6 +95,12 @@ pub trait ImageEncoder {
 
     /// The parameters that fine-tuning trains, by name.
     fn trainable(&self) -> Vec<(String, candle_core::Var)>;
+
+    /// Everything a classifier keeps of the encoder (weights and
+    /// normalisation statistics), by the names of the paradigm's export (the
+    /// PyTorch module's): what fine-tuning snapshots for early stopping, and
+    /// what a classifier folder stores and loads.
+    fn state(&self) -> Vec<(String, candle_core::Var)>;
 }
 
 /// Rows per forward pass in [`extract_features`].
@@ -122,6 +128,31 @@ pub fn extract_features(
         .labels
         .as_ref()
         .ok_or_else(|| Error::Invalid("feature extraction for evaluation needs labelled data".into()))?;
+    let feats = encode_images(encoder, ds, indices, mean, std, size, device, observer, task)?;
+    Embedded::new(
+        feats,
+        encoder.feature_dim(),
+        indices.iter().map(|&i| labels[i]).collect(),
+    )
+}
+
+/// As [`extract_features`] for images with or without labels: the features
+/// of `ds[indices]`, `indices.len() × feature_dim`, row-major.
+///
+/// # Errors
+/// Tensor errors.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_images(
+    encoder: &dyn ImageEncoder,
+    ds: &pretext_data::ImageDataset,
+    indices: &[usize],
+    mean: &[f32],
+    std: &[f32],
+    size: usize,
+    device: &candle_core::Device,
+    observer: &mut dyn pretext_core::trainer::Observer,
+    task: &str,
+) -> Result<Vec<f32>> {
     let plain = eval_pipeline(mean, std, size)?;
     let per = ds.channels * size * size;
     let total = indices.len() as u64;
@@ -135,15 +166,14 @@ pub fn extract_features(
         done += chunk.len() as u64;
         observer.on_progress(task, done, total);
     }
-    Embedded::new(
-        feats,
-        encoder.feature_dim(),
-        indices.iter().map(|&i| labels[i]).collect(),
-    )
+    Ok(feats)
 }
 
 /// The evaluation transform: resize only, then normalise.
-pub(crate) fn eval_pipeline(mean: &[f32], std: &[f32], size: usize) -> Result<pretext_data::Pipeline> {
+///
+/// # Errors
+/// Normalisation that does not fit the channels.
+pub fn eval_pipeline(mean: &[f32], std: &[f32], size: usize) -> Result<pretext_data::Pipeline> {
     Ok(pretext_data::Pipeline::new(
         pretext_data::AugmentConfig::none(mean.to_vec(), std.to_vec()),
         size,
@@ -152,8 +182,12 @@ pub(crate) fn eval_pipeline(mean: &[f32], std: &[f32], size: usize) -> Result<pr
     .map_err(pretext_core::Error::from)?)
 }
 
-/// Images `ds[chunk]` through `plain` as one `(n, c, size, size)` tensor.
-pub(crate) fn eval_batch(
+/// Images `ds[chunk]` through `plain` as one `(n, c, size, size)` tensor
+/// (`per` = values per image).
+///
+/// # Errors
+/// Tensor errors.
+pub fn eval_batch(
     plain: &pretext_data::Pipeline,
     ds: &pretext_data::ImageDataset,
     chunk: &[usize],

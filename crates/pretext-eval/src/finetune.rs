@@ -38,6 +38,10 @@ pub struct FineTuneConfig {
     pub crop_scale: (f64, f64),
     /// Horizontal flip probability.
     pub flip_p: f64,
+    /// With a validation split (`finetune`), stop after this many epochs
+    /// without a better validation accuracy; the best epoch's weights are
+    /// kept. 0 = train the whole budget (still keeping the best epoch).
+    pub patience: u64,
 }
 
 impl Default for FineTuneConfig {
@@ -50,6 +54,7 @@ impl Default for FineTuneConfig {
             weight_decay: 5e-4,
             crop_scale: (0.5, 1.0),
             flip_p: 0.5,
+            patience: 10,
         }
     }
 }
@@ -71,6 +76,90 @@ pub struct FineTuneResult {
     pub final_loss: f64,
     /// Wall-clock seconds of training (without the test pass).
     pub train_seconds: f64,
+    /// Validation images (0 without a validation split).
+    #[serde(default)]
+    pub n_validation: usize,
+    /// Accuracy on the validation split at the epoch kept.
+    #[serde(default)]
+    pub validation_accuracy: Option<f64>,
+    /// The epoch (1-based) whose weights were kept, with a validation split.
+    #[serde(default)]
+    pub best_epoch: Option<u64>,
+}
+
+/// A linear classification layer as PyTorch's `nn.Linear` holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearHead {
+    /// `classes × dim` weights, row-major (`fc.weight`).
+    pub weight: Vec<f32>,
+    /// `classes` biases (`fc.bias`).
+    pub bias: Vec<f32>,
+    /// Input size.
+    pub dim: usize,
+}
+
+impl LinearHead {
+    /// Output classes.
+    pub fn classes(&self) -> usize {
+        self.bias.len()
+    }
+
+    /// The head as tensors `(weight (classes, dim), bias (classes,))`.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn tensors(&self, device: &Device) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+        let w =
+            candle_core::Tensor::from_vec(self.weight.clone(), (self.classes(), self.dim), device).map_err(core_err)?;
+        let b = candle_core::Tensor::from_vec(self.bias.clone(), self.classes(), device).map_err(core_err)?;
+        Ok((w, b))
+    }
+
+    /// Reads a head from its tensors.
+    ///
+    /// # Errors
+    /// Shapes that are not `(c, d)` and `(c,)`.
+    pub fn from_tensors(weight: &candle_core::Tensor, bias: &candle_core::Tensor) -> Result<Self> {
+        let (c, d) = weight.dims2().map_err(core_err)?;
+        if bias.dims() != [c] {
+            return Err(Error::Invalid(format!(
+                "a linear head of weight {:?} needs a bias of shape [{c}], not {:?}",
+                weight.dims(),
+                bias.dims()
+            )));
+        }
+        Ok(Self {
+            weight: weight
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(core_err)?,
+            bias: bias.to_vec1::<f32>().map_err(core_err)?,
+            dim: d,
+        })
+    }
+
+    /// Class probabilities of features `(n, dim)` (softmax of the logits), `(n, classes)`.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn probabilities(&self, features: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        let (w, b) = self.tensors(features.device())?;
+        let logits = features
+            .matmul(&w.t().map_err(core_err)?)
+            .and_then(|l| l.broadcast_add(&b))
+            .map_err(core_err)?;
+        pretext_core::ops::softmax_last_dim(&logits).map_err(core_err)
+    }
+}
+
+/// A classifier trained by [`train_classifier`] or [`linear_classifier`]:
+/// what it measured and its head (the encoder was trained in place).
+#[derive(Debug, Clone)]
+pub struct FineTuned {
+    /// What it measured.
+    pub result: FineTuneResult,
+    /// The linear head on the encoder's features.
+    pub head: LinearHead,
 }
 
 /// Trains `encoder` (in place) plus a new linear head on `train` (every
@@ -93,24 +182,120 @@ pub fn fine_tune(
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<FineTuneResult> {
-    let train_labels = train
+    let labels = |d: &ImageDataset| d.labels.iter().flatten().copied().max();
+    let classes = labels(train).max(labels(test)).map_or(0, |m| m as usize + 1);
+    let data = ClassifierData {
+        train,
+        validation: None,
+        test,
+        classes,
+    };
+    let view = ImageView { mean, std, size };
+    Ok(train_classifier(encoder, &data, &view, cfg, seed, device, observer)?.result)
+}
+
+/// The labelled images a classifier is trained, selected and tested on.
+#[derive(Debug, Clone, Copy)]
+pub struct ClassifierData<'a> {
+    /// Training images (every one labelled).
+    pub train: &'a ImageDataset,
+    /// Validation images for early stopping and choosing the epoch kept.
+    pub validation: Option<&'a ImageDataset>,
+    /// Test images.
+    pub test: &'a ImageDataset,
+    /// Output classes of the head (at least every label + 1).
+    pub classes: usize,
+}
+
+/// How images are shown to an encoder: resized to `size`×`size`, then
+/// normalised with `mean`/`std` (empty: not normalised).
+#[derive(Debug, Clone, Copy)]
+pub struct ImageView<'a> {
+    /// Per-channel means.
+    pub mean: &'a [f32],
+    /// Per-channel standard deviations.
+    pub std: &'a [f32],
+    /// Side of the square inputs.
+    pub size: usize,
+}
+
+/// Values of every variable of `vars`, to restore the best epoch.
+fn snapshot(vars: &[(String, candle_core::Var)]) -> Result<Vec<candle_core::Tensor>> {
+    vars.iter()
+        .map(|(_, v)| v.as_tensor().copy().map_err(core_err))
+        .collect()
+}
+
+fn restore(vars: &[(String, candle_core::Var)], values: &[candle_core::Tensor]) -> Result<()> {
+    for ((_, v), t) in vars.iter().zip(values) {
+        v.set(t).map_err(core_err)?;
+    }
+    Ok(())
+}
+
+/// Accuracy of `encoder` + `head` on the labelled `ds` (eval mode).
+fn accuracy_of(
+    encoder: &dyn ImageEncoder,
+    head: &pretext_core::nn::Linear,
+    ds: &ImageDataset,
+    view: &ImageView<'_>,
+    device: &Device,
+) -> Result<f64> {
+    let labels = ds
         .labels
         .as_ref()
-        .ok_or_else(|| Error::Invalid("fine-tuning needs labelled training images".into()))?;
-    let test_labels = test
-        .labels
-        .as_ref()
-        .ok_or_else(|| Error::Invalid("fine-tuning needs labelled test images".into()))?;
+        .ok_or_else(|| Error::Invalid("accuracy needs labelled images".into()))?;
+    let plain = eval_pipeline(view.mean, view.std, view.size)?;
+    let per = ds.channels * view.size * view.size;
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    let mut correct = 0usize;
+    for chunk in idx.chunks(EXTRACT_CHUNK) {
+        let x = eval_batch(&plain, ds, chunk, per, view.size, device)?;
+        let logits = encoder
+            .encode(&x, false)
+            .and_then(|h| candle_nn::Module::forward(head, &h))
+            .map_err(core_err)?;
+        let pred = logits
+            .argmax(D::Minus1)
+            .and_then(|p| p.to_vec1::<u32>())
+            .map_err(core_err)?;
+        correct += pred.iter().zip(chunk).filter(|(p, &i)| **p == labels[i]).count();
+    }
+    Ok(correct as f64 / ds.len().max(1) as f64)
+}
+
+/// Trains `encoder` (in place) plus a new linear head on `data.train`, then
+/// scores the test set. With `data.validation`, the validation accuracy is
+/// measured after every epoch, training stops after `cfg.patience` epochs
+/// without improvement, and the weights of the best epoch are kept (encoder
+/// and head). `seed` fixes the head's initialisation, the data order and the
+/// augmentations.
+///
+/// # Errors
+/// Unlabelled data, an empty subset, tensor errors, a loss that is not finite.
+pub fn train_classifier(
+    encoder: &dyn ImageEncoder,
+    data: &ClassifierData<'_>,
+    view: &ImageView<'_>,
+    cfg: &FineTuneConfig,
+    seed: u64,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<FineTuned> {
+    let (train, test) = (data.train, data.test);
+    let (mean, std, size) = (view.mean, view.std, view.size);
+    if train.labels.is_none() {
+        return Err(Error::Invalid("fine-tuning needs labelled training images".into()));
+    }
+    if test.labels.is_none() {
+        return Err(Error::Invalid("fine-tuning needs labelled test images".into()));
+    }
     if train.is_empty() || test.is_empty() {
         return Err(Error::Invalid(
             "fine-tuning needs non-empty training and test sets".into(),
         ));
     }
-    let classes = train_labels
-        .iter()
-        .chain(test_labels)
-        .max()
-        .map_or(0, |m| *m as usize + 1);
+    let classes = data.classes;
     let n = train.len();
     let batch_size = cfg.batch_size.min((n / 4).max(1)).max(1);
     let augment = AugmentConfig {
@@ -158,11 +343,16 @@ pub fn fine_tune(
         kind: ScheduleKind::Cosine,
         ..ScheduleConfig::default()
     };
+    // what early stopping snapshots: the encoder's state and the head
+    let mut kept_vars = encoder.state();
+    kept_vars.extend(head_vars.named_vars());
+    let mut best: Option<(f64, u64, Vec<candle_core::Tensor>)> = None;
 
     let start = Instant::now();
     observer.on_start(0, total);
     let mut epoch_loss = (0.0, 0u64);
     let mut final_loss = f64::NAN;
+    let mut steps_run = total;
     for step in 0..total {
         let batch = batcher.batch(step)?;
         let labels = batch
@@ -188,6 +378,18 @@ pub fn fine_tune(
             final_loss = epoch_loss.0 / epoch_loss.1 as f64;
             epoch_loss = (0.0, 0);
         }
+        let mut stats = vec![];
+        let mut stop = false;
+        if let (Some(val), true) = (data.validation, (step + 1) % spe == 0) {
+            let acc = accuracy_of(encoder, &head, val, view, device)?;
+            let done = epoch + 1;
+            if best.as_ref().is_none_or(|(b, _, _)| acc > *b) {
+                best = Some((acc, done, snapshot(&kept_vars)?));
+            }
+            stats.push(("val_accuracy", acc));
+            let since = done - best.as_ref().map_or(done, |b| b.1);
+            stop = cfg.patience > 0 && since >= cfg.patience;
+        }
         observer.on_step(&StepReport {
             step: step + 1,
             total_steps: total,
@@ -195,36 +397,122 @@ pub fn fine_tune(
             loss: loss_v,
             lr,
             grad_norm: f64::NAN,
-            stats: vec![],
+            stats,
             elapsed_s: start.elapsed().as_secs_f64(),
         });
+        if stop {
+            steps_run = step + 1;
+            observer.on_message(&format!(
+                "early stop after epoch {}: no better validation accuracy for {} epochs",
+                epoch + 1,
+                cfg.patience
+            ));
+            break;
+        }
     }
-    observer.on_finish(total);
+    observer.on_finish(steps_run);
     let train_seconds = start.elapsed().as_secs_f64();
-
-    let plain = eval_pipeline(mean, std, size)?;
-    let per = test.channels * size * size;
-    let idx: Vec<usize> = (0..test.len()).collect();
-    let mut correct = 0usize;
-    for chunk in idx.chunks(EXTRACT_CHUNK) {
-        let x = eval_batch(&plain, test, chunk, per, size, device)?;
-        let logits = encoder
-            .encode(&x, false)
-            .and_then(|h| candle_nn::Module::forward(&head, &h))
-            .map_err(core_err)?;
-        let pred = logits
-            .argmax(D::Minus1)
-            .and_then(|p| p.to_vec1::<u32>())
-            .map_err(core_err)?;
-        correct += pred.iter().zip(chunk).filter(|(p, &i)| **p == test_labels[i]).count();
-    }
-    Ok(FineTuneResult {
-        accuracy: correct as f64 / test.len() as f64,
-        n_train: n,
-        n_test: test.len(),
-        epochs,
-        steps: total,
-        final_loss,
-        train_seconds,
+    let (validation_accuracy, best_epoch) = match best {
+        Some((acc, ep, values)) => {
+            restore(&kept_vars, &values)?;
+            (Some(acc), Some(ep))
+        }
+        None => (None, None),
+    };
+    let accuracy = accuracy_of(encoder, &head, test, view, device)?;
+    let head = LinearHead::from_tensors(
+        head.weight(),
+        head.bias()
+            .ok_or_else(|| Error::Invalid("the head has no bias".into()))?,
+    )?;
+    Ok(FineTuned {
+        result: FineTuneResult {
+            accuracy,
+            n_train: n,
+            n_test: test.len(),
+            epochs: steps_run.div_ceil(spe),
+            steps: steps_run,
+            final_loss,
+            train_seconds,
+            n_validation: data.validation.map_or(0, ImageDataset::len),
+            validation_accuracy,
+            best_epoch,
+        },
+        head,
     })
+}
+
+/// A classifier on the frozen encoder: the linear probe (standardised
+/// features, L2 chosen by cross-validation) fitted on `data.train`'s
+/// features, folded into one linear layer on the raw features.
+///
+/// # Errors
+/// Unlabelled data, tensor errors.
+pub fn linear_classifier(
+    encoder: &dyn ImageEncoder,
+    data: &ClassifierData<'_>,
+    view: &ImageView<'_>,
+    probe: &crate::LinearProbeConfig,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<FineTuned> {
+    let start = Instant::now();
+    let feats = |ds: &ImageDataset, task: &str, observer: &mut dyn Observer| {
+        let idx: Vec<usize> = (0..ds.len()).collect();
+        crate::extract_features(
+            encoder, ds, &idx, view.mean, view.std, view.size, device, observer, task,
+        )
+    };
+    let tr = feats(data.train, "features: train", observer)?;
+    let te = feats(data.test, "features: test", observer)?;
+    let probe = crate::LinearProbe::fit(&tr, probe)?;
+    let head = probe.as_linear(data.classes)?;
+    let validation_accuracy = match data.validation {
+        Some(v) => Some(probe.accuracy(&feats(v, "features: validation", observer)?)?),
+        None => None,
+    };
+    Ok(FineTuned {
+        result: FineTuneResult {
+            accuracy: probe.accuracy(&te)?,
+            n_train: data.train.len(),
+            n_test: data.test.len(),
+            epochs: 0,
+            steps: probe.iterations as u64,
+            final_loss: f64::NAN,
+            train_seconds: start.elapsed().as_secs_f64(),
+            n_validation: data.validation.map_or(0, ImageDataset::len),
+            validation_accuracy,
+            best_epoch: None,
+        },
+        head,
+    })
+}
+
+/// Class probabilities `(n × classes)`, row-major, of every image of `ds`
+/// under `encoder` + `head` (eval mode, no augmentation), with progress.
+///
+/// # Errors
+/// Tensor errors.
+pub fn classify_images(
+    encoder: &dyn ImageEncoder,
+    head: &LinearHead,
+    ds: &ImageDataset,
+    view: &ImageView<'_>,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<Vec<f32>> {
+    let plain = eval_pipeline(view.mean, view.std, view.size)?;
+    let per = ds.channels * view.size * view.size;
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    let mut out = Vec::with_capacity(ds.len() * head.classes());
+    let total = ds.len() as u64;
+    observer.on_progress("predict", 0, total);
+    for chunk in idx.chunks(EXTRACT_CHUNK) {
+        let x = eval_batch(&plain, ds, chunk, per, view.size, device)?;
+        let h = encoder.encode(&x, false).map_err(core_err)?;
+        let p = head.probabilities(&h)?;
+        out.extend(p.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(core_err)?);
+        observer.on_progress("predict", (chunk[chunk.len() - 1] + 1) as u64, total);
+    }
+    Ok(out)
 }

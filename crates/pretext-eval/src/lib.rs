@@ -4,9 +4,11 @@
 //!
 //! This crate knows features and labels, never how a paradigm trained its encoder.
 
+pub mod downstream;
 mod error;
 pub mod features;
 pub mod finetune;
+pub mod image_downstream;
 pub mod knn;
 pub mod linear;
 pub mod plots;
@@ -16,8 +18,11 @@ pub mod tfidf;
 pub mod transfer;
 
 pub use error::{Error, Result};
-pub use features::{extract_features, Embedded, ImageEncoder};
-pub use finetune::{fine_tune, FineTuneConfig, FineTuneResult};
+pub use features::{encode_images, extract_features, Embedded, ImageEncoder};
+pub use finetune::{
+    classify_images, fine_tune, linear_classifier, train_classifier, ClassifierData, FineTuneConfig, FineTuneResult,
+    FineTuned, ImageView, LinearHead,
+};
 pub use knn::{knn_accuracy, KnnConfig};
 pub use linear::{LinearProbe, LinearProbeConfig};
 pub use report::{evaluate_features, EvalRecord, EvalReport};

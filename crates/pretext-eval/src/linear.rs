@@ -424,6 +424,34 @@ impl LinearProbe {
             .collect())
     }
 
+    /// The probe as one linear layer on the raw features (the
+    /// standardisation folded into the weights) with `classes` outputs:
+    /// `weight[k][j] = w[j][k] / σ_j`, `bias[k] = b[k] − Σ_j μ_j w[j][k] / σ_j`.
+    /// Classes the probe never saw get a bias of −30 (probability ≈ 0).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when `classes` is fewer than the probe's.
+    pub fn as_linear(&self, classes: usize) -> Result<crate::finetune::LinearHead> {
+        let (d, c) = (self.mean.len(), self.classes);
+        if classes < c {
+            return Err(Error::Invalid(format!(
+                "the probe has {c} classes, more than the {classes} asked for"
+            )));
+        }
+        let mut weight = vec![0f32; classes * d];
+        let mut bias = vec![-30f32; classes];
+        for k in 0..c {
+            let mut shift = 0f64;
+            for j in 0..d {
+                let w = f64::from(self.w[j * c + k]) * f64::from(self.inv_std[j]);
+                weight[k * d + j] = w as f32;
+                shift += w * f64::from(self.mean[j]);
+            }
+            bias[k] = (f64::from(self.b[k]) - shift) as f32;
+        }
+        Ok(crate::finetune::LinearHead { weight, bias, dim: d })
+    }
+
     /// Accuracy on `x`, in [0, 1].
     ///
     /// # Errors
@@ -450,6 +478,38 @@ mod tests {
             }
         }
         Embedded::new(f, d, labels)
+    }
+
+    #[test]
+    fn the_folded_linear_layer_predicts_what_the_probe_predicts() -> Result<()> {
+        // features with offsets and scales far from standard, so folding matters
+        let mut tr = blobs(90, 4, 3, 1.2, 1)?;
+        let mut te = blobs(60, 4, 3, 1.2, 2)?;
+        for e in [&mut tr, &mut te] {
+            for (i, v) in e.features.iter_mut().enumerate() {
+                *v = *v * (1.0 + (i % 4) as f32 * 3.0) + 10.0 * (i % 4) as f32;
+            }
+        }
+        let probe = LinearProbe::fit_with(&tr, 1e-3, &LinearProbeConfig::default())?;
+        let head = probe.as_linear(4)?;
+        assert_eq!((head.classes(), head.dim), (4, 4));
+        assert_eq!(head.bias[3], -30.0, "a class the probe never saw");
+        let want = probe.predict(&te)?;
+        for (i, &w) in want.iter().enumerate() {
+            let x = te.row(i);
+            let logits: Vec<f64> = (0..4)
+                .map(|k| {
+                    f64::from(head.bias[k])
+                        + (0..4)
+                            .map(|j| f64::from(head.weight[k * 4 + j]) * f64::from(x[j]))
+                            .sum::<f64>()
+                })
+                .collect();
+            let got = (0..4).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0) as u32;
+            assert_eq!(got, w, "row {i}: {logits:?}");
+        }
+        assert!(probe.as_linear(2).is_err());
+        Ok(())
     }
 
     #[test]

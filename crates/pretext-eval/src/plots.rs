@@ -559,6 +559,7 @@ mod tests {
                 rec("raw", "linear", 0.01, 0.6),
                 rec("raw", "linear", 1.0, 0.8),
             ],
+            data: None,
         };
         assert!(ink(&decode(&label_efficiency(&report).expect("curve"))) > 0.01);
 

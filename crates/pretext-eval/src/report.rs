@@ -42,6 +42,9 @@ pub struct EvalReport {
     pub dataset: String,
     /// The accuracies.
     pub records: Vec<EvalRecord>,
+    /// The labelled data of `probe --data`: path, checksum and split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<pretext_data::DataSource>,
 }
 
 /// Linear probe and kNN of one feature set at each label fraction (class-balanced, seeded subsets).
@@ -205,6 +208,7 @@ mod tests {
             method: "simclr".into(),
             dataset: "toy".into(),
             records: recs,
+            data: None,
         };
         let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
         report.write(dir.path())?;

@@ -15,6 +15,10 @@ use candle_core::Device;
 use pretext_core::trainer::Observer;
 use pretext_data::ImageDataset;
 
+/// What `probe` says of a run pretrained on unlabelled data.
+pub const UNLABELLED_RUN: &str =
+    "the run's data has no labels, so there is nothing to probe it on: give labelled data with --data PATH";
+
 /// What the protocol runs on and how.
 #[derive(Debug, Clone)]
 pub struct TransferSetup<'a> {

@@ -33,6 +33,9 @@ impl ImageEncoder for Mlp {
     fn trainable(&self) -> Vec<(String, Var)> {
         self.vars.named_vars()
     }
+    fn state(&self) -> Vec<(String, Var)> {
+        self.vars.named_vars()
+    }
 }
 
 /// 8×8 images; class 0 has a bright left half, class 1 a bright right half, class 2 a bright top; plus noise.
@@ -62,6 +65,7 @@ fn halves(n: usize, seed: u64) -> ImageDataset {
         pixels,
         labels: Some(labels),
         classes: vec![],
+        ids: None,
     }
 }
 

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::model::{binarize, Vae, VaeArch};
 use crate::pictures::grid_png;
 use candle_core::{Device, Tensor};
-use pretext_core::paradigm::{EvalPoint, EvalSchedule, Paradigm, Sections, Trained};
+use pretext_core::paradigm::{EvalPoint, EvalSchedule, Paradigm, ProbeOptions, Sections, Trained};
 use pretext_core::trainer::Observer;
 use pretext_core::RunDir;
 use pretext_data::{AugmentConfig, BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
@@ -318,19 +318,27 @@ pub fn pictures(
 pub fn probe(
     run: &Trained<Generative>,
     cfg: &GenerativeConfig,
-    fractions: &[f64],
-    finetune: bool,
+    opts: &ProbeOptions<'_>,
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<(pretext_eval::EvalReport, LikelihoodReport)> {
+    let (fractions, finetune) = (opts.fractions, opts.finetune);
     let dir = run.run.root();
     let trained = &run.model;
     let run = &run.run;
-    let data = load_data(cfg)?;
+    let d = &cfg.data;
+    let (data, source) = RunData::for_probe(
+        opts.data,
+        || pretext_data::source::load_run_images(&d.path, d.format, d.image_size, d.channels, cfg.train.seed),
+        d.format,
+        d.image_size,
+        d.channels,
+        cfg.train.seed,
+    )?;
     let held = data
         .held_out
         .as_ref()
-        .ok_or_else(|| Error::Eval("probing needs labelled data".into()))?;
+        .ok_or_else(|| Error::Eval(pretext_eval::transfer::UNLABELLED_RUN.into()))?;
     let n_lik = if cfg.eval.likelihood_images == 0 {
         held.len()
     } else {
@@ -390,8 +398,11 @@ pub fn probe(
     let report = pretext_eval::EvalReport {
         paradigm: Generative::NAME.into(),
         method: "vae".into(),
-        dataset: Generative::dataset_name(cfg),
+        dataset: source
+            .as_ref()
+            .map_or_else(|| Generative::dataset_name(cfg), |s| s.path.clone()),
         records,
+        data: source,
     };
     let report_dir = run.report_dir()?;
     report.write(&report_dir)?;
@@ -485,12 +496,11 @@ impl Paradigm for Generative {
     fn probe(
         cfg: &GenerativeConfig,
         trained: &Trained<Self>,
-        fractions: &[f64],
-        finetune: bool,
+        opts: &ProbeOptions<'_>,
         device: &Device,
         observer: &mut dyn Observer,
     ) -> Result<String> {
-        let (report, lik) = probe(trained, cfg, fractions, finetune, device, observer)?;
+        let (report, lik) = probe(trained, cfg, opts, device, observer)?;
         Ok(format!(
             "test −ELBO {:.2} nats/image (reconstruction {:.2}, KL {:.2}); IWAE −log p(x) ≤ {:.2} (k = {})\n\n{}\nreport: {}",
             lik.neg_elbo,

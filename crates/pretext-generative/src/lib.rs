@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod config;
+pub mod downstream;
 pub mod error;
 pub mod loss;
 pub mod model;

@@ -605,6 +605,11 @@ impl pretext_eval::ImageEncoder for Vae {
     fn trainable(&self) -> Vec<(String, Var)> {
         self.encoder_vars()
     }
+
+    /// The encoder's weights (`enc.*`, `enc_fc.*`, `mu.*`, `logvar.*`), by the export's names.
+    fn state(&self) -> Vec<(String, Var)> {
+        self.encoder_vars()
+    }
 }
 
 #[cfg(test)]

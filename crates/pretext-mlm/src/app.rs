@@ -5,12 +5,12 @@
 
 use crate::collator::{mask_batch, sequences, MlmBatcher, SpecialIds};
 use crate::config::{MlmConfig, Pooling};
-use crate::corpus::Corpus;
+use crate::corpus::{Corpus, ProbeTask};
 use crate::error::{Error, Result};
 use crate::model::BertMlm;
 use crate::tokenizer::WordPieceTokenizer;
 use candle_core::{Device, Tensor};
-use pretext_core::paradigm::{EvalPoint, EvalSchedule, Paradigm, Sections, Trained};
+use pretext_core::paradigm::{EvalPoint, EvalSchedule, Paradigm, ProbeOptions, Sections, Trained};
 use pretext_core::prefetch::Prefetched;
 use pretext_core::trainer::Observer;
 use pretext_core::RunDir;
@@ -40,18 +40,24 @@ pub fn load_text(cfg: &MlmConfig) -> Result<TextDataset> {
         let root = pretext_data::shipped::datasets_dir()?;
         return pretext_data::shipped::fortunes(&root, None).map_err(Error::from);
     }
-    let label = (!cfg.data.label_field.is_empty()).then_some(cfg.data.label_field.as_str());
-    pretext_data::source::load_text(Path::new(&cfg.data.path), cfg.data.format, &cfg.data.text_field, label)
-        .map_err(Error::from)
+    pretext_data::source::load_text(Path::new(&cfg.data.path), cfg.data.format, &cfg.data.fields()).map_err(Error::from)
 }
 
-/// The pretraining corpus and the probe task of a config.
+/// The pretraining corpus and, for labelled text, the probe task of a config.
 ///
 /// # Errors
 /// Reader errors; categories that are not in the data.
 pub fn load_corpus(cfg: &MlmConfig) -> Result<Corpus> {
     let all = load_text(cfg)?;
-    let cats = (!cfg.data.probe_categories.is_empty()).then_some(cfg.data.probe_categories.as_slice());
+    let shipped: Vec<String> = crate::corpus::FORTUNE_CATEGORIES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let cats = match (cfg.data.probe_categories.is_empty(), cfg.data.path.is_empty()) {
+        (false, _) => Some(cfg.data.probe_categories.as_slice()),
+        (true, true) => Some(shipped.as_slice()),
+        (true, false) => None,
+    };
     Ok(crate::corpus::build(&all, cats, cfg.data.held_out, cfg.train.seed)?)
 }
 
@@ -167,10 +173,11 @@ fn held_out_slice<'a>(p: &'a Prepared, cfg: &MlmConfig) -> &'a [Vec<u32>] {
     &p.held_out[..n]
 }
 
-/// Frozen sentence features of `docs` (truncated to `eval.max_len` tokens, pooled as `eval.pooling`).
+/// Frozen sentence features of `ds` (truncated to `eval.max_len` tokens,
+/// pooled as `eval.pooling`), with its labels.
 ///
 /// # Errors
-/// Tensor errors.
+/// Unlabelled documents; tensor errors.
 pub fn text_features(
     model: &BertMlm,
     tok: &WordPieceTokenizer,
@@ -179,46 +186,44 @@ pub fn text_features(
     observer: &mut dyn Observer,
     task: &str,
 ) -> Result<Embedded> {
+    let out = text_embeddings(model, tok, &ds.docs, cfg, observer, task)?;
+    let labels = ds
+        .labels
+        .clone()
+        .ok_or_else(|| Error::Eval("probe documents need labels".into()))?;
+    Ok(Embedded::new(out, model.dims().hidden_size, labels)?)
+}
+
+/// As [`text_features`] for documents with or without labels: `n × hidden`
+/// values, row-major.
+///
+/// # Errors
+/// Tensor errors.
+pub fn text_embeddings(
+    model: &BertMlm,
+    tok: &WordPieceTokenizer,
+    docs: &[String],
+    cfg: &MlmConfig,
+    observer: &mut dyn Observer,
+    task: &str,
+) -> Result<Vec<f32>> {
     let ids = tok.special_ids()?;
     // one `[CLS] doc [SEP]` sequence per document, cut at `eval.max_len`
     // (an empty document still yields `[CLS] [SEP]`)
-    let seqs: Vec<Vec<u32>> = tok
-        .encode_all(&ds.docs)?
-        .into_iter()
-        .map(|d| {
-            let mut s = vec![ids.cls];
-            s.extend(d.into_iter().take(cfg.eval.max_len - 2));
-            s.push(ids.sep);
-            s
-        })
-        .collect();
+    let seqs = crate::classifier::classifier_sequences(tok, docs, cfg.eval.max_len)?;
     let h = model.dims().hidden_size;
     let mut out = Vec::with_capacity(seqs.len() * h);
     let n = seqs.len() as u64;
     observer.on_progress(task, 0, n);
     let chunk = 64;
     for (ci, c) in seqs.chunks(chunk).enumerate() {
-        let t = c.iter().map(Vec::len).max().unwrap_or(0);
-        let mut flat = Vec::with_capacity(c.len() * t);
-        let mut mask = Vec::with_capacity(c.len() * t);
-        for s in c {
-            flat.extend(s.iter().copied().chain(std::iter::repeat_n(ids.pad, t - s.len())));
-            mask.extend((0..t).map(|i| if i < s.len() { 1f32 } else { 0.0 }));
-        }
-        let dev = model.device();
-        let f = model.sentence_features(
-            &Tensor::from_vec(flat, (c.len(), t), dev)?,
-            &Tensor::from_vec(mask, (c.len(), t), dev)?,
-            cfg.eval.pooling == Pooling::Cls,
-        )?;
+        let refs: Vec<&Vec<u32>> = c.iter().collect();
+        let (flat, mask) = crate::classifier::padded(&refs, ids.pad, model.device())?;
+        let f = model.sentence_features(&flat, &mask, cfg.eval.pooling == Pooling::Cls)?;
         out.extend(f.flatten_all()?.to_vec1::<f32>()?);
         observer.on_progress(task, ((ci + 1) * chunk).min(seqs.len()) as u64, n);
     }
-    let labels = ds
-        .labels
-        .clone()
-        .ok_or_else(|| Error::Eval("probe documents need labels".into()))?;
-    Ok(Embedded::new(out, h, labels)?)
+    Ok(out)
 }
 
 /// The probe of a trained run: frozen features of the pretrained model,
@@ -232,24 +237,57 @@ pub fn text_features(
 pub fn probe(
     trained: &Trained<Mlm>,
     cfg: &MlmConfig,
-    fractions: &[f64],
+    opts: &ProbeOptions<'_>,
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<(pretext_eval::EvalReport, MaskedLmEval, MaskedLmEval)> {
+    let fractions = opts.fractions;
     let (run, tok) = (&trained.run, &trained.assets);
     let trained = &trained.model;
     let random = new_model(cfg, tok, device)?;
-    let p = prepare(cfg, load_corpus(cfg)?, tok)?;
     let ids = tok.special_ids()?;
-    let mlm = masked_lm_eval(trained, &p.held_out, cfg, &ids, cfg.train.seed, observer)?;
-    let mlm_random = masked_lm_eval(&random, &p.held_out, cfg, &ids, cfg.train.seed, observer)?;
+    // the probe task, and the text whose masked tokens are predicted: the
+    // run's held-out corpus, or the test documents of `--data`
+    let (task, held_out, source) = match opts.data {
+        Some(path) => {
+            let l =
+                pretext_data::labelled::load_labelled_text(path, cfg.data.format, &cfg.data.fields(), cfg.train.seed)?;
+            let held = sequences(&tok.encode_all(&l.test.docs)?, cfg.data.seq_len, cfg.data.packing, &ids)?;
+            observer.on_message(&format!(
+                "probe data {}: {} training and {} test documents, {} classes ({} split)",
+                path.display(),
+                l.train.len(),
+                l.test.len(),
+                l.source.classes.len(),
+                l.source.split
+            ));
+            (
+                ProbeTask {
+                    train: l.train,
+                    test: l.test,
+                },
+                held,
+                Some(l.source),
+            )
+        }
+        None => {
+            let p = prepare(cfg, load_corpus(cfg)?, tok)?;
+            let task = p
+                .corpus
+                .probe
+                .ok_or_else(|| Error::Eval(pretext_eval::transfer::UNLABELLED_RUN.into()))?;
+            (task, p.held_out, None)
+        }
+    };
+    let mlm = masked_lm_eval(trained, &held_out, cfg, &ids, cfg.train.seed, observer)?;
+    let mlm_random = masked_lm_eval(&random, &held_out, cfg, &ids, cfg.train.seed, observer)?;
     observer.on_message(&format!(
         "held-out masked-token accuracy {:.2}% (perplexity {:.1}); random init {:.2}%",
         mlm.accuracy * 100.0,
         mlm.perplexity,
         mlm_random.accuracy * 100.0
     ));
-    let (tr, te) = (&p.corpus.probe_train, &p.corpus.probe_test);
+    let (tr, te) = (&task.train, &task.test);
     let probe_cfg = pretext_eval::LinearProbeConfig {
         seed: cfg.train.seed,
         ..Default::default()
@@ -284,14 +322,18 @@ pub fn probe(
     let report = pretext_eval::EvalReport {
         paradigm: Mlm::NAME.into(),
         method: "bert-mlm".into(),
-        dataset: Mlm::dataset_name(cfg),
+        dataset: source
+            .as_ref()
+            .map_or_else(|| Mlm::dataset_name(cfg), |s| s.path.clone()),
         records,
+        data: source,
     };
     let report_dir = run.report_dir()?;
     report.write(&report_dir)?;
     let mlm_json = serde_json::to_vec_pretty(&serde_json::json!({
         "pretrained": mlm, "random_init": mlm_random,
-        "held_out_sequences": p.held_out.len(), "mask_seed": cfg.train.seed,
+        "held_out_sequences": held_out.len(), "mask_seed": cfg.train.seed,
+        "text": if opts.data.is_some() { "the probe data's test documents" } else { "the run's held-out corpus" },
     }))
     .map_err(|e| pretext_core::Error::Config(format!("masked_lm.json: {e}")))?;
     pretext_core::run::write_atomic(&report_dir.join("masked_lm.json"), &mlm_json)?;
@@ -470,13 +512,19 @@ impl Paradigm for Mlm {
         observer: &mut dyn Observer,
     ) -> Result<(Prepared, WordPieceTokenizer)> {
         let corpus = load_corpus(cfg).map_err(|e| corpus_error(cfg, e))?;
+        let task = match &corpus.probe {
+            Some(p) => format!(
+                "probe task {} train / {} test documents, {} classes",
+                p.train.len(),
+                p.test.len(),
+                p.train.classes.len()
+            ),
+            None => "no labels, so no probe task (probe --data LABELLED gives one)".into(),
+        };
         observer.on_message(&format!(
-            "corpus: {} documents for pretraining, {} held out; probe task {} train / {} test documents, {} classes",
+            "corpus: {} documents for pretraining, {} held out; {task}",
             corpus.train.len(),
             corpus.held_out.len(),
-            corpus.probe_train.len(),
-            corpus.probe_test.len(),
-            corpus.probe_train.classes.len()
         ));
         let tok = match tokenizer {
             Some(t) => t,
@@ -559,12 +607,11 @@ impl Paradigm for Mlm {
     fn probe(
         cfg: &MlmConfig,
         trained: &Trained<Self>,
-        fractions: &[f64],
-        _finetune: bool,
+        opts: &ProbeOptions<'_>,
         device: &Device,
         observer: &mut dyn Observer,
     ) -> Result<String> {
-        let (report, mlm, random) = probe(trained, cfg, fractions, device, observer)?;
+        let (report, mlm, random) = probe(trained, cfg, opts, device, observer)?;
         Ok(format!(
             "held-out masked-token accuracy {:.2}% (perplexity {:.1}); random init {:.2}%\n\n{}\nreport: {}",
             mlm.accuracy * 100.0,

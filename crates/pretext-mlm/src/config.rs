@@ -134,9 +134,13 @@ pub struct DataConfig {
     pub format: TextFormat,
     /// JSONL field / Parquet column of the text.
     pub text_field: String,
-    /// JSONL field / Parquet column of the label (for the probe task).
+    /// JSONL field / Parquet column of the label, where the records have one
+    /// (it defines the probe task; pretraining ignores it). A table without
+    /// it is unlabelled.
     pub label_field: String,
-    /// Categories of the probe task (fortune file names or label values); empty = every label.
+    /// Categories of the probe task (fortune file names or label values);
+    /// empty = the 8 default categories for the shipped fortunes, every
+    /// label for other labelled data.
     pub probe_categories: Vec<String>,
     /// Tokens per training sequence, `[CLS]` and `[SEP]` included.
     pub seq_len: usize,
@@ -153,10 +157,7 @@ impl Default for DataConfig {
             format: TextFormat::Auto,
             text_field: "text".into(),
             label_field: "label".into(),
-            probe_categories: crate::corpus::FORTUNE_CATEGORIES
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            probe_categories: Vec::new(),
             seq_len: 128,
             packing: Packing::Pack,
             held_out: 0.05,
@@ -190,6 +191,8 @@ pub struct EvalConfig {
     pub knn_k: usize,
     /// kNN vote temperature.
     pub knn_temperature: f32,
+    /// `finetune`'s recipe for a text classifier.
+    pub finetune: crate::classifier::TextFineTuneConfig,
 }
 
 impl Default for EvalConfig {
@@ -201,6 +204,7 @@ impl Default for EvalConfig {
             max_len: 128,
             knn_k: 20,
             knn_temperature: 0.07,
+            finetune: crate::classifier::TextFineTuneConfig::default(),
         }
     }
 }
@@ -248,6 +252,13 @@ impl Default for MlmConfig {
     }
 }
 
+impl DataConfig {
+    /// The fields (JSONL) or columns (Parquet) the text is read from.
+    pub fn fields(&self) -> pretext_data::text::TextFields<'_> {
+        pretext_data::text::TextFields::new(&self.text_field, &self.label_field)
+    }
+}
+
 impl MlmConfig {
     /// Checks every section.
     ///
@@ -265,6 +276,7 @@ impl MlmConfig {
         self.schedule.validate()?;
         self.train.validate()?;
         self.masking.validate()?;
+        self.eval.finetune.validate()?;
         self.model.dims(self.tokenizer.vocab_size.max(64))?;
         let positions = format!("must be in [3, model.max_position = {}]", self.model.max_position);
         for (key, len) in [("data.seq_len", self.data.seq_len), ("eval.max_len", self.eval.max_len)] {

@@ -1,11 +1,14 @@
-//! The text the model learns from and the labelled task it is probed on.
+//! The text the model learns from and, where the corpus is labelled, the
+//! task it is probed on.
 //!
 //! By default both come from the shipped fortunes: the probe task is the
 //! entries of 8 categories (computers, science, politics, love, food, sports,
 //! law, medicine), exact duplicates dropped, split 80/20 per class under the
 //! seed; the pretraining corpus is every fortune entry **except the probe's
 //! test entries** (so no test text is seen in pretraining), of which a seeded
-//! 5% is held out for masked-token accuracy.
+//! 5% is held out for masked-token accuracy. An unlabelled corpus (plain
+//! text, a table without a label field) is all pretraining text, and has no
+//! probe task of its own: `probe --data` gives it one.
 
 use pretext_core::{Error, Result};
 use pretext_data::TextDataset;
@@ -23,17 +26,24 @@ pub const FORTUNE_CATEGORIES: [&str; 8] = [
     "medicine",
 ];
 
-/// Pretraining text and the labelled probe task.
+/// Pretraining text and the labelled probe task, if the corpus has labels.
 #[derive(Debug, Clone)]
 pub struct Corpus {
     /// Documents to pretrain on.
     pub train: Vec<String>,
     /// Held-out documents for masked-token accuracy and perplexity.
     pub held_out: Vec<String>,
-    /// Labelled training documents of the probe task (subsets are drawn from them).
-    pub probe_train: TextDataset,
-    /// Labelled test documents of the probe task (never in `train` or `held_out`).
-    pub probe_test: TextDataset,
+    /// The probe task of a labelled corpus.
+    pub probe: Option<ProbeTask>,
+}
+
+/// The labelled task a corpus with labels is probed on.
+#[derive(Debug, Clone)]
+pub struct ProbeTask {
+    /// Labelled training documents (subsets are drawn from them).
+    pub train: TextDataset,
+    /// Labelled test documents (never in the corpus's `train` or `held_out`).
+    pub test: TextDataset,
 }
 
 /// Keeps the first occurrence of each exact text.
@@ -58,42 +68,50 @@ pub fn stratified_split(ds: &TextDataset, test_fraction: f64, seed: u64) -> Resu
             "probe test fraction {test_fraction}: must be in (0, 1)"
         )));
     }
-    let classes = labels.iter().copied().max().map_or(0, |m| m as usize + 1);
-    let (mut train, mut test) = (Vec::new(), Vec::new());
-    for c in 0..classes {
-        let idx: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] as usize == c).collect();
-        let mut rng = pretext_core::seed::stream_rng(seed, "probe-split", &[c as u64]);
-        let perm = pretext_core::seed::permutation(idx.len(), &mut rng);
-        let n_test = if idx.len() >= 2 {
-            ((idx.len() as f64 * test_fraction).round() as usize).clamp(1, idx.len() - 1)
-        } else {
-            0
-        };
-        for (k, &p) in perm.iter().enumerate() {
-            if k < n_test {
-                test.push(idx[p]);
-            } else {
-                train.push(idx[p]);
-            }
-        }
-    }
-    train.sort_unstable();
-    test.sort_unstable();
+    let (train, test) = pretext_data::subset::stratified_split(labels, test_fraction, seed)
+        .map_err(|e| Error::Config(e.to_string()))?;
     Ok((ds.select(&train), ds.select(&test)))
 }
 
 /// Builds the corpus from `all` (every document, labelled with its category
-/// where known) and the probe task from the documents of `categories` (all
-/// labels when `None`).
+/// where known) and, for a labelled corpus, the probe task from the
+/// documents of `categories` (all labels when `None`).
 ///
 /// # Errors
-/// Unknown categories, unlabelled data, too few documents.
+/// Unknown categories, too few documents.
 pub fn build(all: &TextDataset, categories: Option<&[String]>, held_out_fraction: f64, seed: u64) -> Result<Corpus> {
-    let labels = all.labels.as_ref().ok_or_else(|| {
-        Error::Data(
-            "the corpus has no labels, so there is no probe task (use labelled JSONL/Parquet or fortune files)".into(),
-        )
-    })?;
+    let probe = match &all.labels {
+        Some(labels) => Some(probe_task(all, labels, categories, seed)?),
+        None => None,
+    };
+    let test_text: HashSet<&str> = probe
+        .iter()
+        .flat_map(|p| p.test.docs.iter().map(String::as_str))
+        .collect();
+    let pre: Vec<&String> = all.docs.iter().filter(|d| !test_text.contains(d.as_str())).collect();
+    if pre.len() < 2 {
+        return Err(Error::Data(format!(
+            "only {} documents left for pretraining (at least 2 are needed: one to train on, one held out)",
+            pre.len()
+        )));
+    }
+    let mut rng = pretext_core::seed::stream_rng(seed, "mlm-held-out", &[]);
+    let perm = pretext_core::seed::permutation(pre.len(), &mut rng);
+    let n_held = ((pre.len() as f64 * held_out_fraction).round() as usize).clamp(1, pre.len() - 1);
+    let mut held: Vec<usize> = perm[..n_held].to_vec();
+    let mut train: Vec<usize> = perm[n_held..].to_vec();
+    held.sort_unstable();
+    train.sort_unstable();
+    Ok(Corpus {
+        train: train.iter().map(|&i| pre[i].clone()).collect(),
+        held_out: held.iter().map(|&i| pre[i].clone()).collect(),
+        probe,
+    })
+}
+
+/// The probe task of a labelled corpus: the documents of `categories` (all
+/// when `None`), deduplicated, split 80/20 per class.
+fn probe_task(all: &TextDataset, labels: &[u32], categories: Option<&[String]>, seed: u64) -> Result<ProbeTask> {
     let task = match categories {
         Some(cats) => {
             let mut keep = Vec::new();
@@ -114,33 +132,13 @@ pub fn build(all: &TextDataset, categories: Option<&[String]>, held_out_fraction
                 docs: keep.iter().map(|&i| all.docs[i].clone()).collect(),
                 labels: Some(lab),
                 classes: cats.to_vec(),
+                splits: None,
             }
         }
         None => all.clone(),
     };
-    let task = dedup(&task);
-    let (probe_train, probe_test) = stratified_split(&task, 0.2, seed)?;
-    let test_text: HashSet<&str> = probe_test.docs.iter().map(String::as_str).collect();
-    let pre: Vec<&String> = all.docs.iter().filter(|d| !test_text.contains(d.as_str())).collect();
-    if pre.len() < 2 {
-        return Err(Error::Data(format!(
-            "only {} documents left for pretraining",
-            pre.len()
-        )));
-    }
-    let mut rng = pretext_core::seed::stream_rng(seed, "mlm-held-out", &[]);
-    let perm = pretext_core::seed::permutation(pre.len(), &mut rng);
-    let n_held = ((pre.len() as f64 * held_out_fraction).round() as usize).clamp(1, pre.len() - 1);
-    let mut held: Vec<usize> = perm[..n_held].to_vec();
-    let mut train: Vec<usize> = perm[n_held..].to_vec();
-    held.sort_unstable();
-    train.sort_unstable();
-    Ok(Corpus {
-        train: train.iter().map(|&i| pre[i].clone()).collect(),
-        held_out: held.iter().map(|&i| pre[i].clone()).collect(),
-        probe_train,
-        probe_test,
-    })
+    let (train, test) = stratified_split(&dedup(&task), 0.2, seed)?;
+    Ok(ProbeTask { train, test })
 }
 
 #[cfg(test)]
@@ -162,16 +160,34 @@ mod tests {
             docs,
             labels: Some(labels),
             classes: vec!["a".into(), "b".into(), "c".into()],
+            splits: None,
         }
+    }
+
+    #[test]
+    fn an_unlabelled_corpus_is_all_pretraining_text() -> Result<()> {
+        let all = TextDataset { labels: None, ..ds() };
+        let c = build(&all, None, 0.1, 0)?;
+        assert!(c.probe.is_none());
+        assert_eq!(c.train.len() + c.held_out.len(), 61);
+        assert_eq!(c.held_out.len(), 6);
+        let one = TextDataset {
+            docs: vec!["alone".into()],
+            ..Default::default()
+        };
+        let e = build(&one, None, 0.1, 0).expect_err("one document");
+        assert!(e.to_string().contains("only 1 documents left"), "{e}");
+        Ok(())
     }
 
     #[test]
     fn probe_test_text_never_reaches_pretraining() -> Result<()> {
         let c = build(&ds(), Some(&["c".to_string(), "a".to_string()]), 0.1, 0)?;
-        assert_eq!(c.probe_test.len(), 8, "20% of 20 per class, two classes");
-        assert_eq!(c.probe_train.len(), 32);
-        assert_eq!(c.probe_test.classes, vec!["c".to_string(), "a".to_string()]);
-        let test: HashSet<&String> = c.probe_test.docs.iter().collect();
+        let p = c.probe.as_ref().expect("a labelled corpus has a probe task");
+        assert_eq!(p.test.len(), 8, "20% of 20 per class, two classes");
+        assert_eq!(p.train.len(), 32);
+        assert_eq!(p.test.classes, vec!["c".to_string(), "a".to_string()]);
+        let test: HashSet<&String> = p.test.docs.iter().collect();
         assert!(c.train.iter().chain(&c.held_out).all(|d| !test.contains(d)));
         assert_eq!(
             c.train.len() + c.held_out.len() + 8,

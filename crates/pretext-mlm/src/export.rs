@@ -126,16 +126,6 @@ pub fn export_files(cfg: &MlmConfig, trained: &Trained<Mlm>) -> Result<Vec<(Stri
         "version": env!("CARGO_PKG_VERSION"), "steps": steps, "dataset": Mlm::dataset_name(cfg),
         "pooling": cfg.eval.pooling, "seq_len": cfg.data.seq_len,
     });
-    let specials = serde_json::json!({
-        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
-    });
-    let mut tok_conf = specials.clone();
-    tok_conf["tokenizer_class"] = serde_json::json!("BertTokenizer");
-    tok_conf["do_lower_case"] = serde_json::json!(true);
-    tok_conf["tokenize_chinese_chars"] = serde_json::json!(true);
-    tok_conf["strip_accents"] = serde_json::Value::Null;
-    tok_conf["model_max_length"] = serde_json::json!(model.dims().max_position_embeddings);
-    tok_conf["clean_up_tokenization_spaces"] = serde_json::json!(true);
     let report: Option<pretext_eval::EvalReport> =
         std::fs::read(run.root().join("report").join(pretext_eval::report::EVAL_JSON))
             .ok()
@@ -144,20 +134,45 @@ pub fn export_files(cfg: &MlmConfig, trained: &Trained<Mlm>) -> Result<Vec<(Stri
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     let readme = card(cfg, model, steps, report.as_ref(), masked.as_ref(), &run.config_text()?);
-    let (config_json, tok_json, tok_conf_json, specials_json) = (
-        json(&conf, "config.json")?,
-        tok.to_json()?,
-        json(&tok_conf, "tokenizer_config.json")?,
-        json(&specials, "special_tokens_map.json")?,
-    );
-    let vocab = tok.vocab_txt();
-    Ok(vec![
+    let mut files = vec![
         ("model.safetensors".into(), bytes),
-        ("config.json".into(), config_json),
-        ("tokenizer.json".into(), tok_json.into_bytes()),
-        ("vocab.txt".into(), vocab.into_bytes()),
-        ("tokenizer_config.json".into(), tok_conf_json),
-        ("special_tokens_map.json".into(), specials_json),
-        ("README.md".into(), readme.into_bytes()),
+        ("config.json".into(), json(&conf, "config.json")?),
+    ];
+    files.extend(tokenizer_files(tok, model.dims().max_position_embeddings)?);
+    files.push(("README.md".into(), readme.into_bytes()));
+    Ok(files)
+}
+
+/// The tokenizer as `transformers` loads it: `tokenizer.json`, `vocab.txt`,
+/// `tokenizer_config.json` (`BertTokenizer`, lowercase) and
+/// `special_tokens_map.json`.
+///
+/// # Errors
+/// Encoding errors.
+pub fn tokenizer_files(tok: &crate::WordPieceTokenizer, max_length: usize) -> Result<Vec<(String, Vec<u8>)>> {
+    let json = |v: &serde_json::Value, what: &str| {
+        serde_json::to_vec_pretty(v).map_err(|e| Error::Config(format!("{what}: {e}")))
+    };
+    let specials = serde_json::json!({
+        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
+    });
+    let mut tok_conf = specials.clone();
+    tok_conf["tokenizer_class"] = serde_json::json!("BertTokenizer");
+    tok_conf["do_lower_case"] = serde_json::json!(true);
+    tok_conf["tokenize_chinese_chars"] = serde_json::json!(true);
+    tok_conf["strip_accents"] = serde_json::Value::Null;
+    tok_conf["model_max_length"] = serde_json::json!(max_length);
+    tok_conf["clean_up_tokenization_spaces"] = serde_json::json!(true);
+    Ok(vec![
+        ("tokenizer.json".into(), tok.to_json()?.into_bytes()),
+        ("vocab.txt".into(), tok.vocab_txt().into_bytes()),
+        (
+            "tokenizer_config.json".into(),
+            json(&tok_conf, "tokenizer_config.json")?,
+        ),
+        (
+            "special_tokens_map.json".into(),
+            json(&specials, "special_tokens_map.json")?,
+        ),
     ])
 }

@@ -7,9 +7,11 @@
 //! This crate must not depend on another paradigm crate.
 
 pub mod app;
+pub mod classifier;
 pub mod collator;
 pub mod config;
 pub mod corpus;
+pub mod downstream;
 pub mod error;
 pub mod export;
 pub mod model;

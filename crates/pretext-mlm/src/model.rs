@@ -11,7 +11,7 @@
 //! with ignored labels, for a fraction of the decoder's cost.
 
 use crate::collator::MlmBatch;
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder, VarMap};
 use pretext_core::init::SeededVarMap;
 use pretext_core::nn;
@@ -246,6 +246,24 @@ impl BertMlm {
         };
         model.zero_pad_embedding()?;
         Ok(model)
+    }
+
+    /// A copy with its own variables holding this model's weights (to
+    /// fine-tune without touching the original).
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn duplicate(&self) -> pretext_core::Result<Self> {
+        let copy = Self::new(&self.dims, 0, &self.device)?;
+        let mine: std::collections::HashMap<String, Var> = pretext_core::init::named_vars(self.vars.var_map())
+            .into_iter()
+            .collect();
+        for (name, v) in pretext_core::init::named_vars(copy.vars.var_map()) {
+            if let Some(src) = mine.get(&name) {
+                v.set(&src.as_tensor().copy()?)?;
+            }
+        }
+        Ok(copy)
     }
 
     fn zero_pad_embedding(&self) -> pretext_core::Result<()> {

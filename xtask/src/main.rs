@@ -73,7 +73,8 @@ enum Task {
     /// HF_ENDPOINT (default https://huggingface.co). Run `pretext-<paradigm>
     /// export RUN` first.
     Push {
-        /// The run folder.
+        /// A run folder (its export/ is pushed), or a classifier folder
+        /// written by `finetune`.
         run: PathBuf,
         /// Target repository, namespace/name.
         #[arg(long)]

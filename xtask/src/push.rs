@@ -1,6 +1,7 @@
-//! `cargo xtask push RUN --repo namespace/name`: uploads a run's `export/`
-//! folder to the Hugging Face Hub (or any Hub-compatible endpoint) in one
-//! commit, with the `hf-hub` crate.
+//! `cargo xtask push PATH --repo namespace/name`: uploads a run's `export/`
+//! folder, or a classifier folder written by `finetune` (or an export folder
+//! given directly), to the Hugging Face Hub (or any Hub-compatible endpoint)
+//! in one commit, with the `hf-hub` crate.
 //!
 //! Token: `HF_TOKEN`, else the file named by `HF_TOKEN_PATH`, else
 //! `$HF_HOME/token` (default `~/.cache/huggingface/token`), as the Python
@@ -10,14 +11,17 @@
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-/// Files of `export/` that go to the Hub, in upload order; the first three
+/// Files of a folder that go to the Hub, in upload order; the first three
 /// are required.
-const FILES: [&str; 5] = [
+const FILES: [&str; 8] = [
     "model.safetensors",
     "config.json",
     "README.md",
     "tokenizer.json",
     "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "pretext.toml",
 ];
 
 /// Checks a Hub repository id: `namespace/name`, each part letters, digits,
@@ -80,19 +84,33 @@ pub fn find_token() -> Option<(String, TokenSource)> {
     })
 }
 
-/// The files of `run/export/` to upload, with their bytes.
+/// The folder `path` stands for: a run's `export/`, or `path` itself when
+/// it holds weights, `config.json` and a card (a classifier or export folder).
 ///
 /// # Errors
-/// No export folder, or a required file missing from it.
-pub fn export_files(run: &Path) -> Result<Vec<(String, Vec<u8>)>> {
-    let dir = run.join("export");
-    if !dir.is_dir() {
-        bail!(
-            "{} has no export/ folder: run `pretext-<paradigm> export {}` first",
-            run.display(),
-            run.display()
-        );
+/// Neither.
+pub fn upload_folder(path: &Path) -> Result<std::path::PathBuf> {
+    let export = path.join("export");
+    if export.is_dir() {
+        return Ok(export);
     }
+    if FILES[..3].iter().all(|f| path.join(f).is_file()) {
+        return Ok(path.to_path_buf());
+    }
+    bail!(
+        "{} has no export/ folder and is not a classifier or export folder (model.safetensors, config.json, README.md): \
+         run `pretext-<paradigm> export {}` or `finetune` first",
+        path.display(),
+        path.display()
+    )
+}
+
+/// The files of the folder `run` stands for (see [`upload_folder`]), with their bytes.
+///
+/// # Errors
+/// No such folder, or a required file missing from it.
+pub fn export_files(run: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let dir = upload_folder(run)?;
     let mut out = Vec::new();
     for (i, name) in FILES.iter().enumerate() {
         let p = dir.join(name);

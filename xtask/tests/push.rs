@@ -4,143 +4,15 @@
 //! a rejected token, a failing server, no token, a bad name and an
 //! unreachable endpoint are clear errors; the token never appears in output.
 
+#[path = "../../tests/support/loopback_hub.rs"]
+mod loopback_hub;
+
 use base64::Engine;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use loopback_hub::{mock_hub, Mode};
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 
 const TOKEN: &str = "hf_secret_test_token_0123456789";
-
-#[derive(Debug, Clone)]
-struct Request {
-    method: String,
-    path: String,
-    auth: Option<String>,
-    body: Vec<u8>,
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Mode {
-    Ok,
-    Unauthorized,
-    CommitFails,
-}
-
-fn read_request(stream: &mut TcpStream) -> Option<Request> {
-    let mut reader = BufReader::new(stream.try_clone().ok()?);
-    let mut line = String::new();
-    reader.read_line(&mut line).ok()?;
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
-    let (mut len, mut chunked, mut auth) = (0usize, false, None);
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h).ok()?;
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        let (k, v) = h.split_once(':')?;
-        match k.to_ascii_lowercase().as_str() {
-            "content-length" => len = v.trim().parse().ok()?,
-            "transfer-encoding" => chunked = v.to_ascii_lowercase().contains("chunked"),
-            "authorization" => auth = Some(v.trim().to_string()),
-            _ => {}
-        }
-    }
-    let mut body = Vec::new();
-    if chunked {
-        loop {
-            let mut size = String::new();
-            reader.read_line(&mut size).ok()?;
-            let n = usize::from_str_radix(size.trim(), 16).ok()?;
-            let mut chunk = vec![0u8; n + 2];
-            reader.read_exact(&mut chunk).ok()?;
-            if n == 0 {
-                break;
-            }
-            body.extend_from_slice(&chunk[..n]);
-        }
-    } else {
-        body.resize(len, 0);
-        reader.read_exact(&mut body).ok()?;
-    }
-    Some(Request {
-        method,
-        path,
-        auth,
-        body,
-    })
-}
-
-fn respond(stream: &mut TcpStream, status: &str, body: &str) {
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.flush();
-}
-
-/// Serves until the process ends; returns the base URL and the request log.
-fn mock_hub(mode: Mode) -> (String, Arc<Mutex<Vec<Request>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let seen = log.clone();
-    let base = url.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let Some(req) = read_request(&mut stream) else { continue };
-            seen.lock().expect("log").push(req.clone());
-            if mode == Mode::Unauthorized {
-                respond(
-                    &mut stream,
-                    "401 Unauthorized",
-                    r#"{"error":"Invalid credentials in Authorization header"}"#,
-                );
-                continue;
-            }
-            if req.method == "POST" && req.path == "/api/repos/create" {
-                respond(&mut stream, "200 OK", &format!(r#"{{"url":"{base}/ns/model"}}"#));
-            } else if req.method == "POST" && req.path.contains("/preupload/") {
-                let v: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
-                let files: Vec<serde_json::Value> = v["files"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|f| serde_json::json!({"path": f["path"], "uploadMode": "regular", "shouldIgnore": false}))
-                    .collect();
-                respond(
-                    &mut stream,
-                    "200 OK",
-                    &serde_json::json!({ "files": files }).to_string(),
-                );
-            } else if req.method == "POST" && req.path.contains("/commit/") {
-                if mode == Mode::CommitFails {
-                    respond(
-                        &mut stream,
-                        "500 Internal Server Error",
-                        r#"{"error":"storage unavailable"}"#,
-                    );
-                } else {
-                    respond(
-                        &mut stream,
-                        "200 OK",
-                        &format!(r#"{{"commitUrl":"{base}/ns/model/commit/abc123","commitOid":"abc123"}}"#),
-                    );
-                }
-            } else {
-                respond(&mut stream, "404 Not Found", r#"{"error":"not found"}"#);
-            }
-        }
-    });
-    (url, log)
-}
 
 const CARD: &str = "---\nlibrary_name: pretext\nlicense: mit\ntags:\n- self-supervised\n- simclr\ndatasets:\n- fashion_mnist\nmodel-index:\n- name: pretext-simclr\n---\n\n# A card\n";
 
@@ -340,7 +212,7 @@ fn no_token_bad_name_unreachable_and_dry_run() {
     assert!(text.contains("token: found in"), "{text}");
     assert!(log.lock().expect("log").is_empty(), "nothing was sent");
     // an endpoint where nothing listens
-    let dead = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead_url = format!("http://{}", dead.local_addr().expect("addr"));
     drop(dead);
     let (ok, text) = output(
@@ -360,4 +232,50 @@ fn no_token_bad_name_unreachable_and_dry_run() {
             .env("HF_ENDPOINT", &url),
     );
     assert!(!ok && text.contains("has no export/ folder"), "{text}");
+}
+
+#[test]
+fn a_classifier_folder_is_pushed_with_its_tokenizer_and_config() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let clf = tmp.path().join("classifier");
+    std::fs::create_dir_all(&clf).expect("mkdir");
+    for (f, b) in [
+        ("model.safetensors", "weights"),
+        ("config.json", r#"{"architectures":["BertForSequenceClassification"]}"#),
+        ("README.md", CARD),
+        ("tokenizer.json", "{}"),
+        ("vocab.txt", "[PAD]\n"),
+        ("tokenizer_config.json", "{}"),
+        ("pretext.toml", "method = \"bert-mlm\"\n"),
+    ] {
+        std::fs::write(clf.join(f), b).expect("write");
+    }
+    let (url, log) = mock_hub(Mode::Ok);
+    let (ok, text) = output(
+        xtask(tmp.path())
+            .args(["push"])
+            .arg(&clf)
+            .args(["--repo", "ns/classifier"])
+            .env("HF_ENDPOINT", &url)
+            .env("HF_TOKEN", TOKEN),
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("pushed 7 files to ns/classifier"), "{text}");
+    let commit = log
+        .lock()
+        .expect("log")
+        .iter()
+        .find(|r| r.path.contains("/commit/"))
+        .map(|r| String::from_utf8_lossy(&r.body).to_string())
+        .unwrap_or_default();
+    for f in ["pretext.toml", "tokenizer_config.json", "vocab.txt"] {
+        assert!(commit.contains(f), "{f} is in the commit");
+    }
+    let (ok, text) = output(
+        xtask(tmp.path())
+            .args(["push"])
+            .arg(tmp.path())
+            .args(["--repo", "ns/x", "--dry-run"]),
+    );
+    assert!(!ok && text.contains("not a classifier or export folder"), "{text}");
 }

@@ -142,8 +142,14 @@ pub enum FormatArg {
 /// Flags of `finetune`.
 #[derive(Debug, Clone, Args)]
 pub struct FinetuneArgs {
-    /// The run folder whose encoder is fine-tuned.
-    pub run: PathBuf,
+    /// The run folder whose encoder is fine-tuned (or give --init).
+    #[arg(conflicts_with = "init")]
+    pub run: Option<PathBuf>,
+    /// Fine-tune existing weights instead of a run's: a run or export
+    /// folder, a Hugging Face BERT folder, torchvision ResNet-18 weights
+    /// (.safetensors), or hub:owner/name[@revision].
+    #[arg(long, value_name = "SOURCE")]
+    pub init: Option<String>,
     /// Labelled data: its own train/test split where it has one (IDX t10k,
     /// CIFAR test_batch, train/ + test/ folders, a `split` field, whose
     /// `validation` records are the validation split), otherwise a seeded,
@@ -161,7 +167,8 @@ pub struct FinetuneArgs {
     /// with the same recipe and labels, as a baseline (twice the time).
     #[arg(long)]
     pub scratch: bool,
-    /// The classifier folder to write (default: RUN/classifiers/<data name>-<labels>).
+    /// The classifier folder to write (default: RUN/classifiers/<data
+    /// name>-<labels>, or classifiers/<data name>-<labels> with --init).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Change the recipe (`eval.finetune.*`) or how the data is read

@@ -108,6 +108,18 @@ pub fn resolve<T: DeserializeOwned + Serialize>(
     Ok(Resolved { config, toml })
 }
 
+/// Every leaf of `table` as a `--set` override under `prefix`
+/// (`model.encoder.widths=[32, 64]`).
+pub fn flatten(prefix: &str, table: &Table, out: &mut Vec<String>) {
+    for (k, v) in table {
+        let key = format!("{prefix}.{k}");
+        match v {
+            Value::Table(t) => flatten(&key, t, out),
+            other => out.push(format!("{key}={other}")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

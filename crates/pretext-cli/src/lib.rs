@@ -7,6 +7,7 @@
 
 pub mod args;
 pub mod config;
+pub mod hub;
 pub mod progress;
 pub mod runner;
 pub mod tools;

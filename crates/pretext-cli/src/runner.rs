@@ -84,6 +84,13 @@ pub enum Command<F: PretrainFlags, X: Extra> {
         /// .txt, .jsonl, .parquet), format detected; default: the shipped data.
         #[arg(long, value_name = "PATH")]
         data: Option<PathBuf>,
+        /// Start from existing weights instead of a random initialisation: a
+        /// run folder, an export folder, a Hugging Face BERT folder
+        /// (pretext-mlm), torchvision ResNet-18 weights in a .safetensors file
+        /// (pretext-contrastive), or hub:owner/name[@revision]. The model's
+        /// architecture is taken from the source.
+        #[arg(long, value_name = "SOURCE")]
+        init: Option<String>,
         #[command(flatten)]
         flags: F,
         #[command(flatten)]
@@ -137,6 +144,38 @@ fn existing_run<T: DeserializeOwned + Serialize>(
     crate::init_tracing(false);
     let cfg = run_config(run, overrides)?;
     Ok((cfg, pretext_core::select_device(device)?))
+}
+
+/// The settings `--init SOURCE` brings: its architecture (a run folder's
+/// `model` section and image shape, or what the paradigm reads off another
+/// source), and `train.init` recording the source.
+fn init_settings<P>(spec: &paradigm::InitSpec) -> anyhow::Result<Vec<String>>
+where
+    P: Tool,
+    P::Config: DeserializeOwned + Serialize,
+    P::Error: std::error::Error + Send + Sync + 'static,
+{
+    let mut out = if pretext_core::warm_start::is_run_folder(&spec.path) {
+        let file = spec.path.join("config.toml");
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        let table: toml::Table = text.parse().with_context(|| format!("parsing {}", file.display()))?;
+        let mut v = Vec::new();
+        if let Some(toml::Value::Table(m)) = table.get("model") {
+            crate::config::flatten("model", m, &mut v);
+        }
+        if let Some(toml::Value::Table(d)) = table.get("data") {
+            for key in ["channels", "image_size"] {
+                if let Some(x) = d.get(key) {
+                    v.push(format!("data.{key}={x}"));
+                }
+            }
+        }
+        v
+    } else {
+        P::init_settings(spec).with_context(|| format!("--init {}", spec.source))?
+    };
+    out.push(format!("train.init={:?}", spec.source));
+    Ok(out)
 }
 
 /// A config file (`file`, e.g. a run's `config.toml`) with `overrides`
@@ -215,11 +254,20 @@ where
     // A kernel request this CPU cannot honour stops the tool before any work.
     pretext_core::cpu::KernelSet::from_env().context("environment")?;
     match command {
-        Command::Pretrain { data, flags, common } => {
+        Command::Pretrain {
+            data,
+            init,
+            flags,
+            common,
+        } => {
             crate::init_tracing(common.verbose);
             let mut overrides = flags.overrides();
             if let Some(d) = &data {
                 overrides.push(format!("data.path={:?}", d.display().to_string()));
+            }
+            let init = init.as_deref().map(crate::hub::resolve).transpose()?;
+            if let Some(spec) = &init {
+                overrides.extend(init_settings::<P>(spec)?);
             }
             overrides.extend(common.all_overrides());
             let resolved: crate::config::Resolved<P::Config> =
@@ -229,8 +277,15 @@ where
             let label = P::label(&resolved.config);
             let out = common.out.clone().unwrap_or_else(|| default_out(P::NAME, &label));
             let mut observer = observer(&label, common.quiet);
-            let run = paradigm::pretrain::<P>(&resolved.config, &resolved.toml, &out, &device, &mut observer)
-                .with_context(|| format!("pretraining into {}", out.display()))?;
+            let run = paradigm::pretrain::<P>(
+                &resolved.config,
+                &resolved.toml,
+                &out,
+                init.as_ref(),
+                &device,
+                &mut observer,
+            )
+            .with_context(|| format!("pretraining into {}", out.display()))?;
             println!("run folder: {}", run.root().display());
         }
         Command::Resume(ResumeArgs { run, device, quiet }) => {
@@ -336,17 +391,45 @@ where
     P::Error: std::error::Error + Send + Sync + 'static,
 {
     let labels = downstream::LabelBudget::parse(&args.labels).map_err(anyhow::Error::msg)?;
-    let overrides = crate::args::existing_run_overrides("finetune", Some(&args.data), &args.overrides)?;
     crate::init_tracing(false);
-    let resolved: crate::config::Resolved<P::Config> = config_file(&args.run.join("config.toml"), &overrides)?;
-    let cfg = resolved.config;
-    P::validate(&cfg)?;
     let device = pretext_core::select_device(&args.device)?;
-    let trained = paradigm::load_trained::<P>(&args.run, &cfg, &device)
-        .with_context(|| format!("loading {}", args.run.display()))?;
+    let mut observer = crate::progress::ProgressObserver::new("finetune", args.quiet);
+    // the encoder: a run's, or existing weights with the built-in config
+    let (resolved, model, assets, from, home): (crate::config::Resolved<P::Config>, _, _, String, PathBuf) =
+        match (&args.run, &args.init) {
+            (Some(run), _) => {
+                let overrides = crate::args::existing_run_overrides("finetune", Some(&args.data), &args.overrides)?;
+                let resolved: crate::config::Resolved<P::Config> = config_file(&run.join("config.toml"), &overrides)?;
+                P::validate(&resolved.config)?;
+                let trained = paradigm::load_trained::<P>(run, &resolved.config, &device)
+                    .with_context(|| format!("loading {}", run.display()))?;
+                (
+                    resolved,
+                    trained.model,
+                    trained.assets,
+                    run.display().to_string(),
+                    run.clone(),
+                )
+            }
+            (None, Some(source)) => {
+                let spec = crate::hub::resolve(source)?;
+                let mut overrides = init_settings::<P>(&spec)?;
+                overrides.push(format!("data.path={:?}", args.data.display().to_string()));
+                overrides.extend(args.overrides.iter().cloned());
+                let resolved: crate::config::Resolved<P::Config> =
+                    crate::config::resolve(P::DEFAULT_CONFIG, None, &overrides)?;
+                P::validate(&resolved.config)?;
+                let (model, assets, record) = paradigm::initialised_model::<P>(&resolved.config, &spec, &device)
+                    .with_context(|| format!("--init {source}"))?;
+                pretext_core::Observer::on_message(&mut observer, &record.summary());
+                (resolved, model, assets, source.clone(), PathBuf::from("."))
+            }
+            (None, None) => anyhow::bail!("finetune: give a run folder or --init SOURCE"),
+        };
+    let cfg = resolved.config;
     let suffix = labels.label().replace('%', "pct").replace('/', "-per-");
     let out = args.out.clone().unwrap_or_else(|| {
-        args.run.join("classifiers").join(format!(
+        home.join("classifiers").join(format!(
             "{}-{suffix}{}",
             crate::args::data_name(&args.data),
             if args.frozen { "-frozen" } else { "" }
@@ -359,21 +442,20 @@ where
         scratch: args.scratch,
         out: out.clone(),
         seed: P::sections(&cfg).train.seed,
-        from: args.run.display().to_string(),
+        from: from.clone(),
     };
-    let mut observer = crate::progress::ProgressObserver::new("finetune", args.quiet);
-    let mut fresh = || -> pretext_eval::RunResult<P::Model> { P::new_model(&cfg, &trained.assets, &device) };
+    let mut fresh = || -> pretext_eval::RunResult<P::Model> { P::new_model(&cfg, &assets, &device) };
     let info = downstream::finetune::<P>(
         &cfg,
         &resolved.toml,
-        &trained.model,
+        &model,
         &mut fresh,
-        &trained.assets,
+        &assets,
         &opts,
         &device,
         &mut observer,
     )
-    .with_context(|| format!("fine-tuning {} on {}", args.run.display(), args.data.display()))?;
+    .with_context(|| format!("fine-tuning {from} on {}", args.data.display()))?;
     println!(
         "test accuracy {:.2}% on {} test records ({} classes, {} labels)",
         info.test_accuracy * 100.0,

@@ -433,3 +433,44 @@ fn a_text_classifier_predicts_what_finetune_measured() {
     assert!(header.contains("bert.pooler.dense.weight") && header.contains("classifier.weight"));
     assert!(!header.contains("cls.predictions"), "no MLM head in a classifier");
 }
+
+#[test]
+fn a_corpus_the_tokenizer_cannot_read_is_a_data_error() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let corpus = corpus_txt(&tmp.path().join("corpus.txt"), 60);
+    let tok = tmp.path().join("tok");
+    ok(
+        MLM,
+        &os(&args![
+            "tokenizer",
+            "train",
+            "--data",
+            corpus,
+            "--vocab-size",
+            "200",
+            "--out",
+            tok
+        ]),
+    );
+    let greek = tmp.path().join("greek.txt");
+    std::fs::write(&greek, "αβγ δεζ ηθι\nκλμ νξο πρσ\nτυφ χψω αβγ\n").expect("write");
+    let run = tmp.path().join("run");
+    let err = fails(
+        MLM,
+        &os(&args![
+            "pretrain",
+            "--data",
+            greek,
+            "--out",
+            run,
+            MLM_TINY,
+            "--set",
+            format!("tokenizer.path={:?}", tok.join("tokenizer.json").display().to_string())
+        ]),
+    );
+    assert!(
+        err.contains("data: ") && err.contains("greek.txt") && err.contains("[UNK]"),
+        "{err}"
+    );
+    assert!(!run.exists());
+}

@@ -6,8 +6,9 @@ use crate::config::ContrastiveConfig;
 use crate::error::{Error, Result};
 use crate::model::{ContrastiveModel, MethodKind};
 use candle_core::Device;
-use pretext_core::paradigm::{EvalPoint, EvalSchedule, Paradigm, ProbeOptions, Sections, Trained};
+use pretext_core::paradigm::{EvalPoint, EvalSchedule, InitSpec, Paradigm, ProbeOptions, Sections, Trained};
 use pretext_core::trainer::Observer;
+use pretext_core::warm_start::InitialWeights;
 use pretext_core::RunDir;
 use pretext_data::{BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
 use pretext_eval::{knn_accuracy, Embedded, KnnConfig};
@@ -218,6 +219,23 @@ impl Paradigm for Contrastive {
 
     fn export_files(cfg: &ContrastiveConfig, trained: &Trained<Self>) -> Result<Vec<(String, Vec<u8>)>> {
         crate::export::export_files(cfg, trained)
+    }
+
+    fn initial_weights(
+        _: &ContrastiveConfig,
+        spec: &InitSpec,
+        device: &Device,
+    ) -> Result<(InitialWeights, Option<()>)> {
+        Ok((crate::init::initial_weights(spec, device)?, Some(())))
+    }
+
+    /// The encoder comes from the source; the projection head may start fresh.
+    fn init_required(name: &str) -> bool {
+        name.starts_with("encoder.")
+    }
+
+    fn init_settings(spec: &InitSpec) -> Result<Vec<String>> {
+        crate::init::init_settings(spec)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod encoder;
 pub mod error;
 pub mod export;
 pub mod head;
+pub mod init;
 pub mod loss;
 pub mod moco;
 pub mod model;

@@ -396,6 +396,22 @@ impl Method for MoCo {
         Ok(())
     }
 
+    /// The key networks start as copies of the initial query networks.
+    fn weights_loaded(&mut self) -> pretext_core::Result<()> {
+        for (from, to) in [
+            (self.params.var_map(), self.key_params.var_map()),
+            (&self.buffers, &self.key_buffers),
+        ] {
+            let src: HashMap<String, candle_core::Var> = named_vars(from).into_iter().collect();
+            for (name, var) in named_vars(to) {
+                if let Some(v) = src.get(&name) {
+                    var.set(&v.as_tensor().copy()?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn metadata(&self) -> BTreeMap<String, String> {
         [
             ("pretext.paradigm", "contrastive"),

@@ -171,6 +171,10 @@ impl Method for ContrastiveModel {
     fn metadata(&self) -> BTreeMap<String, String> {
         self.method().metadata()
     }
+
+    fn weights_loaded(&mut self) -> pretext_core::Result<()> {
+        self.method_mut().weights_loaded()
+    }
 }
 
 impl pretext_eval::ImageEncoder for ContrastiveModel {

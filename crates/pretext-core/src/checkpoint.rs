@@ -64,6 +64,10 @@ pub struct TrainerState {
     /// before it was recorded).
     #[serde(default)]
     pub cpu: Option<crate::cpu::CpuInfo>,
+    /// The weights the run started from (`--init`): what was loaded, left
+    /// freshly initialised or unused. Absent for runs from scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<crate::warm_start::InitRecord>,
 }
 
 /// The contents of one checkpoint.
@@ -499,6 +503,15 @@ mod tests {
                 cpu: Some(crate::cpu::CpuInfo::from_cpuinfo(
                     "model name: Test CPU\nflags: avx2 fma\n",
                 )),
+                init: Some(crate::warm_start::InitRecord {
+                    source: "hub:someone/model@main".into(),
+                    file: "model.safetensors".into(),
+                    loaded: 3,
+                    initialised: vec!["head.w".into()],
+                    unused: vec!["fc.weight".into()],
+                    skipped: vec![],
+                    converted: vec![],
+                }),
             },
             metadata: [("pretext.paradigm".to_string(), "test".to_string())]
                 .into_iter()

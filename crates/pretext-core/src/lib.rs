@@ -36,6 +36,7 @@ pub mod schedule;
 pub mod seed;
 pub mod setting;
 pub mod trainer;
+pub mod warm_start;
 
 pub use checkpoint::{Checkpoint, CheckpointManager, TrainerState};
 pub use device::{select_device, DeviceSpec};

@@ -10,7 +10,8 @@
 
 use crate::checkpoint::load_checkpoint;
 use crate::run::{write_dir_atomic, RunDir};
-use crate::trainer::{load_model_weights, Method, Monitor, Observer, TrainConfig, Trainer};
+use crate::trainer::{load_model_weights, model_vars, Method, Monitor, Observer, TrainConfig, Trainer};
+use crate::warm_start::{load_initial_weights, InitRecord, InitialWeights};
 use crate::{BatchSource, Error, OptimConfig, ScheduleConfig};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
@@ -138,6 +139,92 @@ pub trait Paradigm: Sized {
     /// # Errors
     /// Tensor and encoding errors.
     fn export_files(cfg: &Self::Config, trained: &Trained<Self>) -> Result<Vec<(String, Vec<u8>)>, Self::Error>;
+
+    /// Reads the initial weights of a source other than a run folder (run
+    /// folders are read the same way for every paradigm): the paradigm's
+    /// export, a Hugging Face or torchvision checkpoint; the tensors under
+    /// the model's names, and the assets the source brings (a tokenizer).
+    ///
+    /// # Errors
+    /// A source without weights, or not of this paradigm, named.
+    fn initial_weights(
+        cfg: &Self::Config,
+        spec: &InitSpec,
+        device: &Device,
+    ) -> Result<(InitialWeights, Option<Self::Assets>), Self::Error>;
+
+    /// Whether the model tensor `name` must come from initial weights (the
+    /// encoder) rather than start freshly initialised when the source lacks
+    /// it (a projection or MLM head).
+    fn init_required(_name: &str) -> bool {
+        true
+    }
+
+    /// The config settings (`key=value`, TOML values) a source other than a
+    /// run folder asks for: its architecture, read off its `config.json` or
+    /// its weights, so the model built fits them. Run folders give their own
+    /// `model` section (the command line reads it).
+    ///
+    /// # Errors
+    /// An unreadable source, or one of another paradigm, named.
+    fn init_settings(_spec: &InitSpec) -> Result<Vec<String>, Self::Error> {
+        Ok(vec![])
+    }
+}
+
+/// Where a run's initial weights come from (`--init`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitSpec {
+    /// The source as the user gave it (recorded in the run).
+    pub source: String,
+    /// The local file or folder it names (the Hub's cached copy for `hub:`).
+    pub path: PathBuf,
+}
+
+/// The weights and assets of `spec`: a run folder's latest checkpoint and
+/// assets, or what the paradigm reads of another source.
+fn source_weights<P: Paradigm>(
+    cfg: &P::Config,
+    spec: &InitSpec,
+    device: &Device,
+) -> Result<(InitialWeights, Option<P::Assets>), P::Error> {
+    if crate::warm_start::is_run_folder(&spec.path) {
+        let run = RunDir::open(&spec.path)?;
+        let w = crate::warm_start::run_weights(&spec.path, &spec.source, device)?;
+        let assets = P::load_assets(cfg, &run)?;
+        return Ok((w, Some(assets)));
+    }
+    P::initial_weights(cfg, spec, device)
+}
+
+/// Copies `w` into `model` and lets it rebuild what derives from its weights.
+fn warm_start<P: Paradigm>(model: &mut P::Model, w: &InitialWeights) -> Result<InitRecord, P::Error> {
+    let record = load_initial_weights(&model_vars(model), w, &P::init_required)?;
+    model.weights_loaded()?;
+    Ok(record)
+}
+
+/// A model of `cfg` holding the weights of `spec`, its assets and what was
+/// loaded (`finetune --init`).
+///
+/// # Errors
+/// As [`Paradigm::initial_weights`]; a source without the assets the model
+/// needs (a tokenizer); weights that do not fit the model.
+pub fn initialised_model<P: Paradigm>(
+    cfg: &P::Config,
+    spec: &InitSpec,
+    device: &Device,
+) -> Result<(P::Model, P::Assets, InitRecord), P::Error> {
+    let (w, assets) = source_weights::<P>(cfg, spec, device)?;
+    let assets = assets.ok_or_else(|| {
+        Error::corrupt(
+            &spec.path,
+            "the source brings no tokenizer (tokenizer.json or vocab.txt) for its weights",
+        )
+    })?;
+    let mut model = P::new_model(cfg, &assets, device)?;
+    let record = warm_start::<P>(&mut model, &w)?;
+    Ok((model, assets, record))
 }
 
 /// The sections of a paradigm's config that the orchestration reads.
@@ -305,16 +392,39 @@ pub fn pretrain<P: Paradigm>(
     cfg: &P::Config,
     config_toml: &str,
     out: &Path,
+    init: Option<&InitSpec>,
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<RunDir, P::Error> {
     P::validate(cfg)?;
-    let (data, assets) = P::load_data(cfg, None, observer)?;
-    let mut trainer = new_trainer::<P>(cfg, &assets, device)?;
+    let (weights, init_assets) = match init {
+        Some(spec) => {
+            let (w, a) = source_weights::<P>(cfg, spec, device)?;
+            (Some(w), a)
+        }
+        None => (None, None),
+    };
+    let (data, assets) = P::load_data(cfg, init_assets, observer)?;
+    let mut model = P::new_model(cfg, &assets, device)?;
+    let record = match &weights {
+        Some(w) => {
+            let r = warm_start::<P>(&mut model, w)?;
+            observer.on_message(&r.summary());
+            tracing::info!(source = %r.source, loaded = r.loaded, initialised = ?r.initialised, unused = ?r.unused, "initial weights");
+            Some(r)
+        }
+        None => None,
+    };
+    let s = P::sections(cfg);
+    let mut trainer = Trainer::new(model, s.optim, s.schedule, s.train)?;
+    trainer.set_init(record.clone());
     let batches = P::batches(cfg, &data, &assets, device)?;
     let run = RunDir::create(out, config_toml)?;
     P::save_assets(&assets, &run)?;
     trainer.attach_run(&run)?;
+    if let Some(r) = &record {
+        trainer.log_record(&r.to_json())?;
+    }
     train_to_end::<P>(cfg, &data, &assets, trainer, batches, device, observer)?;
     Ok(run)
 }

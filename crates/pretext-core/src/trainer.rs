@@ -105,6 +105,27 @@ pub trait Method {
     fn metadata(&self) -> BTreeMap<String, String> {
         BTreeMap::new()
     }
+
+    /// Called after initial weights were copied into [`Method::vars`] and
+    /// [`Method::model_buffers`] (`--init`): state derived from the weights
+    /// (a momentum twin) is rebuilt from them.
+    ///
+    /// # Errors
+    /// A tensor operation failed.
+    fn weights_loaded(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Every variable of a method's `model.safetensors`, by name: trainable
+/// weights and model buffers (what initial weights are copied into).
+pub fn model_vars<M: Method + ?Sized>(method: &M) -> Vec<(String, candle_core::Var)> {
+    let mut v = named_vars(method.vars());
+    if let Some(b) = method.model_buffers() {
+        v.extend(named_vars(b));
+    }
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
 }
 
 /// A deterministic, random-access stream of batches: the batch of a step is a
@@ -257,6 +278,11 @@ pub struct TrainConfig {
     pub clip_grad_norm: f64,
     /// Write a metrics record every N steps.
     pub log_every: u64,
+    /// The weights the run started from, as given to `--init` (a run or
+    /// export folder, a Hugging Face or torchvision checkpoint,
+    /// `hub:owner/name[@revision]`); empty = a random initialisation from
+    /// `seed`. Recorded for provenance; resuming reads checkpoints, not this.
+    pub init: String,
     /// Decay of an exponential moving average of the weights (Polyak
     /// averaging), updated after every optimizer step; 0 = off. When on, the
     /// average is the published model: checkpoints write it to
@@ -278,6 +304,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             clip_grad_norm: 0.0,
             log_every: 1,
+            init: String::new(),
             ema_decay: 0.0,
         }
     }
@@ -360,6 +387,8 @@ pub struct Trainer<M: Method> {
     metrics: Option<MetricsLog>,
     /// The moving average of the weights when `train.ema_decay` > 0.
     average: Option<VarMap>,
+    /// What the run's initial weights were (`--init`).
+    init: Option<crate::warm_start::InitRecord>,
 }
 
 /// Prefix of the training iterate's tensors in `state.safetensors` when the
@@ -408,7 +437,14 @@ impl<M: Method> Trainer<M> {
             checkpoints: None,
             metrics: None,
             average,
+            init: None,
         })
+    }
+
+    /// Records where the run's initial weights came from (kept in every
+    /// checkpoint's `trainer.json`).
+    pub fn set_init(&mut self, record: Option<crate::warm_start::InitRecord>) {
+        self.init = record;
     }
 
     /// Logs metrics to `run/metrics.jsonl` and saves checkpoints in
@@ -526,6 +562,7 @@ impl<M: Method> Trainer<M> {
                 last_loss: self.last_loss,
                 pretext_version: env!("CARGO_PKG_VERSION").into(),
                 cpu: Some(crate::cpu::CpuInfo::current().clone()),
+                init: self.init.clone(),
             },
             metadata,
         })
@@ -585,6 +622,7 @@ impl<M: Method> Trainer<M> {
         self.step = ckpt.trainer.step;
         self.last_lr = ckpt.trainer.lr;
         self.last_loss = ckpt.trainer.last_loss;
+        self.init = ckpt.trainer.init.clone();
         Ok(())
     }
 

@@ -157,6 +157,11 @@ mod tests {
             }
         }
         std::fs::write(dir.path().join("cat/notes.txt"), "ignored").map_err(|e| Error::io("w", e))?;
+        // a GIF among the PNGs decodes too
+        let gif = dir.path().join("dog/3.gif");
+        image::RgbImage::from_fn(4, 4, |_, _| image::Rgb([10, 10, 200]))
+            .save(&gif)
+            .map_err(|e| Error::format(&gif, e.to_string()))?;
         let ds = read_image_folder(
             dir.path(),
             FolderOptions {
@@ -164,11 +169,13 @@ mod tests {
                 channels: 3,
             },
         )?;
-        assert_eq!(ds.len(), 6);
+        assert_eq!(ds.len(), 7);
         assert_eq!(ds.classes, vec!["cat", "dog"]);
-        assert_eq!(ds.labels, Some(vec![0, 0, 0, 1, 1, 1]));
+        assert_eq!(ds.labels, Some(vec![0, 0, 0, 1, 1, 1, 1]));
         assert_eq!(&ds.image(0)[..3], &[200, 10, 10]);
         assert_eq!(&ds.image(5)[..3], &[10, 10, 200]);
+        assert_eq!(ds.id(6), "dog/3.gif", "images are named by their path in the folder");
+        assert_eq!(&ds.image(6)[..3], &[10, 10, 200]);
         // resize + grayscale
         let ds = read_image_folder(
             dir.path(),

@@ -8,8 +8,9 @@ use crate::error::{Error, Result};
 use crate::model::{binarize, Vae, VaeArch};
 use crate::pictures::grid_png;
 use candle_core::{Device, Tensor};
-use pretext_core::paradigm::{EvalPoint, EvalSchedule, Paradigm, ProbeOptions, Sections, Trained};
+use pretext_core::paradigm::{EvalPoint, EvalSchedule, InitSpec, Paradigm, ProbeOptions, Sections, Trained};
 use pretext_core::trainer::Observer;
+use pretext_core::warm_start::InitialWeights;
 use pretext_core::RunDir;
 use pretext_data::{AugmentConfig, BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
 use pretext_eval::{knn_accuracy, Embedded, KnnConfig};
@@ -515,6 +516,14 @@ impl Paradigm for Generative {
 
     fn export_files(cfg: &GenerativeConfig, trained: &Trained<Self>) -> Result<Vec<(String, Vec<u8>)>> {
         export_files(cfg, trained)
+    }
+
+    fn initial_weights(_: &GenerativeConfig, spec: &InitSpec, device: &Device) -> Result<(InitialWeights, Option<()>)> {
+        Ok((crate::init::initial_weights(spec, device)?, Some(())))
+    }
+
+    fn init_settings(spec: &InitSpec) -> Result<Vec<String>> {
+        crate::init::init_settings(spec)
     }
 }
 

@@ -8,6 +8,7 @@ pub mod app;
 pub mod config;
 pub mod downstream;
 pub mod error;
+pub mod init;
 pub mod loss;
 pub mod model;
 pub mod pictures;

@@ -10,9 +10,10 @@ use crate::error::{Error, Result};
 use crate::model::BertMlm;
 use crate::tokenizer::WordPieceTokenizer;
 use candle_core::{Device, Tensor};
-use pretext_core::paradigm::{EvalPoint, EvalSchedule, Paradigm, ProbeOptions, Sections, Trained};
+use pretext_core::paradigm::{EvalPoint, EvalSchedule, InitSpec, Paradigm, ProbeOptions, Sections, Trained};
 use pretext_core::prefetch::Prefetched;
 use pretext_core::trainer::Observer;
+use pretext_core::warm_start::InitialWeights;
 use pretext_core::RunDir;
 use pretext_data::TextDataset;
 use pretext_eval::{Embedded, KnnConfig};
@@ -541,6 +542,24 @@ impl Paradigm for Mlm {
         };
         let p = prepare(cfg, corpus, &tok).map_err(|e| corpus_error(cfg, e))?;
         let tokens: usize = p.train.iter().map(Vec::len).sum();
+        let ids = tok.special_ids()?;
+        let regular = p.train.iter().flatten().filter(|&&t| t >= ids.first_regular).count();
+        let unknown = p.train.iter().flatten().filter(|&&t| t == tok.unk).count();
+        if regular == 0 {
+            return Err(corpus_error(
+                cfg,
+                pretext_core::Error::Data(format!(
+                    "no token of the corpus is in the tokenizer's vocabulary ({unknown} of {tokens} tokens are [UNK]): \
+                     nothing to mask and predict; is the tokenizer made for this text?"
+                )),
+            ));
+        }
+        if unknown * 2 > regular + unknown {
+            observer.on_message(&format!(
+                "warning: {:.0}% of the corpus's words are [UNK] under this tokenizer; is it made for this text?",
+                100.0 * unknown as f64 / (regular + unknown) as f64
+            ));
+        }
         observer.on_message(&format!(
             "{} training sequences ({} tokens), {} held out",
             p.train.len(),
@@ -624,5 +643,25 @@ impl Paradigm for Mlm {
 
     fn export_files(cfg: &MlmConfig, trained: &Trained<Self>) -> Result<Vec<(String, Vec<u8>)>> {
         crate::export::export_files(cfg, trained)
+    }
+
+    /// A Hugging Face BERT folder (pretext's export is one): its weights
+    /// and tokenizer.
+    fn initial_weights(
+        _: &MlmConfig,
+        spec: &InitSpec,
+        device: &Device,
+    ) -> Result<(InitialWeights, Option<WordPieceTokenizer>)> {
+        let (w, tok) = crate::init::initial_weights(spec, device)?;
+        Ok((w, Some(tok)))
+    }
+
+    /// The encoder comes from the source; a missing MLM head starts fresh.
+    fn init_required(name: &str) -> bool {
+        name.starts_with("bert.")
+    }
+
+    fn init_settings(spec: &InitSpec) -> Result<Vec<String>> {
+        crate::init::init_settings(spec)
     }
 }

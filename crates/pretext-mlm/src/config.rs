@@ -29,6 +29,10 @@ pub struct ModelConfig {
     pub hidden_dropout: f64,
     /// Dropout on attention probabilities.
     pub attention_dropout: f64,
+    /// Token-type (segment) embeddings.
+    pub type_vocab_size: usize,
+    /// Epsilon of every LayerNorm.
+    pub layer_norm_eps: f64,
 }
 
 impl Default for ModelConfig {
@@ -42,6 +46,8 @@ impl Default for ModelConfig {
             max_position: 128,
             hidden_dropout: 0.1,
             attention_dropout: 0.1,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
         }
     }
 }
@@ -90,10 +96,10 @@ impl ModelConfig {
                 4 * hidden
             },
             max_position_embeddings: self.max_position,
-            type_vocab_size: 2,
+            type_vocab_size: self.type_vocab_size,
             hidden_dropout_prob: self.hidden_dropout,
             attention_probs_dropout_prob: self.attention_dropout,
-            layer_norm_eps: 1e-12,
+            layer_norm_eps: self.layer_norm_eps,
             initializer_range: 0.02,
             pad_token_id: 0,
         };

@@ -14,6 +14,7 @@ pub mod corpus;
 pub mod downstream;
 pub mod error;
 pub mod export;
+pub mod init;
 pub mod model;
 pub mod tokenizer;
 

@@ -64,6 +64,7 @@ impl BertDims {
             ("model.heads", self.num_attention_heads),
             ("model.intermediate", self.intermediate_size),
             ("model.max_position", self.max_position_embeddings),
+            ("model.type_vocab_size", self.type_vocab_size),
         ] {
             if v == 0 {
                 return Err(InvalidSetting::value(key, v, "must be > 0"));
@@ -83,6 +84,13 @@ impl BertDims {
             if !(0.0..1.0).contains(&p) {
                 return Err(InvalidSetting::value(key, p, "must be in [0, 1)"));
             }
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps < 1.0) {
+            return Err(InvalidSetting::value(
+                "model.layer_norm_eps",
+                self.layer_norm_eps,
+                "must be in (0, 1)",
+            ));
         }
         Ok(())
     }
@@ -388,6 +396,11 @@ impl BertMlm {
     /// # Errors
     /// Tensor errors.
     pub fn mlm_loss(&self, batch: &MlmBatch, dropout_seed: Option<u64>) -> candle_core::Result<(Tensor, usize, usize)> {
+        if batch.targets.dim(0)? == 0 {
+            candle_core::bail!(
+                "a batch without a token to predict: every token is special or [UNK] (is the tokenizer made for this text?)"
+            );
+        }
         let hidden = self.encode(&batch.input_ids, &batch.attention_mask, dropout_seed)?;
         let picked = hidden.index_select(&batch.positions, 0)?;
         let logits = self.mlm_logits(&picked)?;

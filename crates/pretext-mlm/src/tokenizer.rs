@@ -160,6 +160,34 @@ impl WordPieceTokenizer {
         Self::wrap(inner, path)
     }
 
+    /// A BERT tokenizer from a `vocab.txt` (one token per line, id = line
+    /// number), as `BertTokenizer` builds one: BERT normaliser (lowercasing
+    /// when `lowercase`), BERT pre-tokeniser, `##` continuations, `[CLS] …
+    /// [SEP]` around each text.
+    ///
+    /// # Errors
+    /// An unreadable vocabulary, or one without BERT's special tokens, named.
+    pub fn from_vocab(path: &Path, lowercase: bool) -> Result<Self> {
+        let file = path.to_str().ok_or_else(|| Error::corrupt(path, "not a UTF-8 path"))?;
+        let model = WordPiece::from_file(file)
+            .unk_token("[UNK]".into())
+            .continuing_subword_prefix("##".into())
+            .build()
+            .map_err(|e| Error::corrupt(path, format!("not a vocab.txt: {e}")))?;
+        let mut tok = Tokenizer::new(model);
+        tok.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
+            .map_err(|e| tk_err("tokenizer", e))?;
+        tok.with_pre_tokenizer(Some(BertPreTokenizer));
+        tok.with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::new("##".into(), true)));
+        let t = Self::wrap(tok, path)?;
+        let mut inner = t.inner.clone();
+        inner.with_post_processor(Some(BertProcessing::new(
+            ("[SEP]".into(), t.sep),
+            ("[CLS]".into(), t.cls),
+        )));
+        Self::wrap(inner, path)
+    }
+
     /// The `tokenizer.json` text.
     ///
     /// # Errors

@@ -355,6 +355,21 @@ fn an_image_classifier_predicts_what_finetune_measured_and_refuses_foreign_class
     // the wrong tool for the folder
     let err = fails(GENERATIVE, &os(&args!["predict", clf, "--data", photos]));
     assert!(err.contains("use pretext-contrastive predict"), "{err}");
+    // fewer labels than classes
+    let err = fails(
+        CONTRASTIVE,
+        &os(&args![
+            "finetune",
+            run,
+            "--data",
+            labelled,
+            "--labels",
+            "2%",
+            "--out",
+            tmp.path().join("c2")
+        ]),
+    );
+    assert!(err.contains("leaves out class(es)") && err.contains("1/class"), "{err}");
     // a labelled folder of one class
     let one = tmp.path().join("one");
     unlabelled_images(&one.join("cats"), 6);

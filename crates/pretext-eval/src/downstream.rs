@@ -368,6 +368,19 @@ pub fn finetune<P: Downstream>(
     let classes = labelled.source.classes.clone();
     let train_labels = labelled.train.labels().unwrap_or_default().to_vec();
     let chosen = opts.labels.subset(&train_labels, opts.seed)?;
+    let missing: Vec<String> = (0..classes.len() as u32)
+        .filter(|c| train_labels.contains(c) && !chosen.iter().any(|&i| train_labels[i] == *c))
+        .map(|c| classes[c as usize].clone())
+        .collect();
+    if !missing.is_empty() {
+        return Err(RunError::Eval(format!(
+            "--labels {} of {} training records is {} label(s), which leaves out class(es) {missing:?}: \
+             give more, e.g. --labels 1/class",
+            opts.labels.label(),
+            train_labels.len(),
+            chosen.len()
+        )));
+    }
     let chosen_set = labelled.train.subset(&chosen);
     // the validation split: the data's own, else a seeded, stratified tenth of the chosen labels
     let (fit, validation) = match &labelled.validation {

@@ -219,18 +219,67 @@ pub struct ImageView<'a> {
     pub size: usize,
 }
 
-/// Values of every variable of `vars`, to restore the best epoch.
-fn snapshot(vars: &[(String, candle_core::Var)]) -> Result<Vec<candle_core::Tensor>> {
-    vars.iter()
-        .map(|(_, v)| v.as_tensor().copy().map_err(core_err))
-        .collect()
+/// Early stopping on a validation score: after every epoch, keeps a copy of
+/// `vars` when the score is the best so far, says to stop once `patience`
+/// epochs (0: never) have passed without a better one, and puts the best
+/// epoch's values back at the end.
+pub struct EarlyStopping {
+    vars: Vec<(String, candle_core::Var)>,
+    patience: u64,
+    best: Option<(f64, u64, Vec<candle_core::Tensor>)>,
 }
 
-fn restore(vars: &[(String, candle_core::Var)], values: &[candle_core::Tensor]) -> Result<()> {
-    for ((_, v), t) in vars.iter().zip(values) {
-        v.set(t).map_err(core_err)?;
+impl EarlyStopping {
+    /// Watches `vars` (everything the kept model is made of).
+    pub fn new(vars: Vec<(String, candle_core::Var)>, patience: u64) -> Self {
+        Self {
+            vars,
+            patience,
+            best: None,
+        }
     }
-    Ok(())
+
+    /// Records `score` after `epoch` (1-based) completed epochs; true when
+    /// training should stop.
+    ///
+    /// # Errors
+    /// A tensor copy failed.
+    pub fn epoch_end(&mut self, epoch: u64, score: f64) -> Result<bool> {
+        if self.best.as_ref().is_none_or(|(b, _, _)| score > *b) {
+            let values = self
+                .vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()
+                .map_err(core_err)?;
+            self.best = Some((score, epoch, values));
+        }
+        let since = epoch - self.best.as_ref().map_or(epoch, |b| b.1);
+        Ok(self.patience > 0 && since >= self.patience)
+    }
+
+    /// What the log says when training stops after `epoch`.
+    pub fn message(&self, epoch: u64) -> String {
+        format!(
+            "early stop after epoch {epoch}: no better validation accuracy for {} epochs",
+            self.patience
+        )
+    }
+
+    /// Puts the best epoch's values back; its score and epoch (`None`
+    /// when no epoch was scored).
+    ///
+    /// # Errors
+    /// A tensor could not be set.
+    pub fn restore_best(self) -> Result<Option<(f64, u64)>> {
+        let Some((score, epoch, values)) = self.best else {
+            return Ok(None);
+        };
+        for ((_, v), t) in self.vars.iter().zip(&values) {
+            v.set(t).map_err(core_err)?;
+        }
+        Ok(Some((score, epoch)))
+    }
 }
 
 /// Accuracy of `encoder` + `head` on the labelled `ds` (eval mode).
@@ -343,10 +392,10 @@ pub fn train_classifier(
         kind: ScheduleKind::Cosine,
         ..ScheduleConfig::default()
     };
-    // what early stopping snapshots: the encoder's state and the head
-    let mut kept_vars = encoder.state();
-    kept_vars.extend(head_vars.named_vars());
-    let mut best: Option<(f64, u64, Vec<candle_core::Tensor>)> = None;
+    // what early stopping keeps: the encoder's state and the head
+    let mut kept = encoder.state();
+    kept.extend(head_vars.named_vars());
+    let mut stopping = EarlyStopping::new(kept, cfg.patience);
 
     let start = Instant::now();
     observer.on_start(0, total);
@@ -382,13 +431,8 @@ pub fn train_classifier(
         let mut stop = false;
         if let (Some(val), true) = (data.validation, (step + 1) % spe == 0) {
             let acc = accuracy_of(encoder, &head, val, view, device)?;
-            let done = epoch + 1;
-            if best.as_ref().is_none_or(|(b, _, _)| acc > *b) {
-                best = Some((acc, done, snapshot(&kept_vars)?));
-            }
             stats.push(("val_accuracy", acc));
-            let since = done - best.as_ref().map_or(done, |b| b.1);
-            stop = cfg.patience > 0 && since >= cfg.patience;
+            stop = stopping.epoch_end(epoch + 1, acc)?;
         }
         observer.on_step(&StepReport {
             step: step + 1,
@@ -402,23 +446,14 @@ pub fn train_classifier(
         });
         if stop {
             steps_run = step + 1;
-            observer.on_message(&format!(
-                "early stop after epoch {}: no better validation accuracy for {} epochs",
-                epoch + 1,
-                cfg.patience
-            ));
+            observer.on_message(&stopping.message(epoch + 1));
             break;
         }
     }
     observer.on_finish(steps_run);
     let train_seconds = start.elapsed().as_secs_f64();
-    let (validation_accuracy, best_epoch) = match best {
-        Some((acc, ep, values)) => {
-            restore(&kept_vars, &values)?;
-            (Some(acc), Some(ep))
-        }
-        None => (None, None),
-    };
+    let kept = stopping.restore_best()?;
+    let (validation_accuracy, best_epoch) = (kept.map(|k| k.0), kept.map(|k| k.1));
     let accuracy = accuracy_of(encoder, &head, test, view, device)?;
     let head = LinearHead::from_tensors(
         head.weight(),
@@ -515,4 +550,36 @@ pub fn classify_images(
         observer.on_progress("predict", (chunk[chunk.len() - 1] + 1) as u64, total);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_stopping_keeps_the_best_epoch_and_stops_after_patience() -> Result<()> {
+        let v = candle_core::Var::new(&[0f32], &Device::Cpu).map_err(core_err)?;
+        let mut s = EarlyStopping::new(vec![("w".into(), v.clone())], 2);
+        let set = |x: f32| v.set(&candle_core::Tensor::new(&[x], &Device::Cpu)?);
+        let mut stops = vec![];
+        for (epoch, score) in [(1, 0.5), (2, 0.7), (3, 0.7), (4, 0.6)] {
+            set(epoch as f32).map_err(core_err)?;
+            stops.push(s.epoch_end(epoch, score)?);
+        }
+        assert_eq!(
+            stops,
+            vec![false, false, false, true],
+            "two epochs without a strictly better score"
+        );
+        assert!(s.message(4).contains("for 2 epochs"));
+        assert_eq!(s.restore_best()?, Some((0.7, 2)));
+        assert_eq!(
+            v.as_tensor().to_vec1::<f32>().map_err(core_err)?,
+            vec![2.0],
+            "epoch 2's values are back"
+        );
+        let never = EarlyStopping::new(vec![], 0);
+        assert_eq!(never.restore_best()?, None);
+        Ok(())
+    }
 }

@@ -282,6 +282,13 @@ pub fn probabilities(
     Ok(out)
 }
 
+fn eval_err(e: pretext_eval::Error) -> Error {
+    match e {
+        pretext_eval::Error::Core(c) => c,
+        other => Error::Config(other.to_string()),
+    }
+}
+
 fn accuracy(probs: &[f32], classes: usize, labels: &[u32]) -> f64 {
     let correct = probs
         .chunks_exact(classes)
@@ -357,7 +364,7 @@ pub fn fine_tune_text(
         warmup_steps: (total as f64 * cfg.warmup_ratio).round() as u64,
         ..ScheduleConfig::default()
     };
-    let mut best: Option<(f64, u64, Vec<Tensor>)> = None;
+    let mut stopping = pretext_eval::finetune::EarlyStopping::new(params.clone(), cfg.patience);
     let start = Instant::now();
     observer.on_start(0, total);
     let (mut final_loss, mut epoch_loss) = (f64::NAN, (0.0, 0u64));
@@ -403,15 +410,7 @@ pub fn fine_tune_text(
                         vl,
                     );
                     stats.push(("val_accuracy", acc));
-                    if best.as_ref().is_none_or(|(b, _, _)| acc > *b) {
-                        let snap = params
-                            .iter()
-                            .map(|(_, v)| v.as_tensor().copy())
-                            .collect::<candle_core::Result<_>>()?;
-                        best = Some((acc, epoch + 1, snap));
-                    }
-                    let since = epoch + 1 - best.as_ref().map_or(epoch + 1, |b| b.1);
-                    stop = cfg.patience > 0 && since >= cfg.patience;
+                    stop = stopping.epoch_end(epoch + 1, acc).map_err(eval_err)?;
                 }
             }
             observer.on_step(&StepReport {
@@ -426,26 +425,15 @@ pub fn fine_tune_text(
             });
             if stop {
                 steps_run = step + 1;
-                observer.on_message(&format!(
-                    "early stop after epoch {}: no better validation accuracy for {} epochs",
-                    epoch + 1,
-                    cfg.patience
-                ));
+                observer.on_message(&stopping.message(epoch + 1));
                 break 'epochs;
             }
         }
     }
     observer.on_finish(steps_run);
     let train_seconds = start.elapsed().as_secs_f64();
-    let (validation_accuracy, best_epoch) = match best {
-        Some((acc, ep, values)) => {
-            for ((_, v), t) in params.iter().zip(&values) {
-                v.set(t)?;
-            }
-            (Some(acc), Some(ep))
-        }
-        None => (None, None),
-    };
+    let kept = stopping.restore_best().map_err(eval_err)?;
+    let (validation_accuracy, best_epoch) = (kept.map(|k| k.0), kept.map(|k| k.1));
     let test = classifier_sequences(tok, &data.test.docs, max_len)?;
     let probs = probabilities(clf, &test, pad, observer, "test")?;
     Ok(pretext_eval::FineTuneResult {

@@ -167,6 +167,11 @@ pub struct FinetuneArgs {
     /// with the same recipe and labels, as a baseline (twice the time).
     #[arg(long)]
     pub scratch: bool,
+    /// Seed of the label subset, the validation split, the head and the
+    /// training order (default: the run's seed); repeat with others to see
+    /// the spread.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// The classifier folder to write (default: RUN/classifiers/<data
     /// name>-<labels>, or classifiers/<data name>-<labels> with --init).
     #[arg(long, value_name = "DIR")]

@@ -398,7 +398,8 @@ where
     let (resolved, model, assets, from, home): (crate::config::Resolved<P::Config>, _, _, String, PathBuf) =
         match (&args.run, &args.init) {
             (Some(run), _) => {
-                let overrides = crate::args::existing_run_overrides("finetune", Some(&args.data), &args.overrides)?;
+                let mut overrides = crate::args::existing_run_overrides("finetune", Some(&args.data), &args.overrides)?;
+                overrides.extend(args.seed.map(|s| format!("train.seed={s}")));
                 let resolved: crate::config::Resolved<P::Config> = config_file(&run.join("config.toml"), &overrides)?;
                 P::validate(&resolved.config)?;
                 let trained = paradigm::load_trained::<P>(run, &resolved.config, &device)
@@ -416,6 +417,7 @@ where
                 let mut overrides = init_settings::<P>(&spec)?;
                 overrides.push(format!("data.path={:?}", args.data.display().to_string()));
                 overrides.extend(args.overrides.iter().cloned());
+                overrides.extend(args.seed.map(|s| format!("train.seed={s}")));
                 let resolved: crate::config::Resolved<P::Config> =
                     crate::config::resolve(P::DEFAULT_CONFIG, None, &overrides)?;
                 P::validate(&resolved.config)?;

@@ -352,6 +352,12 @@ fn an_image_classifier_predicts_what_finetune_measured_and_refuses_foreign_class
         "{err}"
     );
     assert!(!tmp.path().join("x.jsonl").exists(), "no half-written output");
+    // a run folder is not a classifier
+    let err = fails(CONTRASTIVE, &os(&args!["predict", run, "--data", photos]));
+    assert!(
+        err.contains("a run folder, not a classifier") && err.contains("classifiers/"),
+        "{err}"
+    );
     // the wrong tool for the folder
     let err = fails(GENERATIVE, &os(&args!["predict", clf, "--data", photos]));
     assert!(err.contains("use pretext-contrastive predict"), "{err}");

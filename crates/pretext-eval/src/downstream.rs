@@ -582,6 +582,16 @@ impl ClassifierFolder {
     /// Not a classifier folder (no `config.json` with a `pretext` section), named.
     pub fn open(dir: &Path) -> RunResult<Self> {
         let path = dir.join("config.json");
+        if pretext_core::warm_start::is_run_folder(dir) {
+            return Err(RunError::Data(pretext_data::Error::format(
+                dir,
+                format!(
+                    "a run folder, not a classifier: `finetune {} --data LABELLED` writes one (into {}/classifiers/)",
+                    dir.display(),
+                    dir.display()
+                ),
+            )));
+        }
         let bytes = std::fs::read(&path).map_err(|e| {
             RunError::Data(pretext_data::Error::format(
                 &path,

@@ -38,9 +38,12 @@ pub struct FineTuneConfig {
     pub crop_scale: (f64, f64),
     /// Horizontal flip probability.
     pub flip_p: f64,
-    /// With a validation split (`finetune`), stop after this many epochs
-    /// without a better validation accuracy; the best epoch's weights are
-    /// kept. 0 = train the whole budget (still keeping the best epoch).
+    /// With a validation split (`finetune`), the weights of the epoch with
+    /// the best validation accuracy are kept (ties go to the later epoch);
+    /// with `patience` > 0, training also stops after that many epochs
+    /// without a better one. 0 (the default) runs the whole schedule: cutting
+    /// a cosine schedule short leaves the learning rate high, and a small
+    /// validation split is noisy.
     pub patience: u64,
 }
 
@@ -54,7 +57,7 @@ impl Default for FineTuneConfig {
             weight_decay: 5e-4,
             crop_scale: (0.5, 1.0),
             flip_p: 0.5,
-            patience: 10,
+            patience: 0,
         }
     }
 }
@@ -220,9 +223,10 @@ pub struct ImageView<'a> {
 }
 
 /// Early stopping on a validation score: after every epoch, keeps a copy of
-/// `vars` when the score is the best so far, says to stop once `patience`
-/// epochs (0: never) have passed without a better one, and puts the best
-/// epoch's values back at the end.
+/// `vars` when the score is at least the best so far (a tie goes to the
+/// later epoch, further down the schedule), says to stop once `patience`
+/// epochs (0: never) have passed without one, and puts the kept epoch's
+/// values back at the end.
 pub struct EarlyStopping {
     vars: Vec<(String, candle_core::Var)>,
     patience: u64,
@@ -245,7 +249,7 @@ impl EarlyStopping {
     /// # Errors
     /// A tensor copy failed.
     pub fn epoch_end(&mut self, epoch: u64, score: f64) -> Result<bool> {
-        if self.best.as_ref().is_none_or(|(b, _, _)| score > *b) {
+        if self.best.as_ref().is_none_or(|(b, _, _)| score >= *b) {
             let values = self
                 .vars
                 .iter()
@@ -562,21 +566,21 @@ mod tests {
         let mut s = EarlyStopping::new(vec![("w".into(), v.clone())], 2);
         let set = |x: f32| v.set(&candle_core::Tensor::new(&[x], &Device::Cpu)?);
         let mut stops = vec![];
-        for (epoch, score) in [(1, 0.5), (2, 0.7), (3, 0.7), (4, 0.6)] {
+        for (epoch, score) in [(1, 0.5), (2, 0.7), (3, 0.7), (4, 0.6), (5, 0.65)] {
             set(epoch as f32).map_err(core_err)?;
             stops.push(s.epoch_end(epoch, score)?);
         }
         assert_eq!(
             stops,
-            vec![false, false, false, true],
-            "two epochs without a strictly better score"
+            vec![false, false, false, false, true],
+            "the tie at epoch 3 counts, then two epochs without as good a score"
         );
-        assert!(s.message(4).contains("for 2 epochs"));
-        assert_eq!(s.restore_best()?, Some((0.7, 2)));
+        assert!(s.message(5).contains("for 2 epochs"));
+        assert_eq!(s.restore_best()?, Some((0.7, 3)), "the later of the tied epochs");
         assert_eq!(
             v.as_tensor().to_vec1::<f32>().map_err(core_err)?,
-            vec![2.0],
-            "epoch 2's values are back"
+            vec![3.0],
+            "epoch 3's values are back"
         );
         let never = EarlyStopping::new(vec![], 0);
         assert_eq!(never.restore_best()?, None);

@@ -32,8 +32,9 @@ pub struct TextFineTuneConfig {
     pub weight_decay: f64,
     /// Share of the steps spent warming up.
     pub warmup_ratio: f64,
-    /// With a validation split, stop after this many epochs without a
-    /// better validation accuracy (the best epoch is kept); 0 = never.
+    /// With a validation split the best epoch is kept (ties: the later);
+    /// stop after this many epochs without as good a validation accuracy;
+    /// 0 (the default) = run the whole schedule.
     pub patience: u64,
 }
 
@@ -45,7 +46,7 @@ impl Default for TextFineTuneConfig {
             lr: 1e-4,
             weight_decay: 0.01,
             warmup_ratio: 0.1,
-            patience: 5,
+            patience: 0,
         }
     }
 }

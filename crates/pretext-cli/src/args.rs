@@ -167,6 +167,13 @@ pub struct FinetuneArgs {
     /// with the same recipe and labels, as a baseline (twice the time).
     #[arg(long)]
     pub scratch: bool,
+    /// Share of the chosen labels held out to pick the epoch kept (the
+    /// data's own validation split wins when it has one); `0` trains on
+    /// every label and keeps the last epoch (the probe's protocol); `auto`
+    /// holds out 10% when that makes at least 500 records, else 0 (a small
+    /// validation split picks epochs by noise).
+    #[arg(long, default_value = "auto", value_name = "auto|FRACTION")]
+    pub validation: String,
     /// Seed of the label subset, the validation split, the head and the
     /// training order (default: the run's seed); repeat with others to see
     /// the spread.

@@ -391,6 +391,15 @@ where
     P::Error: std::error::Error + Send + Sync + 'static,
 {
     let labels = downstream::LabelBudget::parse(&args.labels).map_err(anyhow::Error::msg)?;
+    let validation = match args.validation.trim() {
+        "auto" => downstream::ValidationSplit::Auto,
+        "0" | "0%" | "none" => downstream::ValidationSplit::Fraction(0.0),
+        v => {
+            let f = crate::args::parse_fraction(v).with_context(|| format!("--validation {v}"))?;
+            anyhow::ensure!(f < 1.0, "--validation {v}: must leave labels to train on (below 100%)");
+            downstream::ValidationSplit::Fraction(f)
+        }
+    };
     crate::init_tracing(false);
     let device = pretext_core::select_device(&args.device)?;
     let mut observer = crate::progress::ProgressObserver::new("finetune", args.quiet);
@@ -442,6 +451,7 @@ where
         labels,
         frozen: args.frozen,
         scratch: args.scratch,
+        validation,
         out: out.clone(),
         seed: P::sections(&cfg).train.seed,
         from: from.clone(),

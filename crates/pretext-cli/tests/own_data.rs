@@ -361,6 +361,35 @@ fn an_image_classifier_predicts_what_finetune_measured_and_refuses_foreign_class
     // the wrong tool for the folder
     let err = fails(GENERATIVE, &os(&args!["predict", clf, "--data", photos]));
     assert!(err.contains("use pretext-contrastive predict"), "{err}");
+    // every label trains, the last epoch is kept
+    let all = tmp.path().join("clf-all");
+    ok(
+        CONTRASTIVE,
+        &os(&args![
+            "finetune",
+            run,
+            "--data",
+            labelled,
+            "--labels",
+            "8/class",
+            "--validation",
+            "0",
+            "--out",
+            all,
+            "--quiet",
+            "--set",
+            "eval.finetune.budget_images=240"
+        ]),
+    );
+    let info = json(&all.join("config.json"))["pretext"].clone();
+    assert_eq!(
+        (info["n_validation"].as_u64(), info["training"]["n_train"].as_u64()),
+        (Some(0), Some(24))
+    );
+    assert!(
+        info["validation_accuracy"].is_null() && info["training"]["best_epoch"].is_null(),
+        "{info}"
+    );
     // fewer labels than classes
     let err = fails(
         CONTRASTIVE,

@@ -277,6 +277,36 @@ pub fn embed<P: Downstream>(
     })
 }
 
+/// How much of the chosen labels `finetune` holds out to pick the epoch
+/// kept, when the data has no validation split of its own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValidationSplit {
+    /// [`ValidationSplit::AUTO_FRACTION`] of the labels when that makes at
+    /// least [`ValidationSplit::AUTO_MIN`] records, else none.
+    Auto,
+    /// This share of the labels (0 = none: every label trains, the last
+    /// epoch is kept).
+    Fraction(f64),
+}
+
+impl ValidationSplit {
+    /// The share `Auto` holds out.
+    pub const AUTO_FRACTION: f64 = 0.1;
+    /// The fewest validation records `Auto` holds out; below, a validation
+    /// split chooses epochs by noise (one image of 60 is 1.7 points), as the
+    /// linear probe's rule for its λ says too.
+    pub const AUTO_MIN: usize = 500;
+
+    /// The share to hold out of `n` chosen labels.
+    pub fn fraction(self, n: usize) -> f64 {
+        match self {
+            Self::Fraction(f) => f,
+            Self::Auto if (n as f64 * Self::AUTO_FRACTION).round() as usize >= Self::AUTO_MIN => Self::AUTO_FRACTION,
+            Self::Auto => 0.0,
+        }
+    }
+}
+
 /// Options of [`finetune`].
 #[derive(Debug, Clone)]
 pub struct FineTuneOptions {
@@ -291,6 +321,9 @@ pub struct FineTuneOptions {
     pub scratch: bool,
     /// The classifier folder to write (replaced if it exists).
     pub out: PathBuf,
+    /// Share of the chosen labels held out as the validation split when the
+    /// data has none of its own.
+    pub validation: ValidationSplit,
     /// Seed of the label subset, the validation split and training.
     pub seed: u64,
     /// What the encoder started from (the run folder), for the card.
@@ -382,12 +415,14 @@ pub fn finetune<P: Downstream>(
         )));
     }
     let chosen_set = labelled.train.subset(&chosen);
-    // the validation split: the data's own, else a seeded, stratified tenth of the chosen labels
+    // the validation split: the data's own, else a seeded, stratified share of the chosen labels
     let (fit, validation) = match &labelled.validation {
         Some(v) => (chosen_set.clone(), Some(v.clone())),
+        None if opts.validation.fraction(chosen.len()) <= 0.0 => (chosen_set.clone(), None),
         None => {
             let l: Vec<u32> = chosen.iter().map(|&i| train_labels[i]).collect();
-            let (tr, va) = pretext_data::subset::stratified_split(&l, 0.1, opts.seed)?;
+            let share = opts.validation.fraction(chosen.len());
+            let (tr, va) = pretext_data::subset::stratified_split(&l, share, opts.seed)?;
             if va.is_empty() {
                 (chosen_set.clone(), None)
             } else {
@@ -724,6 +759,18 @@ pub fn predict<P: Downstream>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_automatic_validation_split_needs_500_records() {
+        assert_eq!(
+            ValidationSplit::Auto.fraction(600),
+            0.0,
+            "60 records choose epochs by noise"
+        );
+        assert_eq!(ValidationSplit::Auto.fraction(4_999), 0.1);
+        assert_eq!(ValidationSplit::Auto.fraction(4_900), 0.0);
+        assert_eq!(ValidationSplit::Fraction(0.2).fraction(10), 0.2);
+    }
 
     #[test]
     fn label_budgets_parse_and_pick_balanced_subsets() -> RunResult<()> {

@@ -524,3 +524,51 @@ fn a_corpus_the_tokenizer_cannot_read_is_a_data_error() {
     );
     assert!(!run.exists());
 }
+
+#[test]
+fn colour_images_read_as_grayscale_are_announced() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).expect("mkdir");
+    for i in 0..8u32 {
+        image::RgbImage::from_fn(16, 16, |x, y| {
+            image::Rgb([(x * 16) as u8, (y * 16) as u8, (i * 30) as u8])
+        })
+        .save(photos.join(format!("{i}.png")))
+        .expect("png");
+    }
+    let out = ok(
+        GENERATIVE,
+        &os(&args![
+            "pretrain",
+            "--data",
+            photos,
+            "--out",
+            tmp.path().join("run"),
+            GENERATIVE_TINY,
+            "--set",
+            "train.max_steps=1"
+        ]),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("8 of 8 images are in colour") && err.contains("data.channels=3"),
+        "{err}"
+    );
+    // grey images saved as RGB are not colour
+    let greys = unlabelled_images(&tmp.path().join("greys"), 8);
+    let out = ok(
+        GENERATIVE,
+        &os(&args![
+            "pretrain",
+            "--data",
+            greys,
+            "--out",
+            tmp.path().join("run2"),
+            GENERATIVE_TINY,
+            "--set",
+            "train.max_steps=1"
+        ]),
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("in colour"));
+}

@@ -88,6 +88,11 @@ pub fn list_images(root: &Path) -> Result<ImageListing> {
 /// # Errors
 /// [`Error::Io`]; [`Error::Format`] naming the file when it does not decode.
 pub fn load_image(path: &Path, opts: FolderOptions) -> Result<Vec<u8>> {
+    Ok(load_image_noting_colour(path, opts)?.0)
+}
+
+/// As [`load_image`], and whether a colour image was turned grey (`opts.channels` = 1).
+fn load_image_noting_colour(path: &Path, opts: FolderOptions) -> Result<(Vec<u8>, bool)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let img = image::load_from_memory(&bytes).map_err(|e| Error::format(path, format!("cannot decode image ({e})")))?;
     let (h, w) = opts.size;
@@ -96,10 +101,19 @@ pub fn load_image(path: &Path, opts: FolderOptions) -> Result<Vec<u8>> {
     } else {
         img
     };
-    Ok(match opts.channels {
-        1 => img.to_luma8().into_raw(),
-        _ => img.to_rgb8().into_raw(),
-    })
+    let colour = opts.channels == 1 && img.color().has_color() && !is_grey(&img);
+    Ok((
+        match opts.channels {
+            1 => img.to_luma8().into_raw(),
+            _ => img.to_rgb8().into_raw(),
+        },
+        colour,
+    ))
+}
+
+/// Whether an RGB-typed image holds only greys (saved as RGB, no colour in it).
+fn is_grey(img: &image::DynamicImage) -> bool {
+    img.to_rgb8().pixels().all(|p| p[0] == p[1] && p[1] == p[2])
 }
 
 /// Reads a whole image folder (decoding in parallel).
@@ -117,10 +131,20 @@ pub fn read_image_folder(root: &Path, opts: FolderOptions) -> Result<ImageDatase
         return Err(Error::Invalid(format!("image size {:?} must be positive", opts.size)));
     }
     let (files, classes) = list_images(root)?;
-    let decoded: Vec<Vec<u8>> = files
+    let decoded: Vec<(Vec<u8>, bool)> = files
         .par_iter()
-        .map(|(p, _)| load_image(p, opts))
+        .map(|(p, _)| load_image_noting_colour(p, opts))
         .collect::<Result<_>>()?;
+    let greyed = decoded.iter().filter(|(_, colour)| *colour).count();
+    if greyed > 0 {
+        tracing::warn!(
+            "{}: {greyed} of {} images are in colour and are read as grayscale (data.channels = 1); \
+             to keep colour: --set data.channels=3 (and, for pretext-contrastive, --set model.encoder.in_channels=3)",
+            root.display(),
+            files.len()
+        );
+    }
+    let decoded: Vec<Vec<u8>> = decoded.into_iter().map(|(px, _)| px).collect();
     let labels: Option<Vec<u32>> = files.iter().map(|(_, l)| *l).collect();
     let ids = files
         .iter()

@@ -207,11 +207,16 @@ pub fn load_images(path: &Path, format: ImageFormat, size: (usize, usize), chann
     let want = |f: ImageFormat| format == ImageFormat::Auto || format == f;
     if want(ImageFormat::Idx) {
         if let Some((ti, tl)) = idx_pair(path, "train") {
-            let train = read_idx_images(&ti, tl.as_deref())?;
-            let test = match idx_pair(path, "t10k").or_else(|| idx_pair(path, "test")) {
+            let mut train = read_idx_images(&ti, tl.as_deref())?;
+            let mut test = match idx_pair(path, "t10k").or_else(|| idx_pair(path, "test")) {
                 Some((i, l)) => Some(read_idx_images(&i, l.as_deref())?),
                 None => None,
             };
+            let classes = idx_class_names(path, &ti)?;
+            train.classes = classes.clone();
+            if let Some(t) = test.as_mut() {
+                t.classes = classes;
+            }
             return Ok(ImageSplits { train, test });
         }
     }
@@ -260,6 +265,39 @@ pub fn load_images(path: &Path, format: ImageFormat, size: (usize, usize), chann
         };
     }
     Err(Error::Invalid(format!("{}: no {format:?} data found", path.display())))
+}
+
+/// SHA-256 of the shipped (Debian, upstream) Fashion-MNIST image files.
+const FASHION_MNIST_IMAGES_SHA256: [&str; 2] = [
+    "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+];
+
+/// Class names of an IDX folder: its `classes.txt` (one name per line, in
+/// label order), else Fashion-MNIST's when `images` is Fashion-MNIST's
+/// (recognised by its SHA-256), else none (labels name themselves).
+///
+/// # Errors
+/// An unreadable `classes.txt`.
+fn idx_class_names(dir: &Path, images: &Path) -> Result<Vec<String>> {
+    let names = dir.join("classes.txt");
+    if names.is_file() {
+        let text = std::fs::read_to_string(&names).map_err(|e| Error::io(&names, e))?;
+        return Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect());
+    }
+    let sha = crate::shipped::sha256_file(images)?;
+    if FASHION_MNIST_IMAGES_SHA256.contains(&sha.as_str()) {
+        return Ok(crate::dataset::FASHION_MNIST_CLASSES
+            .iter()
+            .map(|s| s.to_string())
+            .collect());
+    }
+    Ok(Vec::new())
 }
 
 #[cfg(feature = "vision")]
@@ -375,6 +413,11 @@ mod tests {
             },
         )?;
         let s = load_images(d.path(), ImageFormat::Auto, (2, 2), 1)?;
+        assert!(s.train.classes.is_empty(), "no names without classes.txt");
+        std::fs::write(d.path().join("classes.txt"), "cat\ndog\n\nemu\n").map_err(|e| Error::io("w", e))?;
+        let named = load_images(d.path(), ImageFormat::Auto, (2, 2), 1)?;
+        assert_eq!(named.train.classes, vec!["cat", "dog", "emu"]);
+        assert_eq!(named.test.map(|t| t.classes.len()), Some(3));
         assert_eq!(s.train.len(), 3);
         assert_eq!(s.test.as_ref().map(|t| (t.len(), t.labels.is_none())), Some((1, true)));
         let single = load_images(&d.path().join("train-images-idx3-ubyte"), ImageFormat::Auto, (2, 2), 1)?;

@@ -20,6 +20,21 @@ fn fashion_mnist_is_complete() -> pretext_data::Result<()> {
 }
 
 #[test]
+fn fashion_mnist_read_as_a_plain_idx_folder_keeps_its_class_names() -> pretext_data::Result<()> {
+    // what `--data datasets/fashion-mnist` (or a copy of its files) reads
+    let s = pretext_data::source::load_images(
+        &datasets_dir()?.join("fashion-mnist"),
+        pretext_data::source::ImageFormat::Auto,
+        (28, 28),
+        1,
+    )?;
+    assert_eq!(s.train.classes.len(), 10);
+    assert_eq!(s.train.classes[7], "Sneaker");
+    assert_eq!(s.test.map(|t| t.classes[0].clone()), Some("T-shirt/top".to_string()));
+    Ok(())
+}
+
+#[test]
 fn fortunes_have_the_probe_categories() -> pretext_data::Result<()> {
     let cats: Vec<String> = [
         "computers",

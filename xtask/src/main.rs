@@ -50,8 +50,8 @@ enum Task {
         no_record: bool,
     },
     /// Pretrain and probe every paradigm on the shipped data in turn (SimCLR,
-    /// MoCo v2, VAE, MLM), then write runs/<date>/summary.md linking each run's
-    /// report and plots.
+    /// MoCo v2, VAE, MLM by default; `--methods` chooses), then write
+    /// runs/<date>/summary.md linking each run's report and plots.
     ///
     /// `quick` (about 15 minutes on 2 cores): short runs and probes on subsets
     /// (5,000 training / 2,000 test images, no fine-tuning); `full`: the default
@@ -60,6 +60,11 @@ enum Task {
         /// `quick` or `full`.
         #[arg(long, default_value = "quick")]
         preset: String,
+        /// Comma-separated methods to run, in any order: simclr, moco, byol,
+        /// simsiam, barlow_twins, vicreg, vae, mlm. With two or more image
+        /// methods the summary opens with a table comparing them.
+        #[arg(long, value_delimiter = ',', default_value = train_all::DEFAULT_METHODS)]
+        methods: Vec<String>,
         /// Folder of the runs and the summary (default runs/<date>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -446,7 +451,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         })(),
-        Task::TrainAll { preset, out } => train_all::train_all(&preset, out).map(|p| {
+        Task::TrainAll { preset, methods, out } => train_all::train_all(&preset, &methods, out).map(|p| {
             println!("summary: {}", p.display());
         }),
         Task::Push {

@@ -108,6 +108,17 @@ pub fn resolve<T: DeserializeOwned + Serialize>(
     Ok(Resolved { config, toml })
 }
 
+/// `over` (TOML) merged over `base` (TOML), as TOML: a method's preset
+/// over the built-in default, before `--config` and `--set` apply.
+///
+/// # Errors
+/// Either text does not parse.
+pub fn layered(base: &str, over: &str) -> Result<String> {
+    let mut table: Table = base.parse().context("built-in default config")?;
+    merge(&mut table, over.parse().context("built-in method preset")?);
+    toml::to_string(&table).context("serialising the preset")
+}
+
 /// Every leaf of `table` as a `--set` override under `prefix`
 /// (`model.encoder.widths=[32, 64]`).
 pub fn flatten(prefix: &str, table: &Table, out: &mut Vec<String>) {

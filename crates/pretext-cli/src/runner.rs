@@ -43,6 +43,12 @@ where
 pub trait PretrainFlags: Args {
     /// The overrides these flags stand for (`method="moco"`).
     fn overrides(&self) -> Vec<String>;
+
+    /// A built-in config (TOML) these flags choose, merged over the tool's
+    /// default before `--config` and `--set` (a method's own recipe).
+    fn preset(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// A paradigm without flags of its own.
@@ -270,8 +276,12 @@ where
                 overrides.extend(init_settings::<P>(spec)?);
             }
             overrides.extend(common.all_overrides());
+            let defaults = match flags.preset() {
+                Some(preset) => crate::config::layered(P::DEFAULT_CONFIG, preset)?,
+                None => P::DEFAULT_CONFIG.to_string(),
+            };
             let resolved: crate::config::Resolved<P::Config> =
-                crate::config::resolve(P::DEFAULT_CONFIG, common.config.as_deref(), &overrides)?;
+                crate::config::resolve(&defaults, common.config.as_deref(), &overrides)?;
             P::validate(&resolved.config)?;
             let device = pretext_core::select_device(&common.device)?;
             let label = P::label(&resolved.config);

@@ -55,10 +55,10 @@ fn pretrain_help_explains_the_shared_flags() {
 fn bad_usage_exits_non_zero_with_a_message() {
     let (ok, text) = run(
         env!("CARGO_BIN_EXE_pretext-contrastive"),
-        &["pretrain", "--method", "byol"],
+        &["pretrain", "--method", "dino"],
     );
     assert!(!ok);
-    assert!(text.contains("byol"), "{text}");
+    assert!(text.contains("dino") && text.contains("barlow_twins"), "{text}");
 }
 
 /// Every shipped contrastive config merges over the defaults (as `--config`
@@ -92,10 +92,14 @@ fn shipped_contrastive_configs_are_valid() {
     assert_eq!(
         seen,
         [
+            "barlow_twins-fmnist.toml",
+            "byol-fmnist.toml",
             "moco-cifar10.toml",
             "moco-fmnist.toml",
             "simclr-cifar10.toml",
-            "simclr-fmnist.toml"
+            "simclr-fmnist.toml",
+            "simsiam-fmnist.toml",
+            "vicreg-fmnist.toml"
         ]
     );
 }

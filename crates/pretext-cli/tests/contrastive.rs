@@ -58,6 +58,26 @@ fn killed_and_resumed_moco_run_matches_the_uninterrupted_one() {
     killed_and_resumed_run_matches_the_uninterrupted_one("moco");
 }
 
+#[test]
+fn killed_and_resumed_byol_run_matches_the_uninterrupted_one() {
+    killed_and_resumed_run_matches_the_uninterrupted_one("byol");
+}
+
+#[test]
+fn killed_and_resumed_simsiam_run_matches_the_uninterrupted_one() {
+    killed_and_resumed_run_matches_the_uninterrupted_one("simsiam");
+}
+
+#[test]
+fn killed_and_resumed_barlow_twins_run_matches_the_uninterrupted_one() {
+    killed_and_resumed_run_matches_the_uninterrupted_one("barlow_twins");
+}
+
+#[test]
+fn killed_and_resumed_vicreg_run_matches_the_uninterrupted_one() {
+    killed_and_resumed_run_matches_the_uninterrupted_one("vicreg");
+}
+
 fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
     let tmp = tempfile::tempdir().expect("tmp");
     let a = tmp.path().join("a");
@@ -97,8 +117,10 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
     let (wa, wb) = (final_weights(&a, "step-00000004"), final_weights(&b, "step-00000004"));
     assert!(wa.len() > 10);
     assert!(wa == wb, "final weights differ");
-    if method == "moco" {
-        // the queue, its pointer and the key encoder resumed too
+    let config = std::fs::read_to_string(a.join("config.toml")).expect("config.toml");
+    assert!(config.contains(&format!("method = \"{method}\"")), "{config}");
+    if method == "moco" || method == "byol" {
+        // the queue, its pointer and the key encoder (MoCo), the target network (BYOL) resumed too
         let state = |run: &Path| {
             candle_core::safetensors::load(
                 run.join("checkpoints/step-00000004/state.safetensors"),
@@ -107,8 +129,22 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
             .expect("state")
         };
         let (sa, sb) = (state(&a), state(&b));
-        // 4 steps × 8 keys into a queue of 20: the pointer wrapped to 12
-        assert_eq!(sa["queue_ptr"].to_vec1::<u32>().expect("ptr"), [12]);
+        if method == "moco" {
+            // 4 steps × 8 keys into a queue of 20: the pointer wrapped to 12
+            assert_eq!(sa["queue_ptr"].to_vec1::<u32>().expect("ptr"), [12]);
+        } else {
+            assert!(sa.contains_key("target.encoder.stem.0.weight"), "{:?}", sa.keys());
+            assert!(
+                !sa.keys().any(|k| k.contains("predictor")),
+                "the target has no predictor"
+            );
+            let w = final_weights(&a, "step-00000004");
+            assert!(
+                w.iter().any(|(k, _)| k == "predictor.net.0.weight"),
+                "the online predictor is saved"
+            );
+        }
+        assert_eq!(sa.len(), sb.len());
         for (k, t) in &sa {
             let d = (t.to_dtype(candle_core::DType::F64).expect("f64")
                 - sb[k].to_dtype(candle_core::DType::F64).expect("f64"))
@@ -211,7 +247,11 @@ fn a_run_killed_during_its_final_evaluation_resumes_to_the_same_log() {
         .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rec_a = records(&a);
-    assert!(rec_a.last().is_some_and(|r| r["event"] == "knn"), "{rec_a:?}");
+    assert!(
+        rec_a.iter().rev().nth(1).is_some_and(|r| r["event"] == "knn"),
+        "{rec_a:?}"
+    );
+    assert!(rec_a.last().is_some_and(|r| r["event"] == "spread"), "{rec_a:?}");
 
     let b = tmp.path().join("b");
     let tiny: Vec<&str> = TINY.iter().copied().filter(|a| *a != "--quiet").collect();
@@ -389,12 +429,12 @@ fn probe_writes_a_report_with_baselines() {
         .expect("eval.md")
         .contains("| raw | linear |"));
     // the plots decode as PNG images and the page carries them inline
-    for png in ["label_efficiency.png", "loss.png", "knn.png", "pca.png"] {
+    for png in ["label_efficiency.png", "loss.png", "knn.png", "spread.png", "pca.png"] {
         let img = image::open(run.join("report").join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
         assert!(img.width() >= 600 && img.height() >= 400, "{png}");
     }
     let html = std::fs::read_to_string(run.join("report/index.html")).expect("index.html");
-    assert_eq!(html.matches("src=\"data:image/png;base64,").count(), 4);
+    assert_eq!(html.matches("src=\"data:image/png;base64,").count(), 5);
     assert!(html.contains("<td>finetune</td>"), "{html}");
 
     // export: the backbone alone, PyTorch names, config and card
@@ -434,4 +474,55 @@ fn probe_writes_a_report_with_baselines() {
     );
     assert!(card.contains("type: accuracy"), "{card}");
     assert!(card.contains("model.load_state_dict(state)"), "{card}");
+}
+
+/// The resolved config of a 0-step run: `pretrain` with `args` writes it.
+fn resolved_config(args: &[&str]) -> toml::Table {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("run");
+    let res = bin()
+        .arg("pretrain")
+        .arg("--out")
+        .arg(&out)
+        .args(TINY)
+        .args(["--set", "train.max_steps=1", "--set", "eval.knn_every=0"])
+        .args(args)
+        .output()
+        .expect("run");
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    std::fs::read_to_string(out.join("config.toml"))
+        .expect("config.toml")
+        .parse()
+        .expect("toml")
+}
+
+#[test]
+fn method_flag_brings_its_recipe_and_config_files_keep_their_method() {
+    // --method barlow_twins: the preset's three-layer projector and λ (the TINY
+    // --set of hidden/output still wins over the preset)
+    let c = resolved_config(&["--method", "barlow_twins"]);
+    assert_eq!(c["method"].as_str(), Some("barlow_twins"));
+    assert_eq!(c["model"]["head"]["layers"].as_integer(), Some(3));
+    assert_eq!(c["model"]["head"]["hidden"].as_integer(), Some(8));
+    assert_eq!(c["model"]["barlow_twins"]["lambda"].as_float(), Some(0.0051));
+    // a --config file is applied over the preset
+    let tmp = tempfile::tempdir().expect("tmp");
+    let file = tmp.path().join("mine.toml");
+    std::fs::write(&file, "[model.head]\nlayers = 2\n[model.byol]\npredictor_hidden = 12\n").expect("write");
+    let c = resolved_config(&["--method", "byol", "--config", file.to_str().expect("utf-8")]);
+    assert_eq!(c["method"].as_str(), Some("byol"));
+    assert_eq!(c["model"]["byol"]["predictor_hidden"].as_integer(), Some(12));
+    assert_eq!(c["model"]["byol"]["momentum_cosine"].as_bool(), Some(true));
+    // without --method, a config file's method is the run's method
+    let moco = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pretext-contrastive/configs/moco-fmnist.toml");
+    let c = resolved_config(&[
+        "--config",
+        moco.to_str().expect("utf-8"),
+        "--set",
+        "model.moco.queue_size=16",
+        "--set",
+        "model.moco.bn_groups=2",
+    ]);
+    assert_eq!(c["method"].as_str(), Some("moco"));
+    assert_eq!(resolved_config(&[])["method"].as_str(), Some("simclr"));
 }

@@ -109,8 +109,62 @@ fn knn_config(cfg: &ContrastiveConfig) -> KnnConfig {
     }
 }
 
+/// What online monitoring measured: kNN accuracy (labelled data only) and
+/// the collapse indicators of the embeddings it computed.
+#[derive(Debug, Clone, Copy)]
+pub struct Monitor {
+    /// kNN accuracy of held-out images against a labelled memory bank; `None` without labels.
+    pub knn: Option<f64>,
+    /// Spread of the held-out embeddings (of training images without labels).
+    pub spread: Option<pretext_eval::collapse::Spread>,
+}
+
 /// kNN accuracy of the current encoder: a memory bank of labelled training
-/// images against held-out images (fixed, seeded subsets); `None` without labels.
+/// images against held-out images (fixed, seeded subsets), and the collapse
+/// indicators of the held-out embeddings. Without labels, the indicators of
+/// `eval.knn_test` seeded training images only.
+///
+/// # Errors
+/// As [`embed`].
+pub fn monitor(
+    model: &ContrastiveModel,
+    data: &RunData,
+    cfg: &ContrastiveConfig,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<Monitor> {
+    let (Some(held), Some(train_labels)) = (&data.held_out, &data.train.labels) else {
+        let n = cfg.eval.knn_test.min(data.train.len());
+        let sample = pretext_data::subset::seeded_sample(data.train.len(), n, cfg.train.seed);
+        let feats = pretext_eval::encode_images(
+            model,
+            &data.train,
+            &sample,
+            &cfg.data.augment.mean,
+            &cfg.data.augment.std,
+            cfg.data.image_size,
+            device,
+            observer,
+            "embedding spread",
+        )?;
+        return Ok(Monitor {
+            knn: None,
+            spread: pretext_eval::collapse::spread(&feats, model.encoder().out_dim()),
+        });
+    };
+    let bank =
+        pretext_data::subset::balanced_count(train_labels, cfg.eval.knn_train.min(data.train.len()), cfg.train.seed)?;
+    let held_labels = held.labels.as_deref().unwrap_or_default();
+    let test = pretext_data::subset::balanced_count(held_labels, cfg.eval.knn_test.min(held.len()), cfg.train.seed)?;
+    let a = embed(model, &data.train, &bank, cfg, device, observer, "kNN: memory bank")?;
+    let b = embed(model, held, &test, cfg, device, observer, "kNN: held-out")?;
+    Ok(Monitor {
+        knn: Some(knn_accuracy(&a, &b, &knn_config(cfg))?),
+        spread: pretext_eval::collapse::spread(&b.features, b.dim),
+    })
+}
+
+/// kNN accuracy of the current encoder ([`monitor`]'s); `None` without labels.
 ///
 /// # Errors
 /// As [`embed`].
@@ -121,16 +175,7 @@ pub fn monitor_knn(
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<Option<f64>> {
-    let (Some(held), Some(train_labels)) = (&data.held_out, &data.train.labels) else {
-        return Ok(None);
-    };
-    let bank =
-        pretext_data::subset::balanced_count(train_labels, cfg.eval.knn_train.min(data.train.len()), cfg.train.seed)?;
-    let held_labels = held.labels.as_deref().unwrap_or_default();
-    let test = pretext_data::subset::balanced_count(held_labels, cfg.eval.knn_test.min(held.len()), cfg.train.seed)?;
-    let a = embed(model, &data.train, &bank, cfg, device, observer, "kNN: memory bank")?;
-    let b = embed(model, held, &test, cfg, device, observer, "kNN: held-out")?;
-    Ok(Some(knn_accuracy(&a, &b, &knn_config(cfg))?))
+    Ok(monitor(model, data, cfg, device, observer)?.knn)
 }
 
 /// A freshly initialised model of the config's method (seeded by `train.seed`).
@@ -192,14 +237,25 @@ impl Paradigm for Contrastive {
         device: &Device,
         observer: &mut dyn Observer,
     ) -> Result<Vec<serde_json::Value>> {
-        let Some(acc) = monitor_knn(model, data, cfg, device, observer)? else {
-            return Ok(vec![]);
-        };
+        let m = monitor(model, data, cfg, device, observer)?;
         let epoch = at.epoch();
-        observer.on_message(&format!("epoch {epoch}: kNN accuracy {:.2}%", acc * 100.0));
-        Ok(vec![
-            serde_json::json!({ "event": "knn", "step": at.step, "epoch": epoch, "knn_accuracy": acc }),
-        ])
+        let mut events = Vec::new();
+        if let Some(acc) = m.knn {
+            observer.on_message(&format!("epoch {epoch}: kNN accuracy {:.2}%", acc * 100.0));
+            events.push(serde_json::json!({ "event": "knn", "step": at.step, "epoch": epoch, "knn_accuracy": acc }));
+        }
+        if let Some(s) = m.spread {
+            let dim = model.encoder().out_dim();
+            observer.on_message(&format!(
+                "epoch {epoch}: embedding std {:.4} (uniform {:.4}), effective rank {:.1} of {dim}",
+                s.std, s.uniform_std, s.effective_rank
+            ));
+            events.push(serde_json::json!({
+                "event": "spread", "step": at.step, "epoch": epoch, "embedding_std": s.std,
+                "uniform_std": s.uniform_std, "effective_rank": s.effective_rank, "dim": dim,
+            }));
+        }
+        Ok(events)
     }
 
     fn probe(

@@ -9,6 +9,20 @@ use serde::{Deserialize, Serialize};
 /// The built-in default: SimCLR on the shipped Fashion-MNIST.
 pub const DEFAULT_CONFIG: &str = include_str!("../configs/simclr-fmnist.toml");
 
+/// The built-in recipe of `method` (`pretext-contrastive pretrain --method
+/// NAME`): its heads and settings, merged over [`DEFAULT_CONFIG`]; `None`
+/// for SimCLR, whose recipe is the default.
+pub fn method_preset(method: MethodKind) -> Option<&'static str> {
+    match method {
+        MethodKind::SimClr => None,
+        MethodKind::MoCo => Some(include_str!("../configs/moco-fmnist.toml")),
+        MethodKind::Byol => Some(include_str!("../configs/byol-fmnist.toml")),
+        MethodKind::SimSiam => Some(include_str!("../configs/simsiam-fmnist.toml")),
+        MethodKind::BarlowTwins => Some(include_str!("../configs/barlow_twins-fmnist.toml")),
+        MethodKind::VicReg => Some(include_str!("../configs/vicreg-fmnist.toml")),
+    }
+}
+
 /// Where the images come from and how they are augmented (`data`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -87,7 +101,7 @@ impl Default for EvalConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContrastiveConfig {
-    /// `simclr` or `moco` (MoCo v2).
+    /// `simclr`, `moco` (MoCo v2), `byol`, `simsiam`, `barlow_twins` or `vicreg`.
     pub method: String,
     /// The model.
     pub model: ModelConfig,
@@ -124,9 +138,15 @@ impl ContrastiveConfig {
     /// A message naming the bad key.
     pub fn validate(&self) -> SettingResult {
         let method = MethodKind::parse(&self.method)?;
-        if method == MethodKind::MoCo {
-            self.model.moco.validate(self.train.batch_size)?;
+        match method {
+            MethodKind::SimClr => {}
+            MethodKind::MoCo => self.model.moco.validate(self.train.batch_size)?,
+            MethodKind::Byol => self.model.byol.validate()?,
+            MethodKind::SimSiam => self.model.simsiam.validate()?,
+            MethodKind::BarlowTwins => self.model.barlow_twins.validate()?,
+            MethodKind::VicReg => self.model.vicreg.validate()?,
         }
+        self.model.head.validate("model.head")?;
         self.model.encoder.validate()?;
         self.optim.validate()?;
         self.schedule.validate()?;

@@ -171,11 +171,9 @@ pub fn model_card(
         }
     }
     y.push_str("---\n\n");
-    let method_long = if conf.method == "moco" {
-        "MoCo v2 (InfoNCE against a momentum key encoder and a queue of negatives)"
-    } else {
-        "SimCLR (NT-Xent over two augmented views of each image)"
-    };
+    let method_long = crate::model::MethodKind::parse(&conf.method)
+        .map(|m| m.description())
+        .unwrap_or(conf.method.as_str());
     y.push_str(&format!(
         "# {} {} encoder pretrained on {}\n\nA {} backbone trained without labels by {method_long} with \
 [pretext](https://github.com/pretext-rs/pretext), {} optimizer steps. It maps a {}×{} image with {} channel(s) \

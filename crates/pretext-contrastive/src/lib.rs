@@ -1,11 +1,15 @@
-//! Contrastive pretraining of image encoders: trainable ResNets, projection
-//! heads, the NT-Xent and InfoNCE losses, SimCLR and MoCo v2.
+//! Contrastive and joint-embedding pretraining of image encoders: trainable
+//! ResNets, projection heads and predictors, their losses, and the methods
+//! SimCLR, MoCo v2, BYOL, SimSiam, Barlow Twins and VICReg.
 //!
 //! Encoders run on pretext-core's fast channels-last ops; parameter names
 //! follow the PyTorch modules they mirror, so exported weights load there.
 //! This crate must not depend on another paradigm crate.
 
 pub mod app;
+pub mod barlow;
+mod branch;
+pub mod byol;
 pub mod config;
 pub mod downstream;
 pub mod encoder;
@@ -17,14 +21,20 @@ pub mod loss;
 pub mod moco;
 pub mod model;
 pub mod simclr;
+pub mod simsiam;
 pub mod trunk;
+pub mod vicreg;
 
 pub use app::Contrastive;
-pub use config::{ContrastiveConfig, DataConfig, EvalConfig, DEFAULT_CONFIG};
+pub use barlow::{BarlowTwins, BarlowTwinsConfig};
+pub use byol::{Byol, ByolConfig};
+pub use config::{method_preset, ContrastiveConfig, DataConfig, EvalConfig, DEFAULT_CONFIG};
 pub use encoder::{Arch, ResNet, ResNetConfig};
 pub use error::{Error, Result};
 pub use head::{HeadConfig, ProjectionHead};
-pub use loss::{info_nce, nt_xent};
+pub use loss::{barlow_twins, info_nce, negative_cosine, normalized_mse, nt_xent, vicreg, VicRegWeights};
 pub use moco::{MoCo, MoCoConfig, MomentumQueue};
 pub use model::{ContrastiveModel, MethodKind, ModelConfig};
 pub use simclr::SimClr;
+pub use simsiam::{SimSiam, SimSiamConfig};
+pub use vicreg::{VicReg, VicRegConfig};

@@ -57,6 +57,136 @@ pub fn info_nce(q: &Tensor, k: &Tensor, queue: Option<&Tensor>, tau: f64) -> Res
     cross_entropy(&(logits / tau)?, &targets)
 }
 
+/// BYOL's regression loss: the mean over rows of the squared distance
+/// between the L2-normalised prediction and target, `‖p̂ − ẑ‖² = 2 − 2·cos(p, z)`.
+/// The caller detaches `z` (the target network's projection).
+///
+/// # Shapes
+/// `p`, `z`: `(n, d)`. Scalar out, in `[0, 4]`.
+///
+/// # Errors
+/// Shapes differ.
+pub fn normalized_mse(p: &Tensor, z: &Tensor) -> Result<Tensor> {
+    let cos = (l2_normalize(p)? * l2_normalize(z)?)?.sum(D::Minus1)?;
+    ((cos * -2.0)? + 2.0)?.mean_all()
+}
+
+/// SimSiam's negative cosine similarity `D(p, z) = −mean_i cos(p_i, z_i)`,
+/// with the stop-gradient on `z` applied here (the paper's `z.detach()`).
+///
+/// # Shapes
+/// `p`, `z`: `(n, d)`. Scalar out, in `[−1, 1]`.
+///
+/// # Errors
+/// Shapes differ.
+pub fn negative_cosine(p: &Tensor, z: &Tensor) -> Result<Tensor> {
+    let cos = (l2_normalize(p)? * l2_normalize(&z.detach())?)?.sum(D::Minus1)?;
+    cos.mean_all()?.neg()
+}
+
+/// Each column standardised over the batch: `(x − mean) / sqrt(var + eps)`,
+/// the biased variance (what batch norm without affine parameters computes).
+fn standardize_columns(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(0)?;
+    let c = x.broadcast_sub(&mean)?;
+    let var = c.sqr()?.mean_keepdim(0)?;
+    c.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+/// Batch-norm epsilon of Barlow Twins' standardisation.
+pub const BARLOW_EPS: f64 = 1e-5;
+
+/// Barlow Twins: each embedding dimension standardised over the batch
+/// ([`BARLOW_EPS`], biased variance, as the paper's `BatchNorm1d(affine=False)`),
+/// the cross-correlation `C = z1ᵀ z2 / n` (`d × d`), and
+/// `Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij²`.
+///
+/// # Shapes
+/// `z1`, `z2`: `(n, d)`. Scalar out.
+///
+/// # Errors
+/// Shapes differ.
+pub fn barlow_twins(z1: &Tensor, z2: &Tensor, lambda: f64) -> Result<Tensor> {
+    let n = z1.dim(0)?;
+    let d = z1.dim(1)?;
+    let a = standardize_columns(z1, BARLOW_EPS)?;
+    let b = standardize_columns(z2, BARLOW_EPS)?;
+    let c = (a.t()?.matmul(&b)? / n as f64)?;
+    let eye = Tensor::eye(d, c.dtype(), c.device())?;
+    let on = ((&c * &eye)?.sum(1)? - 1.0)?.sqr()?.sum_all()?;
+    let off = (c * (1.0 - eye)?)?.sqr()?.sum_all()?;
+    on + (off * lambda)?
+}
+
+/// Weights of VICReg's three terms and the epsilon of its standard deviation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VicRegWeights {
+    /// λ, on the invariance (mean squared error between the views).
+    pub invariance: f64,
+    /// μ, on the variance hinge.
+    pub variance: f64,
+    /// ν, on the covariance penalty.
+    pub covariance: f64,
+    /// Added to the variance before its square root.
+    pub eps: f64,
+}
+
+impl Default for VicRegWeights {
+    /// The paper's 25 / 25 / 1, eps 1e-4.
+    fn default() -> Self {
+        Self {
+            invariance: 25.0,
+            variance: 25.0,
+            covariance: 1.0,
+            eps: 1e-4,
+        }
+    }
+}
+
+/// VICReg's loss and its three unweighted terms.
+#[derive(Debug, Clone)]
+pub struct VicRegTerms {
+    /// `λ·invariance + μ·variance + ν·covariance`.
+    pub loss: Tensor,
+    /// `mean((z1 − z2)²)` over all `n·d` entries.
+    pub invariance: Tensor,
+    /// `½ Σ_{z ∈ {z1, z2}} mean_j max(0, 1 − sqrt(Var(z_j) + eps))`, unbiased variance.
+    pub variance: Tensor,
+    /// `Σ_{z ∈ {z1, z2}} Σ_{i≠j} Cov(z)_ij² / d`, covariance with `n − 1`.
+    pub covariance: Tensor,
+}
+
+/// VICReg (Bardes et al. 2022) on the two views' embeddings `(n, d)`; see [`VicRegTerms`].
+///
+/// # Errors
+/// Shapes differ, or fewer than 2 rows.
+pub fn vicreg(z1: &Tensor, z2: &Tensor, w: &VicRegWeights) -> Result<VicRegTerms> {
+    let (n, d) = z1.dims2()?;
+    if n < 2 {
+        candle_core::bail!("VICReg needs at least 2 embeddings per batch, got {n}")
+    }
+    let invariance = (z1 - z2)?.sqr()?.mean_all()?;
+    let eye = Tensor::eye(d, z1.dtype(), z1.device())?;
+    let mut variance = Tensor::zeros((), z1.dtype(), z1.device())?;
+    let mut covariance = Tensor::zeros((), z1.dtype(), z1.device())?;
+    for z in [z1, z2] {
+        let c = z.broadcast_sub(&z.mean_keepdim(0)?)?;
+        let cov = (c.t()?.matmul(&c)? / (n - 1) as f64)?; // (d, d)
+        let var = (&cov * &eye)?.sum(1)?;
+        let std = (var + w.eps)?.sqrt()?;
+        variance = (variance + (std.neg()? + 1.0)?.relu()?.mean_all()?)?;
+        covariance = (covariance + ((cov * (1.0 - &eye)?)?.sqr()?.sum_all()? / d as f64)?)?;
+    }
+    let variance = (variance * 0.5)?;
+    let loss = (((&invariance * w.invariance)? + (&variance * w.variance)?)? + (&covariance * w.covariance)?)?;
+    Ok(VicRegTerms {
+        loss,
+        invariance,
+        variance,
+        covariance,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +303,258 @@ mod tests {
         let qu = norm(Tensor::ones((6, 4), DType::F32, &Device::Cpu)?)?;
         let got = f64::from(info_nce(&ones, &ones, Some(&qu), tau)?.to_scalar::<f32>()?);
         assert!((got - 7f64.ln()).abs() < 1e-5);
+        Ok(())
+    }
+
+    // ---- the negative-free losses against the papers' formulas, in f64 loops ----
+
+    fn unit(v: &[f64]) -> Vec<f64> {
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    }
+
+    fn naive_normalized_mse(p: &[Vec<f64>], z: &[Vec<f64>]) -> f64 {
+        let rows: f64 = p
+            .iter()
+            .zip(z)
+            .map(|(a, b)| unit(a).iter().zip(unit(b)).map(|(x, y)| (x - y).powi(2)).sum::<f64>())
+            .sum();
+        rows / p.len() as f64
+    }
+
+    fn naive_negative_cosine(p: &[Vec<f64>], z: &[Vec<f64>]) -> f64 {
+        let rows: f64 = p
+            .iter()
+            .zip(z)
+            .map(|(a, b)| unit(a).iter().zip(unit(b)).map(|(x, y)| x * y).sum::<f64>())
+            .sum();
+        -rows / p.len() as f64
+    }
+
+    /// Columns standardised with the biased variance and `eps`.
+    #[allow(clippy::needless_range_loop)] // the paper's formula, index by index
+    fn naive_standardize(z: &[Vec<f64>], eps: f64) -> Vec<Vec<f64>> {
+        let (n, d) = (z.len(), z[0].len());
+        let mut out = z.to_vec();
+        for j in 0..d {
+            let m = (0..n).map(|i| z[i][j]).sum::<f64>() / n as f64;
+            let v = (0..n).map(|i| (z[i][j] - m).powi(2)).sum::<f64>() / n as f64;
+            for i in 0..n {
+                out[i][j] = (z[i][j] - m) / (v + eps).sqrt();
+            }
+        }
+        out
+    }
+
+    #[allow(clippy::needless_range_loop)] // the paper's formula, index by index
+    fn naive_barlow(z1: &[Vec<f64>], z2: &[Vec<f64>], lambda: f64) -> f64 {
+        let (a, b) = (naive_standardize(z1, BARLOW_EPS), naive_standardize(z2, BARLOW_EPS));
+        let (n, d) = (z1.len(), z1[0].len());
+        let mut loss = 0.0;
+        for i in 0..d {
+            for j in 0..d {
+                let c = (0..n).map(|k| a[k][i] * b[k][j]).sum::<f64>() / n as f64;
+                loss += if i == j { (1.0 - c).powi(2) } else { lambda * c * c };
+            }
+        }
+        loss
+    }
+
+    #[allow(clippy::needless_range_loop)] // the paper's formula, index by index
+    fn naive_vicreg(z1: &[Vec<f64>], z2: &[Vec<f64>], w: &VicRegWeights) -> (f64, f64, f64, f64) {
+        let (n, d) = (z1.len(), z1[0].len());
+        let mut inv = 0.0;
+        for i in 0..n {
+            for j in 0..d {
+                inv += (z1[i][j] - z2[i][j]).powi(2);
+            }
+        }
+        inv /= (n * d) as f64;
+        let (mut var, mut cov) = (0.0, 0.0);
+        for z in [z1, z2] {
+            let mean: Vec<f64> = (0..d)
+                .map(|j| (0..n).map(|i| z[i][j]).sum::<f64>() / n as f64)
+                .collect();
+            let c = |a: usize, b: usize| {
+                (0..n).map(|i| (z[i][a] - mean[a]) * (z[i][b] - mean[b])).sum::<f64>() / (n - 1) as f64
+            };
+            let mut hinge = 0.0;
+            for a in 0..d {
+                hinge += (1.0 - (c(a, a) + w.eps).sqrt()).max(0.0);
+                for b in 0..d {
+                    if a != b {
+                        cov += c(a, b).powi(2) / d as f64;
+                    }
+                }
+            }
+            var += 0.5 * hinge / d as f64;
+        }
+        let loss = w.invariance * inv + w.variance * var + w.covariance * cov;
+        (loss, inv, var, cov)
+    }
+
+    fn scalar(t: &Tensor) -> f64 {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.to_scalar::<f64>())
+            .expect("scalar")
+    }
+
+    fn close(got: f64, want: f64, tol: f64, what: &str) {
+        assert!(
+            (got - want).abs() <= tol * want.abs().max(1.0),
+            "{what}: {got} vs {want}"
+        );
+    }
+
+    #[test]
+    fn negative_free_losses_match_naive_loops() -> Result<()> {
+        let w = VicRegWeights::default();
+        for (n, d, seed) in [(4, 3, 0), (8, 5, 1), (16, 2, 2)] {
+            let (a, b) = (randn(n, d, seed)?, randn(n, d, seed + 20)?);
+            let (ra, rb) = (rows(&a)?, rows(&b)?);
+            close(
+                scalar(&normalized_mse(&a, &b)?),
+                naive_normalized_mse(&ra, &rb),
+                1e-5,
+                "BYOL",
+            );
+            close(
+                scalar(&negative_cosine(&a, &b)?),
+                naive_negative_cosine(&ra, &rb),
+                1e-5,
+                "SimSiam",
+            );
+            for lambda in [5e-3, 0.5] {
+                close(
+                    scalar(&barlow_twins(&a, &b, lambda)?),
+                    naive_barlow(&ra, &rb, lambda),
+                    1e-4,
+                    "Barlow",
+                );
+            }
+            let t = vicreg(&a, &b, &w)?;
+            let (loss, inv, var, cov) = naive_vicreg(&ra, &rb, &w);
+            close(scalar(&t.loss), loss, 1e-4, "VICReg loss");
+            close(scalar(&t.invariance), inv, 1e-5, "VICReg invariance");
+            close(scalar(&t.variance), var, 1e-5, "VICReg variance");
+            close(scalar(&t.covariance), cov, 1e-4, "VICReg covariance");
+            assert!(var > 0.0 && cov > 0.0, "the uniform(-1,1) fixtures exercise every term");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn negative_free_losses_at_hand_computable_points() -> Result<()> {
+        let dev = Device::Cpu;
+        // Four rows whose columns have mean 0, biased variance 1 and are orthogonal.
+        let z = Tensor::new(&[[1f64, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], &dev)?;
+        let zf = z.to_dtype(DType::F32)?;
+        // identical views
+        close(
+            scalar(&normalized_mse(&zf, &(&zf * 2.0)?)?),
+            0.0,
+            1e-6,
+            "BYOL, identical",
+        );
+        close(scalar(&negative_cosine(&zf, &zf)?), -1.0, 1e-6, "SimSiam, identical");
+        // C = I/(1+eps): the on-diagonal term is d·(eps/(1+eps))², no off-diagonal term
+        let want = 2.0 * (BARLOW_EPS / (1.0 + BARLOW_EPS)).powi(2);
+        close(
+            scalar(&barlow_twins(&z, &z, 0.005)?),
+            want,
+            1e-9,
+            "Barlow, identical whitened",
+        );
+        // VICReg: unbiased variance 4/3 > 1, no covariance, no difference → 0
+        let t = vicreg(&z, &z, &VicRegWeights::default())?;
+        close(scalar(&t.loss), 0.0, 1e-12, "VICReg, identical whitened");
+        // orthogonal predictions and targets: cos = 0
+        let p = Tensor::new(&[[1f32, 0.0], [0.0, 3.0]], &dev)?;
+        let q = Tensor::new(&[[0f32, 2.0], [-1.0, 0.0]], &dev)?;
+        close(scalar(&normalized_mse(&p, &q)?), 2.0, 1e-6, "BYOL, orthogonal");
+        close(scalar(&negative_cosine(&p, &q)?), 0.0, 1e-6, "SimSiam, orthogonal");
+        // opposite: cos = −1
+        close(scalar(&normalized_mse(&p, &p.neg()?)?), 4.0, 1e-6, "BYOL, opposite");
+        // Collapsed: every row the same vector. Standardised columns are 0, so
+        // Barlow's C = 0 and the loss is d; VICReg pays its variance hinge
+        // 1 − sqrt(eps) on both views (weighted 25), nothing else.
+        let c = Tensor::ones((6, 3), DType::F64, &dev)?;
+        close(scalar(&barlow_twins(&c, &c, 0.005)?), 3.0, 1e-9, "Barlow, collapsed");
+        let t = vicreg(&c, &c, &VicRegWeights::default())?;
+        close(
+            scalar(&t.variance),
+            1.0 - 1e-4f64.sqrt(),
+            1e-12,
+            "VICReg variance, collapsed",
+        );
+        close(scalar(&t.loss), 25.0 * (1.0 - 0.01), 1e-12, "VICReg, collapsed");
+        close(scalar(&t.covariance), 0.0, 1e-12, "VICReg covariance, collapsed");
+        Ok(())
+    }
+
+    /// Central differences in f64 of `f` at `x`, against its backward pass.
+    /// (Only against `z1` unless `both`.)
+    fn check_gradient(
+        name: &str,
+        f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        n: usize,
+        d: usize,
+        both: bool,
+    ) -> Result<()> {
+        let a = candle_core::Var::from_tensor(&randn(n, d, 7)?.to_dtype(DType::F64)?)?;
+        let b = candle_core::Var::from_tensor(&randn(n, d, 8)?.to_dtype(DType::F64)?)?;
+        let loss = f(a.as_tensor(), b.as_tensor())?;
+        let grads = loss.backward()?;
+        let h = 1e-6;
+        let mut max_g = 0f64;
+        for (which, v) in [("z1", &a), ("z2", &b)].into_iter().take(if both { 2 } else { 1 }) {
+            let g = match grads.get(v.as_tensor()) {
+                Some(g) => g.flatten_all()?.to_vec1::<f64>()?,
+                None => vec![0.0; n * d],
+            };
+            let base = v.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+            for k in 0..n * d {
+                let at = |delta: f64| -> Result<f64> {
+                    let mut x = base.clone();
+                    x[k] += delta;
+                    let t = Tensor::from_vec(x, (n, d), &Device::Cpu)?;
+                    let l = if which == "z1" {
+                        f(&t, b.as_tensor())?
+                    } else {
+                        f(a.as_tensor(), &t)?
+                    };
+                    Ok(scalar(&l))
+                };
+                let fd = (at(h)? - at(-h)?) / (2.0 * h);
+                assert!(
+                    (fd - g[k]).abs() <= 1e-5 * fd.abs().max(1.0),
+                    "{name}: d/d{which}[{k}] backward {} vs finite difference {fd}",
+                    g[k]
+                );
+                max_g = max_g.max(g[k].abs());
+            }
+        }
+        assert!(max_g > 1e-3, "{name}: the gradient is not zero");
+        Ok(())
+    }
+
+    #[test]
+    fn negative_free_loss_gradients_match_finite_differences() -> Result<()> {
+        check_gradient("BYOL", &|p, z| normalized_mse(p, z), 5, 4, true)?;
+        check_gradient("Barlow Twins", &|a, b| barlow_twins(a, b, 0.05), 6, 3, true)?;
+        let w = VicRegWeights {
+            eps: 1e-4,
+            ..VicRegWeights::default()
+        };
+        // uniform(-1, 1) columns have std ≈ 0.6 < 1: the variance hinge is active
+        check_gradient("VICReg", &|a, b| Ok(vicreg(a, b, &w)?.loss), 6, 3, true)?;
+        // SimSiam: the gradient reaches only p; against z it is zero (stop-gradient)
+        check_gradient("SimSiam (p)", &|p, z| negative_cosine(p, z), 5, 4, false)?;
+        let p = candle_core::Var::from_tensor(&randn(3, 4, 1)?.to_dtype(DType::F64)?)?;
+        let z = candle_core::Var::from_tensor(&randn(3, 4, 2)?.to_dtype(DType::F64)?)?;
+        let g = negative_cosine(p.as_tensor(), z.as_tensor())?.backward()?;
+        assert!(g.get(z.as_tensor()).is_none(), "no gradient flows into the target z");
+        assert!(g.get(p.as_tensor()).is_some());
         Ok(())
     }
 }

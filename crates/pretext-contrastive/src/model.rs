@@ -1,10 +1,15 @@
-//! The `model` section and the model of a contrastive run (SimCLR or MoCo),
-//! behind one type the trainer, the monitor and the evaluation share.
+//! The `model` section and the model of a contrastive (or, for BYOL,
+//! SimSiam, Barlow Twins and VICReg, joint-embedding) run, behind one type
+//! the trainer, the monitor and the evaluation share.
 
+use crate::barlow::{BarlowTwins, BarlowTwinsConfig};
+use crate::byol::{Byol, ByolConfig};
 use crate::encoder::{ResNet, ResNetConfig};
 use crate::head::{HeadConfig, ProjectionHead};
 use crate::moco::{MoCo, MoCoConfig};
 use crate::simclr::SimClr;
+use crate::simsiam::{SimSiam, SimSiamConfig};
+use crate::vicreg::{VicReg, VicRegConfig};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use pretext_core::init::named_vars;
@@ -27,6 +32,14 @@ pub struct ModelConfig {
     pub temperature: f64,
     /// MoCo v2 settings.
     pub moco: MoCoConfig,
+    /// BYOL settings.
+    pub byol: ByolConfig,
+    /// SimSiam settings.
+    pub simsiam: SimSiamConfig,
+    /// Barlow Twins settings.
+    pub barlow_twins: BarlowTwinsConfig,
+    /// VICReg settings.
+    pub vicreg: VicRegConfig,
 }
 
 impl Default for ModelConfig {
@@ -36,6 +49,10 @@ impl Default for ModelConfig {
             head: HeadConfig::default(),
             temperature: 0.5,
             moco: MoCoConfig::default(),
+            byol: ByolConfig::default(),
+            simsiam: SimSiamConfig::default(),
+            barlow_twins: BarlowTwinsConfig::default(),
+            vicreg: VicRegConfig::default(),
         }
     }
 }
@@ -71,39 +88,90 @@ pub(crate) fn encoder_vars(params: &VarMap) -> Vec<(String, Var)> {
         .collect()
 }
 
-/// Which contrastive method.
+/// Which method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MethodKind {
     /// SimCLR.
     SimClr,
     /// MoCo v2.
     MoCo,
+    /// BYOL.
+    Byol,
+    /// SimSiam.
+    SimSiam,
+    /// Barlow Twins.
+    BarlowTwins,
+    /// VICReg.
+    VicReg,
 }
 
 impl MethodKind {
-    /// Parses `simclr` / `moco`.
+    /// Every method, in the order `--help` lists them.
+    pub const ALL: [Self; 6] = [
+        Self::SimClr,
+        Self::MoCo,
+        Self::Byol,
+        Self::SimSiam,
+        Self::BarlowTwins,
+        Self::VicReg,
+    ];
+
+    /// The config's name (`method = "barlow_twins"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SimClr => "simclr",
+            Self::MoCo => "moco",
+            Self::Byol => "byol",
+            Self::SimSiam => "simsiam",
+            Self::BarlowTwins => "barlow_twins",
+            Self::VicReg => "vicreg",
+        }
+    }
+
+    /// What the method does, in a phrase (model cards).
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::SimClr => "SimCLR (NT-Xent over two augmented views of each image)",
+            Self::MoCo => "MoCo v2 (InfoNCE against a momentum key encoder and a queue of negatives)",
+            Self::Byol => "BYOL (an online network with a predictor regresses a momentum target network's projection)",
+            Self::SimSiam => "SimSiam (a predictor regresses the other view's projection through a stop-gradient)",
+            Self::BarlowTwins => {
+                "Barlow Twins (the cross-correlation of the two views' embeddings pulled towards the identity)"
+            }
+            Self::VicReg => "VICReg (invariance, variance and covariance terms on the two views' embeddings)",
+        }
+    }
+
+    /// Parses a method name.
     ///
     /// # Errors
     /// Any other name.
     pub fn parse(name: &str) -> Result<Self, pretext_core::InvalidSetting> {
-        match name {
-            "simclr" => Ok(Self::SimClr),
-            "moco" => Ok(Self::MoCo),
-            other => Err(pretext_core::InvalidSetting::value(
+        Self::ALL.into_iter().find(|m| m.name() == name).ok_or_else(|| {
+            let names: Vec<String> = Self::ALL.iter().map(|m| format!("{:?}", m.name())).collect();
+            pretext_core::InvalidSetting::value(
                 "method",
-                format!("{other:?}"),
-                "must be \"simclr\" or \"moco\"",
-            )),
-        }
+                format!("{name:?}"),
+                &format!("must be one of {}", names.join(", ")),
+            )
+        })
     }
 }
 
-/// A contrastive model: SimCLR or MoCo v2.
+/// A model of one of the [`MethodKind`]s.
 pub enum ContrastiveModel {
     /// SimCLR.
     SimClr(Box<SimClr>),
     /// MoCo v2.
     MoCo(Box<MoCo>),
+    /// BYOL.
+    Byol(Box<Byol>),
+    /// SimSiam.
+    SimSiam(Box<SimSiam>),
+    /// Barlow Twins.
+    BarlowTwins(Box<BarlowTwins>),
+    /// VICReg.
+    VicReg(Box<VicReg>),
 }
 
 impl ContrastiveModel {
@@ -115,6 +183,10 @@ impl ContrastiveModel {
         Ok(match method {
             MethodKind::SimClr => Self::SimClr(Box::new(SimClr::new(cfg, seed, device)?)),
             MethodKind::MoCo => Self::MoCo(Box::new(MoCo::new(cfg, seed, device)?)),
+            MethodKind::Byol => Self::Byol(Box::new(Byol::new(cfg, seed, device)?)),
+            MethodKind::SimSiam => Self::SimSiam(Box::new(SimSiam::new(cfg, seed, device)?)),
+            MethodKind::BarlowTwins => Self::BarlowTwins(Box::new(BarlowTwins::new(cfg, seed, device)?)),
+            MethodKind::VicReg => Self::VicReg(Box::new(VicReg::new(cfg, seed, device)?)),
         })
     }
 
@@ -123,6 +195,10 @@ impl ContrastiveModel {
         match self {
             Self::SimClr(m) => &m.encoder,
             Self::MoCo(m) => &m.encoder,
+            Self::Byol(m) => m.encoder(),
+            Self::SimSiam(m) => m.encoder(),
+            Self::BarlowTwins(m) => m.encoder(),
+            Self::VicReg(m) => m.encoder(),
         }
     }
 
@@ -130,6 +206,10 @@ impl ContrastiveModel {
         match self {
             Self::SimClr(m) => m.as_ref(),
             Self::MoCo(m) => m.as_ref(),
+            Self::Byol(m) => m.as_ref(),
+            Self::SimSiam(m) => m.as_ref(),
+            Self::BarlowTwins(m) => m.as_ref(),
+            Self::VicReg(m) => m.as_ref(),
         }
     }
 
@@ -137,6 +217,10 @@ impl ContrastiveModel {
         match self {
             Self::SimClr(m) => m.as_mut(),
             Self::MoCo(m) => m.as_mut(),
+            Self::Byol(m) => m.as_mut(),
+            Self::SimSiam(m) => m.as_mut(),
+            Self::BarlowTwins(m) => m.as_mut(),
+            Self::VicReg(m) => m.as_mut(),
         }
     }
 }

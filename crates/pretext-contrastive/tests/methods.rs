@@ -1,8 +1,9 @@
-//! SimCLR and MoCo v2 as trainable methods: the key queue, the momentum
-//! encoder, and 20 steps on a tiny fixture whose loss falls.
+//! The methods as trainable wholes: MoCo's key queue and momentum encoder,
+//! BYOL's target network, and 20 steps on a tiny fixture whose loss falls,
+//! for every method.
 
 use candle_core::{Device, Tensor};
-use pretext_contrastive::{ContrastiveModel, MethodKind, MoCo, ModelConfig, MomentumQueue, ResNetConfig};
+use pretext_contrastive::{Byol, ContrastiveModel, MethodKind, MoCo, ModelConfig, MomentumQueue, ResNetConfig};
 use pretext_core::init::named_vars;
 use pretext_core::trainer::{Method, Observer, StepCx, StepReport};
 use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig, Trainer};
@@ -114,6 +115,50 @@ fn key_encoder_follows_the_query_encoder_by_ema() {
     }
 }
 
+#[test]
+fn byol_target_follows_the_online_network_by_the_cosine_ema() {
+    let dev = Device::Cpu;
+    let mut cfg = tiny_cfg();
+    cfg.byol.momentum = 0.9;
+    cfg.byol.predictor_hidden = 6;
+    let mut byol = Byol::new(&cfg, 1, &dev).expect("byol");
+    let online = named_vars(byol.vars());
+    let target = named_vars(byol.target_params());
+    // the target is the online encoder and projector, without the predictor, equal at the start
+    let followed: Vec<_> = online.iter().filter(|(n, _)| !n.starts_with("predictor.")).collect();
+    assert!(online.iter().any(|(n, _)| n == "predictor.net.0.weight"));
+    assert_eq!(followed.len(), target.len());
+    for ((no, o), (nt, t)) in followed.iter().zip(&target) {
+        assert_eq!(no, nt);
+        assert_eq!(flat(o.as_tensor()), flat(t.as_tensor()));
+    }
+    let before: Vec<Vec<f32>> = target.iter().map(|(_, t)| flat(t.as_tensor())).collect();
+    for (_, o) in &online {
+        o.set(&o.as_tensor().affine(1.5, 0.25).expect("move")).expect("set");
+    }
+    // step 3 of 10: τ = 1 − (1 − 0.9)(cos(0.3π) + 1)/2
+    let tau = 1.0 - 0.1 * ((0.3 * std::f64::consts::PI).cos() + 1.0) / 2.0;
+    let cx = StepCx {
+        step: 3,
+        epoch: 0,
+        total_steps: 10,
+        seed: 1,
+        lr: 0.0,
+    };
+    byol.after_update(&cx).expect("update");
+    for (((name, t), (_, o)), old) in target.iter().zip(&followed).zip(&before) {
+        for ((tv, ov), prev) in flat(t.as_tensor()).iter().zip(&flat(o.as_tensor())).zip(old) {
+            let want = (tau * f64::from(*prev) + (1.0 - tau) * f64::from(*ov)) as f32;
+            assert!((tv - want).abs() < 1e-5, "{name}: {tv} vs {want}");
+        }
+    }
+    // a constant τ without the cosine
+    cfg.byol.momentum_cosine = false;
+    let byol = Byol::new(&cfg, 1, &dev).expect("byol");
+    assert!((cfg.byol.momentum_at(3, 10) - 0.9).abs() < 1e-15);
+    assert!(named_vars(byol.target_params()).len() == target.len());
+}
+
 /// 64 8×8 grayscale images of four shapes with noise.
 fn fixture() -> ImageDataset {
     let mut pixels = Vec::new();
@@ -221,4 +266,32 @@ fn moco_loss_falls_in_20_steps() {
     let mut cfg = tiny_cfg();
     cfg.moco.momentum = 0.9;
     assert_falls("moco", &losses_with(MethodKind::MoCo, &cfg, 20), 2);
+}
+
+#[test]
+fn byol_loss_falls_in_20_steps() {
+    let mut cfg = tiny_cfg();
+    cfg.byol.predictor_hidden = 8;
+    assert_falls("byol", &losses_with(MethodKind::Byol, &cfg, 20), 0);
+}
+
+#[test]
+fn simsiam_loss_falls_in_20_steps() {
+    let mut cfg = tiny_cfg();
+    cfg.simsiam.predictor_hidden = 4;
+    assert_falls("simsiam", &losses_with(MethodKind::SimSiam, &cfg, 20), 0);
+}
+
+#[test]
+fn barlow_twins_loss_falls_in_20_steps() {
+    assert_falls(
+        "barlow_twins",
+        &losses_with(MethodKind::BarlowTwins, &tiny_cfg(), 20),
+        0,
+    );
+}
+
+#[test]
+fn vicreg_loss_falls_in_20_steps() {
+    assert_falls("vicreg", &losses_with(MethodKind::VicReg, &tiny_cfg(), 20), 0);
 }

@@ -13,10 +13,19 @@ use std::collections::HashMap;
 /// # Errors
 /// [`Error::Config`] listing names present in one map and not the other, or a shape mismatch.
 pub fn ema_update(target: &VarMap, source: &VarMap, momentum: f64) -> Result<()> {
+    ema_update_from(target, crate::init::named_vars(source), momentum)
+}
+
+/// [`ema_update`] from named variables: `source` holds exactly the target's
+/// names (BYOL's online network without its predictor, say).
+///
+/// # Errors
+/// As [`ema_update`].
+pub fn ema_update_from(target: &VarMap, source: Vec<(String, candle_core::Var)>, momentum: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&momentum) {
         return Err(Error::Config(format!("EMA momentum {momentum} must lie in [0, 1]")));
     }
-    let src: HashMap<String, candle_core::Var> = crate::init::named_vars(source).into_iter().collect();
+    let src: HashMap<String, candle_core::Var> = source.into_iter().collect();
     let dst = crate::init::named_vars(target);
     let missing: Vec<&String> = dst.iter().map(|(n, _)| n).filter(|n| !src.contains_key(*n)).collect();
     if !missing.is_empty() || src.len() != dst.len() {

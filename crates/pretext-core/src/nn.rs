@@ -300,8 +300,28 @@ impl BatchNorm {
     /// # Errors
     /// The builders failed.
     pub fn new(c: usize, b: &Builders) -> candle_core::Result<Self> {
-        let weight = b.params.get_with_hints(c, "weight", Init::Const(1.0))?;
-        let bias = b.params.get_with_hints(c, "bias", Init::Const(0.0))?;
+        Self::with_affine(c, true, b)
+    }
+
+    /// Batch norm over `c` channels; without `affine` (PyTorch's
+    /// `affine=False`) there is no `weight` or `bias`: the output is the
+    /// normalised input itself, and only the running statistics are stored.
+    ///
+    /// # Errors
+    /// The builders failed.
+    pub fn with_affine(c: usize, affine: bool, b: &Builders) -> candle_core::Result<Self> {
+        let (weight, bias) = if affine {
+            (
+                b.params.get_with_hints(c, "weight", Init::Const(1.0))?,
+                b.params.get_with_hints(c, "bias", Init::Const(0.0))?,
+            )
+        } else {
+            let dev = b.params.device();
+            (
+                Tensor::ones(c, b.params.dtype(), dev)?,
+                Tensor::zeros(c, b.params.dtype(), dev)?,
+            )
+        };
         let running_mean = buffer(&b.buffers, c, "running_mean", 0.0, DType::F32)?;
         let running_var = buffer(&b.buffers, c, "running_var", 1.0, DType::F32)?;
         let nbt = b
@@ -437,6 +457,26 @@ mod tests {
         let ye = bn.forward_t(&x, false, true)?.to_vec2::<f32>()?;
         let want = (1.0 - 0.2) / (1.1f32 + 1e-5).sqrt();
         assert!((ye[0][0] - want).abs() < 1e-5, "{} vs {want}", ye[0][0]);
+        Ok(())
+    }
+
+    #[test]
+    fn batch_norm_without_affine_has_only_buffers_and_normalises() -> candle_core::Result<()> {
+        let params = SeededVarMap::from_seed(0, crate::seed::INIT);
+        let buffers = VarMap::new();
+        let b = Builders {
+            params: params.var_builder(DType::F32, &Device::Cpu),
+            buffers: VarBuilder::from_varmap(&buffers, DType::F32, &Device::Cpu),
+        };
+        let bn = BatchNorm::with_affine(2, false, &b.pp("bn"))?;
+        assert!(named_tensors(params.var_map()).is_empty(), "no trainable parameters");
+        let bufs: Vec<String> = named_tensors(&buffers).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(bufs, ["bn.num_batches_tracked", "bn.running_mean", "bn.running_var"]);
+        let x = Tensor::new(&[[1f32, 10.0], [3.0, 30.0]], &Device::Cpu)?;
+        let y = bn.forward_t(&x, true, false)?.to_vec2::<f32>()?;
+        for (got, want) in y.iter().flatten().zip([-1f32, -1.0, 1.0, 1.0]) {
+            assert!((got - want).abs() < 1e-3, "{y:?}");
+        }
         Ok(())
     }
 }

@@ -62,6 +62,14 @@ pub fn balanced_count(labels: &[u32], total: usize, seed: u64) -> Result<Vec<usi
     Ok(out)
 }
 
+/// `min(k, n)` seeded distinct items of `0..n`, sorted (a fixed sample of unlabelled data).
+pub fn seeded_sample(n: usize, k: usize, seed: u64) -> Vec<usize> {
+    let perm = permutation(n, &mut stream_rng(seed, pretext_core::seed::EVAL, &[u64::MAX - 1]));
+    let mut out: Vec<usize> = perm[..k.min(n)].to_vec();
+    out.sort_unstable();
+    out
+}
+
 /// Splits `0..n` into (first, second) with `round(fraction * n)` seeded random
 /// items in the second part (e.g. a validation split). Both sorted.
 ///

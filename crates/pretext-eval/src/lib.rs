@@ -4,6 +4,7 @@
 //!
 //! This crate knows features and labels, never how a paradigm trained its encoder.
 
+pub mod collapse;
 pub mod downstream;
 mod error;
 pub mod features;

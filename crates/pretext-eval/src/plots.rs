@@ -206,6 +206,43 @@ pub fn knn_curve(records: &[serde_json::Value]) -> Result<Option<Vec<u8>>> {
     .map(Some)
 }
 
+/// The collapse indicators against the epoch, from the `spread` events of
+/// `metrics.jsonl`, both scaled so that 1 is the ideal: the embedding std
+/// times `√d` (1 = spread evenly over the sphere, 0 = collapsed to a point)
+/// and the effective rank over `d`. `None` when the run logged none.
+///
+/// # Errors
+/// Drawing failed.
+pub fn spread_curve(records: &[serde_json::Value]) -> Result<Option<Vec<u8>>> {
+    let events: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r.get("event").and_then(|e| e.as_str()) == Some("spread"))
+        .collect();
+    let series = |f: &dyn Fn(&serde_json::Value) -> Option<f64>| -> Vec<(f64, f64)> {
+        events
+            .iter()
+            .filter_map(|r| Some((r.get("epoch")?.as_f64()?, f(r)?)))
+            .filter(|(_, y)| y.is_finite())
+            .collect()
+    };
+    let std = series(&|r| Some(r.get("embedding_std")?.as_f64()? / r.get("uniform_std")?.as_f64()?));
+    let rank = series(&|r| Some(r.get("effective_rank")?.as_f64()? / r.get("dim")?.as_f64()?));
+    if std.is_empty() && rank.is_empty() {
+        return Ok(None);
+    }
+    line_chart(
+        "Collapse indicators (held-out embeddings; 0 = collapsed)",
+        "epoch",
+        "fraction of the ideal",
+        &[
+            ("std of normalised embeddings × √d".to_string(), std),
+            ("effective rank / d".to_string(), rank),
+        ],
+        false,
+    )
+    .map(Some)
+}
+
 /// Accuracy (%) against the fraction of labels, one line per features × protocol.
 ///
 /// # Errors
@@ -394,6 +431,9 @@ pub fn write_report_page(dir: &Path, report: &EvalReport, figures: &RunFigures<'
         if let Some(png) = knn_curve(&records)? {
             images.push(("knn.png", "Online kNN accuracy", png));
         }
+        if let Some(png) = spread_curve(&records)? {
+            images.push(("spread.png", "Embedding spread (collapse indicators)", png));
+        }
     }
     if let Some(f) = figures.test_features {
         images.push((
@@ -539,6 +579,15 @@ mod tests {
         let knn = decode(&knn_curve(&metrics).expect("knn").expect("has kNN"));
         assert!(ink(&knn) > 0.01);
         assert!(knn_curve(&metrics[..5]).expect("none").is_none());
+        let spread: Vec<serde_json::Value> = (1..=3)
+            .map(|e| {
+                serde_json::json!({"event": "spread", "epoch": e, "embedding_std": 0.02 * e as f64,
+                    "uniform_std": 0.125, "effective_rank": 10.0 * e as f64, "dim": 64})
+            })
+            .collect();
+        let img = decode(&spread_curve(&spread).expect("spread").expect("has spread"));
+        assert!(ink(&img) > 0.01);
+        assert!(spread_curve(&metrics).expect("none").is_none());
 
         let rec = |features: &str, protocol: &str, labels: f64, accuracy: f64| EvalRecord {
             features: features.into(),

@@ -1,33 +1,59 @@
-//! `pretext-contrastive`: SimCLR and MoCo v2 pretraining of image encoders.
+//! `pretext-contrastive`: SimCLR, MoCo v2, BYOL, SimSiam, Barlow Twins and
+//! VICReg pretraining of image encoders.
 
 use clap::{Args, ValueEnum};
 use pretext_cli::runner::{NoExtra, PretrainFlags};
-use pretext_contrastive::Contrastive;
+use pretext_contrastive::{Contrastive, MethodKind};
 use std::process::ExitCode;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum MethodArg {
-    /// SimCLR: NT-Xent over two augmented views of each image.
+    /// SimCLR: NT-Xent over two augmented views of each image (the default).
     Simclr,
     /// MoCo v2: momentum key encoder and a queue of negatives.
     Moco,
+    /// BYOL: a predictor regresses a momentum target network's projection.
+    Byol,
+    /// SimSiam: a predictor regresses the other view through a stop-gradient.
+    Simsiam,
+    /// Barlow Twins: cross-correlation of the two views pulled to the identity.
+    #[value(name = "barlow_twins", alias = "barlow-twins", alias = "barlow")]
+    BarlowTwins,
+    /// VICReg: invariance, variance and covariance terms.
+    Vicreg,
+}
+
+impl MethodArg {
+    fn kind(self) -> MethodKind {
+        match self {
+            Self::Simclr => MethodKind::SimClr,
+            Self::Moco => MethodKind::MoCo,
+            Self::Byol => MethodKind::Byol,
+            Self::Simsiam => MethodKind::SimSiam,
+            Self::BarlowTwins => MethodKind::BarlowTwins,
+            Self::Vicreg => MethodKind::VicReg,
+        }
+    }
 }
 
 /// Flags of `pretrain` for this tool.
 #[derive(Debug, Clone, Args)]
 struct Flags {
-    /// The contrastive method.
-    #[arg(long, value_enum, default_value = "simclr")]
-    method: MethodArg,
+    /// The method, with its built-in recipe (heads and settings, under
+    /// --config and --set). Default: the config's `method` (simclr).
+    #[arg(long, value_enum)]
+    method: Option<MethodArg>,
 }
 
 impl PretrainFlags for Flags {
     fn overrides(&self) -> Vec<String> {
-        let m = match self.method {
-            MethodArg::Simclr => "simclr",
-            MethodArg::Moco => "moco",
-        };
-        vec![format!("method={m:?}")]
+        self.method
+            .map(|m| vec![format!("method={:?}", m.kind().name())])
+            .unwrap_or_default()
+    }
+
+    fn preset(&self) -> Option<&'static str> {
+        self.method.and_then(|m| pretext_contrastive::method_preset(m.kind()))
     }
 }
 

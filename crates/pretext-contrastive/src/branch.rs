@@ -1,0 +1,207 @@
+//! The parts the methods without negatives share: an online network
+//! (encoder, projection head, optional predictor) and a momentum twin of its
+//! encoder and head (BYOL's target), saved in `state.safetensors`.
+
+use crate::encoder::ResNet;
+use crate::head::{HeadConfig, ProjectionHead};
+use crate::model::{build_encoder_and_head, ModelConfig};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use pretext_core::init::{named_tensors, named_vars};
+use pretext_core::nn::Builders;
+use pretext_core::{Error, SeededVarMap};
+use pretext_data::ImageBatch;
+use std::collections::{BTreeMap, HashMap};
+
+/// The trained network: `encoder.*`, `head.*` and, for BYOL and SimSiam,
+/// `predictor.*` (an MLP `output → hidden → output` on the projection).
+pub(crate) struct Online {
+    pub params: SeededVarMap,
+    pub buffers: VarMap,
+    pub encoder: ResNet,
+    pub head: ProjectionHead,
+    pub predictor: Option<ProjectionHead>,
+}
+
+impl Online {
+    /// Encoder and head as SimCLR draws them from `seed`, then the
+    /// predictor (with `predictor_hidden` units) from the same stream.
+    pub fn new(
+        cfg: &ModelConfig,
+        predictor_hidden: Option<usize>,
+        seed: u64,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let (params, buffers, encoder, head) = build_encoder_and_head(cfg, seed, device)?;
+        let predictor = match predictor_hidden {
+            Some(hidden) => {
+                let b = Builders {
+                    params: params.var_builder(DType::F32, device),
+                    buffers: VarBuilder::from_varmap(&buffers, DType::F32, device),
+                };
+                let out = cfg.head.output;
+                Some(ProjectionHead::new(
+                    &HeadConfig::mlp(out, hidden, out),
+                    &b.pp("predictor"),
+                )?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            params,
+            buffers,
+            encoder,
+            head,
+            predictor,
+        })
+    }
+
+    /// `head(encoder(x))` in training mode.
+    pub fn project(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.head.forward_t(&self.encoder.forward_t(x, true)?, true)
+    }
+
+    /// The predictor on a projection (the projection itself without one).
+    pub fn predict(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.predictor {
+            Some(p) => p.forward_t(z, true),
+            None => Ok(z.clone()),
+        }
+    }
+
+    /// The parameters a momentum twin follows: everything but the predictor.
+    pub fn twin_source(&self) -> Vec<(String, Var)> {
+        named_vars(self.params.var_map())
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("predictor."))
+            .collect()
+    }
+
+    /// `pretext.*` metadata of `model.safetensors`.
+    pub fn metadata(&self, method: &str) -> BTreeMap<String, String> {
+        [
+            ("pretext.paradigm", "contrastive"),
+            ("pretext.method", method),
+            ("pretext.architecture", self.encoder.arch().name()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+/// The two views of a batch.
+pub(crate) fn two_views<'a>(batch: &'a ImageBatch, method: &str) -> pretext_core::Result<(&'a Tensor, &'a Tensor)> {
+    match batch.views.as_slice() {
+        [v1, v2] => Ok((v1, v2)),
+        other => Err(Error::Config(format!(
+            "{method} needs 2 views per image, got {}",
+            other.len()
+        ))),
+    }
+}
+
+/// A momentum twin of an [`Online`] network's encoder and head, never seen
+/// by the optimizer: its parameters are an EMA of the online ones, its
+/// batch-norm statistics its own. Saved under `{prefix}encoder.*`,
+/// `{prefix}head.*`.
+pub(crate) struct MomentumTwin {
+    params: SeededVarMap,
+    buffers: VarMap,
+    encoder: ResNet,
+    head: ProjectionHead,
+    prefix: &'static str,
+}
+
+impl MomentumTwin {
+    /// Built from the same seed as the online network: an exact copy of its encoder and head.
+    pub fn new(cfg: &ModelConfig, seed: u64, device: &Device, prefix: &'static str) -> candle_core::Result<Self> {
+        let (params, buffers, encoder, head) = build_encoder_and_head(cfg, seed, device)?;
+        Ok(Self {
+            params,
+            buffers,
+            encoder,
+            head,
+            prefix,
+        })
+    }
+
+    /// The twin's parameters.
+    pub fn params(&self) -> &VarMap {
+        self.params.var_map()
+    }
+
+    /// `head(encoder(x))` in training mode (batch statistics), detached.
+    pub fn project(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.head.forward_t(&self.encoder.forward_t(x, true)?, true)?.detach())
+    }
+
+    /// `twin = m·twin + (1 − m)·online`.
+    pub fn follow(&self, online: &Online, momentum: f64) -> pretext_core::Result<()> {
+        pretext_core::ema::ema_update_from(self.params.var_map(), online.twin_source(), momentum)
+    }
+
+    /// Copies the online network's encoder and head (parameters and batch-norm statistics).
+    pub fn copy_from(&self, online: &Online) -> pretext_core::Result<()> {
+        let src: HashMap<String, Var> = online
+            .twin_source()
+            .into_iter()
+            .chain(
+                named_vars(&online.buffers)
+                    .into_iter()
+                    .filter(|(n, _)| !n.starts_with("predictor.")),
+            )
+            .collect();
+        for (name, var) in named_vars(self.params.var_map())
+            .into_iter()
+            .chain(named_vars(&self.buffers))
+        {
+            if let Some(v) = src.get(&name) {
+                var.set(&v.as_tensor().copy()?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Parameters and statistics under the prefix, for `state.safetensors`.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        named_tensors(self.params.var_map())
+            .into_iter()
+            .chain(named_tensors(&self.buffers))
+            .map(|(n, t)| (format!("{}{n}", self.prefix), t))
+            .collect()
+    }
+
+    /// Restores [`MomentumTwin::tensors`] from `state`, which must hold
+    /// exactly these names (`method` names the checkpoint's kind in errors).
+    pub fn load(&self, state: &HashMap<String, Tensor>, method: &str) -> pretext_core::Result<()> {
+        let mine: Vec<(String, Var)> = named_vars(self.params.var_map())
+            .into_iter()
+            .chain(named_vars(&self.buffers))
+            .map(|(n, v)| (format!("{}{n}", self.prefix), v))
+            .collect();
+        let known: std::collections::HashSet<&String> = mine.iter().map(|(n, _)| n).collect();
+        let extra: Vec<&String> = state.keys().filter(|k| !known.contains(k)).collect();
+        if !extra.is_empty() {
+            return Err(Error::Config(format!(
+                "state.safetensors has tensors a {method} run does not have: {extra:?}"
+            )));
+        }
+        for (name, var) in &mine {
+            let t = state.get(name).ok_or_else(|| {
+                Error::Config(format!(
+                    "state.safetensors has no `{name}` (is this a {method} checkpoint?)"
+                ))
+            })?;
+            if t.dims() != var.dims() {
+                return Err(Error::Config(format!(
+                    "state.safetensors: `{name}` has shape {:?}, the model needs {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+}

@@ -25,13 +25,14 @@ fn sets(pairs: &[&str]) -> Vec<String> {
 }
 
 /// What `--methods` takes: (name, display name), image methods first.
-pub const METHODS: [(&str, &str); 8] = [
+pub const METHODS: [(&str, &str); 9] = [
     ("simclr", "SimCLR"),
     ("moco", "MoCo v2"),
     ("byol", "BYOL"),
     ("simsiam", "SimSiam"),
     ("barlow_twins", "Barlow Twins"),
     ("vicreg", "VICReg"),
+    ("dino", "DINO"),
     ("vae", "VAE"),
     ("mlm", "MLM (BERT)"),
 ];
@@ -403,11 +404,11 @@ mod tests {
         let some = stages("full", &methods("vicreg,byol")).expect("two");
         assert_eq!(some.iter().map(|s| s.name).collect::<Vec<_>>(), ["BYOL", "VICReg"]);
         assert_eq!(some[1].pretrain, ["--method", "vicreg"]);
-        let err = stages("quick", &methods("simclr,dino"))
+        let err = stages("quick", &methods("simclr,swav"))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.contains("\"dino\"") && err.contains("barlow_twins"), "{err}");
+        assert!(err.contains("\"swav\"") && err.contains("barlow_twins"), "{err}");
         assert!(stages("quick", &[]).is_err());
     }
 

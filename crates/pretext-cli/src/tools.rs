@@ -9,7 +9,7 @@ impl Tool for Contrastive {
     const BIN: &'static str = "pretext-contrastive";
     const DEFAULT_CONFIG: &'static str = pretext_contrastive::DEFAULT_CONFIG;
     const ABOUT: &'static str =
-        "Self-supervised pretraining of image encoders: SimCLR, MoCo v2, BYOL, SimSiam, Barlow Twins, VICReg.";
+        "Self-supervised pretraining of image encoders: SimCLR, MoCo v2, BYOL, SimSiam, Barlow Twins, VICReg, DINO.";
     const LONG_ABOUT: &'static str = "Without --data, the Fashion-MNIST copy shipped in datasets/ is used.";
     const PRETRAIN_HELP: &'static str = "Pretrain an encoder on unlabeled images; writes a run folder.";
     const PROBE_HELP: &'static str = "Evaluate the encoder against a random-init encoder and raw pixels: linear \

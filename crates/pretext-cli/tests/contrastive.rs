@@ -78,6 +78,11 @@ fn killed_and_resumed_vicreg_run_matches_the_uninterrupted_one() {
     killed_and_resumed_run_matches_the_uninterrupted_one("vicreg");
 }
 
+#[test]
+fn killed_and_resumed_dino_run_matches_the_uninterrupted_one() {
+    killed_and_resumed_run_matches_the_uninterrupted_one("dino");
+}
+
 fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
     let tmp = tempfile::tempdir().expect("tmp");
     let a = tmp.path().join("a");
@@ -85,6 +90,14 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
         .arg("pretrain")
         .args(["--method", method])
         .args(["--set", "model.moco.queue_size=20", "--set", "model.moco.bn_groups=2"])
+        .args([
+            "--set",
+            "model.dino.prototypes=16",
+            "--set",
+            "model.dino.hidden=8",
+            "--set",
+            "model.dino.local_crops=2",
+        ])
         .arg("--out")
         .arg(&a)
         .args(TINY)
@@ -119,7 +132,7 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
     assert!(wa == wb, "final weights differ");
     let config = std::fs::read_to_string(a.join("config.toml")).expect("config.toml");
     assert!(config.contains(&format!("method = \"{method}\"")), "{config}");
-    if method == "moco" || method == "byol" {
+    if ["moco", "byol", "dino"].contains(&method) {
         // the queue, its pointer and the key encoder (MoCo), the target network (BYOL) resumed too
         let state = |run: &Path| {
             candle_core::safetensors::load(
@@ -132,6 +145,15 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
         if method == "moco" {
             // 4 steps × 8 keys into a queue of 20: the pointer wrapped to 12
             assert_eq!(sa["queue_ptr"].to_vec1::<u32>().expect("ptr"), [12]);
+        } else if method == "dino" {
+            // the teacher and the centre (moved away from 0 by four updates)
+            assert!(sa.contains_key("teacher.head.last_layer.weight_v"), "{:?}", sa.keys());
+            assert_eq!(sa["center"].dims(), [1, 16]);
+            let c = sa["center"]
+                .abs()
+                .and_then(|c| c.sum_all()?.to_scalar::<f32>())
+                .expect("centre");
+            assert!(c > 0.0);
         } else {
             assert!(sa.contains_key("target.encoder.stem.0.weight"), "{:?}", sa.keys());
             assert!(

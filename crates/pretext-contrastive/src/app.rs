@@ -221,7 +221,19 @@ impl Paradigm for Contrastive {
     fn batches(cfg: &ContrastiveConfig, data: &RunData, _: &(), device: &Device) -> Result<ImageBatcher> {
         let pipeline = Pipeline::new(cfg.data.augment.clone(), cfg.data.image_size, cfg.data.image_size)?;
         let bc = BatcherConfig::training(cfg.train.batch_size, 2, cfg.train.seed, cfg.data.prefetch);
-        Ok(data.training_batches(pipeline, bc, device)?)
+        let batches = data.training_batches(pipeline, bc, device)?;
+        let dino = &cfg.model.dino;
+        if MethodKind::parse(&cfg.method)? == MethodKind::Dino && dino.local_crops > 0 {
+            // multi-crop: the local views, smaller and from a smaller area
+            let local = pretext_data::AugmentConfig {
+                crop: true,
+                crop_scale: dino.local_scale,
+                ..cfg.data.augment.clone()
+            };
+            let pipeline = Pipeline::new(local, dino.local_size, dino.local_size)?;
+            return Ok(batches.with_local_views(std::sync::Arc::new(pipeline), dino.local_crops)?);
+        }
+        Ok(batches)
     }
 
     fn eval_schedule(cfg: &ContrastiveConfig) -> EvalSchedule {

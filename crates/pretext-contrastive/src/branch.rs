@@ -77,6 +77,17 @@ impl Online {
             .collect()
     }
 
+    /// [`Online::twin_source`] and the batch-norm statistics outside the predictor.
+    pub fn twin_state(&self) -> Vec<(String, Var)> {
+        let mut v = self.twin_source();
+        v.extend(
+            named_vars(&self.buffers)
+                .into_iter()
+                .filter(|(n, _)| !n.starts_with("predictor.")),
+        );
+        v
+    }
+
     /// `pretext.*` metadata of `model.safetensors`.
     pub fn metadata(&self, method: &str) -> BTreeMap<String, String> {
         [
@@ -101,29 +112,48 @@ pub(crate) fn two_views<'a>(batch: &'a ImageBatch, method: &str) -> pretext_core
     }
 }
 
-/// A momentum twin of an [`Online`] network's encoder and head, never seen
-/// by the optimizer: its parameters are an EMA of the online ones, its
-/// batch-norm statistics its own. Saved under `{prefix}encoder.*`,
+/// A head on the encoder's features (projector, DINO head).
+pub(crate) trait FeatureHead {
+    /// `(n, features)` → `(n, out)`.
+    fn forward_t(&self, h: &Tensor, train: bool) -> candle_core::Result<Tensor>;
+}
+
+impl FeatureHead for ProjectionHead {
+    fn forward_t(&self, h: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        ProjectionHead::forward_t(self, h, train)
+    }
+}
+
+/// A momentum twin of an encoder and head (BYOL's target, DINO's teacher),
+/// never seen by the optimizer: its parameters are an EMA of the trained
+/// ones, its batch-norm statistics its own. Saved under `{prefix}encoder.*`,
 /// `{prefix}head.*`.
-pub(crate) struct MomentumTwin {
+pub(crate) struct MomentumTwin<H> {
     params: SeededVarMap,
     buffers: VarMap,
     encoder: ResNet,
-    head: ProjectionHead,
+    head: H,
     prefix: &'static str,
 }
 
-impl MomentumTwin {
+impl MomentumTwin<ProjectionHead> {
     /// Built from the same seed as the online network: an exact copy of its encoder and head.
     pub fn new(cfg: &ModelConfig, seed: u64, device: &Device, prefix: &'static str) -> candle_core::Result<Self> {
-        let (params, buffers, encoder, head) = build_encoder_and_head(cfg, seed, device)?;
-        Ok(Self {
+        Ok(Self::from_parts(build_encoder_and_head(cfg, seed, device)?, prefix))
+    }
+}
+
+impl<H: FeatureHead> MomentumTwin<H> {
+    /// A twin of already built parts (parameters, buffers, encoder, head).
+    pub fn from_parts(parts: (SeededVarMap, VarMap, ResNet, H), prefix: &'static str) -> Self {
+        let (params, buffers, encoder, head) = parts;
+        Self {
             params,
             buffers,
             encoder,
             head,
             prefix,
-        })
+        }
     }
 
     /// The twin's parameters.
@@ -136,22 +166,14 @@ impl MomentumTwin {
         Ok(self.head.forward_t(&self.encoder.forward_t(x, true)?, true)?.detach())
     }
 
-    /// `twin = m·twin + (1 − m)·online`.
-    pub fn follow(&self, online: &Online, momentum: f64) -> pretext_core::Result<()> {
-        pretext_core::ema::ema_update_from(self.params.var_map(), online.twin_source(), momentum)
+    /// `twin = m·twin + (1 − m)·source`, by name; `source` holds exactly the twin's parameter names.
+    pub fn follow(&self, source: Vec<(String, Var)>, momentum: f64) -> pretext_core::Result<()> {
+        pretext_core::ema::ema_update_from(self.params.var_map(), source, momentum)
     }
 
-    /// Copies the online network's encoder and head (parameters and batch-norm statistics).
-    pub fn copy_from(&self, online: &Online) -> pretext_core::Result<()> {
-        let src: HashMap<String, Var> = online
-            .twin_source()
-            .into_iter()
-            .chain(
-                named_vars(&online.buffers)
-                    .into_iter()
-                    .filter(|(n, _)| !n.starts_with("predictor.")),
-            )
-            .collect();
+    /// Copies the same-named parameters and batch-norm statistics of `source`.
+    pub fn copy_from(&self, source: Vec<(String, Var)>) -> pretext_core::Result<()> {
+        let src: HashMap<String, Var> = source.into_iter().collect();
         for (name, var) in named_vars(self.params.var_map())
             .into_iter()
             .chain(named_vars(&self.buffers))
@@ -173,35 +195,50 @@ impl MomentumTwin {
     }
 
     /// Restores [`MomentumTwin::tensors`] from `state`, which must hold
-    /// exactly these names (`method` names the checkpoint's kind in errors).
-    pub fn load(&self, state: &HashMap<String, Tensor>, method: &str) -> pretext_core::Result<()> {
+    /// these names and, besides them, only `others` (`method` names the
+    /// checkpoint's kind in errors).
+    pub fn load(&self, state: &HashMap<String, Tensor>, others: &[&str], method: &str) -> pretext_core::Result<()> {
         let mine: Vec<(String, Var)> = named_vars(self.params.var_map())
             .into_iter()
             .chain(named_vars(&self.buffers))
             .map(|(n, v)| (format!("{}{n}", self.prefix), v))
             .collect();
-        let known: std::collections::HashSet<&String> = mine.iter().map(|(n, _)| n).collect();
-        let extra: Vec<&String> = state.keys().filter(|k| !known.contains(k)).collect();
+        let known: std::collections::HashSet<&str> = mine
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(others.iter().copied())
+            .collect();
+        let extra: Vec<&String> = state.keys().filter(|k| !known.contains(k.as_str())).collect();
         if !extra.is_empty() {
             return Err(Error::Config(format!(
                 "state.safetensors has tensors a {method} run does not have: {extra:?}"
             )));
         }
         for (name, var) in &mine {
-            let t = state.get(name).ok_or_else(|| {
-                Error::Config(format!(
-                    "state.safetensors has no `{name}` (is this a {method} checkpoint?)"
-                ))
-            })?;
-            if t.dims() != var.dims() {
-                return Err(Error::Config(format!(
-                    "state.safetensors: `{name}` has shape {:?}, the model needs {:?}",
-                    t.dims(),
-                    var.dims()
-                )));
-            }
+            let t = state_tensor(state, name, var.dims(), method)?;
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
         Ok(())
     }
+}
+
+/// `name` from a checkpoint's state, with the shape `dims`.
+pub(crate) fn state_tensor<'a>(
+    state: &'a HashMap<String, Tensor>,
+    name: &str,
+    dims: &[usize],
+    method: &str,
+) -> pretext_core::Result<&'a Tensor> {
+    let t = state.get(name).ok_or_else(|| {
+        Error::Config(format!(
+            "state.safetensors has no `{name}` (is this a {method} checkpoint?)"
+        ))
+    })?;
+    if t.dims() != dims {
+        return Err(Error::Config(format!(
+            "state.safetensors: `{name}` has shape {:?}, the model needs {dims:?}",
+            t.dims()
+        )));
+    }
+    Ok(t)
 }

@@ -76,7 +76,7 @@ impl ByolConfig {
 /// (`state.safetensors`).
 pub struct Byol {
     online: Online,
-    target: MomentumTwin,
+    target: MomentumTwin<crate::head::ProjectionHead>,
     cfg: ByolConfig,
 }
 
@@ -136,7 +136,7 @@ impl Method for Byol {
 
     fn after_update(&mut self, cx: &StepCx) -> pretext_core::Result<()> {
         self.target
-            .follow(&self.online, self.cfg.momentum_at(cx.step, cx.total_steps))
+            .follow(self.online.twin_source(), self.cfg.momentum_at(cx.step, cx.total_steps))
     }
 
     fn buffers(&self) -> Vec<(String, Tensor)> {
@@ -144,12 +144,12 @@ impl Method for Byol {
     }
 
     fn load_buffers(&mut self, buffers: &HashMap<String, Tensor>) -> pretext_core::Result<()> {
-        self.target.load(buffers, "BYOL")
+        self.target.load(buffers, &[], "BYOL")
     }
 
     /// The target starts as a copy of the initial online network.
     fn weights_loaded(&mut self) -> pretext_core::Result<()> {
-        self.target.copy_from(&self.online)
+        self.target.copy_from(self.online.twin_state())
     }
 
     fn metadata(&self) -> BTreeMap<String, String> {

@@ -20,6 +20,7 @@ pub fn method_preset(method: MethodKind) -> Option<&'static str> {
         MethodKind::SimSiam => Some(include_str!("../configs/simsiam-fmnist.toml")),
         MethodKind::BarlowTwins => Some(include_str!("../configs/barlow_twins-fmnist.toml")),
         MethodKind::VicReg => Some(include_str!("../configs/vicreg-fmnist.toml")),
+        MethodKind::Dino => Some(include_str!("../configs/dino-fmnist.toml")),
     }
 }
 
@@ -101,7 +102,7 @@ impl Default for EvalConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContrastiveConfig {
-    /// `simclr`, `moco` (MoCo v2), `byol`, `simsiam`, `barlow_twins` or `vicreg`.
+    /// `simclr`, `moco` (MoCo v2), `byol`, `simsiam`, `barlow_twins`, `vicreg` or `dino`.
     pub method: String,
     /// The model.
     pub model: ModelConfig,
@@ -145,6 +146,7 @@ impl ContrastiveConfig {
             MethodKind::SimSiam => self.model.simsiam.validate()?,
             MethodKind::BarlowTwins => self.model.barlow_twins.validate()?,
             MethodKind::VicReg => self.model.vicreg.validate()?,
+            MethodKind::Dino => self.model.dino.validate()?,
         }
         self.model.head.validate("model.head")?;
         self.model.encoder.validate()?;

@@ -124,6 +124,71 @@ impl ProjectionHead {
     }
 }
 
+/// Sizes of a [`DinoHead`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DinoHeadConfig {
+    /// Input features (the encoder's output).
+    pub input: usize,
+    /// Hidden units of the MLP.
+    pub hidden: usize,
+    /// The bottleneck the MLP ends in (L2-normalised).
+    pub bottleneck: usize,
+    /// Prototypes: the output dimension K.
+    pub prototypes: usize,
+}
+
+/// DINO's head: a three-layer MLP with GELU (`mlp.0`, `mlp.2`, `mlp.4`, no
+/// batch norm) into an L2-normalised bottleneck, then a weight-normalised
+/// linear layer without bias whose norm is fixed to 1 (`norm_last_layer`):
+/// only its direction `last_layer.weight_v` `(K, bottleneck)` is trained,
+/// each row normalised in the forward pass. The outputs are cosine
+/// similarities to K prototypes.
+#[derive(Debug, Clone)]
+pub struct DinoHead {
+    mlp: [pretext_core::nn::Linear; 3],
+    weight_v: Tensor,
+}
+
+impl DinoHead {
+    /// Builds the head.
+    ///
+    /// # Errors
+    /// The builders failed.
+    pub fn new(cfg: &DinoHeadConfig, b: &Builders) -> Result<Self> {
+        let mlp = b.params.pp("mlp");
+        let mlp = [
+            linear(cfg.input, cfg.hidden, true, mlp.pp("0"))?,
+            linear(cfg.hidden, cfg.hidden, true, mlp.pp("2"))?,
+            linear(cfg.hidden, cfg.bottleneck, true, mlp.pp("4"))?,
+        ];
+        let bound = 1.0 / (cfg.bottleneck as f64).sqrt();
+        let weight_v = b.params.pp("last_layer").get_with_hints(
+            (cfg.prototypes, cfg.bottleneck),
+            "weight_v",
+            candle_nn::Init::Uniform { lo: -bound, up: bound },
+        )?;
+        Ok(Self { mlp, weight_v })
+    }
+
+    /// `(n, input)` → `(n, K)` logits in `[−1, 1]`.
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let x = pretext_core::ops::gelu(&self.mlp[0].forward(h)?)?;
+        let x = pretext_core::ops::gelu(&self.mlp[1].forward(&x)?)?;
+        let x = crate::loss::l2_normalize(&self.mlp[2].forward(&x)?)?;
+        let w = crate::loss::l2_normalize(&self.weight_v)?;
+        x.matmul(&w.t()?)
+    }
+}
+
+impl crate::branch::FeatureHead for DinoHead {
+    fn forward_t(&self, h: &Tensor, _train: bool) -> Result<Tensor> {
+        self.forward(h)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +254,49 @@ mod tests {
             let v = c.iter().map(|x| (x - m) * (x - m)).sum::<f32>() / 4.0;
             assert!(m.abs() < 1e-4 && (v - 1.0).abs() < 1e-2, "{m} {v}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn dino_head_names_and_cosine_outputs() -> Result<()> {
+        let params = SeededVarMap::from_seed(0, pretext_core::seed::INIT);
+        let buffers = VarMap::new();
+        let b = Builders {
+            params: params.var_builder(DType::F32, &Device::Cpu),
+            buffers: VarBuilder::from_varmap(&buffers, DType::F32, &Device::Cpu),
+        };
+        let cfg = DinoHeadConfig {
+            input: 3,
+            hidden: 6,
+            bottleneck: 4,
+            prototypes: 5,
+        };
+        let head = DinoHead::new(&cfg, &b)?;
+        let names: Vec<String> = named_tensors(params.var_map()).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "last_layer.weight_v",
+                "mlp.0.bias",
+                "mlp.0.weight",
+                "mlp.2.bias",
+                "mlp.2.weight",
+                "mlp.4.bias",
+                "mlp.4.weight"
+            ]
+        );
+        let x = Tensor::new(&[[1f32, -2.0, 0.5], [0.0, 3.0, 1.0]], &Device::Cpu)?;
+        let y = head.forward(&x)?;
+        assert_eq!(y.dims(), [2, 5]);
+        // cosine similarities: within [−1, 1], and scaling weight_v changes nothing
+        assert!(y.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.abs() <= 1.0 + 1e-6));
+        let v = named_tensors(params.var_map()).remove(0).1;
+        let scaled = DinoHead {
+            weight_v: (v * 7.0)?,
+            ..head.clone()
+        };
+        let d = (scaled.forward(&x)? - &y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "{d}");
         Ok(())
     }
 }

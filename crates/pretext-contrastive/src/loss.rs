@@ -187,6 +187,58 @@ pub fn vicreg(z1: &Tensor, z2: &Tensor, w: &VicRegWeights) -> Result<VicRegTerms
     })
 }
 
+/// DINO's loss: the teacher's outputs of the global views, centred and
+/// sharpened, `q_i = softmax((t_i − c) / τ_t)` (no gradient), against the
+/// student's `log softmax(s_j / τ_s)` of every view `j` but the same one:
+/// `Σ_i Σ_{j≠i} mean_batch(−Σ_k q_ik log p_jk) / #pairs`. Student view `j`
+/// and teacher view `i` are the same crop when `i == j` (the global views
+/// come first in both lists).
+///
+/// # Shapes
+/// `student`: views of `(n, K)` logits; `teacher`: the global views' `(n, K)`;
+/// `center`: `(1, K)` or `(K,)`. Scalar out.
+///
+/// # Errors
+/// Fewer than two pairs, or shapes that differ.
+pub fn dino_loss(
+    student: &[Tensor],
+    teacher: &[Tensor],
+    center: &Tensor,
+    student_temperature: f64,
+    teacher_temperature: f64,
+) -> Result<Tensor> {
+    let pairs = teacher.len() * student.len() - teacher.len().min(student.len());
+    if pairs == 0 {
+        candle_core::bail!("DINO needs a teacher view and another student view")
+    }
+    let center = center.reshape((1, ()))?;
+    let q: Vec<Tensor> = teacher
+        .iter()
+        .map(|t| candle_nn::ops::softmax_last_dim(&(t.detach().broadcast_sub(&center)? / teacher_temperature)?))
+        .collect::<Result<_>>()?;
+    let log_p: Vec<Tensor> = student
+        .iter()
+        .map(|s| candle_nn::ops::log_softmax(&(s / student_temperature)?, D::Minus1))
+        .collect::<Result<_>>()?;
+    let mut total: Option<Tensor> = None;
+    for (i, qi) in q.iter().enumerate() {
+        for (j, lp) in log_p.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let ce = (qi * lp)?.sum(D::Minus1)?.mean_all()?.neg()?;
+            total = Some(match total {
+                Some(t) => (t + ce)?,
+                None => ce,
+            });
+        }
+    }
+    match total {
+        Some(t) => t / pairs as f64,
+        None => candle_core::bail!("DINO needs a teacher view and another student view"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,5 +608,96 @@ mod tests {
         assert!(g.get(z.as_tensor()).is_none(), "no gradient flows into the target z");
         assert!(g.get(p.as_tensor()).is_some());
         Ok(())
+    }
+
+    fn naive_dino(student: &[Vec<Vec<f64>>], teacher: &[Vec<Vec<f64>>], center: &[f64], ts: f64, tt: f64) -> f64 {
+        let softmax = |v: &[f64]| -> Vec<f64> {
+            let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = v.iter().map(|x| (x - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.iter().map(|x| x / s).collect()
+        };
+        let (mut total, mut pairs) = (0.0, 0);
+        for (i, t) in teacher.iter().enumerate() {
+            for (j, s) in student.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                let mut ce = 0.0;
+                for (tr, sr) in t.iter().zip(s) {
+                    let centred: Vec<f64> = tr.iter().zip(center).map(|(a, c)| (a - c) / tt).collect();
+                    let q = softmax(&centred);
+                    let p = softmax(&sr.iter().map(|a| a / ts).collect::<Vec<_>>());
+                    ce -= q.iter().zip(&p).map(|(q, p)| q * p.ln()).sum::<f64>();
+                }
+                total += ce / t.len() as f64;
+                pairs += 1;
+            }
+        }
+        total / pairs as f64
+    }
+
+    #[test]
+    fn dino_loss_matches_a_naive_loop_and_hand_computable_points() -> Result<()> {
+        let (n, k) = (5, 7);
+        let student: Vec<Tensor> = (0..4).map(|v| randn(n, k, 30 + v)).collect::<Result<_>>()?;
+        let teacher: Vec<Tensor> = (0..2).map(|v| randn(n, k, 40 + v)).collect::<Result<_>>()?;
+        let center = randn(1, k, 50)?;
+        let got = scalar(&dino_loss(&student, &teacher, &center, 0.1, 0.04)?);
+        let sv: Vec<Vec<Vec<f64>>> = student.iter().map(rows).collect::<Result<_>>()?;
+        let tv: Vec<Vec<Vec<f64>>> = teacher.iter().map(rows).collect::<Result<_>>()?;
+        let want = naive_dino(&sv, &tv, &rows(&center)?[0], 0.1, 0.04);
+        close(got, want, 1e-4, "DINO");
+        // a uniform student against any teacher: ln K
+        let flat = Tensor::zeros((n, k), DType::F32, &Device::Cpu)?;
+        let got = scalar(&dino_loss(
+            &[flat.clone(), flat.clone(), flat],
+            &teacher,
+            &center,
+            0.1,
+            0.04,
+        )?);
+        close(got, (k as f64).ln(), 1e-5, "DINO, uniform student");
+        // a teacher far sharper than its temperature (one-hot on class 2) against a
+        // student whose probability of class 2 is known: −ln p₂
+        let mut t = vec![0f32; n * k];
+        let mut s = vec![0f32; n * k];
+        for r in 0..n {
+            t[r * k + 2] = 10.0;
+            s[r * k + 2] = 0.1 * 3f32.ln(); // / τ_s = 0.1 → logit ln 3: p₂ = 3 / (3 + k − 1)
+        }
+        let t = Tensor::from_vec(t, (n, k), &Device::Cpu)?;
+        let s = Tensor::from_vec(s, (n, k), &Device::Cpu)?;
+        let zero = Tensor::zeros(k, DType::F32, &Device::Cpu)?;
+        let got = scalar(&dino_loss(&[s.clone(), s], &[t.clone(), t], &zero, 0.1, 0.04)?);
+        close(got, -(3.0 / (3.0 + k as f64 - 1.0)).ln(), 1e-5, "DINO, one-hot teacher");
+        assert!(
+            dino_loss(&[flat_one(k)?], &[flat_one(k)?], &zero, 0.1, 0.04).is_err(),
+            "one view has no pair"
+        );
+        Ok(())
+    }
+
+    fn flat_one(k: usize) -> Result<Tensor> {
+        Tensor::zeros((1, k), DType::F32, &Device::Cpu)
+    }
+
+    #[test]
+    fn dino_loss_gradient_matches_finite_differences() -> Result<()> {
+        let teacher: Vec<Tensor> = (0..2)
+            .map(|v| randn(4, 5, 60 + v).and_then(|t| t.to_dtype(DType::F64)))
+            .collect::<Result<_>>()?;
+        let center = randn(1, 5, 70)?.to_dtype(DType::F64)?;
+        let local = randn(4, 5, 80)?.to_dtype(DType::F64)?;
+        // the gradient of the second global view's student logits (z1 here),
+        // with the first global view and one local view fixed
+        let g0 = randn(4, 5, 81)?.to_dtype(DType::F64)?;
+        check_gradient(
+            "DINO",
+            &|s1, _| dino_loss(&[g0.clone(), s1.clone(), local.clone()], &teacher, &center, 0.1, 0.07),
+            4,
+            5,
+            false,
+        )
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::barlow::{BarlowTwins, BarlowTwinsConfig};
 use crate::byol::{Byol, ByolConfig};
+use crate::dino::{Dino, DinoConfig};
 use crate::encoder::{ResNet, ResNetConfig};
 use crate::head::{HeadConfig, ProjectionHead};
 use crate::moco::{MoCo, MoCoConfig};
@@ -40,6 +41,8 @@ pub struct ModelConfig {
     pub barlow_twins: BarlowTwinsConfig,
     /// VICReg settings.
     pub vicreg: VicRegConfig,
+    /// DINO settings.
+    pub dino: DinoConfig,
 }
 
 impl Default for ModelConfig {
@@ -53,6 +56,7 @@ impl Default for ModelConfig {
             simsiam: SimSiamConfig::default(),
             barlow_twins: BarlowTwinsConfig::default(),
             vicreg: VicRegConfig::default(),
+            dino: DinoConfig::default(),
         }
     }
 }
@@ -103,17 +107,20 @@ pub enum MethodKind {
     BarlowTwins,
     /// VICReg.
     VicReg,
+    /// DINO.
+    Dino,
 }
 
 impl MethodKind {
     /// Every method, in the order `--help` lists them.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::SimClr,
         Self::MoCo,
         Self::Byol,
         Self::SimSiam,
         Self::BarlowTwins,
         Self::VicReg,
+        Self::Dino,
     ];
 
     /// The config's name (`method = "barlow_twins"`).
@@ -125,6 +132,7 @@ impl MethodKind {
             Self::SimSiam => "simsiam",
             Self::BarlowTwins => "barlow_twins",
             Self::VicReg => "vicreg",
+            Self::Dino => "dino",
         }
     }
 
@@ -139,6 +147,10 @@ impl MethodKind {
                 "Barlow Twins (the cross-correlation of the two views' embeddings pulled towards the identity)"
             }
             Self::VicReg => "VICReg (invariance, variance and covariance terms on the two views' embeddings)",
+            Self::Dino => {
+                "DINO (self-distillation: a student on global and local crops predicts a momentum teacher's centred, \
+sharpened outputs on the global crops)"
+            }
         }
     }
 
@@ -172,6 +184,8 @@ pub enum ContrastiveModel {
     BarlowTwins(Box<BarlowTwins>),
     /// VICReg.
     VicReg(Box<VicReg>),
+    /// DINO.
+    Dino(Box<Dino>),
 }
 
 impl ContrastiveModel {
@@ -187,6 +201,7 @@ impl ContrastiveModel {
             MethodKind::SimSiam => Self::SimSiam(Box::new(SimSiam::new(cfg, seed, device)?)),
             MethodKind::BarlowTwins => Self::BarlowTwins(Box::new(BarlowTwins::new(cfg, seed, device)?)),
             MethodKind::VicReg => Self::VicReg(Box::new(VicReg::new(cfg, seed, device)?)),
+            MethodKind::Dino => Self::Dino(Box::new(Dino::new(cfg, seed, device)?)),
         })
     }
 
@@ -199,6 +214,7 @@ impl ContrastiveModel {
             Self::SimSiam(m) => m.encoder(),
             Self::BarlowTwins(m) => m.encoder(),
             Self::VicReg(m) => m.encoder(),
+            Self::Dino(m) => m.encoder(),
         }
     }
 
@@ -210,6 +226,7 @@ impl ContrastiveModel {
             Self::SimSiam(m) => m.as_ref(),
             Self::BarlowTwins(m) => m.as_ref(),
             Self::VicReg(m) => m.as_ref(),
+            Self::Dino(m) => m.as_ref(),
         }
     }
 
@@ -221,6 +238,7 @@ impl ContrastiveModel {
             Self::SimSiam(m) => m.as_mut(),
             Self::BarlowTwins(m) => m.as_mut(),
             Self::VicReg(m) => m.as_mut(),
+            Self::Dino(m) => m.as_mut(),
         }
     }
 }

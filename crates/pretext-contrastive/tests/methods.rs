@@ -3,10 +3,13 @@
 //! for every method.
 
 use candle_core::{Device, Tensor};
-use pretext_contrastive::{Byol, ContrastiveModel, MethodKind, MoCo, ModelConfig, MomentumQueue, ResNetConfig};
+use pretext_contrastive::{
+    Byol, ContrastiveModel, Dino, DinoConfig, MethodKind, MoCo, ModelConfig, MomentumQueue, ResNetConfig,
+};
 use pretext_core::init::named_vars;
 use pretext_core::trainer::{Method, Observer, StepCx, StepReport};
 use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig, Trainer};
+use pretext_data::ImageBatch;
 use pretext_data::{AugmentConfig, BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
 use std::sync::Arc;
 
@@ -294,4 +297,109 @@ fn barlow_twins_loss_falls_in_20_steps() {
 #[test]
 fn vicreg_loss_falls_in_20_steps() {
     assert_falls("vicreg", &losses_with(MethodKind::VicReg, &tiny_cfg(), 20), 0);
+}
+
+fn random_views(n: usize, sizes: &[usize], seed: u64) -> Vec<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    sizes
+        .iter()
+        .map(|&s| {
+            let v: Vec<f32> = (0..n * s * s).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            Tensor::from_vec(v, (n, 1, s, s), &Device::Cpu).expect("view")
+        })
+        .collect()
+}
+
+fn dino_cfg() -> ModelConfig {
+    let mut cfg = tiny_cfg();
+    cfg.dino = DinoConfig {
+        hidden: 8,
+        bottleneck: 4,
+        prototypes: 6,
+        local_crops: 2,
+        local_size: 8,
+        momentum: 0.9,
+        ..DinoConfig::default()
+    };
+    cfg
+}
+
+#[test]
+fn dino_centre_and_teacher_follow_their_ema_formulas() {
+    let cfg = dino_cfg();
+    let mut dino = Dino::new(&cfg, 2, &Device::Cpu).expect("dino");
+    let batch = ImageBatch {
+        views: random_views(5, &[12, 12, 8, 8], 4),
+        labels: None,
+        indices: vec![],
+    };
+    let cx = StepCx {
+        step: 3,
+        epoch: 0,
+        total_steps: 10,
+        seed: 2,
+        lr: 0.0,
+    };
+    let mut expected = vec![0f32; 6];
+    for round in 0..2 {
+        // the teacher's outputs of the two global views, before the update
+        let tt = cfg.dino.teacher_temperature_at(cx.step, cx.total_steps);
+        let (_, t) = dino.loss(&batch.views, tt).expect("loss");
+        assert_eq!(t.dims(), [10, 6]);
+        let mean: Vec<f32> = t.mean(0).and_then(|m| m.to_vec1::<f32>()).expect("mean");
+        let student = named_vars(dino.vars());
+        let teacher = named_vars(dino.teacher_params());
+        assert_eq!(student.len(), teacher.len());
+        let before: Vec<Vec<f32>> = teacher.iter().map(|(_, v)| flat(v.as_tensor())).collect();
+        // move the student, as an optimizer step would
+        for (_, v) in &student {
+            v.set(&v.as_tensor().affine(1.2, -0.1).expect("move")).expect("set");
+        }
+        dino.step(&batch, &cx).expect("step");
+        dino.after_update(&cx).expect("update");
+        // c ← 0.9 c + 0.1 mean(t)
+        for (e, m) in expected.iter_mut().zip(&mean) {
+            *e = 0.9 * *e + 0.1 * m;
+        }
+        let got = flat(dino.center());
+        for (g, e) in got.iter().zip(&expected) {
+            assert!((g - e).abs() < 1e-6, "round {round}: centre {got:?} vs {expected:?}");
+        }
+        // teacher ← τ teacher + (1 − τ) student, τ on the cosine from 0.9
+        let tau = pretext_core::ema::cosine_momentum(3, 10, 0.9);
+        for (((name, t), (_, s)), old) in teacher.iter().zip(&student).zip(&before) {
+            for ((tv, sv), prev) in flat(t.as_tensor()).iter().zip(&flat(s.as_tensor())).zip(old) {
+                let want = (tau * f64::from(*prev) + (1.0 - tau) * f64::from(*sv)) as f32;
+                assert!((tv - want).abs() < 1e-5, "{name}: {tv} vs {want}");
+            }
+        }
+    }
+    // the wrong number of views is an error naming the setting
+    let two = ImageBatch {
+        views: random_views(5, &[12, 12], 4),
+        labels: None,
+        indices: vec![],
+    };
+    let err = dino.step(&two, &cx).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("local_crops"), "{err}");
+}
+
+#[test]
+fn dino_teacher_temperature_warms_up_linearly() {
+    let d = DinoConfig {
+        teacher_temperature_start: 0.04,
+        teacher_temperature: 0.07,
+        teacher_warmup: 0.3,
+        ..DinoConfig::default()
+    };
+    assert!((d.teacher_temperature_at(0, 100) - 0.04).abs() < 1e-12);
+    assert!((d.teacher_temperature_at(15, 100) - 0.055).abs() < 1e-12);
+    assert!((d.teacher_temperature_at(30, 100) - 0.07).abs() < 1e-12);
+    assert!((d.teacher_temperature_at(99, 100) - 0.07).abs() < 1e-12);
+    let none = DinoConfig {
+        teacher_warmup: 0.0,
+        ..d
+    };
+    assert!((none.teacher_temperature_at(0, 100) - 0.07).abs() < 1e-12);
 }

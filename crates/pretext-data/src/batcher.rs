@@ -1,5 +1,6 @@
 //! Batches of augmented images: a seeded order per epoch, one or two views
-//! per image, augmentation on the rayon pool, a background thread that
+//! per image (plus, for multi-crop, smaller local views from a second
+//! pipeline), augmentation on the rayon pool, a background thread that
 //! prepares the next batches (bounded prefetch).
 //!
 //! The batch of a step is a pure function of (seed, step): the order of epoch
@@ -22,7 +23,8 @@ use std::thread::JoinHandle;
 /// One batch: each view `(b, c, h, w)` f32, labels `(b,)` u32 if known, and the dataset indices.
 #[derive(Debug, Clone)]
 pub struct ImageBatch {
-    /// The views (1 or 2), each `(b, c, h, w)`.
+    /// The views, each `(b, c, h, w)`: the `views` of the config, then the
+    /// local views of a multi-crop batcher (smaller `h`, `w`).
     pub views: Vec<Tensor>,
     /// Labels `(b,)` (u32), if the dataset has them.
     pub labels: Option<Tensor>,
@@ -86,6 +88,8 @@ struct RawBatch {
 struct Inner {
     data: Arc<ImageDataset>,
     pipeline: Arc<Pipeline>,
+    /// Multi-crop: this many more views per sample through this pipeline.
+    local: Option<(Arc<Pipeline>, usize)>,
     cfg: BatcherConfig,
     order: Mutex<Option<(u64, Arc<Vec<usize>>)>>,
 }
@@ -117,6 +121,19 @@ impl Inner {
         o
     }
 
+    /// Views per sample, local ones included.
+    fn views(&self) -> usize {
+        self.cfg.views + self.local.as_ref().map_or(0, |(_, n)| *n)
+    }
+
+    /// The pipeline of view `v`: the main one for the first `cfg.views`, the local one after.
+    fn pipeline_of(&self, v: usize) -> &Pipeline {
+        match &self.local {
+            Some((p, _)) if v >= self.cfg.views => p,
+            _ => &self.pipeline,
+        }
+    }
+
     fn make(&self, step: u64) -> RawBatch {
         let spe = self.steps_per_epoch().max(1);
         let (epoch, i) = (step / spe, (step % spe) as usize);
@@ -125,16 +142,17 @@ impl Inner {
         let start = (i * b).min(order.len());
         let end = ((i + 1) * b).min(order.len());
         let indices: Vec<usize> = order[start..end].to_vec();
-        let (oh, ow) = self.pipeline.out_size();
         let c = self.data.channels;
-        let per = c * oh * ow;
         let (h, w) = (self.data.height, self.data.width);
-        let views: Vec<Vec<f32>> = (0..self.cfg.views)
+        let views: Vec<Vec<f32>> = (0..self.views())
             .map(|v| {
+                let pipeline = self.pipeline_of(v);
+                let (oh, ow) = pipeline.out_size();
+                let per = c * oh * ow;
                 let mut buf = vec![0f32; indices.len() * per];
                 buf.par_chunks_mut(per).zip(indices.par_iter()).for_each(|(out, &idx)| {
                     let mut rng = stream_rng(self.cfg.seed, AUGMENT, &[epoch, idx as u64, v as u64]);
-                    self.pipeline.view_into(self.data.image(idx), h, w, c, &mut rng, out);
+                    pipeline.view_into(self.data.image(idx), h, w, c, &mut rng, out);
                 });
                 buf
             })
@@ -207,6 +225,7 @@ impl ImageBatcher {
         let inner = Arc::new(Inner {
             data,
             pipeline,
+            local: None,
             cfg,
             order: Mutex::new(None),
         });
@@ -215,6 +234,31 @@ impl ImageBatcher {
             device: device.clone(),
             prefetch: None,
         })
+    }
+
+    /// Multi-crop: `n` more views per sample through `local` (DINO's small
+    /// local crops), after the config's views. View `v` of sample `i` still
+    /// comes from the `augment` stream at `[e, i, v]`, so the first views are
+    /// those of the batcher without local views.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when `n` is 0.
+    pub fn with_local_views(mut self, local: Arc<Pipeline>, n: usize) -> Result<Self> {
+        if n == 0 {
+            return Err(Error::Invalid(
+                "a multi-crop batcher needs at least one local view".into(),
+            ));
+        }
+        self.prefetch = None;
+        let inner = Inner {
+            data: self.inner.data.clone(),
+            pipeline: self.inner.pipeline.clone(),
+            local: Some((local, n)),
+            cfg: self.inner.cfg,
+            order: Mutex::new(None),
+        };
+        self.inner = Arc::new(inner);
+        Ok(self)
     }
 
     /// The dataset order of `epoch` (what the batches of that epoch walk through).
@@ -254,13 +298,16 @@ impl ImageBatcher {
     }
 
     fn to_batch(&self, raw: RawBatch) -> Result<ImageBatch> {
-        let (oh, ow) = self.inner.pipeline.out_size();
         let c = self.inner.data.channels;
         let n = raw.indices.len();
         let views = raw
             .views
             .into_iter()
-            .map(|v| Tensor::from_vec(v, (n, c, oh, ow), &self.device))
+            .enumerate()
+            .map(|(i, v)| {
+                let (oh, ow) = self.inner.pipeline_of(i).out_size();
+                Tensor::from_vec(v, (n, c, oh, ow), &self.device)
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let labels = match raw.labels {
             Some(l) => Some(Tensor::from_vec(l, n, &self.device)?),
@@ -351,6 +398,39 @@ mod tests {
             .iter()
             .map(|v| v.flatten_all().and_then(|t| t.to_vec1::<f32>()))
             .collect::<candle_core::Result<_>>()?)
+    }
+
+    #[test]
+    fn local_views_are_smaller_seeded_and_leave_the_global_views_alone() -> Result<()> {
+        let local = AugmentConfig {
+            crop_scale: (0.05, 0.4),
+            ..AugmentConfig::fashion_mnist()
+        };
+        let lp = Arc::new(Pipeline::new(local, 4, 4).map_err(pretext_core::Error::from)?);
+        let mut multi = batcher(2)?.with_local_views(lp.clone(), 3)?;
+        let mut plain = batcher(0)?;
+        for step in [0, 5] {
+            let m = multi.batch(step)?;
+            let dims: Vec<&[usize]> = m.views.iter().map(|v| v.dims()).collect();
+            assert_eq!(
+                dims,
+                [
+                    &[4, 1, 8, 8][..],
+                    &[4, 1, 8, 8],
+                    &[4, 1, 4, 4],
+                    &[4, 1, 4, 4],
+                    &[4, 1, 4, 4]
+                ]
+            );
+            let (mv, pv) = (flat(&m)?, flat(&plain.batch(step)?)?);
+            assert_eq!(mv[..2], pv[..], "the global views are the plain batcher's");
+            assert_ne!(mv[2], mv[3], "local views differ from each other");
+            // a pure function of the step, prefetched or not
+            let again = batcher(0)?.with_local_views(lp.clone(), 3)?.batch_now(step)?;
+            assert_eq!(flat(&again)?, mv);
+        }
+        assert!(batcher(0)?.with_local_views(lp, 0).is_err());
+        Ok(())
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! `pretext-contrastive`: SimCLR, MoCo v2, BYOL, SimSiam, Barlow Twins and
-//! VICReg pretraining of image encoders.
+//! `pretext-contrastive`: SimCLR, MoCo v2, BYOL, SimSiam, Barlow Twins,
+//! VICReg and DINO pretraining of image encoders.
 
 use clap::{Args, ValueEnum};
 use pretext_cli::runner::{NoExtra, PretrainFlags};
@@ -21,6 +21,8 @@ enum MethodArg {
     BarlowTwins,
     /// VICReg: invariance, variance and covariance terms.
     Vicreg,
+    /// DINO: a student on global and local crops predicts a momentum teacher.
+    Dino,
 }
 
 impl MethodArg {
@@ -32,6 +34,7 @@ impl MethodArg {
             Self::Simsiam => MethodKind::SimSiam,
             Self::BarlowTwins => MethodKind::BarlowTwins,
             Self::Vicreg => MethodKind::VicReg,
+            Self::Dino => MethodKind::Dino,
         }
     }
 }

@@ -90,15 +90,20 @@ impl Online {
 
     /// `pretext.*` metadata of `model.safetensors`.
     pub fn metadata(&self, method: &str) -> BTreeMap<String, String> {
-        [
-            ("pretext.paradigm", "contrastive"),
-            ("pretext.method", method),
-            ("pretext.architecture", self.encoder.arch().name()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+        method_metadata(method, &self.encoder)
     }
+}
+
+/// `pretext.*` metadata of a contrastive run's `model.safetensors`.
+pub(crate) fn method_metadata(method: &str, encoder: &ResNet) -> BTreeMap<String, String> {
+    [
+        ("pretext.paradigm", "contrastive"),
+        ("pretext.method", method),
+        ("pretext.architecture", encoder.arch().name()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 /// The two views of a batch.
@@ -159,6 +164,16 @@ impl<H: FeatureHead> MomentumTwin<H> {
     /// The twin's parameters.
     pub fn params(&self) -> &VarMap {
         self.params.var_map()
+    }
+
+    /// The twin's encoder.
+    pub fn encoder(&self) -> &ResNet {
+        &self.encoder
+    }
+
+    /// The twin's head.
+    pub fn head(&self) -> &H {
+        &self.head
     }
 
     /// `head(encoder(x))` in training mode (batch statistics), detached.

@@ -13,9 +13,8 @@ use crate::head::{DinoHead, DinoHeadConfig};
 use crate::loss::dino_loss;
 use crate::model::ModelConfig;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use pretext_core::init::named_vars;
-use pretext_core::nn::Builders;
 use pretext_core::trainer::{Method, StepCx, StepOut};
 use pretext_core::{Error, SeededVarMap};
 use pretext_data::ImageBatch;
@@ -152,22 +151,16 @@ type Parts = (SeededVarMap, VarMap, ResNet, DinoHead);
 
 /// Encoder (`encoder.*`) and DINO head (`head.*`) from the `init` stream of `seed`.
 fn build(cfg: &ModelConfig, seed: u64, device: &Device) -> candle_core::Result<Parts> {
-    let params = SeededVarMap::from_seed(seed, pretext_core::seed::INIT);
-    let buffers = VarMap::new();
-    let b = Builders {
-        params: params.var_builder(DType::F32, device),
-        buffers: VarBuilder::from_varmap(&buffers, DType::F32, device),
-    };
-    let encoder = ResNet::new(&cfg.encoder, &b.pp("encoder"))?;
     let d = &cfg.dino;
-    let head_cfg = DinoHeadConfig {
-        input: encoder.out_dim(),
-        hidden: d.hidden,
-        bottleneck: d.bottleneck,
-        prototypes: d.prototypes,
-    };
-    let head = DinoHead::new(&head_cfg, &b.pp("head"))?;
-    Ok((params, buffers, encoder, head))
+    crate::model::build_encoder_with(cfg, seed, device, |features, b| {
+        let head_cfg = DinoHeadConfig {
+            input: features,
+            hidden: d.hidden,
+            bottleneck: d.bottleneck,
+            prototypes: d.prototypes,
+        };
+        DinoHead::new(&head_cfg, b)
+    })
 }
 
 /// The DINO method: the student's `encoder.*`, `head.*` (trained,
@@ -325,13 +318,6 @@ impl Method for Dino {
     }
 
     fn metadata(&self) -> BTreeMap<String, String> {
-        [
-            ("pretext.paradigm", "contrastive"),
-            ("pretext.method", "dino"),
-            ("pretext.architecture", self.encoder.arch().name()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+        crate::branch::method_metadata("dino", &self.encoder)
     }
 }

@@ -12,13 +12,14 @@
 //! therefore (almost never) share statistics. Running statistics are
 //! updated once per group.
 
+use crate::branch::{state_tensor, MomentumTwin};
 use crate::encoder::ResNet;
 use crate::head::ProjectionHead;
 use crate::loss::{info_nce, l2_normalize};
 use crate::model::{build_encoder_and_head, ModelConfig};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use pretext_core::init::{named_tensors, named_vars};
+use pretext_core::init::named_vars;
 use pretext_core::trainer::{Method, StepCx, StepOut};
 use pretext_core::{Error, SeededVarMap};
 use pretext_data::ImageBatch;
@@ -184,10 +185,7 @@ pub struct MoCo {
     /// The query encoder (what transfers).
     pub encoder: ResNet,
     head: ProjectionHead,
-    key_params: SeededVarMap,
-    key_buffers: VarMap,
-    key_encoder: ResNet,
-    key_head: ProjectionHead,
+    key: MomentumTwin<ProjectionHead>,
     queue: MomentumQueue,
     pending: Option<Tensor>,
     cfg: ModelConfig,
@@ -201,17 +199,14 @@ impl MoCo {
     pub fn new(cfg: &ModelConfig, seed: u64, device: &Device) -> candle_core::Result<Self> {
         let (params, buffers, encoder, head) = build_encoder_and_head(cfg, seed, device)?;
         // same seed and stream: the key networks start as exact copies
-        let (key_params, key_buffers, key_encoder, key_head) = build_encoder_and_head(cfg, seed, device)?;
+        let key = MomentumTwin::new(cfg, seed, device, "key.")?;
         let queue = MomentumQueue::new(cfg.moco.queue_size, cfg.head.output, seed, device)?;
         Ok(Self {
             params,
             buffers,
             encoder,
             head,
-            key_params,
-            key_buffers,
-            key_encoder,
-            key_head,
+            key,
             queue,
             pending: None,
             cfg: cfg.clone(),
@@ -225,7 +220,7 @@ impl MoCo {
 
     /// The key encoder's parameters (EMA of the query's).
     pub fn key_params(&self) -> &VarMap {
-        self.key_params.var_map()
+        self.key.params()
     }
 
     /// Normalised projections of `x` through encoder + head, batch norm
@@ -275,8 +270,8 @@ impl MoCo {
             &[cx.step, salt],
         ));
         Ok(Self::project_grouped(
-            &self.key_encoder,
-            &self.key_head,
+            self.key.encoder(),
+            self.key.head(),
             x,
             self.cfg.moco.bn_groups,
             Some(&perm),
@@ -286,14 +281,6 @@ impl MoCo {
 
     fn queries(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         Self::project_grouped(&self.encoder, &self.head, x, self.cfg.moco.bn_groups, None)
-    }
-
-    fn key_tensors(&self) -> Vec<(String, Tensor)> {
-        named_tensors(self.key_params.var_map())
-            .into_iter()
-            .chain(named_tensors(&self.key_buffers))
-            .map(|(n, t)| (format!("key.{n}"), t))
-            .collect()
     }
 }
 
@@ -342,7 +329,7 @@ impl Method for MoCo {
         } else {
             self.cfg.moco.momentum
         };
-        pretext_core::ema::ema_update(self.key_params.var_map(), self.params.var_map(), m)?;
+        self.key.follow(named_vars(self.params.var_map()), m)?;
         if let Some(keys) = self.pending.take() {
             self.queue.push(&keys)?;
         }
@@ -350,7 +337,7 @@ impl Method for MoCo {
     }
 
     fn buffers(&self) -> Vec<(String, Tensor)> {
-        let mut v = self.key_tensors();
+        let mut v = self.key.tensors();
         v.push(("queue".into(), self.queue.keys().clone()));
         if let Ok(p) = Tensor::new(&[self.queue.ptr() as u32], self.queue.keys().device()) {
             v.push(("queue_ptr".into(), p));
@@ -359,37 +346,11 @@ impl Method for MoCo {
     }
 
     fn load_buffers(&mut self, buffers: &HashMap<String, Tensor>) -> pretext_core::Result<()> {
-        let get = |name: &str, dims: &[usize]| -> pretext_core::Result<&Tensor> {
-            let t = buffers.get(name).ok_or_else(|| {
-                Error::Config(format!(
-                    "state.safetensors has no `{name}` (is this a MoCo checkpoint?)"
-                ))
-            })?;
-            if t.dims() != dims {
-                return Err(Error::Config(format!(
-                    "state.safetensors: `{name}` has shape {:?}, the model needs {dims:?}",
-                    t.dims()
-                )));
-            }
-            Ok(t)
-        };
-        let expected: usize = named_vars(self.key_params.var_map()).len() + named_vars(&self.key_buffers).len() + 2;
-        if buffers.len() != expected {
-            let known: std::collections::HashSet<String> = self.buffers().into_iter().map(|(n, _)| n).collect();
-            let extra: Vec<&String> = buffers.keys().filter(|k| !known.contains(*k)).collect();
-            return Err(Error::Config(format!(
-                "state.safetensors has unexpected tensors {extra:?}"
-            )));
-        }
-        for (name, var) in named_vars(self.key_params.var_map())
-            .into_iter()
-            .chain(named_vars(&self.key_buffers))
-        {
-            let t = get(&format!("key.{name}"), var.dims())?;
-            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
-        }
-        let keys = get("queue", self.queue.keys().dims())?.to_dtype(DType::F32)?;
-        let ptr = get("queue_ptr", &[1])?.to_dtype(DType::U32)?.to_vec1::<u32>()?[0] as usize;
+        self.key.load(buffers, &["queue", "queue_ptr"], "MoCo")?;
+        let keys = state_tensor(buffers, "queue", self.queue.keys().dims(), "MoCo")?.to_dtype(DType::F32)?;
+        let ptr = state_tensor(buffers, "queue_ptr", &[1], "MoCo")?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?[0] as usize;
         self.queue = MomentumQueue::from_parts(keys.to_device(self.queue.keys().device())?, ptr)
             .map_err(|e| Error::Config(format!("state.safetensors: {e}")))?;
         self.pending = None;
@@ -398,28 +359,12 @@ impl Method for MoCo {
 
     /// The key networks start as copies of the initial query networks.
     fn weights_loaded(&mut self) -> pretext_core::Result<()> {
-        for (from, to) in [
-            (self.params.var_map(), self.key_params.var_map()),
-            (&self.buffers, &self.key_buffers),
-        ] {
-            let src: HashMap<String, candle_core::Var> = named_vars(from).into_iter().collect();
-            for (name, var) in named_vars(to) {
-                if let Some(v) = src.get(&name) {
-                    var.set(&v.as_tensor().copy()?)?;
-                }
-            }
-        }
-        Ok(())
+        let mut src = named_vars(self.params.var_map());
+        src.extend(named_vars(&self.buffers));
+        self.key.copy_from(src)
     }
 
     fn metadata(&self) -> BTreeMap<String, String> {
-        [
-            ("pretext.paradigm", "contrastive"),
-            ("pretext.method", "moco"),
-            ("pretext.architecture", self.encoder.arch().name()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+        crate::branch::method_metadata("moco", &self.encoder)
     }
 }

@@ -71,6 +71,25 @@ pub(crate) fn build_encoder_and_head(
     seed: u64,
     device: &Device,
 ) -> candle_core::Result<(SeededVarMap, VarMap, ResNet, ProjectionHead)> {
+    build_encoder_with(cfg, seed, device, |features, b| {
+        let mut head_cfg = cfg.head.clone();
+        head_cfg.input = features;
+        ProjectionHead::new(&head_cfg, b)
+    })
+}
+
+/// Parameters (from the `init` stream of `seed`), buffers, encoder
+/// (`encoder.*`) and the head `head` builds (`head.*`) from the encoder's
+/// feature size.
+///
+/// # Errors
+/// An invalid config.
+pub(crate) fn build_encoder_with<H>(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &Device,
+    head: impl FnOnce(usize, &Builders) -> candle_core::Result<H>,
+) -> candle_core::Result<(SeededVarMap, VarMap, ResNet, H)> {
     let params = SeededVarMap::from_seed(seed, pretext_core::seed::INIT);
     let buffers = VarMap::new();
     let b = Builders {
@@ -78,9 +97,7 @@ pub(crate) fn build_encoder_and_head(
         buffers: VarBuilder::from_varmap(&buffers, DType::F32, device),
     };
     let encoder = ResNet::new(&cfg.encoder, &b.pp("encoder"))?;
-    let mut head_cfg = cfg.head.clone();
-    head_cfg.input = encoder.out_dim();
-    let head = ProjectionHead::new(&head_cfg, &b.pp("head"))?;
+    let head = head(encoder.out_dim(), &b.pp("head"))?;
     Ok((params, buffers, encoder, head))
 }
 

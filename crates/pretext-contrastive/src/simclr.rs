@@ -74,13 +74,6 @@ impl Method for SimClr {
     }
 
     fn metadata(&self) -> BTreeMap<String, String> {
-        [
-            ("pretext.paradigm", "contrastive"),
-            ("pretext.method", "simclr"),
-            ("pretext.architecture", self.encoder.arch().name()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+        crate::branch::method_metadata("simclr", &self.encoder)
     }
 }

@@ -79,6 +79,20 @@ fn image_encoders_pretrained_on_an_unlabelled_folder_are_probed_on_separate_labe
             .join(format!("run-{}", bin.rsplit('-').next().unwrap_or("x")));
         ok(bin, &os(&args!["pretrain", "--data", unlabelled, "--out", run, tiny]));
         assert!(run.join("checkpoints/latest").is_file());
+        if bin == CONTRASTIVE {
+            // no kNN without labels, but the collapse indicators of training images
+            let log = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+            let events: Vec<serde_json::Value> = log
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|r| r.get("event").is_some())
+                .collect();
+            assert!(!events.iter().any(|e| e["event"] == "knn"), "{events:?}");
+            let spread = events.iter().find(|e| e["event"] == "spread").expect("a spread event");
+            let rank = spread["effective_rank"].as_f64().unwrap_or(0.0);
+            let dim = spread["dim"].as_f64().unwrap_or(0.0);
+            assert!((1.0..=dim).contains(&rank), "{spread}");
+        }
         let err = fails(bin, &os(&args!["probe", run, "--quiet"]));
         assert!(err.contains("no labels") && err.contains("--data PATH"), "{bin}: {err}");
 

@@ -59,6 +59,22 @@ pub fn line_chart(
     series: &[(String, Vec<(f64, f64)>)],
     log_x: bool,
 ) -> Result<Vec<u8>> {
+    line_chart_spanning(title, x_label, y_label, series, log_x, None)
+}
+
+/// [`line_chart`] whose y axis spans at least `y_span` (`(0, 1)` for
+/// fractions of an ideal, so that a flat line near 0.5 is drawn as such).
+///
+/// # Errors
+/// No points, or drawing failed.
+pub fn line_chart_spanning(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    log_x: bool,
+    y_span: Option<(f64, f64)>,
+) -> Result<Vec<u8>> {
     let pts = series.iter().flat_map(|(_, s)| s.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in pts {
@@ -69,6 +85,9 @@ pub fn line_chart(
     }
     if x0 > x1 {
         return Err(Error::Invalid(format!("drawing {title}: no data")));
+    }
+    if let Some((lo, hi)) = y_span {
+        (y0, y1) = (y0.min(lo), y1.max(hi));
     }
     let pad = ((y1 - y0) * 0.08).max(1e-3);
     let (y0, y1) = (y0 - pad, y1 + pad);
@@ -230,7 +249,7 @@ pub fn spread_curve(records: &[serde_json::Value]) -> Result<Option<Vec<u8>>> {
     if std.is_empty() && rank.is_empty() {
         return Ok(None);
     }
-    line_chart(
+    line_chart_spanning(
         "Collapse indicators (held-out embeddings; 0 = collapsed)",
         "epoch",
         "fraction of the ideal",
@@ -239,6 +258,7 @@ pub fn spread_curve(records: &[serde_json::Value]) -> Result<Option<Vec<u8>>> {
             ("effective rank / d".to_string(), rank),
         ],
         false,
+        Some((0.0, 1.0)),
     )
     .map(Some)
 }

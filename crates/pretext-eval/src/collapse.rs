@@ -77,44 +77,117 @@ pub fn spread(features: &[f32], d: usize) -> Option<Spread> {
     })
 }
 
-/// The eigenvalues of a symmetric `d × d` matrix (row-major), by cyclic
-/// Jacobi rotations until the off-diagonal mass is negligible.
-pub fn symmetric_eigenvalues(mut a: Vec<f64>, d: usize) -> Vec<f64> {
-    let scale: f64 = a.iter().map(|x| x * x).sum::<f64>().max(f64::MIN_POSITIVE);
-    for _sweep in 0..64 {
-        let off: f64 = (0..d)
-            .flat_map(|i| (0..d).filter(move |&j| j != i).map(move |j| (i, j)))
-            .map(|(i, j)| a[i * d + j] * a[i * d + j])
-            .sum();
-        if off <= 1e-24 * scale {
-            break;
+/// The eigenvalues of a symmetric `d × d` matrix (row-major), unsorted:
+/// Householder reduction to tridiagonal form, then the implicit QL
+/// iteration with Wilkinson shifts (eigenvalues only; O(d³) once).
+pub fn symmetric_eigenvalues(mut a: Vec<f64>, n: usize) -> Vec<f64> {
+    if n == 0 {
+        return vec![];
+    }
+    let mut d = vec![0.0; n];
+    let mut e = vec![0.0; n];
+    // Householder: row i (from the last) is reduced to its sub-diagonal element e[i].
+    for i in (1..n).rev() {
+        let l = i - 1;
+        if l == 0 {
+            e[i] = a[i * n + l];
+            continue;
         }
-        for p in 0..d {
-            for q in p + 1..d {
-                let apq = a[p * d + q];
-                if apq.abs() < 1e-300 {
-                    continue;
-                }
-                let (app, aqq) = (a[p * d + p], a[q * d + q]);
-                let theta = (aqq - app) / (2.0 * apq);
-                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
-                let t = if theta == 0.0 { 1.0 } else { t };
-                let c = 1.0 / (t * t + 1.0).sqrt();
-                let s = t * c;
-                for k in 0..d {
-                    let (akp, akq) = (a[k * d + p], a[k * d + q]);
-                    a[k * d + p] = c * akp - s * akq;
-                    a[k * d + q] = s * akp + c * akq;
-                }
-                for k in 0..d {
-                    let (apk, aqk) = (a[p * d + k], a[q * d + k]);
-                    a[p * d + k] = c * apk - s * aqk;
-                    a[q * d + k] = s * apk + c * aqk;
-                }
+        let scale: f64 = (0..=l).map(|k| a[i * n + k].abs()).sum();
+        if scale == 0.0 {
+            e[i] = a[i * n + l];
+            continue;
+        }
+        let mut h = 0.0;
+        for k in 0..=l {
+            a[i * n + k] /= scale;
+            h += a[i * n + k] * a[i * n + k];
+        }
+        let f = a[i * n + l];
+        let g = if f >= 0.0 { -h.sqrt() } else { h.sqrt() };
+        e[i] = scale * g;
+        h -= f * g;
+        a[i * n + l] = f - g;
+        let mut f = 0.0;
+        for j in 0..=l {
+            let mut g = 0.0;
+            for k in 0..=j {
+                g += a[j * n + k] * a[i * n + k];
+            }
+            for k in j + 1..=l {
+                g += a[k * n + j] * a[i * n + k];
+            }
+            e[j] = g / h;
+            f += e[j] * a[i * n + j];
+        }
+        let hh = f / (h + h);
+        for j in 0..=l {
+            let f = a[i * n + j];
+            let g = e[j] - hh * f;
+            e[j] = g;
+            for k in 0..=j {
+                a[j * n + k] -= f * e[k] + g * a[i * n + k];
             }
         }
     }
-    (0..d).map(|i| a[i * d + i]).collect()
+    for (i, di) in d.iter_mut().enumerate() {
+        *di = a[i * n + i];
+    }
+    // QL on the tridiagonal matrix (diagonal d, sub-diagonal e shifted down).
+    for i in 1..n {
+        e[i - 1] = e[i];
+    }
+    e[n - 1] = 0.0;
+    for l in 0..n {
+        let mut iterations = 0;
+        loop {
+            let mut m = l;
+            while m + 1 < n {
+                let dd = d[m].abs() + d[m + 1].abs();
+                if e[m].abs() <= f64::EPSILON * dd {
+                    break;
+                }
+                m += 1;
+            }
+            if m == l || iterations == 64 {
+                break;
+            }
+            iterations += 1;
+            let mut g = (d[l + 1] - d[l]) / (2.0 * e[l]);
+            let mut r = g.hypot(1.0);
+            g = d[m] - d[l] + e[l] / (g + if g >= 0.0 { r } else { -r });
+            let (mut s, mut c, mut p) = (1.0, 1.0, 0.0);
+            let mut underflow = false;
+            let mut i = m;
+            while i > l {
+                i -= 1;
+                let f = s * e[i];
+                let b = c * e[i];
+                r = f.hypot(g);
+                e[i + 1] = r;
+                if r == 0.0 {
+                    d[i + 1] -= p;
+                    e[m] = 0.0;
+                    underflow = true;
+                    break;
+                }
+                s = f / r;
+                c = g / r;
+                g = d[i + 1] - p;
+                r = (d[i] - g) * s + 2.0 * c * b;
+                p = s * r;
+                d[i + 1] = g + p;
+                g = c * r - b;
+            }
+            if underflow {
+                continue;
+            }
+            d[l] -= p;
+            e[l] = g;
+            e[m] = 0.0;
+        }
+    }
+    d
 }
 
 #[cfg(test)]
@@ -170,5 +243,45 @@ mod tests {
         assert!((s.std - 4.0 * 0.5 / 8.0).abs() < 1e-9, "{s:?}");
         assert!((s.uniform_std - 1.0 / 8f64.sqrt()).abs() < 1e-12);
         assert!(spread(&[], 4).is_none());
+    }
+
+    #[test]
+    fn eigenvalues_of_random_symmetric_matrices_keep_trace_and_frobenius_norm() {
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        for n in [1usize, 2, 5, 33] {
+            let mut m = vec![0.0; n * n];
+            for i in 0..n {
+                for j in 0..=i {
+                    let v = next();
+                    m[i * n + j] = v;
+                    m[j * n + i] = v;
+                }
+            }
+            let trace: f64 = (0..n).map(|i| m[i * n + i]).sum();
+            let frob: f64 = m.iter().map(|v| v * v).sum();
+            let e = symmetric_eigenvalues(m.clone(), n);
+            assert!((e.iter().sum::<f64>() - trace).abs() < 1e-10, "n={n}");
+            assert!((e.iter().map(|v| v * v).sum::<f64>() - frob).abs() < 1e-10, "n={n}");
+            // the largest |λ| is the Rayleigh quotient of power iteration's vector
+            let top = e
+                .iter()
+                .cloned()
+                .fold(0f64, |a, b| if b.abs() > a.abs() { b } else { a });
+            let mut v = vec![1.0; n];
+            for _ in 0..2000 {
+                let w: Vec<f64> = (0..n).map(|i| (0..n).map(|j| m[i * n + j] * v[j]).sum()).collect();
+                let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt();
+                v = w.iter().map(|x| x / norm).collect();
+            }
+            let mv: Vec<f64> = (0..n).map(|i| (0..n).map(|j| m[i * n + j] * v[j]).sum()).collect();
+            let rayleigh: f64 = mv.iter().zip(&v).map(|(a, b)| a * b).sum();
+            assert!((rayleigh.abs() - top.abs()).abs() < 1e-6, "n={n}: {rayleigh} vs {top}");
+        }
     }
 }

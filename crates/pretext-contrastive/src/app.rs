@@ -164,20 +164,6 @@ pub fn monitor(
     })
 }
 
-/// kNN accuracy of the current encoder ([`monitor`]'s); `None` without labels.
-///
-/// # Errors
-/// As [`embed`].
-pub fn monitor_knn(
-    model: &ContrastiveModel,
-    data: &RunData,
-    cfg: &ContrastiveConfig,
-    device: &Device,
-    observer: &mut dyn Observer,
-) -> Result<Option<f64>> {
-    Ok(monitor(model, data, cfg, device, observer)?.knn)
-}
-
 /// A freshly initialised model of the config's method (seeded by `train.seed`).
 ///
 /// # Errors

@@ -77,17 +77,6 @@ impl Online {
             .collect()
     }
 
-    /// [`Online::twin_source`] and the batch-norm statistics outside the predictor.
-    pub fn twin_state(&self) -> Vec<(String, Var)> {
-        let mut v = self.twin_source();
-        v.extend(
-            named_vars(&self.buffers)
-                .into_iter()
-                .filter(|(n, _)| !n.starts_with("predictor.")),
-        );
-        v
-    }
-
     /// `pretext.*` metadata of `model.safetensors`.
     pub fn metadata(&self, method: &str) -> BTreeMap<String, String> {
         method_metadata(method, &self.encoder)
@@ -186,9 +175,10 @@ impl<H: FeatureHead> MomentumTwin<H> {
         pretext_core::ema::ema_update_from(self.params.var_map(), source, momentum)
     }
 
-    /// Copies the same-named parameters and batch-norm statistics of `source`.
-    pub fn copy_from(&self, source: Vec<(String, Var)>) -> pretext_core::Result<()> {
-        let src: HashMap<String, Var> = source.into_iter().collect();
+    /// Copies the same-named parameters and batch-norm statistics of a
+    /// trained network (names the twin lacks, a predictor's, are passed over).
+    pub fn copy_from(&self, params: &VarMap, buffers: &VarMap) -> pretext_core::Result<()> {
+        let src: HashMap<String, Var> = named_vars(params).into_iter().chain(named_vars(buffers)).collect();
         for (name, var) in named_vars(self.params.var_map())
             .into_iter()
             .chain(named_vars(&self.buffers))

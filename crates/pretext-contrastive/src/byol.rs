@@ -149,7 +149,8 @@ impl Method for Byol {
 
     /// The target starts as a copy of the initial online network.
     fn weights_loaded(&mut self) -> pretext_core::Result<()> {
-        self.target.copy_from(self.online.twin_state())
+        self.target
+            .copy_from(self.online.params.var_map(), &self.online.buffers)
     }
 
     fn metadata(&self) -> BTreeMap<String, String> {

@@ -312,9 +312,7 @@ impl Method for Dino {
 
     /// The teacher starts as a copy of the loaded student.
     fn weights_loaded(&mut self) -> pretext_core::Result<()> {
-        let mut src = named_vars(self.params.var_map());
-        src.extend(named_vars(&self.buffers));
-        self.teacher.copy_from(src)
+        self.teacher.copy_from(self.params.var_map(), &self.buffers)
     }
 
     fn metadata(&self) -> BTreeMap<String, String> {

@@ -359,9 +359,7 @@ impl Method for MoCo {
 
     /// The key networks start as copies of the initial query networks.
     fn weights_loaded(&mut self) -> pretext_core::Result<()> {
-        let mut src = named_vars(self.params.var_map());
-        src.extend(named_vars(&self.buffers));
-        self.key.copy_from(src)
+        self.key.copy_from(self.params.var_map(), &self.buffers)
     }
 
     fn metadata(&self) -> BTreeMap<String, String> {

@@ -35,7 +35,7 @@ fn shared_crates_depend_only_downwards() {
         !core.iter().any(|d| d.starts_with("pretext-")),
         "pretext-core must be the leaf: {core:?}"
     );
-    for shared in ["pretext-data", "pretext-eval"] {
+    for shared in ["pretext-data", "pretext-eval", "pretext-vit"] {
         let deps = deps_of(shared);
         for p in PARADIGMS {
             assert!(!deps.iter().any(|d| d == p), "{shared} depends on paradigm crate {p}");
@@ -44,6 +44,13 @@ fn shared_crates_depend_only_downwards() {
     assert!(
         !deps_of("pretext-data").iter().any(|d| d == "pretext-eval"),
         "pretext-data must not depend on pretext-eval"
+    );
+    let vit = deps_of("pretext-vit");
+    assert!(
+        vit.iter()
+            .filter(|d| d.starts_with("pretext-"))
+            .all(|d| d == "pretext-core"),
+        "pretext-vit is a model on the core ops alone: {vit:?}"
     );
 }
 
@@ -54,6 +61,7 @@ fn only_binaries_use_cli_crates() {
         "pretext-core",
         "pretext-data",
         "pretext-eval",
+        "pretext-vit",
         "pretext-contrastive",
         "pretext-generative",
         "pretext-mlm",

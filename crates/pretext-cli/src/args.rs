@@ -146,8 +146,8 @@ pub struct FinetuneArgs {
     #[arg(conflicts_with = "init")]
     pub run: Option<PathBuf>,
     /// Fine-tune existing weights instead of a run's: a run or export
-    /// folder, a Hugging Face BERT folder, torchvision ResNet-18 weights
-    /// (.safetensors), or hub:owner/name[@revision].
+    /// folder, a Hugging Face BERT folder, torchvision ResNet-18 or timm
+    /// ViT weights (.safetensors), or hub:owner/name[@revision].
     #[arg(long, value_name = "SOURCE")]
     pub init: Option<String>,
     /// Labelled data: its own train/test split where it has one (IDX t10k,

@@ -92,8 +92,9 @@ pub enum Command<F: PretrainFlags, X: Extra> {
         data: Option<PathBuf>,
         /// Start from existing weights instead of a random initialisation: a
         /// run folder, an export folder, a Hugging Face BERT folder
-        /// (pretext-mlm), torchvision ResNet-18 weights in a .safetensors file
-        /// (pretext-contrastive), or hub:owner/name[@revision]. The model's
+        /// (pretext-mlm), torchvision ResNet-18 or timm ViT-Tiny/Small weights
+        /// in a .safetensors file (pretext-contrastive), or
+        /// hub:owner/name[@revision]. The model's
         /// architecture is taken from the source.
         #[arg(long, value_name = "SOURCE")]
         init: Option<String>,

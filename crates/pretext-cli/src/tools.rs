@@ -26,18 +26,20 @@ model card (README.md) for the Hub -> RUN/export/.";
 impl Tool for Generative {
     const BIN: &'static str = "pretext-generative";
     const DEFAULT_CONFIG: &'static str = pretext_generative::DEFAULT_CONFIG;
-    const ABOUT: &'static str = "Generative self-supervised pretraining: a variational autoencoder (VAE).";
+    const ABOUT: &'static str = "Generative self-supervised pretraining: a variational autoencoder (VAE) or a masked \
+autoencoder (MAE) on a Vision Transformer.";
     const LONG_ABOUT: &'static str = "Without --data, the Fashion-MNIST copy shipped in datasets/ is used.";
-    const PRETRAIN_HELP: &'static str = "Train a VAE on unlabeled images; writes a run folder (held-out −ELBO and \
-kNN accuracy on the posterior means after every epoch).";
-    const PROBE_HELP: &'static str = "Test −ELBO and IWAE −log p(x); posterior means as features (linear probe, \
-kNN) against a random-init encoder and raw pixels; reconstructions, samples and interpolations -> RUN/report/ \
-(index.html, eval.json, likelihood.json, PNGs).";
-    const EXPORT_HELP: &'static str =
-        "Write the weights (reference names), config.json and a model card for the Hub -> RUN/export/.";
+    const PRETRAIN_HELP: &'static str = "Train a VAE (or, with --method mae, an MAE) on unlabeled images; writes a \
+run folder (held-out −ELBO or masked reconstruction error, and kNN accuracy on the features, after every epoch).";
+    const PROBE_HELP: &'static str = "The VAE's test −ELBO and IWAE −log p(x), or the MAE's masked reconstruction \
+error; features (posterior means, or the ViT's class token) in a linear probe and kNN against a random-init encoder \
+and raw pixels; reconstructions (and the VAE's samples and interpolations) -> RUN/report/ (index.html, eval.json, \
+likelihood.json or reconstruction.json, PNGs).";
+    const EXPORT_HELP: &'static str = "Write the weights (the VAE's under the reference's names; the MAE's encoder \
+under timm's), config.json and a model card for the Hub -> RUN/export/.";
 
-    fn label(_: &GenerativeConfig) -> String {
-        "vae".into()
+    fn label(cfg: &GenerativeConfig) -> String {
+        cfg.method.clone()
     }
 }
 

@@ -105,7 +105,7 @@ fn shipped_contrastive_configs_are_valid() {
     );
 }
 
-/// Every shipped VAE config merges over the defaults and validates.
+/// Every shipped generative config (VAE, MAE) merges over the defaults and validates.
 #[test]
 fn shipped_generative_configs_are_valid() {
     use pretext_generative::{GenerativeConfig, VaeArch, DEFAULT_CONFIG};
@@ -123,6 +123,17 @@ fn shipped_generative_configs_are_valid() {
             .and_then(|n| n.to_str())
             .unwrap_or_default()
             .to_string();
+        assert!(name.starts_with(&r.config.method), "{name}: method {}", r.config.method);
+        if r.config.method == "mae" {
+            let mae = &r.config.mae;
+            assert_eq!((mae.arch.name(), mae.mask_ratio), ("vit-tiny", 0.75), "{name}");
+            assert_eq!(
+                r.config.train.ema_decay, 0.0,
+                "{name}: the MAE publishes its own weights"
+            );
+            seen.push(name);
+            continue;
+        }
         let want = if name.contains("mlp") {
             (VaeArch::Mlp, 32)
         } else {
@@ -143,7 +154,7 @@ fn shipped_generative_configs_are_valid() {
         seen.push(name);
     }
     seen.sort();
-    assert_eq!(seen, ["vae-fmnist.toml", "vae-mlp-fmnist.toml"]);
+    assert_eq!(seen, ["mae-fmnist.toml", "vae-fmnist.toml", "vae-mlp-fmnist.toml"]);
 }
 
 #[test]

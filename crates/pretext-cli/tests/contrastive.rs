@@ -83,7 +83,34 @@ fn killed_and_resumed_dino_run_matches_the_uninterrupted_one() {
     killed_and_resumed_run_matches_the_uninterrupted_one("dino");
 }
 
+/// A one-block ViT-Tiny on 7×7 patches (a 4×4 grid; DINO's 14×14 local crops
+/// are 2×2 grids with resampled position embeddings).
+const TINY_VIT: [&str; 8] = [
+    "--set",
+    "model.encoder.arch=\"vit-tiny\"",
+    "--set",
+    "model.encoder.depth=1",
+    "--set",
+    "model.encoder.patch_size=7",
+    "--set",
+    "model.dino.local_size=14",
+];
+
+#[test]
+fn killed_and_resumed_vit_byol_run_matches_the_uninterrupted_one() {
+    killed_and_resumed_run_with("byol", &TINY_VIT);
+}
+
+#[test]
+fn killed_and_resumed_vit_dino_run_matches_the_uninterrupted_one() {
+    killed_and_resumed_run_with("dino", &TINY_VIT);
+}
+
 fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
+    killed_and_resumed_run_with(method, &[]);
+}
+
+fn killed_and_resumed_run_with(method: &str, extra: &[&str]) {
     let tmp = tempfile::tempdir().expect("tmp");
     let a = tmp.path().join("a");
     let out = bin()
@@ -101,11 +128,24 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
         .arg("--out")
         .arg(&a)
         .args(TINY)
+        .args(extra)
         .output()
         .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rec_a = records(&a);
     assert_eq!(rec_a.iter().filter(|r| r.get("loss").is_some()).count(), 4);
+    let vit = extra.contains(&"model.encoder.arch=\"vit-tiny\"");
+    let first_encoder_tensor = if vit {
+        "encoder.pos_embed"
+    } else {
+        "encoder.stem.0.weight"
+    };
+    assert!(
+        final_weights(&a, "step-00000004")
+            .iter()
+            .any(|(k, _)| k == first_encoder_tensor),
+        "no {first_encoder_tensor}"
+    );
     assert!(rec_a.iter().any(|r| r["event"] == "knn"), "{rec_a:?}");
 
     // B: the same run, killed after step 3 — its step-2 checkpoint is the latest,
@@ -148,6 +188,8 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
         } else if method == "dino" {
             // the teacher and the centre (moved away from 0 by four updates)
             assert!(sa.contains_key("teacher.head.last_layer.weight_v"), "{:?}", sa.keys());
+            let teacher = format!("teacher.{first_encoder_tensor}");
+            assert!(sa.contains_key(&teacher), "{teacher} missing: {:?}", sa.keys());
             assert_eq!(sa["center"].dims(), [1, 16]);
             let c = sa["center"]
                 .abs()
@@ -155,7 +197,8 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one(method: &str) {
                 .expect("centre");
             assert!(c > 0.0);
         } else {
-            assert!(sa.contains_key("target.encoder.stem.0.weight"), "{:?}", sa.keys());
+            let target = format!("target.{first_encoder_tensor}");
+            assert!(sa.contains_key(&target), "{target} missing: {:?}", sa.keys());
             assert!(
                 !sa.keys().any(|k| k.contains("predictor")),
                 "the target has no predictor"

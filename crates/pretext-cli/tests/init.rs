@@ -215,7 +215,7 @@ fn a_contrastive_export_starts_the_encoder_and_a_fresh_head() {
 fn torchvision_file(path: &Path) -> PathBuf {
     let dev = candle_core::Device::Cpu;
     let cfg = pretext_contrastive::ModelConfig {
-        encoder: pretext_contrastive::ResNetConfig {
+        encoder: pretext_contrastive::EncoderConfig {
             arch: pretext_contrastive::Arch::Resnet18,
             in_channels: 3,
             ..Default::default()
@@ -278,6 +278,104 @@ fn torchvision_weights_set_the_architecture_and_leave_fc_unused() {
     assert_eq!(rec["loaded"], 120, "torchvision's 122 tensors less fc: {rec}");
 }
 
+/// timm ViT-Tiny weights (patch 4, two blocks, 16×16 RGB images): the
+/// backbone's names plus a 1000-class `head.*`.
+fn timm_vit_file(path: &Path) -> PathBuf {
+    let dev = candle_core::Device::Cpu;
+    let cfg = pretext_contrastive::ModelConfig {
+        encoder: pretext_contrastive::EncoderConfig {
+            arch: pretext_contrastive::Arch::VitTiny,
+            in_channels: 3,
+            patch_size: 4,
+            depth: 2,
+            image_size: 16,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let model = pretext_contrastive::ContrastiveModel::new(pretext_contrastive::MethodKind::SimClr, &cfg, 5, &dev)
+        .expect("vit");
+    let mut t: HashMap<String, candle_core::Tensor> = pretext_contrastive::export::backbone_tensors(&model)
+        .into_iter()
+        .collect();
+    t.insert(
+        "head.weight".into(),
+        candle_core::Tensor::zeros((1000, 192), candle_core::DType::F32, &dev).expect("head"),
+    );
+    t.insert(
+        "head.bias".into(),
+        candle_core::Tensor::zeros(1000, candle_core::DType::F32, &dev).expect("head"),
+    );
+    candle_core::safetensors::save(&t, path).expect("save");
+    path.to_path_buf()
+}
+
+#[test]
+fn timm_vit_weights_set_the_architecture_and_leave_the_head_unused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let images = unlabelled_images(&tmp.path().join("photos"), 16);
+    let weights = timm_vit_file(&tmp.path().join("vit.safetensors"));
+    let run = tmp.path().join("run");
+    ok(
+        CONTRASTIVE,
+        &os(&args![
+            "pretrain",
+            "--data",
+            images,
+            "--out",
+            run,
+            "--init",
+            weights,
+            "--quiet",
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "train.batch_size=4"
+        ]),
+    );
+    let config = toml_file(&run.join("config.toml"));
+    let enc = &config["model"]["encoder"];
+    assert_eq!(enc["arch"].as_str(), Some("vit-tiny"));
+    assert_eq!(enc["patch_size"].as_integer(), Some(4));
+    assert_eq!(enc["depth"].as_integer(), Some(2));
+    assert_eq!(enc["in_channels"].as_integer(), Some(3));
+    assert_eq!(config["data"]["channels"].as_integer(), Some(3));
+    assert_eq!(
+        config["data"]["image_size"].as_integer(),
+        Some(16),
+        "the position table's grid (4 × 4 patches of 4)"
+    );
+    let rec = init_record(&run);
+    assert_eq!(strings(&rec["unused"]), vec!["head.bias", "head.weight"]);
+    assert_eq!(
+        rec["loaded"], 30,
+        "4 embedding tensors, 12 per block, the final norm's 2: {rec}"
+    );
+    // a width pretext does not build is refused, naming the file and the width
+    let t: HashMap<String, candle_core::Tensor> = [(
+        "patch_embed.proj.weight".to_string(),
+        candle_core::Tensor::zeros((100, 3, 4, 4), candle_core::DType::F32, &candle_core::Device::Cpu).expect("t"),
+    )]
+    .into();
+    let odd = tmp.path().join("odd.safetensors");
+    candle_core::safetensors::save(&t, &odd).expect("save");
+    let err = fails(
+        CONTRASTIVE,
+        &os(&args![
+            "pretrain",
+            "--data",
+            images,
+            "--out",
+            tmp.path().join("odd"),
+            "--init",
+            odd,
+            "--quiet"
+        ]),
+    );
+    assert!(err.contains("odd.safetensors") && err.contains("100 wide"), "{err}");
+    assert!(!tmp.path().join("odd").exists(), "no run folder for a refused source");
+}
+
 #[test]
 fn sources_that_do_not_fit_are_refused_by_name_and_leave_nothing() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -337,7 +435,9 @@ fn sources_that_do_not_fit_are_refused_by_name_and_leave_nothing() {
     // another paradigm's export
     let err = try_init(GENERATIVE, &a.join("export"));
     assert!(
-        err.contains("config.json") && err.contains("small-resnet") && err.contains("not a VAE"),
+        err.contains("config.json")
+            && err.contains("small-resnet")
+            && err.contains("not a model of pretext-generative"),
         "{err}"
     );
     let err = try_init(MLM, &a.join("export"));

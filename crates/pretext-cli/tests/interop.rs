@@ -1,11 +1,12 @@
-//! Interoperability with PyTorch, torchvision and transformers, both ways:
+//! Interoperability with PyTorch, torchvision, timm and transformers, both ways:
 //! Hugging Face BERT folders written by `save_pretrained` start a run and
 //! give transformers' hidden states; classifier folders written by
 //! `finetune` load strictly in torchvision / `BertForSequenceClassification`
 //! (and the model card's module) and predict what `predict` predicts.
 //!
 //! These need the PyTorch reference's virtual environment (torch,
-//! torchvision, transformers): they are ignored by default and run with
+//! torchvision, transformers, and timm for the ViTs: `pip install timm`):
+//! they are ignored by default and run with
 //! `PRETEXT_REFERENCE=/path/to/reference cargo test -p pretext-cli --test interop -- --ignored`,
 //! where `/path/to/reference/.venv/bin/python` exists.
 
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 const CONTRASTIVE: &str = env!("CARGO_BIN_EXE_pretext-contrastive");
 const MLM: &str = env!("CARGO_BIN_EXE_pretext-mlm");
+const GENERATIVE: &str = env!("CARGO_BIN_EXE_pretext-generative");
 
 fn python() -> PathBuf {
     let root = std::env::var_os("PRETEXT_REFERENCE")
@@ -278,6 +280,18 @@ fn classifier_folders_load_strictly_in_pytorch_and_predict_alike() {
             ],
         ),
         ("card", vec![]),
+        // a ViT classifier: timm's names plus head.*, loaded by the card's timm code
+        (
+            "card-vit",
+            vec![
+                "--set",
+                "model.encoder.arch=\"vit-tiny\"",
+                "--set",
+                "model.encoder.depth=2",
+                "--set",
+                "data.image_size=16", // the images' own size: timm's ViT takes no other
+            ],
+        ),
     ] {
         let run = tmp.path().join(format!("run-{mode}"));
         let mut a = args![
@@ -354,4 +368,118 @@ fn classifier_folders_load_strictly_in_pytorch_and_predict_alike() {
         &os(&args![clf, preds, data, "32"]),
     );
     check(&report, 100);
+}
+
+const CHECK_VIT_EXPORT: &str = r#"
+import json, re, sys, torch
+import numpy as np
+from PIL import Image
+from safetensors.torch import load_file
+export, embeddings, data_root = sys.argv[1], sys.argv[2], sys.argv[3]
+import os
+os.chdir(export)
+conf = json.load(open("config.json"))
+card = open("README.md").read()
+code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+code = code.split("features = model(")[0]
+scope = {}
+exec(code, scope)  # timm.create_model(...) and a strict load_state_dict, as the card says
+model = scope["model"].eval()
+assert type(model).__module__.startswith("timm"), type(model)
+c = conf["in_channels"]
+mean = torch.tensor(conf.get("mean", [0.0] * c)).view(-1, 1, 1)  # the MAE takes [0, 1] intensities
+std = torch.tensor(conf.get("std", [1.0] * c)).view(-1, 1, 1)
+rows = [json.loads(l) for l in open(embeddings)][:10]
+worst, scale = 0.0, 0.0
+for r in rows:
+    img = Image.open(f"{data_root}/{r['id']}").convert("L")
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).unsqueeze(0)
+    x = ((x - mean) / std).unsqueeze(0)
+    with torch.no_grad():
+        f = model(x)[0]
+    ours = torch.tensor(r["embedding"])
+    worst = max(worst, float((f - ours).abs().max()))
+    scale = max(scale, float(f.abs().max()))
+print(json.dumps({"n": len(rows), "max_abs_diff": worst, "max_abs": scale, "dim": int(f.shape[0])}))
+"#;
+
+#[test]
+#[ignore = "needs the PyTorch reference venv with timm: PRETEXT_REFERENCE=..."]
+fn vit_exports_load_in_timm_with_the_same_features() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let images = labelled_images(&tmp.path().join("images"), 4, 5);
+    // a contrastive ViT (SimCLR) and the MAE's encoder, three blocks on 4×4 patches of 16×16 images
+    for (name, bin, arch) in [
+        (
+            "simclr",
+            CONTRASTIVE,
+            vec![
+                "--set",
+                "model.encoder.arch=\"vit-tiny\"",
+                "--set",
+                "model.encoder.depth=3",
+                "--set",
+                "model.encoder.patch_size=4",
+                "--set",
+                "eval.knn_every=0",
+            ],
+        ),
+        (
+            "mae",
+            GENERATIVE,
+            vec![
+                "--method",
+                "mae",
+                "--set",
+                "mae.depth=3",
+                "--set",
+                "mae.patch_size=4",
+                "--set",
+                "eval.every=0",
+            ],
+        ),
+    ] {
+        let run = tmp.path().join(name);
+        let mut a = args![
+            "pretrain",
+            "--data",
+            images,
+            "--out",
+            run,
+            "--quiet",
+            "--set",
+            "data.image_size=16",
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "train.batch_size=8"
+        ];
+        a.extend(arch.iter().map(std::ffi::OsString::from));
+        ok(bin, &os(&a));
+        ok(bin, &os(&args!["export", run]));
+        let emb = tmp.path().join(format!("{name}.jsonl"));
+        ok(
+            bin,
+            &os(&args!["embed", run, "--data", images, "--out", emb, "--quiet"]),
+        );
+        let report = run_python(
+            tmp.path(),
+            "check_vit.py",
+            CHECK_VIT_EXPORT,
+            &os(&args![run.join("export"), emb, images]),
+        );
+        let line = report.lines().rev().find(|l| l.starts_with('{')).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("{report}"));
+        assert_eq!(v["n"].as_u64(), Some(10), "{v}");
+        assert_eq!(v["dim"].as_u64(), Some(192), "{v}");
+        let (diff, scale) = (
+            v["max_abs_diff"].as_f64().expect("diff"),
+            v["max_abs"].as_f64().expect("scale"),
+        );
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{name}: timm's features differ from ours: {v}"
+        );
+        eprintln!("{name}: {v}");
+    }
 }

@@ -171,7 +171,9 @@ pub fn monitor(
 pub fn new_model(cfg: &ContrastiveConfig, device: &Device) -> Result<ContrastiveModel> {
     cfg.validate()?;
     let method = MethodKind::parse(&cfg.method)?;
-    Ok(ContrastiveModel::new(method, &cfg.model, cfg.train.seed, device)?)
+    let mut model = cfg.model.clone();
+    model.encoder.image_size = cfg.data.image_size;
+    Ok(ContrastiveModel::new(method, &model, cfg.train.seed, device)?)
 }
 
 impl Paradigm for Contrastive {

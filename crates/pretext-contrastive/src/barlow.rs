@@ -3,7 +3,7 @@
 //! `Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij²`. No negatives, no predictor, no momentum network.
 
 use crate::branch::{two_views, Online};
-use crate::encoder::ResNet;
+use crate::encoder::Encoder;
 use crate::loss::barlow_twins;
 use crate::model::ModelConfig;
 use candle_core::{Device, Tensor};
@@ -64,7 +64,7 @@ impl BarlowTwins {
     }
 
     /// The encoder (what transfers).
-    pub fn encoder(&self) -> &ResNet {
+    pub fn encoder(&self) -> &Encoder {
         &self.online.encoder
     }
 

@@ -2,7 +2,7 @@
 //! (encoder, projection head, optional predictor) and a momentum twin of its
 //! encoder and head (BYOL's target), saved in `state.safetensors`.
 
-use crate::encoder::ResNet;
+use crate::encoder::Encoder;
 use crate::head::{HeadConfig, ProjectionHead};
 use crate::model::{build_encoder_and_head, ModelConfig};
 use candle_core::{DType, Device, Tensor, Var};
@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 pub(crate) struct Online {
     pub params: SeededVarMap,
     pub buffers: VarMap,
-    pub encoder: ResNet,
+    pub encoder: Encoder,
     pub head: ProjectionHead,
     pub predictor: Option<ProjectionHead>,
 }
@@ -84,7 +84,7 @@ impl Online {
 }
 
 /// `pretext.*` metadata of a contrastive run's `model.safetensors`.
-pub(crate) fn method_metadata(method: &str, encoder: &ResNet) -> BTreeMap<String, String> {
+pub(crate) fn method_metadata(method: &str, encoder: &Encoder) -> BTreeMap<String, String> {
     [
         ("pretext.paradigm", "contrastive"),
         ("pretext.method", method),
@@ -125,7 +125,7 @@ impl FeatureHead for ProjectionHead {
 pub(crate) struct MomentumTwin<H> {
     params: SeededVarMap,
     buffers: VarMap,
-    encoder: ResNet,
+    encoder: Encoder,
     head: H,
     prefix: &'static str,
 }
@@ -139,7 +139,7 @@ impl MomentumTwin<ProjectionHead> {
 
 impl<H: FeatureHead> MomentumTwin<H> {
     /// A twin of already built parts (parameters, buffers, encoder, head).
-    pub fn from_parts(parts: (SeededVarMap, VarMap, ResNet, H), prefix: &'static str) -> Self {
+    pub fn from_parts(parts: (SeededVarMap, VarMap, Encoder, H), prefix: &'static str) -> Self {
         let (params, buffers, encoder, head) = parts;
         Self {
             params,
@@ -156,7 +156,7 @@ impl<H: FeatureHead> MomentumTwin<H> {
     }
 
     /// The twin's encoder.
-    pub fn encoder(&self) -> &ResNet {
+    pub fn encoder(&self) -> &Encoder {
         &self.encoder
     }
 

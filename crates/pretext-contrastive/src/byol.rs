@@ -5,7 +5,7 @@
 //! (`‖p̂₁ − t̂₂‖² + ‖p̂₂ − t̂₁‖²`, each `2 − 2·cos`). No negatives.
 
 use crate::branch::{two_views, MomentumTwin, Online};
-use crate::encoder::ResNet;
+use crate::encoder::Encoder;
 use crate::loss::normalized_mse;
 use crate::model::ModelConfig;
 use candle_core::{Device, Tensor};
@@ -94,7 +94,7 @@ impl Byol {
     }
 
     /// The online encoder (what transfers).
-    pub fn encoder(&self) -> &ResNet {
+    pub fn encoder(&self) -> &Encoder {
         &self.online.encoder
     }
 

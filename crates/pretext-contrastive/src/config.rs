@@ -149,7 +149,20 @@ impl ContrastiveConfig {
             MethodKind::Dino => self.model.dino.validate()?,
         }
         self.model.head.validate("model.head")?;
-        self.model.encoder.validate()?;
+        let mut encoder = self.model.encoder.clone();
+        encoder.image_size = self.data.image_size;
+        encoder.validate()?;
+        let dino = &self.model.dino;
+        if encoder.arch.is_vit() && method == MethodKind::Dino && dino.local_crops > 0 {
+            let p = encoder.patch_size;
+            if dino.local_size % p != 0 {
+                return Err(InvalidSetting::value(
+                    "model.dino.local_size",
+                    dino.local_size,
+                    &format!("must be a multiple of the ViT's model.encoder.patch_size = {p}"),
+                ));
+            }
+        }
         self.optim.validate()?;
         self.schedule.validate()?;
         self.train.validate()?;

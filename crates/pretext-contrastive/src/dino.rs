@@ -8,7 +8,7 @@
 //! for the other views ([`dino_loss`]).
 
 use crate::branch::{state_tensor, MomentumTwin};
-use crate::encoder::ResNet;
+use crate::encoder::Encoder;
 use crate::head::{DinoHead, DinoHeadConfig};
 use crate::loss::dino_loss;
 use crate::model::ModelConfig;
@@ -147,7 +147,7 @@ impl DinoConfig {
     }
 }
 
-type Parts = (SeededVarMap, VarMap, ResNet, DinoHead);
+type Parts = (SeededVarMap, VarMap, Encoder, DinoHead);
 
 /// Encoder (`encoder.*`) and DINO head (`head.*`) from the `init` stream of `seed`.
 fn build(cfg: &ModelConfig, seed: u64, device: &Device) -> candle_core::Result<Parts> {
@@ -169,7 +169,7 @@ fn build(cfg: &ModelConfig, seed: u64, device: &Device) -> candle_core::Result<P
 pub struct Dino {
     params: SeededVarMap,
     buffers: VarMap,
-    encoder: ResNet,
+    encoder: Encoder,
     head: DinoHead,
     teacher: MomentumTwin<DinoHead>,
     center: Tensor,
@@ -197,7 +197,7 @@ impl Dino {
     }
 
     /// The student's encoder (what transfers).
-    pub fn encoder(&self) -> &ResNet {
+    pub fn encoder(&self) -> &Encoder {
         &self.encoder
     }
 

@@ -1,7 +1,9 @@
 //! `embed`, `finetune` and `predict` for SimCLR / MoCo encoders (the flows
 //! are [`pretext_eval::downstream`]'s): a classifier is the encoder under
 //! torchvision's names plus `fc.weight` / `fc.bias`, so a ResNet-18 one
-//! loads strictly into `torchvision.models.resnet18(num_classes=K)`.
+//! loads strictly into `torchvision.models.resnet18(num_classes=K)`; a ViT
+//! one is timm's names plus `head.weight` / `head.bias`, for
+//! `timm.create_model(…, num_classes=K)`.
 
 use crate::app::Contrastive;
 use crate::config::ContrastiveConfig;
@@ -43,6 +45,10 @@ fn module_py(cfg: &ContrastiveConfig, feature_dim: usize, classes: usize) -> Str
                 crate::export::small_resnet_py(enc.in_channels, &stages)
             )
         }
+        arch @ (Arch::VitTiny | Arch::VitSmall) => match (arch.vit_size(), enc.vit_dims(cfg.data.image_size)) {
+            (Some(size), Some(dims)) => pretext_vit::timm_py(size, &dims, classes),
+            _ => String::new(),
+        },
         arch => crate::export::torchvision_resnet_py(
             arch,
             enc.in_channels,
@@ -106,13 +112,17 @@ impl Downstream for Contrastive {
         let enc = &cfg.model.encoder;
         let classes = data.classes.len();
         let architecture = match enc.arch {
-            Arch::SmallResnet => "small-resnet".to_string(),
-            _ => "resnet18".to_string(),
-        };
+            Arch::SmallResnet => "small-resnet",
+            Arch::VitTiny | Arch::VitSmall => "vit",
+            Arch::Resnet18 | Arch::Resnet18Cifar => "resnet18",
+        }
+        .to_string();
+        let vit = enc.vit_dims(cfg.data.image_size);
         let config = serde_json::json!({
             "architecture": enc.arch.name(),
             "in_channels": enc.in_channels,
             "stages": enc.stages().into_iter().map(|(w, s, n)| [w, s, n]).collect::<Vec<_>>(),
+            "vit": vit.as_ref().map(crate::export::VitShape::from),
             "feature_dim": model.feature_dim(),
             "num_classes": classes,
             "id2label": pretext_eval::downstream::id2label(data.classes),

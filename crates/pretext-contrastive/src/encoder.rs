@@ -1,6 +1,9 @@
-//! ResNet encoders: the PyTorch reference's "small-resnet" (a 3×3 stem and
-//! BasicBlock stages, global average pooling) and ResNet-18 in its CIFAR
-//! (3×3 stem, no max-pool) and ImageNet (7×7/2 stem + 3×3/2 max-pool) forms.
+//! Image encoders: ResNets — the PyTorch reference's "small-resnet" (a 3×3
+//! stem and BasicBlock stages, global average pooling) and ResNet-18 in its
+//! CIFAR (3×3 stem, no max-pool) and ImageNet (7×7/2 stem + 3×3/2 max-pool)
+//! forms — and Vision Transformers ([`pretext_vit::Vit`], ViT-Tiny and
+//! ViT-Small widths with the configured patch size and depth), behind one
+//! [`Encoder`].
 //!
 //! Parameter names follow the model each architecture comes from, so the
 //! exported backbone loads in PyTorch unchanged:
@@ -10,7 +13,9 @@
 //!   (one block per stage), `stages.{i}.{j}.*` with several blocks per stage;
 //! - `resnet18`, `resnet18-cifar` (torchvision's `resnet18` without `fc`):
 //!   `conv1.weight`, `bn1.*`, `layer{1-4}.{0,1}.{conv1,bn1,conv2,bn2}.*`,
-//!   `layer{2-4}.0.downsample.{0,1}.*`.
+//!   `layer{2-4}.0.downsample.{0,1}.*`;
+//! - `vit-tiny`, `vit-small`: timm's `VisionTransformer` (`cls_token`,
+//!   `pos_embed`, `patch_embed.proj.*`, `blocks.{i}.*`, `norm.*`).
 //!
 //! Batch-norm tensors are `weight`, `bias`, `running_mean`, `running_var`,
 //! `num_batches_tracked` as in PyTorch.
@@ -19,10 +24,67 @@ use crate::trunk::{resnet_trunk, BlockSpec, ConvBnSpec, TrunkMode, TrunkPlan};
 use candle_core::{Result, Tensor};
 use pretext_core::nn::{BatchNorm, Builders, Conv2d};
 use pretext_core::ops;
+use pretext_vit::{Vit, VitDims, VitSize};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Which ResNet.
+/// The encoder of a run: a ResNet or a Vision Transformer.
+#[derive(Debug, Clone)]
+pub enum Encoder {
+    /// A ResNet (`small-resnet`, `resnet18-cifar`, `resnet18`).
+    ResNet(ResNet),
+    /// A Vision Transformer (`vit-tiny`, `vit-small`) and its width.
+    Vit(Box<Vit>, VitSize),
+}
+
+impl Encoder {
+    /// Builds the encoder `cfg` describes.
+    ///
+    /// # Errors
+    /// An invalid config or a builder failure.
+    pub fn new(cfg: &EncoderConfig, b: &Builders) -> Result<Self> {
+        match (cfg.arch.vit_size(), cfg.vit_dims(cfg.image_size)) {
+            (Some(size), Some(dims)) => {
+                cfg.validate()
+                    .map_err(|e| candle_core::Error::msg(format!("config: {e}")))?;
+                Ok(Self::Vit(Box::new(Vit::new(&dims, &b.params)?), size))
+            }
+            _ => Ok(Self::ResNet(ResNet::new(cfg, b)?)),
+        }
+    }
+
+    /// Feature size.
+    pub fn out_dim(&self) -> usize {
+        match self {
+            Self::ResNet(r) => r.out_dim(),
+            Self::Vit(v, _) => v.out_dim(),
+        }
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> Arch {
+        match self {
+            Self::ResNet(r) => r.arch(),
+            Self::Vit(_, VitSize::VitSmall) => Arch::VitSmall,
+            Self::Vit(_, VitSize::VitTiny) => Arch::VitTiny,
+        }
+    }
+
+    /// Images `(n, c, h, w)` (NCHW, as batches come) → features `(n, out_dim)`;
+    /// `train` selects batch statistics in a ResNet (a ViT has no batch norm
+    /// and no dropout: the same either way).
+    ///
+    /// # Errors
+    /// Shapes that do not fit.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::ResNet(r) => r.forward_t(xs, train),
+            Self::Vit(v, _) => v.forward(xs),
+        }
+    }
+}
+
+/// Which encoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Arch {
@@ -32,6 +94,10 @@ pub enum Arch {
     Resnet18Cifar,
     /// ResNet-18 as in torchvision: 7×7/2 stem and 3×3/2 max-pool, widths 64–512.
     Resnet18,
+    /// ViT-Tiny's width (192, 3 heads) with `patch_size` and `depth` as configured.
+    VitTiny,
+    /// ViT-Small's width (384, 6 heads) with `patch_size` and `depth` as configured.
+    VitSmall,
 }
 
 impl Arch {
@@ -41,20 +107,51 @@ impl Arch {
             Arch::SmallResnet => "small-resnet",
             Arch::Resnet18Cifar => "resnet18-cifar",
             Arch::Resnet18 => "resnet18",
+            Arch::VitTiny => "vit-tiny",
+            Arch::VitSmall => "vit-small",
+        }
+    }
+
+    /// Every architecture, in the order messages list them.
+    pub const ALL: [Self; 5] = [
+        Arch::SmallResnet,
+        Arch::Resnet18Cifar,
+        Arch::Resnet18,
+        Arch::VitTiny,
+        Arch::VitSmall,
+    ];
+
+    /// The architecture called `name` in configs.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// A Vision Transformer.
+    pub fn is_vit(self) -> bool {
+        self.vit_size().is_some()
+    }
+
+    /// The ViT width of a ViT architecture.
+    pub fn vit_size(self) -> Option<VitSize> {
+        match self {
+            Arch::VitTiny => Some(VitSize::VitTiny),
+            Arch::VitSmall => Some(VitSize::VitSmall),
+            _ => None,
         }
     }
 
     fn torchvision_names(self) -> bool {
-        self != Arch::SmallResnet
+        matches!(self, Arch::Resnet18Cifar | Arch::Resnet18)
     }
 }
 
-/// Shape of a [`ResNet`] (the `model.encoder` section).
+/// Shape of an [`Encoder`] (the `model.encoder` section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ResNetConfig {
-    /// `small-resnet` (default), `resnet18-cifar` or `resnet18`. The ResNet-18
-    /// variants fix widths, strides and blocks and ignore those keys.
+pub struct EncoderConfig {
+    /// `small-resnet` (default), `resnet18-cifar`, `resnet18`, `vit-tiny` or
+    /// `vit-small`. The ResNet-18 variants fix widths, strides and blocks and
+    /// ignore those keys; the ViTs read `patch_size` and `depth` only.
     pub arch: Arch,
     /// Input channels (1 for Fashion-MNIST, 3 for CIFAR).
     pub in_channels: usize,
@@ -64,9 +161,18 @@ pub struct ResNetConfig {
     pub strides: Vec<usize>,
     /// BasicBlocks per stage (empty = one each).
     pub blocks: Vec<usize>,
+    /// ViT: side of a square patch (it must divide `data.image_size`, and
+    /// DINO's `local_size`).
+    pub patch_size: usize,
+    /// ViT: transformer blocks.
+    pub depth: usize,
+    /// ViT: side of the training images, which sizes the position
+    /// embeddings; set from `data.image_size` when a run builds its model.
+    #[serde(skip)]
+    pub image_size: usize,
 }
 
-impl Default for ResNetConfig {
+impl Default for EncoderConfig {
     fn default() -> Self {
         Self {
             arch: Arch::SmallResnet,
@@ -74,11 +180,21 @@ impl Default for ResNetConfig {
             widths: vec![32, 64, 128],
             strides: vec![1, 2, 2],
             blocks: vec![],
+            patch_size: 4,
+            depth: 12,
+            image_size: 28,
         }
     }
 }
 
-impl ResNetConfig {
+impl EncoderConfig {
+    /// The ViT's shape for `image_size` images (`None` for a ResNet).
+    pub fn vit_dims(&self, image_size: usize) -> Option<VitDims> {
+        self.arch
+            .vit_size()
+            .map(|v| v.dims(image_size, self.patch_size, self.in_channels, self.depth))
+    }
+
     /// Stage widths, strides and block counts after the architecture's presets.
     pub fn stages(&self) -> Vec<(usize, usize, usize)> {
         match self.arch {
@@ -90,6 +206,7 @@ impl ResNetConfig {
                 .map(|(i, (&w, &s))| (w, s, self.blocks.get(i).copied().unwrap_or(1)))
                 .collect(),
             Arch::Resnet18Cifar | Arch::Resnet18 => vec![(64, 1, 2), (128, 2, 2), (256, 2, 2), (512, 2, 2)],
+            Arch::VitTiny | Arch::VitSmall => vec![],
         }
     }
 
@@ -101,6 +218,17 @@ impl ResNetConfig {
         use pretext_core::InvalidSetting;
         if self.in_channels == 0 {
             return Err(InvalidSetting::value("model.encoder.in_channels", 0, "must be > 0"));
+        }
+        if let Some(dims) = self.vit_dims(self.image_size) {
+            if let Err((key, reason)) = dims.check() {
+                let key = match key {
+                    "patch_size" => "model.encoder.patch_size",
+                    "depth" => "model.encoder.depth",
+                    "image_size" => "data.image_size",
+                    _ => "model.encoder.arch",
+                };
+                return Err(InvalidSetting::new(key, reason));
+            }
         }
         if self.arch == Arch::SmallResnet {
             if self.widths.is_empty() || self.widths.len() != self.strides.len() {
@@ -209,9 +337,12 @@ impl ResNet {
     ///
     /// # Errors
     /// An invalid config or a builder failure.
-    pub fn new(cfg: &ResNetConfig, b: &Builders) -> Result<Self> {
+    pub fn new(cfg: &EncoderConfig, b: &Builders) -> Result<Self> {
         cfg.validate()
             .map_err(|e| candle_core::Error::msg(format!("config: {e}")))?;
+        if cfg.arch.is_vit() {
+            candle_core::bail!("{} is not a ResNet (build it with Encoder::new)", cfg.arch.name());
+        }
         let stages_cfg = cfg.stages();
         let tv = cfg.arch.torchvision_names();
         let w0 = stages_cfg[0].0;
@@ -391,7 +522,7 @@ mod tests {
     use pretext_core::init::{named_tensors, named_vars};
     use pretext_core::SeededVarMap;
 
-    fn build(cfg: &ResNetConfig) -> Result<(ResNet, SeededVarMap, VarMap)> {
+    fn build(cfg: &EncoderConfig) -> Result<(ResNet, SeededVarMap, VarMap)> {
         let params = SeededVarMap::from_seed(1, pretext_core::seed::INIT);
         let buffers = VarMap::new();
         let b = Builders {
@@ -411,18 +542,18 @@ mod tests {
     #[test]
     fn fused_trunk_matches_layer_by_layer() -> Result<()> {
         for cfg in [
-            ResNetConfig {
+            EncoderConfig {
                 in_channels: 1,
                 widths: vec![4, 8, 8],
                 strides: vec![1, 2, 1],
                 blocks: vec![1, 2, 1],
-                ..ResNetConfig::default()
+                ..EncoderConfig::default()
             },
-            ResNetConfig {
+            EncoderConfig {
                 in_channels: 3,
                 widths: vec![6, 6],
                 strides: vec![1, 2],
-                ..ResNetConfig::default()
+                ..EncoderConfig::default()
             },
         ] {
             let (fused, pf, bf) = build(&cfg)?;
@@ -460,10 +591,10 @@ mod tests {
     /// the shapes of a few of them.
     #[test]
     fn resnet18_has_torchvision_names_and_shapes() -> Result<()> {
-        let cfg = ResNetConfig {
+        let cfg = EncoderConfig {
             arch: Arch::Resnet18,
             in_channels: 3,
-            ..ResNetConfig::default()
+            ..EncoderConfig::default()
         };
         let (net, params, buffers) = build(&cfg)?;
         let mut names: Vec<String> = named_tensors(params.var_map())
@@ -511,10 +642,10 @@ mod tests {
 
     #[test]
     fn resnet18_cifar_keeps_the_resolution_in_the_stem_and_runs_fused() -> Result<()> {
-        let cfg = ResNetConfig {
+        let cfg = EncoderConfig {
             arch: Arch::Resnet18Cifar,
             in_channels: 3,
-            ..ResNetConfig::default()
+            ..EncoderConfig::default()
         };
         let (fused, pf, _) = build(&cfg)?;
         let shapes: std::collections::HashMap<String, Vec<usize>> = named_tensors(pf.var_map())
@@ -542,13 +673,58 @@ mod tests {
 
     #[test]
     fn invalid_shapes_are_rejected_by_key() {
-        let cfg = ResNetConfig {
+        let cfg = EncoderConfig {
             blocks: vec![1, 2],
-            ..ResNetConfig::default()
+            ..EncoderConfig::default()
         };
         assert_eq!(cfg.validate().unwrap_err().key, "model.encoder.blocks");
-        let mut cfg = ResNetConfig::default();
+        let mut cfg = EncoderConfig::default();
         cfg.strides[1] = 0;
         assert_eq!(cfg.validate().unwrap_err().key, "model.encoder.strides");
+        let vit = EncoderConfig {
+            arch: Arch::VitTiny,
+            patch_size: 5,
+            ..EncoderConfig::default()
+        };
+        let e = vit.validate().unwrap_err();
+        assert_eq!(e.key, "model.encoder.patch_size");
+        assert!(e.to_string().contains("28"), "{e}");
+        let vit = EncoderConfig {
+            arch: Arch::VitSmall,
+            depth: 0,
+            ..EncoderConfig::default()
+        };
+        assert_eq!(vit.validate().unwrap_err().key, "model.encoder.depth");
+    }
+
+    #[test]
+    fn a_vit_encoder_has_timm_names_and_its_width() -> Result<()> {
+        for (arch, width) in [(Arch::VitTiny, 192), (Arch::VitSmall, 384)] {
+            let cfg = EncoderConfig {
+                arch,
+                depth: 1,
+                patch_size: 7,
+                ..EncoderConfig::default()
+            };
+            let params = SeededVarMap::from_seed(0, "init");
+            let buffers = VarMap::new();
+            let b = Builders {
+                params: params.var_builder(DType::F32, &Device::Cpu),
+                buffers: VarBuilder::from_varmap(&buffers, DType::F32, &Device::Cpu),
+            };
+            let enc = Encoder::new(&cfg, &b.pp("encoder"))?;
+            assert_eq!((enc.arch(), enc.out_dim()), (arch, width));
+            let names: Vec<String> = pretext_core::init::named_vars(params.var_map())
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            assert!(names.contains(&"encoder.pos_embed".to_string()), "{names:?}");
+            assert!(names.contains(&"encoder.blocks.0.attn.qkv.weight".to_string()));
+            assert!(buffers.all_vars().is_empty(), "a ViT has no buffers");
+            let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu)?;
+            assert_eq!(enc.forward_t(&x, true)?.dims(), [2, width]);
+            assert!(ResNet::new(&cfg, &b).is_err(), "a ViT config is not a ResNet");
+        }
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! `export`: the backbone of a trained run, ready for the Hub and for
 //! PyTorch: `export/model.safetensors` (encoder only, names as the PyTorch
-//! module: torchvision's `resnet18` or the reference's `SmallResNet`),
+//! module: torchvision's `resnet18`, the reference's `SmallResNet` or
+//! timm's `VisionTransformer`),
 //! `export/config.json` and `export/README.md` (a model card with YAML
 //! metadata and the probe's figures when `report/eval.json` exists).
 
@@ -88,13 +89,18 @@ pub fn torchvision_resnet_py(arch: Arch, in_channels: usize, head: &str) -> Stri
 /// `config.json` of an exported backbone.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ExportConfig {
-    /// `small-resnet`, `resnet18-cifar` or `resnet18`.
+    /// `small-resnet`, `resnet18-cifar`, `resnet18`, `vit-tiny` or `vit-small`.
     pub architecture: String,
     /// Input channels.
     pub in_channels: usize,
-    /// Stage widths, strides and blocks.
+    /// Stage widths, strides and blocks (ResNets).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<[usize; 3]>,
-    /// Size of the feature vector (after global average pooling).
+    /// Patch side, blocks, width and heads (ViTs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vit: Option<VitShape>,
+    /// Size of the feature vector (after global average pooling; a ViT's
+    /// class token).
     pub feature_dim: usize,
     /// Side of the square training images.
     pub image_size: usize,
@@ -112,6 +118,33 @@ pub struct ExportConfig {
     pub steps: u64,
     /// Library and version that wrote it.
     pub library: String,
+}
+
+/// The shape of an exported ViT (`config.json`'s `vit`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VitShape {
+    /// Side of a square patch.
+    pub patch_size: usize,
+    /// Transformer blocks.
+    pub depth: usize,
+    /// Token width.
+    pub embed_dim: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Hidden width of the blocks' MLPs.
+    pub mlp_dim: usize,
+}
+
+impl From<&pretext_vit::VitDims> for VitShape {
+    fn from(d: &pretext_vit::VitDims) -> Self {
+        Self {
+            patch_size: d.patch_size,
+            depth: d.depth,
+            embed_dim: d.embed_dim,
+            heads: d.heads,
+            mlp_dim: d.mlp_dim,
+        }
+    }
 }
 
 /// The encoder's tensors (weights and batch-norm buffers) without the
@@ -177,8 +210,7 @@ pub fn model_card(
     y.push_str(&format!(
         "# {} {} encoder pretrained on {}\n\nA {} backbone trained without labels by {method_long} with \
 [pretext](https://github.com/pretext-rs/pretext), {} optimizer steps. It maps a {}×{} image with {} channel(s) \
-to a {}-dimensional feature vector (global average pool of the last stage); use it for linear probes, kNN \
-retrieval or fine-tuning with few labels.\n\n",
+to a {}-dimensional feature vector ({}); use it for linear probes, kNN retrieval or fine-tuning with few labels.\n\n",
         conf.method,
         conf.architecture,
         conf.dataset,
@@ -188,6 +220,11 @@ retrieval or fine-tuning with few labels.\n\n",
         conf.image_size,
         conf.in_channels,
         conf.feature_dim,
+        if conf.vit.is_some() {
+            "the class token after the final LayerNorm"
+        } else {
+            "global average pool of the last stage"
+        },
     ));
     if let Some(r) = report {
         y.push_str("## Transfer (test accuracy, %)\n\n");
@@ -221,6 +258,12 @@ retrieval or fine-tuning with few labels.\n\n",
         Arch::SmallResnet => {
             y.push_str(&small_resnet_py(conf.in_channels, &conf.stages));
             y.push_str("model.load_state_dict(state)\nmodel.eval()\n");
+        }
+        arch @ (Arch::VitTiny | Arch::VitSmall) => {
+            if let (Some(size), Some(dims)) = (arch.vit_size(), cfg.model.encoder.vit_dims(conf.image_size)) {
+                y.push_str(&pretext_vit::timm_py(size, &dims, 0));
+                y.push_str("model.load_state_dict(state)  # timm's names: cls_token, pos_embed, patch_embed, blocks, norm\nmodel.eval()\n");
+            }
         }
     }
     y.push_str(&format!(
@@ -262,6 +305,12 @@ pub fn export_files(cfg: &ContrastiveConfig, trained: &Trained<Contrastive>) -> 
             .into_iter()
             .map(|(w, s, n)| [w, s, n])
             .collect(),
+        vit: cfg
+            .model
+            .encoder
+            .vit_dims(cfg.data.image_size)
+            .as_ref()
+            .map(VitShape::from),
         feature_dim: model.encoder().out_dim(),
         image_size: cfg.data.image_size,
         mean: cfg.data.augment.mean.clone(),

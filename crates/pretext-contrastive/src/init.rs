@@ -1,7 +1,8 @@
 //! Starting from existing weights (`--init`): a contrastive export folder
-//! (`model.safetensors` + `config.json`) or torchvision ResNet-18 weights in
-//! one safetensors file; the encoder comes from the source, the projection
-//! head starts fresh. The source's architecture becomes the config's.
+//! (`model.safetensors` + `config.json`), torchvision ResNet-18 weights or
+//! timm Vision Transformer weights (ViT-Tiny or ViT-Small width) in one
+//! safetensors file; the encoder comes from the source, the projection head
+//! starts fresh. The source's architecture becomes the config's.
 
 use crate::error::{Error, Result};
 use candle_core::Device;
@@ -24,7 +25,8 @@ fn weights_file(path: &Path) -> PathBuf {
 }
 
 /// The encoder's weights of a source, under the model's names (`encoder.`
-/// prefixed; a classifier's `fc.*` kept as it is, and left unused).
+/// prefixed; a classifier's layer — torchvision's `fc.*`, timm's
+/// `head.weight` / `head.bias` — kept as it is, and left unused).
 ///
 /// # Errors
 /// A source without weights, named.
@@ -34,7 +36,7 @@ pub fn initial_weights(spec: &InitSpec, device: &Device) -> Result<InitialWeight
         .tensors
         .into_iter()
         .map(|(n, t)| {
-            if n.starts_with("fc.") {
+            if n.starts_with("fc.") || n == "head.weight" || n == "head.bias" {
                 (n, t)
             } else {
                 (format!("encoder.{n}"), t)
@@ -60,15 +62,24 @@ pub fn init_settings(spec: &InitSpec) -> Result<Vec<String>> {
         let c: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Data(pretext_data::Error::format(&config, format!("not JSON ({e})"))))?;
         let arch = c["architecture"].as_str().unwrap_or_default();
-        if !["small-resnet", "resnet18-cifar", "resnet18"].contains(&arch) {
+        let Some(kind) = crate::Arch::parse(arch) else {
+            let names: Vec<&str> = crate::Arch::ALL.iter().map(|a| a.name()).collect();
             return Err(Error::Data(pretext_data::Error::format(
                 &config,
                 format!(
-                    "architecture {arch:?} is not an image encoder of pretext-contrastive (small-resnet, resnet18-cifar, resnet18)"
+                    "architecture {arch:?} is not an image encoder of pretext-contrastive ({})",
+                    names.join(", ")
                 ),
             )));
-        }
+        };
         let mut s = vec![format!("model.encoder.arch={arch:?}")];
+        if kind.is_vit() {
+            for key in ["patch_size", "depth"] {
+                if let Some(v) = c["vit"][key].as_u64() {
+                    s.push(format!("model.encoder.{key}={v}"));
+                }
+            }
+        }
         if let Some(c_in) = c["in_channels"].as_u64() {
             s.push(format!("model.encoder.in_channels={c_in}"));
             s.push(format!("data.channels={c_in}"));
@@ -95,6 +106,23 @@ pub fn init_settings(spec: &InitSpec) -> Result<Vec<String>> {
         return Ok(vec![]);
     }
     let (tensors, _) = pretext_core::checkpoint::read_safetensors(&file, &Device::Cpu)?;
+    let vit = pretext_vit::timm_shape(&tensors).map_err(|why| Error::Data(pretext_data::Error::format(&file, why)))?;
+    if let Some(v) = vit {
+        let mut s = vec![
+            format!("model.encoder.arch={:?}", v.size.name()),
+            format!("model.encoder.patch_size={}", v.patch_size),
+            format!("model.encoder.depth={}", v.depth),
+            format!("model.encoder.in_channels={}", v.in_channels),
+            format!("data.channels={}", v.in_channels),
+            format!("data.image_size={}", v.image_size),
+        ];
+        if v.in_channels == 3 {
+            // timm's ViTs of the original recipe normalise with 0.5 / 0.5
+            s.push("data.augment.mean=[0.5, 0.5, 0.5]".into());
+            s.push("data.augment.std=[0.5, 0.5, 0.5]".into());
+        }
+        return Ok(s);
+    }
     let Some(conv1) = tensors.get("conv1.weight") else {
         return Ok(vec![]);
     };

@@ -31,7 +31,7 @@ pub use barlow::{BarlowTwins, BarlowTwinsConfig};
 pub use byol::{Byol, ByolConfig};
 pub use config::{method_preset, ContrastiveConfig, DataConfig, EvalConfig, DEFAULT_CONFIG};
 pub use dino::{Dino, DinoConfig};
-pub use encoder::{Arch, ResNet, ResNetConfig};
+pub use encoder::{Arch, Encoder, EncoderConfig, ResNet};
 pub use error::{Error, Result};
 pub use head::{DinoHead, DinoHeadConfig, HeadConfig, ProjectionHead};
 pub use loss::{barlow_twins, dino_loss, info_nce, negative_cosine, normalized_mse, nt_xent, vicreg, VicRegWeights};

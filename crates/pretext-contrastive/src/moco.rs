@@ -13,7 +13,7 @@
 //! updated once per group.
 
 use crate::branch::{state_tensor, MomentumTwin};
-use crate::encoder::ResNet;
+use crate::encoder::Encoder;
 use crate::head::ProjectionHead;
 use crate::loss::{info_nce, l2_normalize};
 use crate::model::{build_encoder_and_head, ModelConfig};
@@ -183,7 +183,7 @@ pub struct MoCo {
     params: SeededVarMap,
     buffers: VarMap,
     /// The query encoder (what transfers).
-    pub encoder: ResNet,
+    pub encoder: Encoder,
     head: ProjectionHead,
     key: MomentumTwin<ProjectionHead>,
     queue: MomentumQueue,
@@ -227,7 +227,7 @@ impl MoCo {
     /// computed separately in `groups` groups of the batch order `perm`
     /// (identity when `None`); rows come back in the input order.
     fn project_grouped(
-        encoder: &ResNet,
+        encoder: &Encoder,
         head: &ProjectionHead,
         x: &Tensor,
         groups: usize,

@@ -5,7 +5,7 @@
 use crate::barlow::{BarlowTwins, BarlowTwinsConfig};
 use crate::byol::{Byol, ByolConfig};
 use crate::dino::{Dino, DinoConfig};
-use crate::encoder::{ResNet, ResNetConfig};
+use crate::encoder::{Encoder, EncoderConfig};
 use crate::head::{HeadConfig, ProjectionHead};
 use crate::moco::{MoCo, MoCoConfig};
 use crate::simclr::SimClr;
@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// The encoder.
-    pub encoder: ResNetConfig,
+    pub encoder: EncoderConfig,
     /// The projection head (`input` is set from the encoder).
     pub head: HeadConfig,
     /// SimCLR's NT-Xent temperature.
@@ -48,7 +48,7 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
-            encoder: ResNetConfig::default(),
+            encoder: EncoderConfig::default(),
             head: HeadConfig::default(),
             temperature: 0.5,
             moco: MoCoConfig::default(),
@@ -70,7 +70,7 @@ pub(crate) fn build_encoder_and_head(
     cfg: &ModelConfig,
     seed: u64,
     device: &Device,
-) -> candle_core::Result<(SeededVarMap, VarMap, ResNet, ProjectionHead)> {
+) -> candle_core::Result<(SeededVarMap, VarMap, Encoder, ProjectionHead)> {
     build_encoder_with(cfg, seed, device, |features, b| {
         let mut head_cfg = cfg.head.clone();
         head_cfg.input = features;
@@ -89,14 +89,14 @@ pub(crate) fn build_encoder_with<H>(
     seed: u64,
     device: &Device,
     head: impl FnOnce(usize, &Builders) -> candle_core::Result<H>,
-) -> candle_core::Result<(SeededVarMap, VarMap, ResNet, H)> {
+) -> candle_core::Result<(SeededVarMap, VarMap, Encoder, H)> {
     let params = SeededVarMap::from_seed(seed, pretext_core::seed::INIT);
     let buffers = VarMap::new();
     let b = Builders {
         params: params.var_builder(DType::F32, device),
         buffers: VarBuilder::from_varmap(&buffers, DType::F32, device),
     };
-    let encoder = ResNet::new(&cfg.encoder, &b.pp("encoder"))?;
+    let encoder = Encoder::new(&cfg.encoder, &b.pp("encoder"))?;
     let head = head(encoder.out_dim(), &b.pp("head"))?;
     Ok((params, buffers, encoder, head))
 }
@@ -223,7 +223,7 @@ impl ContrastiveModel {
     }
 
     /// The encoder (what transfers).
-    pub fn encoder(&self) -> &ResNet {
+    pub fn encoder(&self) -> &Encoder {
         match self {
             Self::SimClr(m) => &m.encoder,
             Self::MoCo(m) => &m.encoder,
@@ -309,8 +309,15 @@ impl pretext_eval::ImageEncoder for ContrastiveModel {
         encoder_vars(self.vars())
     }
 
+    fn classifier_layer(&self) -> &'static str {
+        match self.encoder() {
+            crate::encoder::Encoder::Vit(..) => "head",
+            crate::encoder::Encoder::ResNet(_) => "fc",
+        }
+    }
+
     /// The encoder's weights and batch-norm statistics under the export's
-    /// (torchvision's) names: `encoder.` dropped.
+    /// (torchvision's or timm's) names: `encoder.` dropped.
     fn state(&self) -> Vec<(String, Var)> {
         let mut all = named_vars(self.vars());
         if let Some(b) = self.model_buffers() {

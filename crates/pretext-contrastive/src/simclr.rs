@@ -1,6 +1,6 @@
 //! SimCLR: two augmented views per image, encoder + projection head, NT-Xent.
 
-use crate::encoder::ResNet;
+use crate::encoder::Encoder;
 use crate::head::ProjectionHead;
 use crate::loss::nt_xent;
 use crate::model::{build_encoder_and_head, ModelConfig};
@@ -16,7 +16,7 @@ pub struct SimClr {
     params: SeededVarMap,
     buffers: VarMap,
     /// The encoder (what transfers).
-    pub encoder: ResNet,
+    pub encoder: Encoder,
     head: ProjectionHead,
     cfg: ModelConfig,
 }

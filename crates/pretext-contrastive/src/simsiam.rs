@@ -5,7 +5,7 @@
 //! No negatives, no momentum network.
 
 use crate::branch::{two_views, Online};
-use crate::encoder::ResNet;
+use crate::encoder::Encoder;
 use crate::loss::negative_cosine;
 use crate::model::ModelConfig;
 use candle_core::{Device, Tensor};
@@ -63,7 +63,7 @@ impl SimSiam {
     }
 
     /// The encoder (what transfers).
-    pub fn encoder(&self) -> &ResNet {
+    pub fn encoder(&self) -> &Encoder {
         &self.online.encoder
     }
 

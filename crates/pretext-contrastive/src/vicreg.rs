@@ -4,7 +4,7 @@
 //! weighted 25 / 25 / 1 by default. No negatives, no predictor, no momentum network.
 
 use crate::branch::{two_views, Online};
-use crate::encoder::ResNet;
+use crate::encoder::Encoder;
 use crate::loss::{vicreg, VicRegTerms, VicRegWeights};
 use crate::model::ModelConfig;
 use candle_core::{Device, Tensor};
@@ -99,7 +99,7 @@ impl VicReg {
     }
 
     /// The encoder (what transfers).
-    pub fn encoder(&self) -> &ResNet {
+    pub fn encoder(&self) -> &Encoder {
         &self.online.encoder
     }
 

@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Tensor};
 use pretext_contrastive::{
-    Byol, ContrastiveModel, Dino, DinoConfig, MethodKind, MoCo, ModelConfig, MomentumQueue, ResNetConfig,
+    Byol, ContrastiveModel, Dino, DinoConfig, EncoderConfig, MethodKind, MoCo, ModelConfig, MomentumQueue,
 };
 use pretext_core::init::named_vars;
 use pretext_core::trainer::{Method, Observer, StepCx, StepReport};
@@ -57,10 +57,10 @@ fn queue_wraps_around_at_capacity() {
 
 fn tiny_cfg() -> ModelConfig {
     let mut cfg = ModelConfig {
-        encoder: ResNetConfig {
+        encoder: EncoderConfig {
             widths: vec![4, 8],
             strides: vec![1, 2],
-            ..ResNetConfig::default()
+            ..EncoderConfig::default()
         },
         ..ModelConfig::default()
     };

@@ -101,6 +101,14 @@ pub trait ImageEncoder {
     /// PyTorch module's): what fine-tuning snapshots for early stopping, and
     /// what a classifier folder stores and loads.
     fn state(&self) -> Vec<(String, candle_core::Var)>;
+
+    /// The name of the classification layer the PyTorch module puts on
+    /// these features: `fc` (torchvision's ResNets, the default) or `head`
+    /// (timm's Vision Transformers). A classifier stores `NAME.weight` and
+    /// `NAME.bias`.
+    fn classifier_layer(&self) -> &'static str {
+        "fc"
+    }
 }
 
 /// Rows per forward pass in [`extract_features`].

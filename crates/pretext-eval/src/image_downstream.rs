@@ -1,7 +1,8 @@
 //! The image half of [`crate::downstream`], shared by every paradigm whose
 //! model is an [`ImageEncoder`] (SimCLR / MoCo, the VAE): reading images,
 //! features, pixel baselines, training and storing a classifier as the
-//! encoder's export tensors plus PyTorch's `fc.weight` / `fc.bias`.
+//! encoder's export tensors plus PyTorch's `fc.weight` / `fc.bias` (timm's
+//! `head.*` for a Vision Transformer).
 
 use crate::downstream::ClassifierInputs;
 use crate::features::ImageEncoder;
@@ -119,13 +120,16 @@ pub fn finetune(
     Ok((t.result, t.head))
 }
 
-/// The names of a classification layer in PyTorch's image models.
-pub const FC_WEIGHT: &str = "fc.weight";
-/// See [`FC_WEIGHT`].
-pub const FC_BIAS: &str = "fc.bias";
+/// The names of the classification layer's weight and bias
+/// (`fc.weight`, `fc.bias` for torchvision's ResNets).
+fn head_names(encoder: &dyn ImageEncoder) -> (String, String) {
+    let layer = encoder.classifier_layer();
+    (format!("{layer}.weight"), format!("{layer}.bias"))
+}
 
 /// The classifier's tensors: the encoder's state under its export names,
-/// then `fc.weight` and `fc.bias`, sorted by name.
+/// then the classification layer's (`fc.weight` and `fc.bias`, or the
+/// encoder's [`ImageEncoder::classifier_layer`]), sorted by name.
 ///
 /// # Errors
 /// Tensor errors.
@@ -136,8 +140,9 @@ pub fn classifier_tensors(encoder: &dyn ImageEncoder, head: &LinearHead) -> RunR
         .map(|(n, v)| (n, v.as_tensor().clone()))
         .collect();
     let (w, b) = head.tensors(&Device::Cpu)?;
-    t.push((FC_WEIGHT.into(), w));
-    t.push((FC_BIAS.into(), b));
+    let (wn, bn) = head_names(encoder);
+    t.push((wn, w));
+    t.push((bn, b));
     t.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(t)
 }
@@ -154,7 +159,8 @@ pub fn load_classifier(encoder: &dyn ImageEncoder, dir: &Path, device: &Device) 
     let (found, _) = pretext_core::checkpoint::read_safetensors(&path, device)?;
     let state = encoder.state();
     let mut expected: Vec<(String, Tensor)> = state.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    let w = found.get(FC_WEIGHT);
+    let (fc_weight, fc_bias) = head_names(encoder);
+    let w = found.get(&fc_weight);
     let head_shape = w.map(|w| w.dims().to_vec()).unwrap_or_default();
     let (c, d) = match head_shape.as_slice() {
         [c, d] => (*c, *d),
@@ -163,17 +169,17 @@ pub fn load_classifier(encoder: &dyn ImageEncoder, dir: &Path, device: &Device) 
     if d != encoder.feature_dim() {
         return Err(RunError::Core(pretext_core::Error::Shape {
             path,
-            name: FC_WEIGHT.into(),
+            name: fc_weight.clone(),
             expected: format!("[classes, {}]", encoder.feature_dim()),
             found: format!("{head_shape:?}"),
         }));
     }
     expected.push((
-        FC_WEIGHT.into(),
+        fc_weight.clone(),
         Tensor::zeros((c.max(1), d), candle_core::DType::F32, device)?,
     ));
     expected.push((
-        FC_BIAS.into(),
+        fc_bias.clone(),
         Tensor::zeros(c.max(1), candle_core::DType::F32, device)?,
     ));
     let matched = pretext_core::checkpoint::match_tensors(&path, &expected, &found)?;
@@ -183,7 +189,7 @@ pub fn load_classifier(encoder: &dyn ImageEncoder, dir: &Path, device: &Device) 
             var.set(t)?;
         }
     }
-    let (Some(w), Some(b)) = (by_name.get(FC_WEIGHT), by_name.get(FC_BIAS)) else {
+    let (Some(w), Some(b)) = (by_name.get(&fc_weight), by_name.get(&fc_bias)) else {
         return Err(RunError::Eval(format!("{}: no classification head", path.display())));
     };
     Ok(LinearHead::from_tensors(w, b)?)
@@ -205,7 +211,7 @@ pub fn predict(
 }
 
 /// The model card's "load it in Python" section: `module_py` defines
-/// `model`, whose `forward` returns logits through its `fc` layer; the
+/// `model`, whose `forward` returns logits through its classification layer; the
 /// state is loaded strictly and one image classified.
 pub fn python_usage(module_py: &str, view: &ImageView<'_>, channels: usize) -> String {
     format!(

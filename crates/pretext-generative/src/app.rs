@@ -1,10 +1,13 @@
-//! VAE pretraining as a [`Paradigm`]: data, model, batches, per-epoch
-//! held-out ELBO and kNN; the probe (likelihood, pictures, transfer),
-//! sampling and export. Pretrain and resume come from
+//! Generative pretraining as a [`Paradigm`]: data, model (a VAE or an MAE),
+//! batches, per-epoch held-out ELBO (VAE) or masked reconstruction error
+//! (MAE) and kNN; the probe (likelihood or reconstruction error, pictures,
+//! transfer), sampling and export. Pretrain and resume come from
 //! [`pretext_core::paradigm`], the CLI from `pretext_cli::runner`.
 
 use crate::config::{Binarize, GenerativeConfig};
 use crate::error::{Error, Result};
+use crate::mae::Mae;
+use crate::method::{GenerativeMethod, GenerativeModel};
 use crate::model::{binarize, Vae, VaeArch};
 use crate::pictures::grid_png;
 use candle_core::{Device, Tensor};
@@ -18,7 +21,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// The variational autoencoder on images.
+/// Generative pretraining on images: the variational autoencoder or the masked autoencoder.
 pub struct Generative;
 
 /// Training images and a labelled held-out set for monitoring.
@@ -39,20 +42,70 @@ pub fn load_data(cfg: &GenerativeConfig) -> Result<RunData> {
     Ok(imgs)
 }
 
-/// A freshly initialised VAE (seeded by `train.seed`).
+/// A freshly initialised model of the config's method (seeded by `train.seed`).
 ///
 /// # Errors
 /// An invalid config.
-pub fn new_model(cfg: &GenerativeConfig, device: &Device) -> Result<Vae> {
+pub fn new_model(cfg: &GenerativeConfig, device: &Device) -> Result<GenerativeModel> {
     cfg.validate()?;
-    Ok(Vae::new(
-        &cfg.model,
-        cfg.data.channels,
-        cfg.data.image_size,
-        cfg.train.seed,
-        device,
-    )?
-    .with_dynamic_binarize(cfg.data.binarize == Binarize::Dynamic))
+    let (c, s, seed) = (cfg.data.channels, cfg.data.image_size, cfg.train.seed);
+    Ok(match GenerativeMethod::parse(&cfg.method)? {
+        GenerativeMethod::Vae => GenerativeModel::Vae(Box::new(
+            Vae::new(&cfg.model, c, s, seed, device)?.with_dynamic_binarize(cfg.data.binarize == Binarize::Dynamic),
+        )),
+        GenerativeMethod::Mae => GenerativeModel::Mae(Box::new(Mae::new(&cfg.mae, c, s, seed, device)?)),
+    })
+}
+
+/// The training views: intensities in [0, 1] as they are for the VAE; for
+/// the MAE, random resized crops (20–100% of the image) and horizontal flips,
+/// the paper's augmentation.
+fn training_pipeline(cfg: &GenerativeConfig) -> Result<Pipeline> {
+    if cfg.method == GenerativeMethod::Mae.name() {
+        let mut aug = AugmentConfig::none(vec![], vec![]);
+        aug.crop = true;
+        aug.crop_scale = (0.2, 1.0);
+        aug.flip_p = 0.5;
+        return Ok(Pipeline::new(aug, cfg.data.image_size, cfg.data.image_size)?);
+    }
+    plain_pipeline(cfg)
+}
+
+/// The seed of the masks of held-out reconstructions (the same images get
+/// the same masks at every evaluation).
+const HELD_OUT_MASKS: u64 = 0x004d_4145;
+
+/// The MAE's masked reconstruction error (mean squared error over hidden
+/// patches, in its target's units) on `indices` of `held`, with seeded masks.
+///
+/// # Errors
+/// Tensor errors.
+pub fn masked_error(
+    model: &Mae,
+    held: &ImageDataset,
+    indices: &[usize],
+    cfg: &GenerativeConfig,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<f64> {
+    let plain = plain_pipeline(cfg)?;
+    let size = cfg.data.image_size;
+    let chunk = 250;
+    let total = indices.len() as u64;
+    let (mut sum, mut n) = (0.0, 0usize);
+    observer.on_progress("masked reconstruction", 0, total);
+    for (ci, c) in indices.chunks(chunk).enumerate() {
+        let x = batch_of(held, c, &plain, size, device)?;
+        let masking = model.masking(
+            c.len(),
+            &mut pretext_core::seed::stream_rng(HELD_OUT_MASKS, "mae-held-out", &[ci as u64]),
+        );
+        let loss = model.loss(&x, &masking)?.to_scalar::<f32>()?;
+        sum += f64::from(loss) * c.len() as f64;
+        n += c.len();
+        observer.on_progress("masked reconstruction", n as u64, total);
+    }
+    Ok(sum / n.max(1) as f64)
 }
 
 /// Images in [0, 1], no augmentation, as the model sees them.
@@ -162,7 +215,7 @@ pub fn likelihood(
 }
 
 fn embed(
-    model: &Vae,
+    model: &dyn pretext_eval::ImageEncoder,
     ds: &ImageDataset,
     idx: &[usize],
     cfg: &GenerativeConfig,
@@ -183,9 +236,10 @@ fn embed(
     )?)
 }
 
-/// Held-out negative ELBO (one sample) and kNN accuracy on posterior means.
+/// The held-out score (the VAE's negative ELBO with one sample, the MAE's
+/// masked reconstruction error) and kNN accuracy on the features.
 fn monitor(
-    model: &Vae,
+    model: &GenerativeModel,
     data: &RunData,
     cfg: &GenerativeConfig,
     device: &Device,
@@ -197,7 +251,10 @@ fn monitor(
     let held_labels = held.labels.as_deref().unwrap_or_default();
     let test =
         pretext_data::subset::balanced_count(held_labels, cfg.eval.monitor_images.min(held.len()), cfg.train.seed)?;
-    let l = likelihood(model, held, &test, 1, 0, cfg, device, observer)?;
+    let score = match model {
+        GenerativeModel::Vae(v) => likelihood(v, held, &test, 1, 0, cfg, device, observer)?.neg_elbo,
+        GenerativeModel::Mae(m) => masked_error(m, held, &test, cfg, device, observer)?,
+    };
     let knn = match &data.train.labels {
         Some(labels) => {
             let bank =
@@ -213,12 +270,52 @@ fn monitor(
         }
         None => None,
     };
-    Ok(Some((l.neg_elbo, knn)))
+    Ok(Some((score, knn)))
 }
 
 /// Flattened decoder means of latents `z`.
 fn decoded(model: &Vae, z: &Tensor) -> Result<Vec<f32>> {
     Ok(model.decode_mean(z)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// The MAE's picture: 16 test images (two per class where labels allow),
+/// each as the input, the input with its hidden patches grey, and the
+/// reconstruction (predicted hidden patches among the visible ones).
+///
+/// # Errors
+/// Tensor or encoding errors.
+pub fn mae_pictures(
+    model: &Mae,
+    held: &ImageDataset,
+    cfg: &GenerativeConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<(String, String, Vec<u8>)>> {
+    let plain = plain_pipeline(cfg)?;
+    let size = cfg.data.image_size;
+    let shape = (cfg.data.channels, size, size);
+    let pick: Vec<usize> = match &held.labels {
+        Some(l) => pretext_data::subset::balanced_count(l, 16.min(held.len()), seed)?,
+        None => (0..16.min(held.len())).collect(),
+    };
+    let cols = pick.len();
+    let x = batch_of(held, &pick, &plain, size, device)?;
+    let masking = model.masking(cols, &mut pretext_core::seed::stream_rng(seed, "mae-pictures", &[]));
+    let (recon, masked) = model.reconstruct(&x, &masking, 0.5)?;
+    let mut px = x.flatten_all()?.to_vec1::<f32>()?;
+    px.extend(masked.flatten_all()?.to_vec1::<f32>()?);
+    px.extend(recon.flatten_all()?.to_vec1::<f32>()?);
+    let err = |e: String| Error::Core(pretext_core::Error::Config(e));
+    let grid = grid_png(&px, 3 * cols, shape, cols, 3).map_err(err)?;
+    Ok(vec![(
+        "reconstructions.png".to_string(),
+        format!(
+            "Masked test images: inputs (top), the {:.0}% of patches the encoder does not see in grey (middle), \
+reconstructions: predicted patches among the visible ones (bottom)",
+            cfg.mae.mask_ratio * 100.0
+        ),
+        grid,
+    )])
 }
 
 /// The three pictures: reconstructions (inputs above outputs, 2 per class
@@ -310,9 +407,56 @@ pub fn pictures(
     Ok(out)
 }
 
-/// The transfer and likelihood report of a trained run: linear probe and
-/// kNN on the posterior means (and the baselines), optional fine-tuning, test
-/// −ELBO and IWAE NLL, pictures; writes `report/`.
+/// The MAE's held-out figure: masked reconstruction error on test images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReconstructionReport {
+    /// Mean squared error over the hidden patches (per-patch normalised
+    /// pixels under `norm_pix_loss`, else intensities in [0, 1]).
+    pub masked_mse: f64,
+    /// Fraction of each image's patches hidden.
+    pub mask_ratio: f64,
+    /// Whether the targets are per-patch normalised.
+    pub norm_pix_loss: bool,
+    /// Test images.
+    pub n_test: usize,
+}
+
+/// The held-out generative figures of a probe, by method.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeldOut {
+    /// The VAE's test likelihood.
+    Likelihood(LikelihoodReport),
+    /// The MAE's masked reconstruction error.
+    Reconstruction(ReconstructionReport),
+}
+
+impl HeldOut {
+    /// One line for the terminal.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Likelihood(l) => format!(
+                "test −ELBO {:.2} nats/image (reconstruction {:.2}, KL {:.2}); IWAE −log p(x) ≤ {:.2} (k = {})",
+                l.neg_elbo, l.rec_nll, l.kl, l.iwae_nll, l.iwae_samples
+            ),
+            Self::Reconstruction(r) => format!(
+                "test masked reconstruction error {:.4} ({:.0}% of patches hidden, {} images{})",
+                r.masked_mse,
+                r.mask_ratio * 100.0,
+                r.n_test,
+                if r.norm_pix_loss {
+                    ", per-patch normalised pixels"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+}
+
+/// The transfer report of a trained run: linear probe and kNN on the
+/// features (the VAE's posterior means, the MAE's class token) and the
+/// baselines, optional fine-tuning; the VAE's test −ELBO and IWAE NLL or the
+/// MAE's masked reconstruction error; pictures; writes `report/`.
 ///
 /// # Errors
 /// Unlabelled data, invalid fractions, tensor and I/O errors.
@@ -322,7 +466,7 @@ pub fn probe(
     opts: &ProbeOptions<'_>,
     device: &Device,
     observer: &mut dyn Observer,
-) -> Result<(pretext_eval::EvalReport, LikelihoodReport)> {
+) -> Result<(pretext_eval::EvalReport, HeldOut)> {
     let (fractions, finetune) = (opts.fractions, opts.finetune);
     let dir = run.run.root();
     let trained = &run.model;
@@ -346,24 +490,32 @@ pub fn probe(
         cfg.eval.likelihood_images.min(held.len())
     };
     let lik_idx: Vec<usize> = (0..n_lik).collect();
-    observer.on_message(&format!(
-        "test likelihood on {n_lik} images ({} ELBO samples, {} importance samples)",
-        cfg.eval.elbo_samples, cfg.eval.iwae_samples
-    ));
-    let lik = likelihood(
-        trained,
-        held,
-        &lik_idx,
-        cfg.eval.elbo_samples,
-        cfg.eval.iwae_samples,
-        cfg,
-        device,
-        observer,
-    )?;
-    observer.on_message(&format!(
-        "  test −ELBO {:.2} nats/image (reconstruction {:.2} + KL {:.2}), IWAE −log p(x) ≤ {:.2}",
-        lik.neg_elbo, lik.rec_nll, lik.kl, lik.iwae_nll
-    ));
+    let held_out = match trained {
+        GenerativeModel::Vae(vae) => {
+            observer.on_message(&format!(
+                "test likelihood on {n_lik} images ({} ELBO samples, {} importance samples)",
+                cfg.eval.elbo_samples, cfg.eval.iwae_samples
+            ));
+            let lik = likelihood(
+                vae,
+                held,
+                &lik_idx,
+                cfg.eval.elbo_samples,
+                cfg.eval.iwae_samples,
+                cfg,
+                device,
+                observer,
+            )?;
+            HeldOut::Likelihood(lik)
+        }
+        GenerativeModel::Mae(mae) => HeldOut::Reconstruction(ReconstructionReport {
+            masked_mse: masked_error(mae, held, &lik_idx, cfg, device, observer)?,
+            mask_ratio: cfg.mae.mask_ratio,
+            norm_pix_loss: cfg.mae.norm_pix_loss,
+            n_test: n_lik,
+        }),
+    };
+    observer.on_message(&format!("  {}", held_out.summary()));
     let random = new_model(cfg, device)?;
     let train = pretext_eval::probe_subset(&data.train, cfg.eval.probe_train, cfg.train.seed)?;
     let test = pretext_eval::probe_subset(held, cfg.eval.probe_test, cfg.train.seed)?;
@@ -398,7 +550,7 @@ pub fn probe(
         pretext_eval::transfer_records(&setup, trained, &random, &mut fresh, device, observer)?;
     let report = pretext_eval::EvalReport {
         paradigm: Generative::NAME.into(),
-        method: "vae".into(),
+        method: cfg.method.clone(),
         dataset: source
             .as_ref()
             .map_or_else(|| Generative::dataset_name(cfg), |s| s.path.clone()),
@@ -407,19 +559,31 @@ pub fn probe(
     };
     let report_dir = run.report_dir()?;
     report.write(&report_dir)?;
-    let lik_json =
-        serde_json::to_vec_pretty(&lik).map_err(|e| pretext_core::Error::Config(format!("likelihood.json: {e}")))?;
-    pretext_core::run::write_atomic(&report_dir.join("likelihood.json"), &lik_json)?;
+    let (file, json) = match &held_out {
+        HeldOut::Likelihood(l) => ("likelihood.json", serde_json::to_vec_pretty(l)),
+        HeldOut::Reconstruction(r) => ("reconstruction.json", serde_json::to_vec_pretty(r)),
+    };
+    let json = json.map_err(|e| pretext_core::Error::Config(format!("{file}: {e}")))?;
+    pretext_core::run::write_atomic(&report_dir.join(file), &json)?;
     let metrics_path = run.metrics_path();
     let figures = pretext_eval::plots::RunFigures {
         metrics: Some(&metrics_path),
         test_features: Some(&test_features),
         class_names: &held.classes,
-        extra_images: pictures(trained, held, cfg, cfg.train.seed, device)?,
-        intro_html: likelihood_html(&lik),
+        extra_images: match trained {
+            GenerativeModel::Vae(vae) => pictures(vae, held, cfg, cfg.train.seed, device)?,
+            GenerativeModel::Mae(mae) => mae_pictures(mae, held, cfg, cfg.train.seed, device)?,
+        },
+        intro_html: match &held_out {
+            HeldOut::Likelihood(l) => likelihood_html(l),
+            HeldOut::Reconstruction(_) => format!(
+                "<h2>Masked reconstruction</h2>\n<p>{}</p>\n",
+                held_out.summary().replace('&', "&amp;").replace('<', "&lt;")
+            ),
+        },
     };
     pretext_eval::plots::write_report_page(&report_dir, &report, &figures)?;
-    Ok((report, lik))
+    Ok((report, held_out))
 }
 
 fn likelihood_html(l: &LikelihoodReport) -> String {
@@ -435,7 +599,7 @@ impl Paradigm for Generative {
     const NAME: &'static str = "generative";
     const SHIPPED_DATA: &'static str = "fashion-mnist";
     type Config = GenerativeConfig;
-    type Model = Vae;
+    type Model = GenerativeModel;
     type Assets = ();
     type Data = RunData;
     type Batches = ImageBatcher;
@@ -457,13 +621,13 @@ impl Paradigm for Generative {
         Ok(())
     }
 
-    fn new_model(cfg: &GenerativeConfig, _: &(), device: &Device) -> Result<Vae> {
+    fn new_model(cfg: &GenerativeConfig, _: &(), device: &Device) -> Result<GenerativeModel> {
         new_model(cfg, device)
     }
 
     fn batches(cfg: &GenerativeConfig, data: &RunData, _: &(), device: &Device) -> Result<ImageBatcher> {
         let bc = BatcherConfig::training(cfg.train.batch_size, 1, cfg.train.seed, cfg.data.prefetch);
-        Ok(data.training_batches(plain_pipeline(cfg)?, bc, device)?)
+        Ok(data.training_batches(training_pipeline(cfg)?, bc, device)?)
     }
 
     fn eval_schedule(cfg: &GenerativeConfig) -> EvalSchedule {
@@ -474,21 +638,31 @@ impl Paradigm for Generative {
         cfg: &GenerativeConfig,
         data: &RunData,
         _: &(),
-        model: &Vae,
+        model: &GenerativeModel,
         at: EvalPoint,
         device: &Device,
         observer: &mut dyn Observer,
     ) -> Result<Vec<serde_json::Value>> {
-        let Some((nelbo, knn)) = monitor(model, data, cfg, device, observer)? else {
+        let Some((score, knn)) = monitor(model, data, cfg, device, observer)? else {
             return Ok(vec![]);
         };
         let (step, epoch) = (at.step, at.epoch());
-        let mut records =
-            vec![serde_json::json!({ "event": "elbo", "step": step, "epoch": epoch, "test_neg_elbo": nelbo })];
-        let mut msg = format!("epoch {epoch}: held-out −ELBO {nelbo:.2} nats");
+        let (mut records, mut msg) = match model {
+            GenerativeModel::Vae(_) => (
+                vec![serde_json::json!({ "event": "elbo", "step": step, "epoch": epoch, "test_neg_elbo": score })],
+                format!("epoch {epoch}: held-out −ELBO {score:.2} nats"),
+            ),
+            GenerativeModel::Mae(_) => (
+                vec![
+                    serde_json::json!({ "event": "reconstruction", "step": step, "epoch": epoch, "test_masked_mse": score }),
+                ],
+                format!("epoch {epoch}: held-out masked reconstruction error {score:.4}"),
+            ),
+        };
         if let Some(acc) = knn {
             records.push(serde_json::json!({ "event": "knn", "step": step, "epoch": epoch, "knn_accuracy": acc }));
-            msg.push_str(&format!(", kNN on μ {:.2}%", acc * 100.0));
+            let on = if model.vae().is_some() { "μ" } else { "the class token" };
+            msg.push_str(&format!(", kNN on {on} {:.2}%", acc * 100.0));
         }
         observer.on_message(&msg);
         Ok(records)
@@ -501,14 +675,10 @@ impl Paradigm for Generative {
         device: &Device,
         observer: &mut dyn Observer,
     ) -> Result<String> {
-        let (report, lik) = probe(trained, cfg, opts, device, observer)?;
+        let (report, held_out) = probe(trained, cfg, opts, device, observer)?;
         Ok(format!(
-            "test −ELBO {:.2} nats/image (reconstruction {:.2}, KL {:.2}); IWAE −log p(x) ≤ {:.2} (k = {})\n\n{}\nreport: {}",
-            lik.neg_elbo,
-            lik.rec_nll,
-            lik.kl,
-            lik.iwae_nll,
-            lik.iwae_samples,
+            "{}\n\n{}\nreport: {}",
+            held_out.summary(),
             report.markdown(),
             trained.run.root().join("report").join("index.html").display()
         ))
@@ -520,6 +690,10 @@ impl Paradigm for Generative {
 
     fn initial_weights(_: &GenerativeConfig, spec: &InitSpec, device: &Device) -> Result<(InitialWeights, Option<()>)> {
         Ok((crate::init::initial_weights(spec, device)?, Some(())))
+    }
+
+    fn init_required(name: &str) -> bool {
+        crate::init::init_required(name)
     }
 
     fn init_settings(spec: &InitSpec) -> Result<Vec<String>> {
@@ -540,6 +714,16 @@ pub fn sample(dir: &Path, cfg: &GenerativeConfig, n: usize, seed: u64, device: &
         });
     }
     let Trained { run, model, .. } = pretext_core::paradigm::load_trained::<Generative>(dir, cfg, device)?;
+    let Some(model) = model.vae() else {
+        return Err(Error::Config {
+            key: "method".into(),
+            reason: format!(
+                "`sample` draws from a VAE's prior; the run in {} is an MAE, which has none \
+(its probe report shows reconstructions of masked test images)",
+                dir.display()
+            ),
+        });
+    };
     let z = Vae::noise(
         n,
         cfg.model.latent,
@@ -548,7 +732,7 @@ pub fn sample(dir: &Path, cfg: &GenerativeConfig, n: usize, seed: u64, device: &
     )?;
     let size = cfg.data.image_size;
     let cols = (n as f64).sqrt().ceil() as usize;
-    let png = grid_png(&decoded(&model, &z)?, n, (cfg.data.channels, size, size), cols, 3)
+    let png = grid_png(&decoded(model, &z)?, n, (cfg.data.channels, size, size), cols, 3)
         .map_err(pretext_core::Error::Config)?;
     let path = run.report_dir()?.join("samples.png");
     pretext_core::run::write_atomic(&path, &png)?;
@@ -562,6 +746,9 @@ pub fn sample(dir: &Path, cfg: &GenerativeConfig, n: usize, seed: u64, device: &
 /// Tensor and encoding errors; an unreadable `config.toml`.
 pub fn export_files(cfg: &GenerativeConfig, trained: &Trained<Generative>) -> Result<Vec<(String, Vec<u8>)>> {
     let (run, model, steps) = (&trained.run, &trained.model, trained.step);
+    if let Some(mae) = model.mae() {
+        return mae_export_files(cfg, trained, mae);
+    }
     let mut meta = pretext_core::Method::metadata(model);
     meta.insert("pretext.version".into(), env!("CARGO_PKG_VERSION").into());
     let tensors = pretext_core::trainer::model_tensors(model);
@@ -668,4 +855,92 @@ fn conv_module_source(cfg: &GenerativeConfig) -> String {
         dec_fc = tuple(&m.dec_fc),
         z = m.latent,
     )
+}
+
+/// The files of an MAE's `export/`: the encoder alone under timm's names
+/// (`model.safetensors`, loading with `timm.create_model(...)` as the card
+/// says), `config.json` and a model card. The decoder stays in the run's
+/// checkpoints.
+fn mae_export_files(
+    cfg: &GenerativeConfig,
+    trained: &Trained<Generative>,
+    mae: &Mae,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    use pretext_eval::ImageEncoder;
+    let (run, steps) = (&trained.run, trained.step);
+    let mut meta = pretext_core::Method::metadata(mae);
+    meta.insert("pretext.version".into(), env!("CARGO_PKG_VERSION").into());
+    meta.insert("pretext.content".into(), "encoder".into());
+    let tensors: Vec<(String, Tensor)> = mae
+        .state()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let bytes = pretext_core::checkpoint::safetensors_bytes(&tensors, &meta)?;
+    let d = mae.encoder().dims();
+    let arch = cfg.mae.arch;
+    let rec: Option<ReconstructionReport> = std::fs::read(run.root().join("report/reconstruction.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let conf = serde_json::json!({
+        "architecture": arch.name(),
+        "vit": {"patch_size": d.patch_size, "depth": d.depth, "embed_dim": d.embed_dim, "heads": d.heads, "mlp_dim": d.mlp_dim},
+        "feature_dim": d.embed_dim,
+        "in_channels": cfg.data.channels,
+        "image_size": cfg.data.image_size,
+        "inputs": "intensities in [0, 1], NCHW",
+        "paradigm": Generative::NAME,
+        "method": "mae",
+        "mask_ratio": cfg.mae.mask_ratio,
+        "dataset": Generative::dataset_name(cfg),
+        "steps": steps,
+        "test_reconstruction": rec,
+        "library": format!("pretext {}", env!("CARGO_PKG_VERSION")),
+    });
+    let config_json =
+        serde_json::to_vec_pretty(&conf).map_err(|e| pretext_core::Error::Config(format!("config.json: {e}")))?;
+    let dataset = Generative::dataset_name(cfg);
+    let mut card = format!(
+        "---\nlibrary_name: pretext\nlicense: mit\ntags:\n- self-supervised\n- masked-autoencoder\n- mae\n- {a}\n- image-feature-extraction\ndatasets:\n- {tag}\npipeline_tag: image-feature-extraction\n---\n\n\
+# MAE {a} encoder pretrained on {dataset}\n\nThe encoder of a masked autoencoder (He et al., 2022) trained with \
+[pretext](https://github.com/pretext-rs/pretext) for {steps} optimizer steps: {r:.0}% of each image's {p}×{p} patches hidden, \
+the encoder ({depth} blocks, {w} wide) seeing the rest, a {dd}-wide decoder of {dl} blocks reconstructing the hidden \
+patches{norm}. It maps a {s}×{s} image with {c} channel(s) (intensities in [0, 1]) to a {w}-dimensional feature \
+vector: the class token after the final LayerNorm.\n\n",
+        a = arch.name(),
+        tag = if dataset == "fashion-mnist" { "fashion_mnist" } else { "custom" },
+        r = cfg.mae.mask_ratio * 100.0,
+        p = d.patch_size,
+        depth = d.depth,
+        w = d.embed_dim,
+        dd = cfg.mae.decoder_dim,
+        dl = cfg.mae.decoder_depth,
+        norm = if cfg.mae.norm_pix_loss { " (per-patch normalised pixels)" } else { "" },
+        s = cfg.data.image_size,
+        c = cfg.data.channels,
+    );
+    if let Some(r) = &rec {
+        card.push_str(&format!(
+            "Test masked reconstruction error: {:.4} (mean squared error over hidden patches, {} images).\n\n",
+            r.masked_mse, r.n_test
+        ));
+    }
+    card.push_str("## Load it in Python\n\n```python\nimport torch\nfrom safetensors.torch import load_file\n\nstate = load_file(\"model.safetensors\")\n");
+    card.push_str(&pretext_vit::timm_py(arch, d, 0));
+    card.push_str(
+        "model.load_state_dict(state)  # timm's names: cls_token, pos_embed, patch_embed, blocks, norm\nmodel.eval()\n",
+    );
+    card.push_str(&format!(
+        "features = model(torch.rand(1, {c}, {s}, {s}))  # -> (1, {w})\n```\n\n## Training configuration\n\n```toml\n",
+        c = cfg.data.channels,
+        s = cfg.data.image_size,
+        w = d.embed_dim
+    ));
+    card.push_str(run.config_text()?.trim_end());
+    card.push_str("\n```\n");
+    Ok(vec![
+        ("model.safetensors".into(), bytes),
+        ("config.json".into(), config_json),
+        ("README.md".into(), card.into_bytes()),
+    ])
 }

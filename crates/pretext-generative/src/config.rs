@@ -1,5 +1,8 @@
-//! The config of a VAE run (`config.toml` of its run folder).
+//! The config of a generative run — a VAE or an MAE — (`config.toml` of
+//! its run folder).
 
+use crate::mae::MaeConfig;
+use crate::method::GenerativeMethod;
 use crate::model::VaeConfig;
 use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig};
 use pretext_data::source::ImageFormat;
@@ -8,6 +11,16 @@ use serde::{Deserialize, Serialize};
 /// The built-in default: the convolutional VAE on the shipped Fashion-MNIST
 /// (`configs/vae-fmnist.toml`; the reference's MLP is `configs/vae-mlp-fmnist.toml`).
 pub const DEFAULT_CONFIG: &str = include_str!("../configs/vae-fmnist.toml");
+
+/// The built-in recipe of `method` (`pretext-generative pretrain --method
+/// NAME`), merged over [`DEFAULT_CONFIG`]; `None` for the VAE, whose recipe
+/// is the default.
+pub fn method_preset(method: GenerativeMethod) -> Option<&'static str> {
+    match method {
+        GenerativeMethod::Vae => None,
+        GenerativeMethod::Mae => Some(include_str!("../configs/mae-fmnist.toml")),
+    }
+}
 
 /// How intensities become training targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,14 +114,16 @@ impl Default for EvalConfig {
     }
 }
 
-/// A whole VAE run.
+/// A whole generative run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GenerativeConfig {
-    /// `vae`.
+    /// `vae` or `mae`.
     pub method: String,
-    /// The model.
+    /// The VAE.
     pub model: VaeConfig,
+    /// The MAE (`method = "mae"`).
+    pub mae: MaeConfig,
     /// The optimizer.
     pub optim: OptimConfig,
     /// The learning-rate schedule.
@@ -126,6 +141,7 @@ impl Default for GenerativeConfig {
         Self {
             method: "vae".into(),
             model: VaeConfig::default(),
+            mae: MaeConfig::default(),
             optim: OptimConfig::default(),
             schedule: ScheduleConfig::default(),
             data: DataConfig::default(),
@@ -142,13 +158,7 @@ impl GenerativeConfig {
     /// A message naming the bad key.
     pub fn validate(&self) -> pretext_core::SettingResult {
         use pretext_core::InvalidSetting;
-        if self.method != "vae" {
-            return Err(InvalidSetting::value(
-                "method",
-                format!("{:?}", self.method),
-                "must be \"vae\"",
-            ));
-        }
+        let method = GenerativeMethod::parse(&self.method)?;
         self.optim.validate()?;
         self.schedule.validate()?;
         self.train.validate()?;
@@ -166,7 +176,10 @@ impl GenerativeConfig {
                 "must be at least 4",
             ));
         }
-        self.model.validate(self.data.channels, self.data.image_size)?;
+        match method {
+            GenerativeMethod::Vae => self.model.validate(self.data.channels, self.data.image_size)?,
+            GenerativeMethod::Mae => self.mae.validate(self.data.channels, self.data.image_size)?,
+        }
         for (key, n) in [
             ("eval.iwae_samples", self.eval.iwae_samples),
             ("eval.elbo_samples", self.eval.elbo_samples),

@@ -1,11 +1,14 @@
-//! `embed`, `finetune` and `predict` for the VAE (the flows are
-//! [`pretext_eval::downstream`]'s): features are the posterior means μ; a
-//! classifier is the encoder (`enc.*`, `enc_fc.*`, `mu.*`, `logvar.*`, the
-//! export's names) plus `fc.weight` / `fc.bias` on μ.
+//! `embed`, `finetune` and `predict` for the VAE and the MAE (the flows are
+//! [`pretext_eval::downstream`]'s): the VAE's features are the posterior
+//! means μ, and a classifier is its encoder (`enc.*`, `enc_fc.*`, `mu.*`,
+//! `logvar.*`, the export's names) plus `fc.weight` / `fc.bias` on μ; the
+//! MAE's features are the class token of its ViT encoder, and a classifier
+//! is timm's `VisionTransformer` (its names plus `head.*`).
 
 use crate::app::Generative;
 use crate::config::GenerativeConfig;
-use crate::model::{Vae, VaeArch};
+use crate::method::GenerativeModel;
+use crate::model::VaeArch;
 use candle_core::Device;
 use pretext_core::trainer::Observer;
 use pretext_data::{ImageDataset, Labelled};
@@ -32,8 +35,12 @@ fn view(cfg: &GenerativeConfig) -> ImageView<'_> {
     }
 }
 
-/// PyTorch source defining `model`: the VAE's encoder and a linear layer on μ.
-fn module_py(cfg: &GenerativeConfig, classes: usize) -> String {
+/// PyTorch source defining `model`: the VAE's encoder and a linear layer on
+/// μ, or the MAE's encoder as timm's ViT with a `head`.
+fn module_py(cfg: &GenerativeConfig, model: &GenerativeModel, classes: usize) -> String {
+    if let Some(mae) = model.mae() {
+        return pretext_vit::timm_py(mae.config().arch, mae.encoder().dims(), classes);
+    }
     let m = &cfg.model;
     let (c, s) = (cfg.data.channels, cfg.data.image_size);
     let tuple = |v: &[usize]| {
@@ -71,7 +78,7 @@ fn module_py(cfg: &GenerativeConfig, classes: usize) -> String {
 
 impl Downstream for Generative {
     type Inputs = ImageDataset;
-    type Classifier = (Vae, LinearHead);
+    type Classifier = (GenerativeModel, LinearHead);
     const TASK: &'static str = "image-classification";
 
     fn read_inputs(cfg: &GenerativeConfig, path: &Path) -> RunResult<ImageDataset> {
@@ -84,7 +91,7 @@ impl Downstream for Generative {
 
     fn features(
         cfg: &GenerativeConfig,
-        model: &Vae,
+        model: &GenerativeModel,
         _: &(),
         inputs: &ImageDataset,
         device: &Device,
@@ -103,7 +110,7 @@ impl Downstream for Generative {
 
     fn finetune(
         cfg: &GenerativeConfig,
-        model: &Vae,
+        model: &GenerativeModel,
         _: &(),
         data: &ClassifierInputs<'_, ImageDataset>,
         frozen: bool,
@@ -122,7 +129,20 @@ impl Downstream for Generative {
             observer,
         )?;
         let classes = data.classes.len();
-        let config = serde_json::json!({
+        let config = if let Some(mae) = model.mae() {
+            let d = mae.encoder().dims();
+            serde_json::json!({
+                "architecture": mae.config().arch.name(),
+                "vit": {"patch_size": d.patch_size, "depth": d.depth, "embed_dim": d.embed_dim, "heads": d.heads, "mlp_dim": d.mlp_dim},
+                "feature_dim": d.embed_dim,
+                "in_channels": cfg.data.channels,
+                "image_size": cfg.data.image_size,
+                "inputs": "intensities in [0, 1], NCHW",
+                "num_classes": classes,
+                "id2label": pretext_eval::downstream::id2label(data.classes),
+            })
+        } else {
+            serde_json::json!({
             "architecture": match cfg.model.arch { VaeArch::Mlp => "vae-mlp-encoder", VaeArch::Conv => "vae-conv-encoder" },
             "latent": cfg.model.latent,
             "hidden": cfg.model.hidden,
@@ -133,13 +153,14 @@ impl Downstream for Generative {
             "inputs": "intensities in [0, 1], NCHW",
             "num_classes": classes,
             "id2label": pretext_eval::downstream::id2label(data.classes),
-        });
+            })
+        };
         let files = ClassifierFiles {
             tensors: images::classifier_tensors(model, &head)?,
             config,
             files: vec![],
-            python: images::python_usage(&module_py(cfg, classes), &v, cfg.data.channels),
-            architecture: "VAE encoder".into(),
+            python: images::python_usage(&module_py(cfg, model, classes), &v, cfg.data.channels),
+            architecture: if model.mae().is_some() { "vit" } else { "VAE encoder" }.into(),
         };
         Ok((result, files))
     }

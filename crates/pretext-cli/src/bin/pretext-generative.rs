@@ -1,11 +1,49 @@
-//! `pretext-generative`: VAE pretraining.
+//! `pretext-generative`: VAE and MAE pretraining.
 
 use anyhow::Context;
-use clap::Subcommand;
-use pretext_cli::runner::{run_config, Extra, NoFlags};
-use pretext_generative::{Generative, GenerativeConfig};
+use clap::{Args, Subcommand, ValueEnum};
+use pretext_cli::runner::{run_config, Extra, PretrainFlags};
+use pretext_generative::{Generative, GenerativeConfig, GenerativeMethod};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum MethodArg {
+    /// The variational autoencoder (the default).
+    Vae,
+    /// The masked autoencoder: a ViT encoder on the visible 25% of patches, a light decoder.
+    Mae,
+}
+
+impl MethodArg {
+    fn method(self) -> GenerativeMethod {
+        match self {
+            Self::Vae => GenerativeMethod::Vae,
+            Self::Mae => GenerativeMethod::Mae,
+        }
+    }
+}
+
+/// Flags of `pretrain` for this tool.
+#[derive(Debug, Clone, Args)]
+struct Flags {
+    /// The method, with its built-in recipe (under --config and --set).
+    /// Default: the config's `method` (vae).
+    #[arg(long, value_enum)]
+    method: Option<MethodArg>,
+}
+
+impl PretrainFlags for Flags {
+    fn overrides(&self) -> Vec<String> {
+        self.method
+            .map(|m| vec![format!("method={:?}", m.method().name())])
+            .unwrap_or_default()
+    }
+
+    fn preset(&self) -> Option<&'static str> {
+        self.method.and_then(|m| pretext_generative::method_preset(m.method()))
+    }
+}
 
 /// This tool's own subcommands.
 #[derive(Debug, Subcommand)]
@@ -39,5 +77,5 @@ impl Extra for Own {
 }
 
 fn main() -> ExitCode {
-    pretext_cli::runner::main::<Generative, NoFlags, Own>()
+    pretext_cli::runner::main::<Generative, Flags, Own>()
 }

@@ -211,32 +211,38 @@ fn a_contrastive_export_starts_the_encoder_and_a_fresh_head() {
     }
 }
 
-/// torchvision ResNet-18 weights: the backbone's names plus `fc.*`.
-fn torchvision_file(path: &Path) -> PathBuf {
+/// The backbone of a fresh encoder of `encoder`'s shape (3 channels) under
+/// its export's names, plus a 1000-class classification layer `layer.*`
+/// (torchvision's `fc`, timm's `head`), saved to `path`.
+fn backbone_file(path: &Path, encoder: pretext_contrastive::EncoderConfig, layer: &str) -> PathBuf {
     let dev = candle_core::Device::Cpu;
     let cfg = pretext_contrastive::ModelConfig {
         encoder: pretext_contrastive::EncoderConfig {
-            arch: pretext_contrastive::Arch::Resnet18,
             in_channels: 3,
-            ..Default::default()
+            ..encoder
         },
         ..Default::default()
     };
     let model = pretext_contrastive::ContrastiveModel::new(pretext_contrastive::MethodKind::SimClr, &cfg, 11, &dev)
-        .expect("resnet18");
+        .expect("model");
+    let features = pretext_eval::ImageEncoder::feature_dim(&model);
     let mut t: HashMap<String, candle_core::Tensor> = pretext_contrastive::export::backbone_tensors(&model)
         .into_iter()
         .collect();
-    t.insert(
-        "fc.weight".into(),
-        candle_core::Tensor::zeros((1000, 512), candle_core::DType::F32, &dev).expect("fc"),
-    );
-    t.insert(
-        "fc.bias".into(),
-        candle_core::Tensor::zeros(1000, candle_core::DType::F32, &dev).expect("fc"),
-    );
+    let zeros = |shape: &[usize]| candle_core::Tensor::zeros(shape, candle_core::DType::F32, &dev).expect("zeros");
+    t.insert(format!("{layer}.weight"), zeros(&[1000, features]));
+    t.insert(format!("{layer}.bias"), zeros(&[1000]));
     candle_core::safetensors::save(&t, path).expect("save");
     path.to_path_buf()
+}
+
+/// torchvision ResNet-18 weights: the backbone's names plus `fc.*`.
+fn torchvision_file(path: &Path) -> PathBuf {
+    let resnet18 = pretext_contrastive::EncoderConfig {
+        arch: pretext_contrastive::Arch::Resnet18,
+        ..Default::default()
+    };
+    backbone_file(path, resnet18, "fc")
 }
 
 #[test]
@@ -281,33 +287,14 @@ fn torchvision_weights_set_the_architecture_and_leave_fc_unused() {
 /// timm ViT-Tiny weights (patch 4, two blocks, 16×16 RGB images): the
 /// backbone's names plus a 1000-class `head.*`.
 fn timm_vit_file(path: &Path) -> PathBuf {
-    let dev = candle_core::Device::Cpu;
-    let cfg = pretext_contrastive::ModelConfig {
-        encoder: pretext_contrastive::EncoderConfig {
-            arch: pretext_contrastive::Arch::VitTiny,
-            in_channels: 3,
-            patch_size: 4,
-            depth: 2,
-            image_size: 16,
-            ..Default::default()
-        },
+    let vit = pretext_contrastive::EncoderConfig {
+        arch: pretext_contrastive::Arch::VitTiny,
+        patch_size: 4,
+        depth: 2,
+        image_size: 16,
         ..Default::default()
     };
-    let model = pretext_contrastive::ContrastiveModel::new(pretext_contrastive::MethodKind::SimClr, &cfg, 5, &dev)
-        .expect("vit");
-    let mut t: HashMap<String, candle_core::Tensor> = pretext_contrastive::export::backbone_tensors(&model)
-        .into_iter()
-        .collect();
-    t.insert(
-        "head.weight".into(),
-        candle_core::Tensor::zeros((1000, 192), candle_core::DType::F32, &dev).expect("head"),
-    );
-    t.insert(
-        "head.bias".into(),
-        candle_core::Tensor::zeros(1000, candle_core::DType::F32, &dev).expect("head"),
-    );
-    candle_core::safetensors::save(&t, path).expect("save");
-    path.to_path_buf()
+    backbone_file(path, vit, "head")
 }
 
 #[test]

@@ -278,6 +278,22 @@ fn decoded(model: &Vae, z: &Tensor) -> Result<Vec<f32>> {
     Ok(model.decode_mean(z)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// The test images the pictures show: 16 (two per class where labels allow),
+/// their indices and the `(n, c, s, s)` batch in [0, 1].
+fn picture_inputs(
+    held: &ImageDataset,
+    cfg: &GenerativeConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<(Vec<usize>, Tensor)> {
+    let pick: Vec<usize> = match &held.labels {
+        Some(l) => pretext_data::subset::balanced_count(l, 16.min(held.len()), seed)?,
+        None => (0..16.min(held.len())).collect(),
+    };
+    let x = batch_of(held, &pick, &plain_pipeline(cfg)?, cfg.data.image_size, device)?;
+    Ok((pick, x))
+}
+
 /// The MAE's picture: 16 test images (two per class where labels allow),
 /// each as the input, the input with its hidden patches grey, and the
 /// reconstruction (predicted hidden patches among the visible ones).
@@ -291,15 +307,10 @@ pub fn mae_pictures(
     seed: u64,
     device: &Device,
 ) -> Result<Vec<(String, String, Vec<u8>)>> {
-    let plain = plain_pipeline(cfg)?;
     let size = cfg.data.image_size;
     let shape = (cfg.data.channels, size, size);
-    let pick: Vec<usize> = match &held.labels {
-        Some(l) => pretext_data::subset::balanced_count(l, 16.min(held.len()), seed)?,
-        None => (0..16.min(held.len())).collect(),
-    };
+    let (pick, x) = picture_inputs(held, cfg, seed, device)?;
     let cols = pick.len();
-    let x = batch_of(held, &pick, &plain, size, device)?;
     let masking = model.masking(cols, &mut pretext_core::seed::stream_rng(seed, "mae-pictures", &[]));
     let (recon, masked) = model.reconstruct(&x, &masking, 0.5)?;
     let mut px = x.flatten_all()?.to_vec1::<f32>()?;
@@ -330,15 +341,10 @@ pub fn pictures(
     seed: u64,
     device: &Device,
 ) -> Result<Vec<(String, String, Vec<u8>)>> {
-    let plain = plain_pipeline(cfg)?;
     let size = cfg.data.image_size;
     let shape = (cfg.data.channels, size, size);
-    let pick: Vec<usize> = match &held.labels {
-        Some(l) => pretext_data::subset::balanced_count(l, 16.min(held.len()), seed)?,
-        None => (0..16.min(held.len())).collect(),
-    };
+    let (pick, x) = picture_inputs(held, cfg, seed, device)?;
     let cols = pick.len();
-    let x = batch_of(held, &pick, &plain, size, device)?;
     let (mu, _) = model.encode(&x)?;
     let mut px = x.flatten_all()?.to_vec1::<f32>()?;
     px.extend(decoded(model, &mu)?);

@@ -13,11 +13,11 @@
 //! `decoder_norm.*`, `decoder_pred.*`.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
-use candle_nn::{Init, VarBuilder};
+use candle_nn::Init;
 use pretext_core::init::named_vars;
-use pretext_core::nn::{linear_init, LayerNorm, Linear};
+use pretext_core::nn::{LayerNorm, Linear};
 use pretext_core::SeededVarMap;
-use pretext_vit::{patchify, sincos_2d, unpatchify, Block, Vit, VitDims, VitSize};
+use pretext_vit::{dense, patchify, sincos_2d, unpatchify, Block, Vit, VitDims, VitSize};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -225,19 +225,6 @@ pub struct Mae {
     decoder_norm: LayerNorm,
     decoder_pred: Linear,
     channels: usize,
-}
-
-fn dense(din: usize, dout: usize, vb: &VarBuilder) -> Result<Linear> {
-    linear_init(
-        din,
-        dout,
-        Init::Randn {
-            mean: 0.0,
-            stdev: pretext_vit::INIT_STD,
-        },
-        Init::Const(0.0),
-        vb,
-    )
 }
 
 impl Mae {

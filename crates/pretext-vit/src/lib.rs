@@ -304,7 +304,12 @@ pub struct Block {
     dim: usize,
 }
 
-fn dense(din: usize, dout: usize, vb: &VarBuilder) -> Result<Linear> {
+/// A linear layer with timm's initialisation (weight `N(0, 0.02²)`, bias 0)
+/// and PyTorch's names (`weight`, `bias`).
+///
+/// # Errors
+/// The builder failed.
+pub fn dense(din: usize, dout: usize, vb: &VarBuilder) -> Result<Linear> {
     linear_init(
         din,
         dout,

@@ -61,7 +61,7 @@ enum Task {
         #[arg(long, default_value = "quick")]
         preset: String,
         /// Comma-separated methods to run, in any order: simclr, moco, byol,
-        /// simsiam, barlow_twins, vicreg, dino, vae, mlm. With two or more image
+        /// simsiam, barlow_twins, vicreg, dino, mae, vae, mlm. With two or more image
         /// methods the summary opens with a table comparing them.
         #[arg(long, value_delimiter = ',', default_value = train_all::DEFAULT_METHODS)]
         methods: Vec<String>,

@@ -25,7 +25,7 @@ fn sets(pairs: &[&str]) -> Vec<String> {
 }
 
 /// What `--methods` takes: (name, display name), image methods first.
-pub const METHODS: [(&str, &str); 9] = [
+pub const METHODS: [(&str, &str); 10] = [
     ("simclr", "SimCLR"),
     ("moco", "MoCo v2"),
     ("byol", "BYOL"),
@@ -33,6 +33,7 @@ pub const METHODS: [(&str, &str); 9] = [
     ("barlow_twins", "Barlow Twins"),
     ("vicreg", "VICReg"),
     ("dino", "DINO"),
+    ("mae", "MAE"),
     ("vae", "VAE"),
     ("mlm", "MLM (BERT)"),
 ];
@@ -76,6 +77,28 @@ fn stages(preset: &str, methods: &[String]) -> Result<Vec<Stage>> {
                     pretrain,
                     probe,
                     image_method: false,
+                });
+            }
+            "mae" => {
+                let mut pretrain = vec!["--method".to_string(), "mae".to_string()];
+                let mut probe = Vec::new();
+                if quick {
+                    pretrain.extend(sets(&[
+                        "train.max_steps=120",
+                        "schedule.warmup_steps=20",
+                        "eval.monitor_images=500",
+                        "eval.knn_train=2000",
+                    ]));
+                    probe.push("--no-finetune".to_string());
+                    probe.extend(image_probe_quick.clone());
+                    probe.extend(sets(&["eval.likelihood_images=1000"]));
+                }
+                v.push(Stage {
+                    name,
+                    bin: "pretext-generative",
+                    pretrain,
+                    probe,
+                    image_method: true,
                 });
             }
             "mlm" => {
@@ -404,6 +427,11 @@ mod tests {
         let some = stages("full", &methods("vicreg,byol")).expect("two");
         assert_eq!(some.iter().map(|s| s.name).collect::<Vec<_>>(), ["BYOL", "VICReg"]);
         assert_eq!(some[1].pretrain, ["--method", "vicreg"]);
+        // the MAE is an image method of the generative tool
+        let mae = stages("full", &methods("mae,simclr")).expect("mae");
+        assert_eq!(mae.iter().map(|s| s.name).collect::<Vec<_>>(), ["SimCLR", "MAE"]);
+        assert_eq!((mae[1].bin, mae[1].image_method), ("pretext-generative", true));
+        assert_eq!(mae[1].pretrain, ["--method", "mae"]);
         let err = stages("quick", &methods("simclr,swav"))
             .err()
             .map(|e| e.to_string())

@@ -176,9 +176,11 @@ fn vae_trains_resumes_probes_samples_and_exports() {
 }
 
 /// A one-block ViT-Tiny MAE on 7×7 patches (a 4×4 grid, 12 of 16 patches hidden).
-const TINY_MAE: [&str; 28] = [
+const TINY_MAE: [&str; 30] = [
     "--method",
     "mae",
+    "--set",
+    "optim.lr=0.003",
     "--set",
     "mae.depth=1",
     "--set",

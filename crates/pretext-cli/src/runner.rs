@@ -51,6 +51,38 @@ pub trait PretrainFlags: Args {
     }
 }
 
+/// A paradigm's methods as the values of `pretrain --method`.
+pub trait MethodChoice: clap::ValueEnum + Clone + std::fmt::Debug + Send + Sync + 'static {
+    /// The method's name in the config (`method = "barlow_twins"`).
+    fn config_name(&self) -> &'static str;
+
+    /// The method's built-in recipe (TOML), merged over the tool's default
+    /// under `--config` and `--set`; `None` when the default is its recipe.
+    fn preset(&self) -> Option<&'static str>;
+}
+
+/// `pretrain --method NAME`: the method and its built-in recipe.
+#[derive(Debug, Clone, Args)]
+pub struct MethodFlag<M: MethodChoice> {
+    /// The method, with its built-in recipe (under --config and --set).
+    /// Default: the config's `method`.
+    #[arg(long, value_enum)]
+    pub method: Option<M>,
+}
+
+impl<M: MethodChoice> PretrainFlags for MethodFlag<M> {
+    fn overrides(&self) -> Vec<String> {
+        self.method
+            .as_ref()
+            .map(|m| vec![format!("method={:?}", m.config_name())])
+            .unwrap_or_default()
+    }
+
+    fn preset(&self) -> Option<&'static str> {
+        self.method.as_ref().and_then(MethodChoice::preset)
+    }
+}
+
 /// A paradigm without flags of its own.
 #[derive(Debug, Clone, Args)]
 pub struct NoFlags {}

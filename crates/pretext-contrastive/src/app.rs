@@ -171,9 +171,12 @@ pub fn monitor(
 pub fn new_model(cfg: &ContrastiveConfig, device: &Device) -> Result<ContrastiveModel> {
     cfg.validate()?;
     let method = MethodKind::parse(&cfg.method)?;
-    let mut model = cfg.model.clone();
-    model.encoder.image_size = cfg.data.image_size;
-    Ok(ContrastiveModel::new(method, &model, cfg.train.seed, device)?)
+    Ok(ContrastiveModel::new(
+        method,
+        &cfg.model_for_data(),
+        cfg.train.seed,
+        device,
+    )?)
 }
 
 impl Paradigm for Contrastive {

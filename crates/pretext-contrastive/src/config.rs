@@ -133,6 +133,14 @@ impl Default for ContrastiveConfig {
 }
 
 impl ContrastiveConfig {
+    /// The `model` section with the encoder sized for `data.image_size`
+    /// (a ViT's position embeddings are for that grid): what a run builds.
+    pub fn model_for_data(&self) -> ModelConfig {
+        let mut model = self.model.clone();
+        model.encoder.image_size = self.data.image_size;
+        model
+    }
+
     /// Checks every section.
     ///
     /// # Errors
@@ -149,8 +157,7 @@ impl ContrastiveConfig {
             MethodKind::Dino => self.model.dino.validate()?,
         }
         self.model.head.validate("model.head")?;
-        let mut encoder = self.model.encoder.clone();
-        encoder.image_size = self.data.image_size;
+        let encoder = self.model_for_data().encoder;
         encoder.validate()?;
         let dino = &self.model.dino;
         if encoder.arch.is_vit() && method == MethodKind::Dino && dino.local_crops > 0 {

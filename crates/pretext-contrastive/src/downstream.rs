@@ -45,15 +45,14 @@ fn module_py(cfg: &ContrastiveConfig, feature_dim: usize, classes: usize) -> Str
                 crate::export::small_resnet_py(enc.in_channels, &stages)
             )
         }
-        arch @ (Arch::VitTiny | Arch::VitSmall) => match (arch.vit_size(), enc.vit_dims(cfg.data.image_size)) {
-            (Some(size), Some(dims)) => pretext_vit::timm_py(size, &dims, classes),
-            _ => String::new(),
+        arch => match enc.vit(cfg.data.image_size) {
+            Some((size, dims)) => pretext_vit::timm_py(size, &dims, classes),
+            None => crate::export::torchvision_resnet_py(
+                arch,
+                enc.in_channels,
+                &format!("torch.nn.Linear({feature_dim}, {classes})"),
+            ),
         },
-        arch => crate::export::torchvision_resnet_py(
-            arch,
-            enc.in_channels,
-            &format!("torch.nn.Linear({feature_dim}, {classes})"),
-        ),
     }
 }
 
@@ -117,12 +116,14 @@ impl Downstream for Contrastive {
             Arch::Resnet18 | Arch::Resnet18Cifar => "resnet18",
         }
         .to_string();
-        let vit = enc.vit_dims(cfg.data.image_size);
+        let vit = enc
+            .vit(cfg.data.image_size)
+            .map(|(_, dims)| pretext_vit::VitShape::from(&dims));
         let config = serde_json::json!({
             "architecture": enc.arch.name(),
             "in_channels": enc.in_channels,
             "stages": enc.stages().into_iter().map(|(w, s, n)| [w, s, n]).collect::<Vec<_>>(),
-            "vit": vit.as_ref().map(crate::export::VitShape::from),
+            "vit": vit,
             "feature_dim": model.feature_dim(),
             "num_classes": classes,
             "id2label": pretext_eval::downstream::id2label(data.classes),

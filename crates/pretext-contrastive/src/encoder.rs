@@ -43,13 +43,13 @@ impl Encoder {
     /// # Errors
     /// An invalid config or a builder failure.
     pub fn new(cfg: &EncoderConfig, b: &Builders) -> Result<Self> {
-        match (cfg.arch.vit_size(), cfg.vit_dims(cfg.image_size)) {
-            (Some(size), Some(dims)) => {
+        match cfg.vit(cfg.image_size) {
+            Some((size, dims)) => {
                 cfg.validate()
                     .map_err(|e| candle_core::Error::msg(format!("config: {e}")))?;
                 Ok(Self::Vit(Box::new(Vit::new(&dims, &b.params)?), size))
             }
-            _ => Ok(Self::ResNet(ResNet::new(cfg, b)?)),
+            None => Ok(Self::ResNet(ResNet::new(cfg, b)?)),
         }
     }
 
@@ -188,11 +188,11 @@ impl Default for EncoderConfig {
 }
 
 impl EncoderConfig {
-    /// The ViT's shape for `image_size` images (`None` for a ResNet).
-    pub fn vit_dims(&self, image_size: usize) -> Option<VitDims> {
+    /// The ViT's width and shape for `image_size` images (`None` for a ResNet).
+    pub fn vit(&self, image_size: usize) -> Option<(VitSize, VitDims)> {
         self.arch
             .vit_size()
-            .map(|v| v.dims(image_size, self.patch_size, self.in_channels, self.depth))
+            .map(|v| (v, v.dims(image_size, self.patch_size, self.in_channels, self.depth)))
     }
 
     /// Stage widths, strides and block counts after the architecture's presets.
@@ -219,7 +219,7 @@ impl EncoderConfig {
         if self.in_channels == 0 {
             return Err(InvalidSetting::value("model.encoder.in_channels", 0, "must be > 0"));
         }
-        if let Some(dims) = self.vit_dims(self.image_size) {
+        if let Some((_, dims)) = self.vit(self.image_size) {
             if let Err((key, reason)) = dims.check() {
                 let key = match key {
                     "patch_size" => "model.encoder.patch_size",

@@ -98,7 +98,7 @@ pub struct ExportConfig {
     pub stages: Vec<[usize; 3]>,
     /// Patch side, blocks, width and heads (ViTs).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub vit: Option<VitShape>,
+    pub vit: Option<pretext_vit::VitShape>,
     /// Size of the feature vector (after global average pooling; a ViT's
     /// class token).
     pub feature_dim: usize,
@@ -118,33 +118,6 @@ pub struct ExportConfig {
     pub steps: u64,
     /// Library and version that wrote it.
     pub library: String,
-}
-
-/// The shape of an exported ViT (`config.json`'s `vit`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct VitShape {
-    /// Side of a square patch.
-    pub patch_size: usize,
-    /// Transformer blocks.
-    pub depth: usize,
-    /// Token width.
-    pub embed_dim: usize,
-    /// Attention heads.
-    pub heads: usize,
-    /// Hidden width of the blocks' MLPs.
-    pub mlp_dim: usize,
-}
-
-impl From<&pretext_vit::VitDims> for VitShape {
-    fn from(d: &pretext_vit::VitDims) -> Self {
-        Self {
-            patch_size: d.patch_size,
-            depth: d.depth,
-            embed_dim: d.embed_dim,
-            heads: d.heads,
-            mlp_dim: d.mlp_dim,
-        }
-    }
 }
 
 /// The encoder's tensors (weights and batch-norm buffers) without the
@@ -259,8 +232,8 @@ to a {}-dimensional feature vector ({}); use it for linear probes, kNN retrieval
             y.push_str(&small_resnet_py(conf.in_channels, &conf.stages));
             y.push_str("model.load_state_dict(state)\nmodel.eval()\n");
         }
-        arch @ (Arch::VitTiny | Arch::VitSmall) => {
-            if let (Some(size), Some(dims)) = (arch.vit_size(), cfg.model.encoder.vit_dims(conf.image_size)) {
+        Arch::VitTiny | Arch::VitSmall => {
+            if let Some((size, dims)) = cfg.model.encoder.vit(conf.image_size) {
                 y.push_str(&pretext_vit::timm_py(size, &dims, 0));
                 y.push_str("model.load_state_dict(state)  # timm's names: cls_token, pos_embed, patch_embed, blocks, norm\nmodel.eval()\n");
             }
@@ -308,9 +281,8 @@ pub fn export_files(cfg: &ContrastiveConfig, trained: &Trained<Contrastive>) -> 
         vit: cfg
             .model
             .encoder
-            .vit_dims(cfg.data.image_size)
-            .as_ref()
-            .map(VitShape::from),
+            .vit(cfg.data.image_size)
+            .map(|(_, dims)| pretext_vit::VitShape::from(&dims)),
         feature_dim: model.encoder().out_dim(),
         image_size: cfg.data.image_size,
         mean: cfg.data.augment.mean.clone(),

@@ -61,7 +61,7 @@ pub fn new_model(cfg: &GenerativeConfig, device: &Device) -> Result<GenerativeMo
 /// the MAE, random resized crops (20–100% of the image) and horizontal flips,
 /// the paper's augmentation.
 fn training_pipeline(cfg: &GenerativeConfig) -> Result<Pipeline> {
-    if cfg.method == GenerativeMethod::Mae.name() {
+    if GenerativeMethod::parse(&cfg.method)? == GenerativeMethod::Mae {
         let mut aug = AugmentConfig::none(vec![], vec![]);
         aug.crop = true;
         aug.crop_scale = (0.2, 1.0);
@@ -890,7 +890,7 @@ fn mae_export_files(
         .and_then(|b| serde_json::from_slice(&b).ok());
     let conf = serde_json::json!({
         "architecture": arch.name(),
-        "vit": {"patch_size": d.patch_size, "depth": d.depth, "embed_dim": d.embed_dim, "heads": d.heads, "mlp_dim": d.mlp_dim},
+        "vit": pretext_vit::VitShape::from(d),
         "feature_dim": d.embed_dim,
         "in_channels": cfg.data.channels,
         "image_size": cfg.data.image_size,

@@ -133,7 +133,7 @@ impl Downstream for Generative {
             let d = mae.encoder().dims();
             serde_json::json!({
                 "architecture": mae.config().arch.name(),
-                "vit": {"patch_size": d.patch_size, "depth": d.depth, "embed_dim": d.embed_dim, "heads": d.heads, "mlp_dim": d.mlp_dim},
+                "vit": pretext_vit::VitShape::from(d),
                 "feature_dim": d.embed_dim,
                 "in_channels": cfg.data.channels,
                 "image_size": cfg.data.image_size,

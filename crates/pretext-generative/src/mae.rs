@@ -17,7 +17,7 @@ use candle_nn::Init;
 use pretext_core::init::named_vars;
 use pretext_core::nn::{LayerNorm, Linear};
 use pretext_core::SeededVarMap;
-use pretext_vit::{dense, patchify, sincos_2d, unpatchify, Block, Vit, VitDims, VitSize};
+use pretext_vit::{dense, patchify, run_blocks, sincos_2d, unpatchify, Block, Vit, VitDims, VitSize};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -224,7 +224,6 @@ pub struct Mae {
     decoder_blocks: Vec<Block>,
     decoder_norm: LayerNorm,
     decoder_pred: Linear,
-    channels: usize,
 }
 
 impl Mae {
@@ -268,7 +267,6 @@ impl Mae {
             decoder_blocks,
             decoder_norm,
             decoder_pred,
-            channels,
         })
     }
 
@@ -341,10 +339,7 @@ impl Mae {
         let full = pool.index_select(&restore, 0)?.reshape((n, big_n, dd))?;
         let x = Tensor::cat(&[&cls, &full], 1)?.broadcast_add(&self.decoder_pos)?;
         let t = 1 + big_n;
-        let mut x = x.reshape((n * t, dd))?;
-        for b in &self.decoder_blocks {
-            x = b.forward(&x, n, t)?;
-        }
+        let x = run_blocks(&self.decoder_blocks, &x.reshape((n * t, dd))?, n, t)?;
         let pred = self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?;
         let pdim = pred.dim(1)?;
         pred.reshape((n, t, pdim))?.narrow(1, 1, big_n)
@@ -397,11 +392,6 @@ impl Mae {
             .into_iter()
             .filter(|(n, _)| n.starts_with("encoder."))
             .collect()
-    }
-
-    /// Input channels.
-    pub fn channels(&self) -> usize {
-        self.channels
     }
 }
 

@@ -19,7 +19,7 @@
 //! from the configured one (DINO's local crops) get the position embeddings
 //! resampled bilinearly, as timm's `dynamic_img_size` does.
 
-use candle_core::{DType, IndexOp, Result, Tensor};
+use candle_core::{IndexOp, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use pretext_core::nn::{linear_init, LayerNorm, Linear};
 use pretext_core::ops::{self, Attention};
@@ -56,10 +56,11 @@ impl VitSize {
 
     /// The shape of this width with this input and depth.
     pub fn dims(self, image_size: usize, patch_size: usize, in_channels: usize, depth: usize) -> VitDims {
-        match self {
-            Self::VitTiny => VitDims::tiny(image_size, patch_size, in_channels, depth),
-            Self::VitSmall => VitDims::small(image_size, patch_size, in_channels, depth),
-        }
+        let (width, heads) = match self {
+            Self::VitTiny => (192, 3),
+            Self::VitSmall => (384, 6),
+        };
+        VitDims::with_width(image_size, patch_size, in_channels, depth, width, heads)
     }
 }
 
@@ -198,16 +199,6 @@ pub struct VitDims {
 }
 
 impl VitDims {
-    /// ViT-Tiny's width (192, 3 heads, MLP 768) with this input and depth.
-    pub fn tiny(image_size: usize, patch_size: usize, in_channels: usize, depth: usize) -> Self {
-        Self::with_width(image_size, patch_size, in_channels, depth, 192, 3)
-    }
-
-    /// ViT-Small's width (384, 6 heads, MLP 1536) with this input and depth.
-    pub fn small(image_size: usize, patch_size: usize, in_channels: usize, depth: usize) -> Self {
-        Self::with_width(image_size, patch_size, in_channels, depth, 384, 6)
-    }
-
     /// Any width with an MLP four times as wide.
     pub fn with_width(
         image_size: usize,
@@ -290,6 +281,34 @@ impl VitDims {
     }
 }
 
+/// The shape of a ViT as `config.json` files record it (`vit`): what
+/// `timm.create_model` needs beside the image size and channels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VitShape {
+    /// Side of a square patch.
+    pub patch_size: usize,
+    /// Transformer blocks.
+    pub depth: usize,
+    /// Token width.
+    pub embed_dim: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Hidden width of the blocks' MLPs.
+    pub mlp_dim: usize,
+}
+
+impl From<&VitDims> for VitShape {
+    fn from(d: &VitDims) -> Self {
+        Self {
+            patch_size: d.patch_size,
+            depth: d.depth,
+            embed_dim: d.embed_dim,
+            heads: d.heads,
+            mlp_dim: d.mlp_dim,
+        }
+    }
+}
+
 /// A pre-norm transformer block: `x + proj(attn(norm1(x)))`, then
 /// `x + fc2(gelu(fc1(norm2(x))))` (timm's `Block` names).
 #[derive(Debug, Clone)]
@@ -342,18 +361,17 @@ impl Block {
         })
     }
 
-    /// `(batch · seq, dim)` rows of `batch` sequences of `seq` tokens → the same shape.
-    ///
-    /// # Errors
-    /// Shapes that do not fit.
-    pub fn forward(&self, x: &Tensor, batch: usize, seq: usize) -> Result<Tensor> {
+    /// `(batch · seq, dim)` rows of `batch` sequences of `seq` tokens → the
+    /// same shape; `key_bias` is the attention's (`batch · seq` zeros: every
+    /// token attends to every token).
+    fn forward(&self, x: &Tensor, batch: usize, seq: usize, key_bias: &Arc<Vec<f32>>) -> Result<Tensor> {
         let d = self.dim;
         let qkv = self.qkv.forward(&self.norm1.forward(x)?)?;
         let op = Attention {
             batch,
             seq,
             heads: self.heads,
-            key_bias: Arc::new(vec![0.0; batch * seq]),
+            key_bias: key_bias.clone(),
             dropout: 0.0,
             seed: 0,
         };
@@ -367,6 +385,21 @@ impl Block {
         let h = ops::gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
         x + self.fc2.forward(&h)?
     }
+}
+
+/// `blocks` one after the other over `(batch · seq, dim)` rows of `batch`
+/// sequences of `seq` tokens (no padding: every token attends to every
+/// token).
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn run_blocks(blocks: &[Block], x: &Tensor, batch: usize, seq: usize) -> Result<Tensor> {
+    let key_bias = Arc::new(vec![0.0; batch * seq]);
+    let mut x = x.clone();
+    for b in blocks {
+        x = b.forward(&x, batch, seq, &key_bias)?;
+    }
+    Ok(x)
 }
 
 /// Images `(n, c, h, w)` → patches `(n, (h/p)·(w/p), c·p·p)`, each patch
@@ -548,10 +581,7 @@ impl Vit {
     /// Shapes that do not fit.
     pub fn encode_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
         let (n, t, d) = tokens.dims3()?;
-        let mut x = tokens.reshape((n * t, d))?;
-        for b in &self.blocks {
-            x = b.forward(&x, n, t)?;
-        }
+        let x = run_blocks(&self.blocks, &tokens.reshape((n * t, d))?, n, t)?;
         self.norm.forward(&x)?.reshape((n, t, d))
     }
 
@@ -565,11 +595,6 @@ impl Vit {
         let patches = self.patch_tokens(images)?;
         let tokens = Tensor::cat(&[&self.class_tokens(n)?, &patches], 1)?;
         self.encode_tokens(&tokens)?.i((.., 0, ..))?.contiguous()
-    }
-
-    /// The data type of the weights.
-    pub fn dtype(&self) -> DType {
-        self.pos_embed.dtype()
     }
 }
 

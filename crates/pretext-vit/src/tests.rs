@@ -1,5 +1,5 @@
 use super::*;
-use candle_core::{Device, D};
+use candle_core::{DType, Device, D};
 use candle_nn::VarMap;
 use pretext_core::ops::{reference_attention, reference_layer_norm, reference_linear};
 

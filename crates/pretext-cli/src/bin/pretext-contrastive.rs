@@ -1,8 +1,8 @@
 //! `pretext-contrastive`: SimCLR, MoCo v2, BYOL, SimSiam, Barlow Twins,
 //! VICReg and DINO pretraining of image encoders.
 
-use clap::{Args, ValueEnum};
-use pretext_cli::runner::{NoExtra, PretrainFlags};
+use clap::ValueEnum;
+use pretext_cli::runner::{MethodChoice, MethodFlag, NoExtra};
 use pretext_contrastive::{Contrastive, MethodKind};
 use std::process::ExitCode;
 
@@ -39,27 +39,16 @@ impl MethodArg {
     }
 }
 
-/// Flags of `pretrain` for this tool.
-#[derive(Debug, Clone, Args)]
-struct Flags {
-    /// The method, with its built-in recipe (heads and settings, under
-    /// --config and --set). Default: the config's `method` (simclr).
-    #[arg(long, value_enum)]
-    method: Option<MethodArg>,
-}
-
-impl PretrainFlags for Flags {
-    fn overrides(&self) -> Vec<String> {
-        self.method
-            .map(|m| vec![format!("method={:?}", m.kind().name())])
-            .unwrap_or_default()
+impl MethodChoice for MethodArg {
+    fn config_name(&self) -> &'static str {
+        self.kind().name()
     }
 
     fn preset(&self) -> Option<&'static str> {
-        self.method.and_then(|m| pretext_contrastive::method_preset(m.kind()))
+        pretext_contrastive::method_preset(self.kind())
     }
 }
 
 fn main() -> ExitCode {
-    pretext_cli::runner::main::<Contrastive, Flags, NoExtra>()
+    pretext_cli::runner::main::<Contrastive, MethodFlag<MethodArg>, NoExtra>()
 }

@@ -1,8 +1,8 @@
 //! `pretext-generative`: VAE and MAE pretraining.
 
 use anyhow::Context;
-use clap::{Args, Subcommand, ValueEnum};
-use pretext_cli::runner::{run_config, Extra, PretrainFlags};
+use clap::{Subcommand, ValueEnum};
+use pretext_cli::runner::{run_config, Extra, MethodChoice, MethodFlag};
 use pretext_generative::{Generative, GenerativeConfig, GenerativeMethod};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,24 +24,13 @@ impl MethodArg {
     }
 }
 
-/// Flags of `pretrain` for this tool.
-#[derive(Debug, Clone, Args)]
-struct Flags {
-    /// The method, with its built-in recipe (under --config and --set).
-    /// Default: the config's `method` (vae).
-    #[arg(long, value_enum)]
-    method: Option<MethodArg>,
-}
-
-impl PretrainFlags for Flags {
-    fn overrides(&self) -> Vec<String> {
-        self.method
-            .map(|m| vec![format!("method={:?}", m.method().name())])
-            .unwrap_or_default()
+impl MethodChoice for MethodArg {
+    fn config_name(&self) -> &'static str {
+        self.method().name()
     }
 
     fn preset(&self) -> Option<&'static str> {
-        self.method.and_then(|m| pretext_generative::method_preset(m.method()))
+        pretext_generative::method_preset(self.method())
     }
 }
 
@@ -77,5 +66,5 @@ impl Extra for Own {
 }
 
 fn main() -> ExitCode {
-    pretext_cli::runner::main::<Generative, Flags, Own>()
+    pretext_cli::runner::main::<Generative, MethodFlag<MethodArg>, Own>()
 }

@@ -135,11 +135,15 @@ fn field(line: &str, key: &str) -> Option<f64> {
         .find_map(|w| w.strip_prefix(&format!("{key}=")).and_then(|v| v.parse().ok()))
 }
 
-fn ours_simclr(iters: usize) -> Result<f64> {
+/// `train.precision` of a bench run: `f32` or `bf16`.
+const PRECISIONS: [&str; 2] = ["f32", "bf16"];
+
+fn ours_simclr(iters: usize, precision: &str) -> Result<f64> {
     let out = run(
         Command::new("cargo")
             .args(["bench", "-q", "-p", "pretext-contrastive", "--bench", "simclr_step"])
             .env("PRETEXT_BENCH_ITERS", iters.to_string())
+            .env("PRETEXT_BENCH_PRECISION", precision)
             .current_dir(root()),
         "cargo bench -p pretext-contrastive --bench simclr_step",
     )?;
@@ -212,31 +216,82 @@ fn find(results: &[(String, f64)], needle: &str) -> Option<f64> {
     results.iter().find(|(w, _)| w.contains(needle)).map(|(_, v)| *v)
 }
 
+/// Ours in f32 and bf16, the same before and after the reference: `[f32, bf16]` means.
+fn ours_twice(
+    mut bench: impl FnMut(&str) -> Result<f64>,
+    between: impl FnOnce() -> Result<()>,
+) -> Result<[(f64, f64, f64); 2]> {
+    let before = [bench(PRECISIONS[0])?, bench(PRECISIONS[1])?];
+    between()?;
+    let after = [bench(PRECISIONS[0])?, bench(PRECISIONS[1])?];
+    Ok([0, 1].map(|i| (before[i], after[i], (before[i] + after[i]) / 2.0)))
+}
+
+/// The table's rows for our two precisions: figures, and ratios against
+/// our own f32 step.
+fn our_rows(what: &str, unit_fmt: fn(f64) -> String, ours: &[(f64, f64, f64); 2]) -> String {
+    let [(a, b, f), (c, d, h)] = *ours;
+    let (u, v) = (unit_fmt(a), unit_fmt(b));
+    let (x, y) = (unit_fmt(c), unit_fmt(d));
+    let what = if what.is_empty() {
+        String::new()
+    } else {
+        format!(" {what}")
+    };
+    format!(
+        "| pretext{what}, f32 products (runs before and after the reference: {u}, {v}) | {} | 1.00 | {:.2} |\n\
+         | pretext{what}, bf16 products (`train.precision = \"bf16\"`; {x}, {y}) | {} | {:.2} | 1.00 |\n",
+        unit_fmt(f),
+        f / h,
+        unit_fmt(h),
+        h / f
+    )
+}
+
 fn bench_conv(iters: usize) -> Result<String> {
-    let a = ours_simclr(iters)?;
     let mut md = String::new();
+    let one = |x: f64| format!("{x:.1}");
     match reference() {
         Some(r) => {
-            let nchw = reference_simclr(&r, &["--skip-aug", "--iters", &iters.to_string()])?;
-            let cl = reference_simclr(&r, &["--skip-aug", "--channels-last", "--iters", &iters.to_string()])?;
-            let b = ours_simclr(iters)?;
-            let ours = (a + b) / 2.0;
-            let t_nchw = find(&nchw, "pre-augmented").context("no NCHW step figure from the reference")?;
-            let t_cl = find(&cl, "pre-augmented").context("no channels_last step figure from the reference")?;
-            md.push_str("| SimCLR step, batch 256 pairs, fp32 | images/s | ratio pretext / this |\n|---|---|---|\n");
-            md.push_str(&format!("| pretext (CPU, fused NHWC trunk), mean of runs before and after the reference ({a:.1}, {b:.1}) | {ours:.1} | 1.00 |\n"));
+            let mut refs = None;
+            let ours = ours_twice(
+                |p| ours_simclr(iters, p),
+                || {
+                    let nchw = reference_simclr(&r, &["--skip-aug", "--iters", &iters.to_string()])?;
+                    let cl = reference_simclr(
+                        &r,
+                        &["--skip-aug", "--channels-last", "--bf16", "--iters", &iters.to_string()],
+                    )?;
+                    refs = Some((nchw, cl));
+                    Ok(())
+                },
+            )?;
+            let (nchw, cl) = refs.context("reference not run")?;
+            let t_nchw = find(&nchw, "fp32, NCHW, pre-augmented")
+                .or_else(|| find(&nchw, "pre-augmented"))
+                .context("no NCHW step figure from the reference")?;
+            let t_cl = find(&cl, "fp32, channels_last, pre-augmented")
+                .context("no channels_last step figure from the reference")?;
+            let t_bf = find(&cl, "bf16 autocast").context("no bf16 autocast step figure from the reference")?;
+            let (f, h) = (ours[0].2, ours[1].2);
+            md.push_str("| SimCLR step, batch 256 pairs | images/s | pretext f32 / this | pretext bf16 / this |\n|---|---|---|---|\n");
+            md.push_str(&our_rows("(fused NHWC trunk)", one, &ours));
             let torch = torch_name(&r);
-            md.push_str(&format!("| {torch}, NCHW | {t_nchw:.1} | {:.2} |\n", ours / t_nchw));
-            md.push_str(&format!(
-                "| {torch}, channels_last | {t_cl:.1} | {:.2} |\n",
-                ours / t_cl
-            ));
+            for (name, t) in [
+                ("NCHW, fp32", t_nchw),
+                ("channels_last, fp32", t_cl),
+                ("channels_last, bf16 autocast", t_bf),
+            ] {
+                md.push_str(&format!("| {torch}, {name} | {t:.1} | {:.2} | {:.2} |\n", f / t, h / t));
+            }
             if let Some(p) = find(&cl, "sgemm probe") {
                 md.push_str(&format!("\nsgemm probe during the reference runs: {p:.0} GFLOP/s (the machine's speed drifts; compare ratios).\n"));
             }
         }
         None => {
-            md.push_str(&format!("pretext SimCLR step, batch 256 pairs, fp32: {a:.1} images/s (no PyTorch reference found: set PRETEXT_REFERENCE)\n"));
+            let a = ours_simclr(iters, "f32")?;
+            let b = ours_simclr(iters, "bf16")?;
+            md.push_str(&format!("pretext SimCLR step, batch 256 pairs: {a:.1} images/s with f32 products, {b:.1} with bf16 ({:.2}×) (no PyTorch reference found: set PRETEXT_REFERENCE)\n", b / a));
         }
     }
     Ok(md)
@@ -302,10 +357,11 @@ fn bench_data() -> Result<String> {
     Ok(md)
 }
 
-fn ours_vae() -> Result<f64> {
+fn ours_vae(precision: &str) -> Result<f64> {
     let out = run(
         Command::new("cargo")
             .args(["bench", "-q", "-p", "pretext-generative", "--bench", "vae_step"])
+            .env("PRETEXT_BENCH_PRECISION", precision)
             .current_dir(root()),
         "cargo bench -p pretext-generative --bench vae_step",
     )?;
@@ -316,48 +372,54 @@ fn ours_vae() -> Result<f64> {
 }
 
 fn bench_vae() -> Result<String> {
-    let a = ours_vae()?;
     let mut md = String::new();
+    let zero = |x: f64| format!("{x:.0}");
     match reference() {
         Some(r) => {
-            let tmp = std::env::temp_dir().join(format!("pretext-ref-vae-{}.jsonl", std::process::id()));
-            let out = run(
-                Command::new(&r.python)
-                    .args(["reference.py", "vae", "--epochs", "2"])
-                    .env("REF_RESULTS", &tmp)
-                    .current_dir(&r.dir),
-                "reference.py vae --epochs 2",
-            )?;
-            let _ = std::fs::remove_file(tmp);
-            let res: Vec<(String, f64)> = out
-                .lines()
-                .filter_map(|l| l.strip_prefix("[result] "))
-                .filter_map(parse_result)
-                .collect();
-            let b = ours_vae()?;
-            let ours = (a + b) / 2.0;
+            let mut res = Vec::new();
+            let ours = ours_twice(ours_vae, || {
+                let tmp = std::env::temp_dir().join(format!("pretext-ref-vae-{}.jsonl", std::process::id()));
+                let out = run(
+                    Command::new(&r.python)
+                        .args(["reference.py", "vae", "--epochs", "2"])
+                        .env("REF_RESULTS", &tmp)
+                        .current_dir(&r.dir),
+                    "reference.py vae --epochs 2",
+                )?;
+                let _ = std::fs::remove_file(tmp);
+                res = out
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("[result] "))
+                    .filter_map(parse_result)
+                    .collect();
+                Ok(())
+            })?;
             let t = find(&res, "training throughput").context("no throughput figure from the reference VAE")?;
-            md.push_str("| VAE training (MLP 784-512-256-32, batch 128, Adam, fp32) | images/s | ratio pretext / this |\n|---|---|---|\n");
+            md.push_str("| VAE training (MLP 784-512-256-32, batch 128, Adam) | images/s | pretext f32 / this | pretext bf16 / this |\n|---|---|---|---|\n");
+            md.push_str(&our_rows("", zero, &ours));
             md.push_str(&format!(
-                "| pretext (CPU), mean of runs before and after the reference ({a:.0}, {b:.0}) | {ours:.0} | 1.00 |\n"
-            ));
-            md.push_str(&format!(
-                "| {} (`reference.py vae`, 2 epochs) | {t:.0} | {:.2} |\n",
+                "| {} fp32 (`reference.py vae`, 2 epochs) | {t:.0} | {:.2} | {:.2} |\n",
                 torch_name(&r),
-                ours / t
+                ours[0].2 / t,
+                ours[1].2 / t
             ));
         }
-        None => md.push_str(&format!(
-            "pretext VAE training, batch 128: {a:.0} images/s (no PyTorch reference found: set PRETEXT_REFERENCE)\n"
-        )),
+        None => {
+            let (a, b) = (ours_vae("f32")?, ours_vae("bf16")?);
+            md.push_str(&format!(
+                "pretext VAE training, batch 128: {a:.0} images/s with f32 products, {b:.0} with bf16 ({:.2}×) (no PyTorch reference found: set PRETEXT_REFERENCE)\n",
+                b / a
+            ));
+        }
     }
     Ok(md)
 }
 
-fn ours_mlm(iters: usize) -> Result<f64> {
+fn ours_mlm(iters: usize, precision: &str) -> Result<f64> {
     let out = run(
         Command::new("cargo")
             .args(["bench", "-q", "-p", "pretext-mlm", "--bench", "mlm_step"])
+            .env("PRETEXT_BENCH_PRECISION", precision)
             .env("PRETEXT_BENCH_ITERS", iters.to_string())
             .current_dir(root()),
         "cargo bench -p pretext-mlm --bench mlm_step",
@@ -369,39 +431,47 @@ fn ours_mlm(iters: usize) -> Result<f64> {
 }
 
 fn bench_mlm(iters: usize) -> Result<String> {
-    let a = ours_mlm(iters)?;
     let mut md = String::new();
+    let zero = |x: f64| format!("{x:.0}");
     match reference() {
         Some(r) => {
-            let tmp = std::env::temp_dir().join(format!("pretext-ref-mlm-{}.jsonl", std::process::id()));
-            let out = run(
-                Command::new(&r.python)
-                    .args(["reference.py", "mlm", "--budget-min", "1"])
-                    .env("REF_RESULTS", &tmp)
-                    .current_dir(&r.dir),
-                "reference.py mlm --budget-min 1",
+            let mut res = Vec::new();
+            let ours = ours_twice(
+                |p| ours_mlm(iters, p),
+                || {
+                    let tmp = std::env::temp_dir().join(format!("pretext-ref-mlm-{}.jsonl", std::process::id()));
+                    let out = run(
+                        Command::new(&r.python)
+                            .args(["reference.py", "mlm", "--budget-min", "1"])
+                            .env("REF_RESULTS", &tmp)
+                            .current_dir(&r.dir),
+                        "reference.py mlm --budget-min 1",
+                    )?;
+                    let _ = std::fs::remove_file(tmp);
+                    res = out
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("[result] "))
+                        .filter_map(parse_result)
+                        .collect();
+                    Ok(())
+                },
             )?;
-            let _ = std::fs::remove_file(tmp);
-            let res: Vec<(String, f64)> = out
-                .lines()
-                .filter_map(|l| l.strip_prefix("[result] "))
-                .filter_map(parse_result)
-                .collect();
-            let b = ours_mlm(iters)?;
-            let ours = (a + b) / 2.0;
             let t = find(&res, "MLM train tokens/s").context("no tokens/s figure from the reference MLM")?;
-            md.push_str("| BERT-mini MLM training (4 × 256, vocab 8000, batch 32 × 128, AdamW, fp32) | tokens/s | ratio pretext / this |\n|---|---|---|\n");
+            md.push_str("| BERT-mini MLM training (4 × 256, vocab 8000, batch 32 × 128, AdamW) | tokens/s | pretext f32 / this | pretext bf16 / this |\n|---|---|---|---|\n");
+            md.push_str(&our_rows("", zero, &ours));
             md.push_str(&format!(
-                "| pretext (CPU), mean of runs before and after the reference ({a:.0}, {b:.0}) | {ours:.0} | 1.00 |\n"
-            ));
-            md.push_str(&format!(
-                "| transformers `BertForMaskedLM` (`reference.py mlm --budget-min 1`) | {t:.0} | {:.2} |\n",
-                ours / t
+                "| transformers `BertForMaskedLM` fp32 (`reference.py mlm --budget-min 1`) | {t:.0} | {:.2} | {:.2} |\n",
+                ours[0].2 / t,
+                ours[1].2 / t
             ));
         }
-        None => md.push_str(&format!(
-            "pretext BERT-mini MLM training, batch 32 × 128: {a:.0} tokens/s (no PyTorch reference found: set PRETEXT_REFERENCE)\n"
-        )),
+        None => {
+            let (a, b) = (ours_mlm(iters, "f32")?, ours_mlm(iters, "bf16")?);
+            md.push_str(&format!(
+                "pretext BERT-mini MLM training, batch 32 × 128: {a:.0} tokens/s with f32 products, {b:.0} with bf16 ({:.2}×) (no PyTorch reference found: set PRETEXT_REFERENCE)\n",
+                b / a
+            ));
+        }
     }
     Ok(md)
 }

@@ -64,7 +64,7 @@ impl Observer for ProgressObserver {
         if self.interactive {
             self.bar.set_position(r.step);
             self.bar.set_message(status);
-        } else if !self.quiet && (r.step % self.log_every == 0 || r.step == r.total_steps) {
+        } else if !self.quiet && (r.step.is_multiple_of(self.log_every) || r.step == r.total_steps) {
             eprintln!(
                 "{} step {}/{} epoch {}  {status}",
                 self.label, r.step, r.total_steps, r.epoch

@@ -53,6 +53,13 @@ fn killed_and_resumed_simclr_run_matches_the_uninterrupted_one() {
     killed_and_resumed_run_matches_the_uninterrupted_one("simclr");
 }
 
+/// Mixed precision (`train.precision = "bf16"`): products in bf16 where the
+/// CPU has the kernel, and still the same trajectory after a kill.
+#[test]
+fn killed_and_resumed_bf16_simclr_run_matches_the_uninterrupted_one() {
+    killed_and_resumed_run_with("simclr", &["--set", "train.precision=\"bf16\""]);
+}
+
 #[test]
 fn killed_and_resumed_moco_run_matches_the_uninterrupted_one() {
     killed_and_resumed_run_matches_the_uninterrupted_one("moco");

@@ -5,7 +5,7 @@
 //!
 //! `cargo bench -p pretext-contrastive --bench simclr_step`
 //! Environment: `PRETEXT_BENCH_BATCH` (256), `PRETEXT_BENCH_WARMUP` (3),
-//! `PRETEXT_BENCH_ITERS` (10). The last line is machine-readable:
+//! `PRETEXT_BENCH_PRECISION` (`f32`; `bf16` = `train.precision`), `PRETEXT_BENCH_ITERS` (10). The last line is machine-readable:
 //! `RESULT simclr_step img_per_s=<x> median_ms=<y> gflops=<z>`.
 
 use candle_core::Device;
@@ -72,7 +72,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         kind: ScheduleKind::Constant,
         ..Default::default()
     };
+    let precision: pretext_core::ops::bf16::Precision = std::env::var("PRETEXT_BENCH_PRECISION")
+        .unwrap_or_else(|_| "f32".into())
+        .parse()?;
+    println!("products: {}", precision.describe());
     let train = TrainConfig {
+        precision,
         max_steps: (warmup + iters) as u64,
         batch_size: batch,
         ..Default::default()
@@ -97,7 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ips = batch as f64 / med;
     let gflops = STEP_MFLOP_PER_IMAGE * batch as f64 / med / 1e3;
     println!(
-        "pretext SimCLR step, batch {batch} pairs, fp32, AdamW: median {:.0} ms over {iters} steps = {ips:.1} img/s ({:.0} views/s), {gflops:.1} GFLOP/s",
+        "pretext SimCLR step, batch {batch} pairs, {precision} products, AdamW: median {:.0} ms over {iters} steps = {ips:.1} img/s ({:.0} views/s), {gflops:.1} GFLOP/s",
         med * 1e3,
         2.0 * ips
     );

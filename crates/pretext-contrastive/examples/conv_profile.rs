@@ -1,4 +1,5 @@
-//! Per-layer timing of the NHWC convolution kernels at SimCLR batch size (512 images).
+//! Per-layer timing of the NHWC convolution kernels at SimCLR batch size (512 images):
+//! `[PRETEXT_BENCH_PRECISION=bf16] cargo run --release -p pretext-contrastive --example conv_profile`.
 use pretext_core::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, ConvGeom};
 use std::time::Instant;
 
@@ -12,6 +13,16 @@ fn time(f: impl Fn() -> Vec<f32>) -> f64 {
 }
 
 fn main() {
+    // `PRETEXT_BENCH_PRECISION=bf16` times the products in bf16.
+    let precision: pretext_core::ops::bf16::Precision = std::env::var("PRETEXT_BENCH_PRECISION")
+        .unwrap_or_else(|_| "f32".into())
+        .parse()
+        .expect("PRETEXT_BENCH_PRECISION: f32 or bf16");
+    println!("products: {}", precision.describe());
+    precision.scope(layers);
+}
+
+fn layers() {
     pretext_core::alloc::keep_freed_memory();
     let n = 512;
     let layers = [

@@ -162,7 +162,7 @@ impl ContrastiveConfig {
         let dino = &self.model.dino;
         if encoder.arch.is_vit() && method == MethodKind::Dino && dino.local_crops > 0 {
             let p = encoder.patch_size;
-            if dino.local_size % p != 0 {
+            if !dino.local_size.is_multiple_of(p) {
                 return Err(InvalidSetting::value(
                     "model.dino.local_size",
                     dino.local_size,

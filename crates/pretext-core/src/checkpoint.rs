@@ -64,6 +64,11 @@ pub struct TrainerState {
     /// before it was recorded).
     #[serde(default)]
     pub cpu: Option<crate::cpu::CpuInfo>,
+    /// The precision of the training step's products and what ran them
+    /// (`f32`, `bf16 (avx512_bf16 kernels)`, or a bf16 request that ran in
+    /// f32 on this CPU); absent in checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub products: Option<String>,
     /// The weights the run started from (`--init`): what was loaded, left
     /// freshly initialised or unused. Absent for runs from scratch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -503,6 +508,7 @@ mod tests {
                 cpu: Some(crate::cpu::CpuInfo::from_cpuinfo(
                     "model name: Test CPU\nflags: avx2 fma\n",
                 )),
+                products: Some("bf16 (avx512_bf16 kernels)".into()),
                 init: Some(crate::warm_start::InitRecord {
                     source: "hub:someone/model@main".into(),
                     file: "model.safetensors".into(),

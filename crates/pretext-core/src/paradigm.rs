@@ -286,9 +286,9 @@ impl EvalSchedule {
         match self {
             Self::Epochs(n) => {
                 let spe = steps_per_epoch.max(1);
-                n > 0 && step % spe == 0 && (step / spe) % n == 0
+                n > 0 && step.is_multiple_of(spe) && (step / spe).is_multiple_of(n)
             }
-            Self::Steps(n) => n > 0 && step % n == 0,
+            Self::Steps(n) => n > 0 && step.is_multiple_of(n),
         }
     }
 }

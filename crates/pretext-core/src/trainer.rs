@@ -8,6 +8,7 @@
 
 use crate::checkpoint::{check_finite, match_tensors, Checkpoint, CheckpointManager, TrainerState};
 use crate::init::{named_tensors, named_vars};
+use crate::ops::bf16::Precision;
 use crate::optim::{Optim, OptimConfig};
 use crate::run::{MetricsLog, RunDir};
 use crate::schedule::ScheduleConfig;
@@ -291,6 +292,14 @@ pub struct TrainConfig {
     /// The decay in effect at update `t` is `min(ema_decay, (1 + t) / (10 + t))`,
     /// so short runs are not dominated by the initial weights.
     pub ema_decay: f64,
+    /// The precision of the operands of the training step's matrix products
+    /// (convolutions, linear layers, attention; forward and backward):
+    /// `"f32"`, or `"bf16"` for mixed precision — operands rounded to bf16,
+    /// products summed in f32, everything else (weights, optimizer state,
+    /// normalisation, softmax, losses, checkpoints) f32. bf16 runs on
+    /// AVX512-BF16 kernels where the CPU has them and in f32 elsewhere;
+    /// `trainer.json` records which (`products`). Evaluation stays f32.
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -306,6 +315,7 @@ impl Default for TrainConfig {
             log_every: 1,
             init: String::new(),
             ema_decay: 0.0,
+            precision: Precision::F32,
         }
     }
 }
@@ -562,6 +572,7 @@ impl<M: Method> Trainer<M> {
                 last_loss: self.last_loss,
                 pretext_version: env!("CARGO_PKG_VERSION").into(),
                 cpu: Some(crate::cpu::CpuInfo::current().clone()),
+                products: Some(self.cfg.precision.describe()),
                 init: self.init.clone(),
             },
             metadata,
@@ -725,16 +736,22 @@ impl<M: Method> Trainer<M> {
                 lr: self.schedule.lr(step, total, self.optim_cfg.lr),
             };
             let batch = data.batch(step)?;
-            let out = self.method.step(&batch, &cx)?;
-            let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !loss.is_finite() {
-                return Err(Error::NonFinite {
-                    step,
-                    what: "loss".into(),
-                    value: loss.to_string(),
-                });
-            }
-            let mut grads = out.loss.backward()?;
+            // The forward and backward passes run in the configured
+            // precision; clipping, the update and averaging in f32.
+            let method = &mut self.method;
+            let (out, loss, mut grads) = self.cfg.precision.scope(|| -> Result<_> {
+                let out = method.step(&batch, &cx)?;
+                let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !loss.is_finite() {
+                    return Err(Error::NonFinite {
+                        step,
+                        what: "loss".into(),
+                        value: loss.to_string(),
+                    });
+                }
+                let grads = out.loss.backward()?;
+                Ok((out, loss, grads))
+            })?;
             let grad_norm = self.clip_gradients(&mut grads, step)?;
             self.optim.step(&grads, cx.lr)?;
             self.method.after_update(&cx)?;
@@ -756,7 +773,7 @@ impl<M: Method> Trainer<M> {
                 elapsed_s: started.elapsed().as_secs_f64(),
             };
             if let Some(m) = self.metrics.as_mut() {
-                if self.step % self.cfg.log_every == 0 || self.step == total {
+                if self.step.is_multiple_of(self.cfg.log_every) || self.step == total {
                     let mut rec = serde_json::json!({
                         "step": report.step, "epoch": report.epoch, "loss": report.loss,
                         "lr": report.lr, "grad_norm": report.grad_norm, "elapsed_s": report.elapsed_s,
@@ -768,7 +785,7 @@ impl<M: Method> Trainer<M> {
                 }
             }
             observer.on_step(&report);
-            let due = self.cfg.checkpoint_every > 0 && self.step % self.cfg.checkpoint_every == 0;
+            let due = self.cfg.checkpoint_every > 0 && self.step.is_multiple_of(self.cfg.checkpoint_every);
             if due && self.step < stop {
                 self.save_checkpoint(spe, observer)?;
             }

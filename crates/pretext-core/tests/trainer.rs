@@ -483,7 +483,7 @@ impl pretext_core::trainer::Monitor<TinyMlp> for WeightMonitor {
     type Error = Error;
 
     fn due(&self, step: u64, steps_per_epoch: u64) -> bool {
-        step % steps_per_epoch == 0
+        step.is_multiple_of(steps_per_epoch)
     }
 
     fn evaluate(

@@ -45,7 +45,7 @@ pub fn parse_cifar(
     if bytes.is_empty() {
         return Err(Error::format(path, "empty CIFAR batch file"));
     }
-    if bytes.len() % rl != 0 {
+    if !bytes.len().is_multiple_of(rl) {
         return Err(Error::format(
             path,
             format!(

@@ -20,7 +20,7 @@ pub struct Spread {
 
 /// The indicators of `n` rows of `d` features (row-major); `None` for no rows.
 pub fn spread(features: &[f32], d: usize) -> Option<Spread> {
-    if d == 0 || features.len() < d || features.len() % d != 0 {
+    if d == 0 || features.len() < d || !features.len().is_multiple_of(d) {
         return None;
     }
     let n = features.len() / d;

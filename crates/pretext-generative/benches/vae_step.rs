@@ -5,7 +5,7 @@
 //!
 //! `cargo bench -p pretext-generative --bench vae_step`
 //! Environment: `PRETEXT_BENCH_BATCH` (128), `PRETEXT_BENCH_WARMUP` (20),
-//! `PRETEXT_BENCH_ITERS` (300), `PRETEXT_BENCH_MODEL` (`mlp` = the reference's
+//! `PRETEXT_BENCH_PRECISION` (`f32`; `bf16` = `train.precision`), `PRETEXT_BENCH_ITERS` (300), `PRETEXT_BENCH_MODEL` (`mlp` = the reference's
 //! MLP; `default` = the default config's conv VAE, whose own batch is 64),
 //! `PRETEXT_BENCH_DEC` (the conv decoder's channels `d1,d2`, e.g. `32,128`
 //! for the encoder's; default: the model's own). The last line is machine-readable:
@@ -87,7 +87,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|e| format!("PRETEXT_BENCH_DEC = {d:?}: {e}"))?;
     }
     let model = Vae::new(&vae, 1, 28, 0, &dev)?;
+    let precision: pretext_core::ops::bf16::Precision = std::env::var("PRETEXT_BENCH_PRECISION")
+        .unwrap_or_else(|_| "f32".into())
+        .parse()?;
+    println!("products: {}", precision.describe());
     let train = TrainConfig {
+        precision,
         max_steps: (warmup + iters) as u64,
         batch_size: batch,
         ema_decay,

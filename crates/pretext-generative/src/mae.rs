@@ -105,7 +105,10 @@ impl MaeConfig {
                 return Err(InvalidSetting::value(key, v, "must be > 0"));
             }
         }
-        if self.decoder_dim == 0 || self.decoder_dim % 4 != 0 || self.decoder_dim % self.decoder_heads != 0 {
+        if self.decoder_dim == 0
+            || !self.decoder_dim.is_multiple_of(4)
+            || !self.decoder_dim.is_multiple_of(self.decoder_heads)
+        {
             return Err(InvalidSetting::value(
                 "mae.decoder_dim",
                 self.decoder_dim,

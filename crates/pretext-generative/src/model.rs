@@ -151,7 +151,7 @@ impl VaeConfig {
             VaeArch::Conv if self.dec_fc.contains(&0) => {
                 Err(Bad::value("model.dec_fc", list(&self.dec_fc), "sizes must be positive"))
             }
-            VaeArch::Conv if size % 4 != 0 => Err(Bad::value(
+            VaeArch::Conv if !size.is_multiple_of(4) => Err(Bad::value(
                 "data.image_size",
                 size,
                 "must be a multiple of 4 for the conv VAE",

@@ -6,7 +6,7 @@
 //! `cargo bench -p pretext-mlm --bench mlm_step`
 //! Environment: `PRETEXT_BENCH_SIZE` (`mini`; any `model.size` preset),
 //! `PRETEXT_BENCH_BATCH` (32), `PRETEXT_BENCH_SEQ` (128), `PRETEXT_BENCH_WARMUP` (5),
-//! `PRETEXT_BENCH_ITERS` (30). The last line is machine-readable:
+//! `PRETEXT_BENCH_PRECISION` (`f32`; `bf16` = `train.precision`), `PRETEXT_BENCH_ITERS` (30). The last line is machine-readable:
 //! `RESULT mlm_step tok_per_s=<x> median_ms=<y>`.
 
 use candle_core::Device;
@@ -53,7 +53,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let dims = mc.dims(tok.vocab_size())?;
     let model = BertMlm::new(&dims, 0, &dev)?;
+    let precision: pretext_core::ops::bf16::Precision = std::env::var("PRETEXT_BENCH_PRECISION")
+        .unwrap_or_else(|_| "f32".into())
+        .parse()?;
+    println!("products: {}", precision.describe());
     let train = TrainConfig {
+        precision,
         max_steps: (warmup + iters) as u64,
         batch_size: batch,
         checkpoint_every: 0,

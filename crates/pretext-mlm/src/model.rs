@@ -70,7 +70,7 @@ impl BertDims {
                 return Err(InvalidSetting::value(key, v, "must be > 0"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(InvalidSetting::value(
                 "model.hidden",
                 self.hidden_size,
@@ -359,6 +359,7 @@ impl BertMlm {
                 key_bias: key_bias.clone(),
                 dropout: p_attn,
                 seed,
+                precision: pretext_core::ops::bf16::Precision::current(),
             };
             let ctx = attention(&l.query.forward(&x)?, &l.key.forward(&x)?, &l.value.forward(&x)?, op)?;
             let a = drops.apply(&l.attn_out.forward(&ctx)?, hidden_p)?;

@@ -153,7 +153,7 @@ pub fn timm_shape(
 /// `dim` not a multiple of 4.
 pub fn sincos_2d(grid: usize, dim: usize) -> Vec<f32> {
     assert!(
-        dim % 4 == 0,
+        dim.is_multiple_of(4),
         "sine-cosine position embeddings need a width divisible by 4, not {dim}"
     );
     let quarter = dim / 4;
@@ -248,7 +248,7 @@ impl VitDims {
                 return Err((key, "must be > 0".into()));
             }
         }
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return Err((
                 "patch_size",
                 format!(
@@ -257,7 +257,7 @@ impl VitDims {
                 ),
             ));
         }
-        if self.embed_dim % self.heads != 0 {
+        if !self.embed_dim.is_multiple_of(self.heads) {
             return Err((
                 "heads",
                 format!("{} heads do not divide the width {}", self.heads, self.embed_dim),
@@ -374,6 +374,7 @@ impl Block {
             key_bias: key_bias.clone(),
             dropout: 0.0,
             seed: 0,
+            precision: pretext_core::ops::bf16::Precision::current(),
         };
         let ctx = ops::attention(
             &qkv.narrow(1, 0, d)?,

@@ -67,6 +67,7 @@ fn reference(map: &VarMap, dims: &VitDims, images: &Tensor) -> Result<Tensor> {
             key_bias: Arc::new(vec![0.0; n * t]),
             dropout: 0.0,
             seed: 0,
+            precision: pretext_core::ops::bf16::Precision::current(),
         };
         let ctx = reference_attention(
             &qkv.narrow(1, 0, d)?.contiguous()?,

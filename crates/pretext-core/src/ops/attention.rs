@@ -3,6 +3,7 @@
 //! head, forward and backward, on strided views of the `(batch · seq,
 //! hidden)` rows (no transposed copies), one rayon task per head.
 
+use super::bf16::Precision;
 use super::dropout::dropout;
 use super::fast_path;
 use super::fused::{apply, FusedOp, Operand};
@@ -27,12 +28,16 @@ pub struct Attention {
     pub dropout: f64,
     /// Seed of the dropout masks.
     pub seed: u64,
+    /// The precision of the operands of its products (usually the caller's
+    /// [`Precision::current`], taken when the op is built so that the
+    /// backward pass uses the forward's).
+    pub precision: Precision,
 }
 
 impl Attention {
     fn dims(&self, len: usize) -> candle_core::Result<(usize, usize)> {
         let rows = self.batch * self.seq;
-        if rows == 0 || len % rows != 0 || (len / rows) % self.heads != 0 {
+        if rows == 0 || !len.is_multiple_of(rows) || !(len / rows).is_multiple_of(self.heads) {
             bail!(
                 "attention: {len} values do not fit {} sequences × {} tokens × {} heads",
                 self.batch,
@@ -74,7 +79,18 @@ impl Attention {
         let b = task / self.heads;
         let (base, kt) = self.head_views(task, hid, dh);
         let mut s = vec![0f32; t * t];
-        matmul((t, t, dh), q, base, k, kt, &mut s, row_major(t), false, 1);
+        matmul(
+            self.precision,
+            (t, t, dh),
+            q,
+            base,
+            k,
+            kt,
+            &mut s,
+            row_major(t),
+            false,
+            1,
+        );
         let scale = 1.0 / (dh as f32).sqrt();
         let kb = &self.key_bias[b * t..(b + 1) * t];
         for row in s.chunks_mut(t) {
@@ -136,7 +152,18 @@ impl FusedOp<3> for Attention {
                     cs: 1,
                 };
                 let mut out = vec![0f32; t * dh];
-                matmul((t, dh, t), &p, row_major(t), v, vv, &mut out, row_major(dh), false, 1);
+                matmul(
+                    self.precision,
+                    (t, dh, t),
+                    &p,
+                    row_major(t),
+                    v,
+                    vv,
+                    &mut out,
+                    row_major(dh),
+                    false,
+                    1,
+                );
                 out
             })
             .collect();
@@ -166,6 +193,7 @@ impl FusedOp<3> for Attention {
                 // dV = P'ᵀ · dctx
                 let mut dv = vec![0f32; t * dh];
                 matmul(
+                    self.precision,
                     (t, dh, t),
                     &pd,
                     transposed(t),
@@ -178,7 +206,18 @@ impl FusedOp<3> for Attention {
                 );
                 // dP' = dctx · Vᵀ, then through dropout and softmax
                 let mut dp = vec![0f32; t * t];
-                matmul((t, t, dh), &ds, blk, &vs, blk_t, &mut dp, row_major(t), false, 1);
+                matmul(
+                    self.precision,
+                    (t, t, dh),
+                    &ds,
+                    blk,
+                    &vs,
+                    blk_t,
+                    &mut dp,
+                    row_major(t),
+                    false,
+                    1,
+                );
                 if let Some(m) = &mask {
                     dp.iter_mut().zip(m).for_each(|(d, m)| *d *= m);
                 }
@@ -189,6 +228,7 @@ impl FusedOp<3> for Attention {
                 // dQ = dS · K, dK = dSᵀ · Q
                 let mut dq = vec![0f32; t * dh];
                 matmul(
+                    self.precision,
                     (t, dh, t),
                     &dp,
                     row_major(t),
@@ -201,6 +241,7 @@ impl FusedOp<3> for Attention {
                 );
                 let mut dk = vec![0f32; t * dh];
                 matmul(
+                    self.precision,
                     (t, dh, t),
                     &dp,
                     transposed(t),
@@ -304,6 +345,7 @@ mod tests {
             key_bias: std::sync::Arc::new(key_bias),
             dropout: 0.0,
             seed: 0,
+            precision: Precision::current(),
         };
         let q = Var::from_tensor(&rand(&[b * t, hid], 1))?;
         let k = Var::from_tensor(&rand(&[b * t, hid], 2))?;
@@ -331,6 +373,7 @@ mod tests {
             key_bias: std::sync::Arc::new(vec![0f32; b * t]),
             dropout: 0.3,
             seed: 11,
+            precision: Precision::current(),
         };
         let q = rand(&[b * t, hid], 5);
         let k = rand(&[b * t, hid], 6);

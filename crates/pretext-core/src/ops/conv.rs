@@ -15,9 +15,10 @@
 //! convolution ([`conv2d_nhwc`], [`conv_transpose2d_nhwc`]) and their
 //! `reference_*` twins through candle's NCHW ops.
 
+use super::bf16::Precision;
 use super::fast_path;
 use super::fused::{apply, apply_no_grad, FusedOp, Operand};
-use super::gemm::{sgemm, Mat};
+use super::gemm::{product, Mat};
 use candle_core::{bail, Shape, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -222,6 +223,7 @@ fn col2im_add(dcol: &[f32], g: &ConvGeom, imgs: usize, dx: &mut [f32]) {
 
 /// Forward: `x` NHWC `(n, h, w, c)`, `weight` `(o, c, kh, kw)` → NHWC `(n, oh, ow, o)`.
 pub fn conv2d_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let prec = Precision::current();
     let wk = weight_to_matrix(weight, g);
     let (k, o, px) = (g.k(), g.o, g.out_pixels());
     let in_len = g.h * g.w * g.c;
@@ -233,11 +235,11 @@ pub fn conv2d_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
         let xc = &x[ci * ipc * in_len..(ci * ipc + imgs) * in_len];
         let (am, bm, cm) = (Mat::row_major(rows, k), Mat::row_major(k, o), Mat::row_major(rows, o));
         if g.pointwise() {
-            sgemm(xc, am, &wk, bm, yc, cm, false);
+            product(prec, xc, am, &wk, bm, yc, cm, false, 1);
         } else {
             with_scratch(rows * k, |col| {
                 im2col(xc, g, imgs, col);
-                sgemm(col, am, &wk, bm, yc, cm, false);
+                product(prec, col, am, &wk, bm, yc, cm, false, 1);
             });
         }
     });
@@ -246,6 +248,7 @@ pub fn conv2d_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
 
 /// Input gradient: `dy` NHWC `(n, oh, ow, o)`, `weight` `(o, c, kh, kw)` → `dx` `(n, h, w, c)`.
 pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let prec = Precision::current();
     let wk = weight_to_matrix(weight, g);
     let (k, o, px) = (g.k(), g.o, g.out_pixels());
     let in_len = g.h * g.w * g.c;
@@ -261,10 +264,10 @@ pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f3
             Mat::row_major(rows, k),
         );
         if g.pointwise() {
-            sgemm(dyc, am, &wk, bm, dxc, cm, false);
+            product(prec, dyc, am, &wk, bm, dxc, cm, false, 1);
         } else {
             with_scratch(rows * k, |dcol| {
-                sgemm(dyc, am, &wk, bm, dcol, cm, false);
+                product(prec, dyc, am, &wk, bm, dcol, cm, false, 1);
                 col2im_add(dcol, g, imgs, dxc);
             });
         }
@@ -279,6 +282,7 @@ pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f3
 /// same from run to run (a work-stealing reduction would group the partial
 /// sums differently each time).
 pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let prec = Precision::current();
     let (k, o, px) = (g.k(), g.o, g.out_pixels());
     let in_len = g.h * g.w * g.c;
     let ipc = g.images_per_chunk();
@@ -301,11 +305,11 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
                     Mat::row_major(k, o),
                 );
                 if g.pointwise() {
-                    sgemm(xc, am, dyc, bm, &mut acc, cm, true);
+                    product(prec, xc, am, dyc, bm, &mut acc, cm, true, 1);
                 } else {
                     with_scratch(rows * k, |col| {
                         im2col(xc, g, imgs, col);
-                        sgemm(col, am, dyc, bm, &mut acc, cm, true);
+                        product(prec, col, am, dyc, bm, &mut acc, cm, true, 1);
                     });
                 }
             }

@@ -7,6 +7,7 @@
 
 use gemm_common::simd::MixedSimd;
 
+use super::bf16::Precision;
 use crate::cpu::KernelSet;
 
 /// A strided matrix view: `rows × cols`, element `(i, j)` at `i * rs + j * cs`.
@@ -130,13 +131,7 @@ pub fn sgemm_with(
     accumulate: bool,
     threads: usize,
 ) {
-    assert_eq!(am.cols, bm.rows, "inner dimensions");
-    assert_eq!(cm.rows, am.rows, "rows");
-    assert_eq!(cm.cols, bm.cols, "cols");
-    assert!(
-        a.len() >= am.span() && b.len() >= bm.span() && c.len() >= cm.span(),
-        "slice too short"
-    );
+    check_views(a, am, b, bm, c, cm);
     assert!(
         kernels.is_available(),
         "the {kernels} kernels need a CPU this one is not"
@@ -224,6 +219,44 @@ pub fn sgemm_threads(a: &[f32], am: Mat, b: &[f32], bm: Mat, c: &mut [f32], cm: 
     sgemm_with(KernelSet::current(), a, am, b, bm, c, cm, accumulate, threads);
 }
 
+/// `c = a · b` (or `c += a · b` with `accumulate`) with operands in
+/// `precision` where this CPU has a kernel for it ([`Precision::effective`]),
+/// in f32 with the [`KernelSet::current`] kernels otherwise, on `threads`
+/// workers of the current rayon pool. The result does not depend on `threads`.
+///
+/// # Panics
+/// If the shapes disagree or a slice is too short for its view (a bug in the caller).
+#[allow(clippy::too_many_arguments)]
+pub fn product(
+    precision: Precision,
+    a: &[f32],
+    am: Mat,
+    b: &[f32],
+    bm: Mat,
+    c: &mut [f32],
+    cm: Mat,
+    accumulate: bool,
+    threads: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if precision.effective() == Precision::Bf16 && am.cols > 0 {
+        check_views(a, am, b, bm, c, cm);
+        return super::bf16::gemm_bf16(a, am, b, bm, c, cm, accumulate, threads);
+    }
+    let _ = precision;
+    sgemm_with(KernelSet::current(), a, am, b, bm, c, cm, accumulate, threads);
+}
+
+fn check_views(a: &[f32], am: Mat, b: &[f32], bm: Mat, c: &[f32], cm: Mat) {
+    assert_eq!(am.cols, bm.rows, "inner dimensions");
+    assert_eq!(cm.rows, am.rows, "rows");
+    assert_eq!(cm.cols, bm.cols, "cols");
+    assert!(
+        a.len() >= am.span() && b.len() >= bm.span() && c.len() >= cm.span(),
+        "slice too short"
+    );
+}
+
 /// A strided view into a slice: element `(i, j)` at `off + i * rs + j * cs`.
 #[derive(Debug, Clone, Copy)]
 pub struct View {
@@ -243,10 +276,12 @@ fn span(v: View, rows: usize, cols: usize) -> usize {
     }
 }
 
-/// `c (m × n) = a (m × k) · b (k × n)`, or `c += …` with `accumulate`;
-/// `threads` > 1 splits the product over the rayon pool.
+/// `c (m × n) = a (m × k) · b (k × n)`, or `c += …` with `accumulate`, with
+/// operands in `precision` (see [`product`]); `threads` > 1 splits the
+/// product over the rayon pool.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
+    precision: Precision,
     (m, n, k): (usize, usize, usize),
     a: &[f32],
     av: View,
@@ -272,7 +307,8 @@ pub fn matmul(
     };
     let a = if k == 0 { &a[..0] } else { &a[av.off..] };
     let b = if k == 0 { &b[..0] } else { &b[bv.off..] };
-    sgemm_threads(
+    product(
+        precision,
         a,
         mat(av, m, k),
         b,

@@ -10,8 +10,9 @@
 //! is a masked copy and a column sum, both parallel and deterministic.
 
 use super::activation::relu_backward;
+use super::bf16::Precision;
 use super::fused::{apply, apply_no_grad, FusedOp, Operand};
-use super::gemm::{sgemm_threads, Mat};
+use super::gemm::{product, Mat};
 use super::{fast_path, rows_per_task, CONV_TASK};
 use candle_core::{bail, Shape, Tensor};
 use rayon::prelude::*;
@@ -40,8 +41,9 @@ pub fn column_sum(g: &[f32], cols: usize) -> Vec<f32> {
     total
 }
 
-/// `x · weightᵀ + bias` over the last dimension.
-struct LinearOp;
+/// `x · weightᵀ + bias` over the last dimension, its products in the
+/// precision the op was built with (the backward products too).
+struct LinearOp(Precision);
 
 impl FusedOp<3> for LinearOp {
     const NAME: &'static str = "pretext-linear";
@@ -60,7 +62,8 @@ impl FusedOp<3> for LinearOp {
                 r.copy_from_slice(b.data);
             }
         }
-        sgemm_threads(
+        product(
+            self.0,
             x.data,
             Mat::row_major(rows, din),
             w.data,
@@ -82,18 +85,18 @@ impl FusedOp<3> for LinearOp {
         // As for the convolutions: an input that tracks no gradient (a batch
         // of data into a first layer) gets no input product.
         let dx = if x.track_op() {
-            Some(apply_no_grad([&dy, w], LinearBwdInput)?.reshape(x.shape())?)
+            Some(apply_no_grad([&dy, w], LinearBwdInput(self.0))?.reshape(x.shape())?)
         } else {
             None
         };
-        let dw = apply_no_grad([&dy, x], LinearBwdWeight)?;
+        let dw = apply_no_grad([&dy, x], LinearBwdWeight(self.0))?;
         let db = apply_no_grad([&dy], ColumnSumOp)?;
         Ok([dx, Some(dw), Some(db)])
     }
 }
 
 /// `dx (rows, in) = dy (rows, out) · W (out, in)`.
-struct LinearBwdInput;
+struct LinearBwdInput(Precision);
 
 impl FusedOp<2> for LinearBwdInput {
     const NAME: &'static str = "pretext-linear-bwd-input";
@@ -104,7 +107,8 @@ impl FusedOp<2> for LinearBwdInput {
         };
         let rows = dy.data.len() / dout.max(1);
         let mut dx = vec![0f32; rows * din];
-        sgemm_threads(
+        product(
+            self.0,
             dy.data,
             Mat::row_major(rows, dout),
             w.data,
@@ -119,7 +123,7 @@ impl FusedOp<2> for LinearBwdInput {
 }
 
 /// `dW (out, in) = dyᵀ (out, rows) · x (rows, in)`.
-struct LinearBwdWeight;
+struct LinearBwdWeight(Precision);
 
 impl FusedOp<2> for LinearBwdWeight {
     const NAME: &'static str = "pretext-linear-bwd-weight";
@@ -131,7 +135,8 @@ impl FusedOp<2> for LinearBwdWeight {
         );
         let rows = dy.data.len() / dout.max(1);
         let mut dw = vec![0f32; dout * din];
-        sgemm_threads(
+        product(
+            self.0,
             dy.data,
             Mat::row_major(rows, dout).t(),
             x.data,
@@ -165,7 +170,10 @@ impl FusedOp<1> for ColumnSumOp {
 /// Shape mismatch.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(&[x, weight, bias]) {
-        apply([&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?], LinearOp)
+        apply(
+            [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?],
+            LinearOp(Precision::current()),
+        )
     } else {
         reference_linear(x, weight, bias)
     }

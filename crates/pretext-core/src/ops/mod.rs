@@ -22,6 +22,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bf16;
 pub mod conv;
 pub mod dropout;
 pub mod fused;

@@ -36,7 +36,7 @@ impl PairSums {
     #[inline]
     fn row_done(&mut self) {
         self.rows += 1;
-        if self.rows % 64 == 0 {
+        if self.rows.is_multiple_of(64) {
             self.flush();
         }
     }

@@ -259,3 +259,133 @@ fn max_pool_forward_and_backward() -> candle_core::Result<()> {
     );
     Ok(())
 }
+
+/// Output and gradients (of `Σ g ⊙ f(vars)`) of `f` in f32 and in bf16.
+#[allow(clippy::type_complexity)]
+fn in_both_precisions(
+    vars: &[Var],
+    f: impl Fn(&[Var]) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<[(Tensor, Vec<Tensor>); 2]> {
+    let run = |p: bf16::Precision| {
+        p.scope(|| -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+            let y = f(vars)?;
+            let g = rand_tensor(y.dims(), 99)?;
+            let grads = (&y * &g)?.sum_all()?.backward()?;
+            let gs = vars
+                .iter()
+                .map(|v| grads.get(v.as_tensor()).cloned().expect("every input gets a gradient"))
+                .collect();
+            Ok((y, gs))
+        })
+    };
+    Ok([run(bf16::Precision::F32)?, run(bf16::Precision::Bf16)?])
+}
+
+/// bf16 operands carry 8 significant bits (relative rounding ≤ 2⁻⁹ each),
+/// so a product's terms are off by ≤ ~2⁻⁸ relative and sums of terms of
+/// both signs by about as much of the largest value: the bound stated here
+/// is 1e-2 of the largest f32 value, per output and per gradient. The two
+/// must also differ (the bf16 kernel ran).
+#[test]
+fn every_product_op_in_bf16_tracks_its_f32_twin() -> candle_core::Result<()> {
+    if bf16::Precision::Bf16.effective() != bf16::Precision::Bf16 {
+        eprintln!("skipped: {}", bf16::Precision::Bf16.describe());
+        return Ok(());
+    }
+    const TOL: f32 = 1e-2;
+    // `f32_only`: tensors no product touches (a bias gradient is a column
+    // sum of the output gradient), which must come out exactly as in f32.
+    let check = |what: &str, vars: Vec<Var>, f32_only: &[usize], f: &dyn Fn(&[Var]) -> candle_core::Result<Tensor>| {
+        let [(y32, g32), (y16, g16)] = in_both_precisions(&vars, f)?;
+        let mut pairs = vec![(y16, y32)];
+        pairs.extend(g16.into_iter().zip(g32));
+        for (i, (a, b)) in pairs.iter().enumerate() {
+            let e = rel_err(a, b)?;
+            assert!(e <= TOL, "{what}, tensor {i}: bf16 off by {e} of the f32 scale");
+            if f32_only.contains(&i) {
+                assert_eq!(e, 0.0, "{what}, tensor {i} has no product but differs");
+            } else {
+                assert!(
+                    e > 0.0,
+                    "{what}, tensor {i}: bf16 equals f32 exactly: the bf16 kernel did not run"
+                );
+            }
+        }
+        Ok::<_, candle_core::Error>(())
+    };
+    let v = |dims: &[usize], seed| -> candle_core::Result<Var> { Var::from_tensor(&rand_tensor(dims, seed)?) };
+    check(
+        "conv2d 3x3",
+        vec![v(&[3, 9, 9, 16], 1)?, v(&[24, 16, 3, 3], 2)?],
+        &[],
+        &|x| conv::conv2d_nhwc(x[0].as_tensor(), x[1].as_tensor(), 1, 1),
+    )?;
+    check(
+        "conv2d 1x1 stride 2",
+        vec![v(&[3, 9, 9, 16], 3)?, v(&[24, 16, 1, 1], 4)?],
+        &[],
+        &|x| conv::conv2d_nhwc(x[0].as_tensor(), x[1].as_tensor(), 2, 0),
+    )?;
+    check(
+        "transposed conv",
+        vec![v(&[2, 7, 7, 16], 5)?, v(&[16, 8, 4, 4], 6)?],
+        &[],
+        &|x| conv::conv_transpose2d_nhwc(x[0].as_tensor(), x[1].as_tensor(), 2, 1, 0),
+    )?;
+    check(
+        "linear",
+        vec![v(&[70, 48], 7)?, v(&[40, 48], 8)?, v(&[40], 9)?],
+        &[3],
+        &|x| linear::linear(x[0].as_tensor(), x[1].as_tensor(), x[2].as_tensor()),
+    )?;
+    check(
+        "attention",
+        vec![v(&[2 * 9, 32], 10)?, v(&[2 * 9, 32], 11)?, v(&[2 * 9, 32], 12)?],
+        &[],
+        &|x| {
+            let op = attention::Attention {
+                batch: 2,
+                seq: 9,
+                heads: 2,
+                key_bias: std::sync::Arc::new(vec![0.0; 18]),
+                dropout: 0.0,
+                seed: 0,
+                precision: bf16::Precision::current(),
+            };
+            attention::attention(x[0].as_tensor(), x[1].as_tensor(), x[2].as_tensor(), op)
+        },
+    )?;
+    Ok(())
+}
+
+/// The fallback switch: with bf16 asked for but not runnable (narrower
+/// kernels forced, or no AVX512-BF16), products are f32, bit for bit.
+#[test]
+fn a_bf16_request_without_the_kernel_is_f32() {
+    use super::gemm::{product, Mat};
+    let a: Vec<f32> = (0..40 * 30).map(|i| (i as f32 * 0.37).sin()).collect();
+    let b: Vec<f32> = (0..30 * 20).map(|i| (i as f32 * 0.11).cos()).collect();
+    let run = |p| {
+        let mut c = vec![0f32; 40 * 20];
+        product(
+            p,
+            &a,
+            Mat::row_major(40, 30),
+            &b,
+            Mat::row_major(30, 20),
+            &mut c,
+            Mat::row_major(40, 20),
+            false,
+            1,
+        );
+        c
+    };
+    let (f32_run, bf16_run) = (run(bf16::Precision::F32), run(bf16::Precision::Bf16));
+    if bf16::bf16_kernels_available() {
+        assert_ne!(f32_run, bf16_run);
+        assert!(bf16::Precision::Bf16.describe().contains("avx512_bf16"));
+    } else {
+        assert_eq!(f32_run, bf16_run);
+        assert!(bf16::Precision::Bf16.describe().contains("f32 products"));
+    }
+}

@@ -101,7 +101,7 @@ impl Attention {
             }
             let mut sum = 0f32;
             for v in row.iter_mut() {
-                *v = (*v - m).exp();
+                *v = super::fastmath::exp(*v - m);
                 sum += *v;
             }
             let inv = 1.0 / sum;

@@ -34,7 +34,12 @@ impl FusedOp<1> for CrossEntropyOp {
             .zip(self.targets.par_iter())
             .map(|(r, &t)| {
                 let m = r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let lse = r.iter().map(|&v| f64::from((v - m).exp())).sum::<f64>().ln() + f64::from(m);
+                let lse = r
+                    .iter()
+                    .map(|&v| f64::from(super::fastmath::exp(v - m)))
+                    .sum::<f64>()
+                    .ln()
+                    + f64::from(m);
                 lse - f64::from(r[t as usize])
             })
             .sum();
@@ -52,7 +57,7 @@ impl FusedOp<1> for CrossEntropyOp {
                 let m = r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                 let mut sum = 0f32;
                 for (o, &v) in d.iter_mut().zip(r) {
-                    *o = (v - m).exp();
+                    *o = super::fastmath::exp(v - m);
                     sum += *o;
                 }
                 let inv = g / sum;

@@ -25,6 +25,7 @@ pub mod attention;
 pub mod bf16;
 pub mod conv;
 pub mod dropout;
+pub mod fastmath;
 pub mod fused;
 pub mod gemm;
 pub mod layout;

@@ -187,7 +187,164 @@ pub(crate) fn gemm_bf16(
     };
     // SAFETY: the caller checked that every index of the three views lies in
     // its slice, and the instruction sets were detected above.
-    unsafe { x86::gemm(m, n, k, a, b, c, accumulate, threads) }
+    unsafe { x86::gemm(m, n, k, Lhs::Strided(a), b, c, accumulate, threads) }
+}
+
+/// Rows of the left operand per micro-kernel call: rows given as bf16 pairs
+/// ([`gemm_bf16_pairs`]) are padded with zero rows to a multiple of this.
+pub(crate) const ROW_BLOCK: usize = 12;
+
+/// Rounds `src` to bf16 pairs in `dst` (`k = 2p, 2p+1` in pair `p`, low half
+/// first; a zero high half after an odd end), the left-operand rows that
+/// [`gemm_bf16_pairs`] takes.
+///
+/// # Panics
+/// If `dst` holds fewer than `⌈len/2⌉` pairs or the CPU has no bf16 kernel.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn row_to_pairs(src: &[f32], dst: &mut [u32]) {
+    assert!(
+        dst.len() >= src.len().div_ceil(2),
+        "row_to_pairs: destination too short"
+    );
+    assert!(bf16_kernels_available(), "the bf16 kernel needs AVX512-BF16");
+    // SAFETY: lengths checked above; instruction sets detected.
+    unsafe { x86::row_to_pairs(src, dst) }
+}
+
+/// `c (m × n, row-major) = a · b` (or `+=`), `a` given as `m` rows of bf16
+/// pairs `lda` apart (from [`row_to_pairs`], zero rows padding it to a
+/// multiple of [`ROW_BLOCK`]), `b` as any f32 view; f32 sums.
+///
+/// # Panics
+/// If a buffer is too short for its shape, `c` is not row-major, or the CPU
+/// has no bf16 kernel.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_bf16_pairs(
+    a: &[u32],
+    lda: usize,
+    (m, k): (usize, usize),
+    b: &[f32],
+    bm: super::gemm::Mat,
+    c: &mut [f32],
+    cm: super::gemm::Mat,
+    accumulate: bool,
+    threads: usize,
+) {
+    assert!(lda >= k.div_ceil(2), "gemm_bf16_pairs: rows shorter than k");
+    assert!(
+        a.len() >= m.div_ceil(ROW_BLOCK) * ROW_BLOCK * lda,
+        "gemm_bf16_pairs: a too short"
+    );
+    gemm_lhs(
+        Lhs::Pairs { ptr: a.as_ptr(), lda },
+        (m, k),
+        b,
+        bm,
+        c,
+        cm,
+        accumulate,
+        threads,
+    );
+}
+
+/// Two rows of `k`, `even` and `odd` (`odd` = `None`: zeros), rounded to
+/// bf16 and interleaved into pairs in `dst`: `dst[i]` holds `even[i]` low,
+/// `odd[i]` high — one pair of `k` of every row of a left operand whose `k`
+/// runs down a matrix's rows ([`gemm_bf16_pairs_by_k`]).
+///
+/// # Panics
+/// If the lengths disagree or the CPU has no bf16 kernel.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn interleave_pairs(even: &[f32], odd: Option<&[f32]>, dst: &mut [u32]) {
+    assert!(
+        dst.len() >= even.len() && odd.is_none_or(|o| o.len() == even.len()),
+        "interleave_pairs: lengths"
+    );
+    assert!(bf16_kernels_available(), "the bf16 kernel needs AVX512-BF16");
+    // SAFETY: lengths checked above; instruction sets detected.
+    unsafe { x86::interleave_pairs(even, odd, dst) }
+}
+
+/// `c (m × n, row-major) = a · b` (or `+=`), `a` given by pairs of `k`:
+/// pair `p` of row `i` at `p·lda + i` (from [`interleave_pairs`]; `lda` a
+/// multiple of [`ROW_BLOCK`] ≥ `m`, zeros past `m`), `b` as any f32 view.
+///
+/// # Panics
+/// If a buffer is too short for its shape, `c` is not row-major, or the CPU
+/// has no bf16 kernel.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_bf16_pairs_by_k(
+    a: &[u32],
+    lda: usize,
+    (m, k): (usize, usize),
+    b: &[f32],
+    bm: super::gemm::Mat,
+    c: &mut [f32],
+    cm: super::gemm::Mat,
+    accumulate: bool,
+    threads: usize,
+) {
+    assert!(
+        lda >= m && lda.is_multiple_of(ROW_BLOCK) && a.len() >= k.div_ceil(2) * lda,
+        "gemm_bf16_pairs_by_k: a too short"
+    );
+    gemm_lhs(
+        Lhs::PairsByK { ptr: a.as_ptr(), lda },
+        (m, k),
+        b,
+        bm,
+        c,
+        cm,
+        accumulate,
+        threads,
+    );
+}
+
+/// The shared checks and call of the two pre-packed entries.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn gemm_lhs(
+    lhs: Lhs,
+    (m, k): (usize, usize),
+    b: &[f32],
+    bm: super::gemm::Mat,
+    c: &mut [f32],
+    cm: super::gemm::Mat,
+    accumulate: bool,
+    threads: usize,
+) {
+    assert!(bf16_kernels_available(), "the bf16 kernel needs AVX512-BF16");
+    assert!(
+        bm.rows == k && cm.rows == m && cm.cols == bm.cols && cm.cs == 1,
+        "bf16 product: shapes"
+    );
+    let span = |v: super::gemm::Mat| {
+        if v.rows == 0 || v.cols == 0 {
+            0
+        } else {
+            (v.rows - 1) * v.rs + (v.cols - 1) * v.cs + 1
+        }
+    };
+    assert!(
+        b.len() >= span(bm) && c.len() >= span(cm),
+        "bf16 product: slice too short"
+    );
+    if m == 0 || cm.cols == 0 {
+        return;
+    }
+    let b = Operand {
+        ptr: b.as_ptr(),
+        rs: bm.rs,
+        cs: bm.cs,
+    };
+    let c = Out {
+        ptr: c.as_mut_ptr(),
+        ld: cm.rs,
+    };
+    // SAFETY: the callers checked `a` against its shape; `b` and `c` above.
+    unsafe { x86::gemm(m, cm.cols, k, lhs, b, c, accumulate, threads) }
 }
 
 /// A strided f32 matrix.
@@ -197,6 +354,26 @@ struct Operand {
     rs: usize,
     cs: usize,
 }
+
+/// The left operand of the x86 kernel: a strided f32 matrix it packs
+/// itself, or rows already rounded to bf16 pairs (`lda` pairs apart, padded
+/// with zero rows to a whole number of micro-kernel row blocks).
+#[derive(Clone, Copy)]
+enum Lhs {
+    Strided(Operand),
+    Pairs {
+        ptr: *const u32,
+        lda: usize,
+    },
+    /// Pair `p` of row `i` at `p·lda + i` (`lda` a multiple of the row block).
+    PairsByK {
+        ptr: *const u32,
+        lda: usize,
+    },
+}
+
+unsafe impl Send for Lhs {}
+unsafe impl Sync for Lhs {}
 
 /// A row-major f32 output (`ld` apart).
 #[derive(Clone, Copy)]
@@ -236,10 +413,10 @@ mod x86 {
 
     use rayon::prelude::*;
 
-    use super::{Operand, Out};
+    use super::{Lhs, Operand, Out};
 
     /// Rows of `c` per micro-kernel call (24 accumulators of 16 lanes).
-    const MR: usize = 12;
+    const MR: usize = super::ROW_BLOCK;
     /// Columns of `c` per micro-kernel call (two 16-lane vectors).
     const NR: usize = 32;
     /// Pairs of `k` per block: the packed `b` panel (`KCP × NR` pairs, 16 KB)
@@ -289,6 +466,50 @@ mod x86 {
         unsafe { load_bf16_lanes(buf.as_ptr(), 16) }
     }
 
+    /// See [`super::row_to_pairs`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn row_to_pairs(src: &[f32], dst: &mut [u32]) {
+        let (kc, kcp) = (src.len(), src.len().div_ceil(2));
+        let mut k = 0;
+        while k < kc {
+            let left = kc - k;
+            // SAFETY: the masked loads read `src[k..kc]` only, the masked
+            // store writes pairs `k/2..kcp` of `dst` only.
+            unsafe {
+                let lo = _mm512_maskz_loadu_ps(lanes(left), src.as_ptr().add(k));
+                let hi = if left > 16 {
+                    _mm512_maskz_loadu_ps(lanes(left - 16), src.as_ptr().add(k + 16))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let p = k / 2;
+                _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(p).cast(), lanes((kcp - p).min(16)), v);
+            }
+            k += 32;
+        }
+    }
+
+    /// See [`super::interleave_pairs`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn interleave_pairs(even: &[f32], odd: Option<&[f32]>, dst: &mut [u32]) {
+        let n = even.len();
+        let mut i = 0;
+        while i < n {
+            let cols = (n - i).min(16);
+            // SAFETY: `cols` lanes from `i` lie in both rows and in `dst`.
+            unsafe {
+                let lo = load_bf16_lanes(even.as_ptr().add(i), cols);
+                let v = match odd {
+                    Some(o) => _mm512_or_si512(lo, _mm512_slli_epi32::<16>(load_bf16_lanes(o.as_ptr().add(i), cols))),
+                    None => lo,
+                };
+                _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(i).cast(), lanes(cols), v);
+            }
+            i += 16;
+        }
+    }
+
     /// Column `k` of `a`, rows `r..r + n` (`n` ≤ 16), rounded to bf16, one
     /// per 32-bit lane.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -325,22 +546,9 @@ mod x86 {
                     dst.fill(0);
                     continue;
                 }
-                let src = unsafe { a.ptr.add((r0 + r) * a.rs + k0) };
-                let mut k = 0;
-                while k < kc {
-                    let left = kc - k;
-                    let lo = unsafe { _mm512_maskz_loadu_ps(lanes(left), src.add(k)) };
-                    let hi = if left > 16 {
-                        unsafe { _mm512_maskz_loadu_ps(lanes(left - 16), src.add(k + 16)) }
-                    } else {
-                        _mm512_setzero_ps()
-                    };
-                    let v: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo)) };
-                    let p = k / 2;
-                    let np = (kcp - p).min(16);
-                    unsafe { _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(p).cast(), lanes(np), v) };
-                    k += 32;
-                }
+                // SAFETY: row `r0 + r`, `k0..k0 + kc`, lies in `a`'s view.
+                let src = unsafe { std::slice::from_raw_parts(a.ptr.add((r0 + r) * a.rs + k0), kc) };
+                unsafe { row_to_pairs(src, dst) };
             }
         } else {
             // Rows are contiguous (`rs == 1`) or strided: two `k` columns
@@ -459,11 +667,12 @@ mod x86 {
     }
 
     /// `c[0..rows][0..cols] (+)= a_block · b_panel` over `kcp` pairs; `a`'s
-    /// pair `(i, p)` at `i·kcp + p` when `ROW_RUNS`, at `p·MR + i` otherwise.
+    /// pair `(i, p)` at `i·lda + p` when `ROW_RUNS`, at `p·lda + i` otherwise.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn micro<const ROW_RUNS: bool>(
         ap: *const u32,
+        lda: usize,
         kcp: usize,
         bp: *const u32,
         c: *mut f32,
@@ -483,7 +692,7 @@ mod x86 {
                 )
             };
             for (i, acc) in acc.iter_mut().enumerate() {
-                let at = if ROW_RUNS { i * kcp + p } else { p * MR + i };
+                let at = if ROW_RUNS { i * lda + p } else { p * lda + i };
                 let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(*ap.add(at) as i32)) };
                 acc[0] = _mm512_dpbf16_ps(acc[0], a, b0);
                 acc[1] = _mm512_dpbf16_ps(acc[1], a, b1);
@@ -518,7 +727,7 @@ mod x86 {
         m: usize,
         n: usize,
         k: usize,
-        a: Operand,
+        a: Lhs,
         b: Operand,
         c: Out,
         accumulate: bool,
@@ -568,23 +777,37 @@ mod x86 {
                     let kc = (k - k0.min(k)).min(kc_full);
                     let kcp = kc.div_ceil(2);
                     let first = kb == 0 && !accumulate;
-                    // SAFETY: forwarded from the caller.
-                    let row_runs = unsafe { pack_a(a, r0, rows, k0, kc, &mut buf) };
+                    // `a`'s block: packed here, or read where the caller packed it.
+                    let (row_runs, base, lda, block_stride) = match a {
+                        Lhs::Strided(a) => {
+                            // SAFETY: forwarded from the caller.
+                            let row_runs = unsafe { pack_a(a, r0, rows, k0, kc, &mut buf) };
+                            let lda = if row_runs { kcp } else { MR };
+                            (row_runs, buf.as_ptr(), lda, MR * kcp)
+                        }
+                        // SAFETY: the caller's rows hold `lda` pairs each,
+                        // padded to whole row blocks.
+                        Lhs::Pairs { ptr, lda } => (true, unsafe { ptr.add(r0 * lda + kb * KCP) }, lda, MR * lda),
+                        // SAFETY: the caller's pairs of `k` hold `lda` rows
+                        // each, padded to whole row blocks.
+                        Lhs::PairsByK { ptr, lda } => (false, unsafe { ptr.add(kb * KCP * lda + r0) }, lda, MR),
+                    };
                     let bblock = &bpack[kb * block_len..];
                     for q in q0..q1 {
                         let cols = (n - q * NR).min(NR);
                         let bp = bblock[q * kcp * NR..].as_ptr();
                         for rb in 0..rows.div_ceil(MR) {
-                            let ap = buf[rb * MR * kcp..].as_ptr();
+                            // SAFETY: inside the packed block (see above).
+                            let ap = unsafe { base.add(rb * block_stride) };
                             // SAFETY: rows `r0 + rb·MR..` and columns
                             // `q·NR..` of `c` belong to this task alone.
                             unsafe {
                                 let cp = c.at(r0 + rb * MR, q * NR);
                                 let (r, ld) = ((rows - rb * MR).min(MR), c.ld());
                                 if row_runs {
-                                    micro::<true>(ap, kcp, bp, cp, ld, r, cols, first);
+                                    micro::<true>(ap, lda, kcp, bp, cp, ld, r, cols, first);
                                 } else {
-                                    micro::<false>(ap, kcp, bp, cp, ld, r, cols, first);
+                                    micro::<false>(ap, lda, kcp, bp, cp, ld, r, cols, first);
                                 }
                             }
                         }
@@ -705,6 +928,46 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn rows_given_as_pairs_give_the_packed_kernel_result() {
+        if !bf16_kernels_available() {
+            eprintln!("skipped: no AVX512-BF16 kernel on this CPU");
+            return;
+        }
+        for &(m, n, k) in &[(1, 5, 1), (13, 33, 9), (100, 47, 257), (30, 64, 600)] {
+            let a = data(m * k, 5.0);
+            let b = data(k * n, 6.0);
+            let kp = k.div_ceil(2) + 3; // rows further apart than they need be
+            let mut pairs = vec![0u32; m.div_ceil(ROW_BLOCK) * ROW_BLOCK * kp];
+            for (r, dst) in pairs.chunks_mut(kp).take(m).enumerate() {
+                row_to_pairs(&a[r * k..(r + 1) * k], dst);
+            }
+            let (am, bm, cm) = (Mat::row_major(m, k), Mat::row_major(k, n), Mat::row_major(m, n));
+            for accumulate in [false, true] {
+                let mut from_pairs = vec![0.25f32; m * n];
+                gemm_bf16_pairs(&pairs, kp, (m, k), &b, bm, &mut from_pairs, cm, accumulate, 2);
+                let mut packed = vec![0.25f32; m * n];
+                gemm_bf16(&a, am, &b, bm, &mut packed, cm, accumulate, 1);
+                assert_eq!(from_pairs, packed, "{m}x{n}x{k} accumulate {accumulate}");
+            }
+            // The same `a` stored transposed (`k × m`), given by pairs of `k`.
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            let lda = m.div_ceil(ROW_BLOCK) * ROW_BLOCK;
+            let mut by_k = vec![7u32; k.div_ceil(2) * lda];
+            for (p, dst) in by_k.chunks_mut(lda).enumerate() {
+                let odd = (2 * p + 1 < k).then(|| &at[(2 * p + 1) * m..(2 * p + 2) * m]);
+                interleave_pairs(&at[2 * p * m..(2 * p + 1) * m], odd, &mut dst[..m]);
+                dst[m..].fill(0);
+            }
+            let mut from_by_k = vec![0.25f32; m * n];
+            gemm_bf16_pairs_by_k(&by_k, lda, (m, k), &b, bm, &mut from_by_k, cm, true, 2);
+            let mut packed = vec![0.25f32; m * n];
+            gemm_bf16(&at, Mat::row_major(k, m).t(), &b, bm, &mut packed, cm, true, 1);
+            assert_eq!(from_by_k, packed, "{m}x{n}x{k} by k");
         }
     }
 

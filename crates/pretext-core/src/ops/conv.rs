@@ -26,6 +26,20 @@ use std::cell::RefCell;
 thread_local! {
     /// Per-thread im2col / col2im scratch, reused across calls (never read before written).
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread scratch of im2col rounded to bf16 pairs (mixed precision).
+    static PAIR_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a scratch buffer of at least `len` bf16 pairs (contents unspecified).
+#[cfg(target_arch = "x86_64")]
+fn with_pair_scratch<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+    PAIR_SCRATCH.with(|s| {
+        let mut buf = s.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        f(&mut buf[..len])
+    })
 }
 
 /// Runs `f` with a scratch buffer of at least `len` floats (contents unspecified).
@@ -163,27 +177,30 @@ pub fn matrix_to_weight(m: &[f32], g: &ConvGeom) -> Vec<f32> {
 
 /// im2col of `imgs` images (NHWC, `x` starts at the first) into `col` (`imgs·oh·ow × K`).
 fn im2col(x: &[f32], g: &ConvGeom, imgs: usize, col: &mut [f32]) {
-    let (h, w, c) = (g.h, g.w, g.c);
     let k = g.k();
+    for (r, row) in col.chunks_mut(k).take(imgs * g.oh * g.ow).enumerate() {
+        im2col_row(x, g, r, row);
+    }
+}
+
+/// Row `r` (image `r / (oh·ow)`, output pixel `r % (oh·ow)`) of the im2col
+/// matrix of `x` (NHWC, starting at the first image of the chunk) into `row` (K).
+fn im2col_row(x: &[f32], g: &ConvGeom, r: usize, row: &mut [f32]) {
+    let (h, w, c) = (g.h, g.w, g.c);
     let img_len = h * w * c;
-    for i in 0..imgs {
-        let xi = &x[i * img_len..(i + 1) * img_len];
-        for oy in 0..g.oh {
-            for ox in 0..g.ow {
-                let row = &mut col[((i * g.oh + oy) * g.ow + ox) * k..][..k];
-                for ky in 0..g.kh {
-                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                    for kx in 0..g.kw {
-                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                        let dst = &mut row[(ky * g.kw + kx) * c..][..c];
-                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                            dst.fill(0.0);
-                        } else {
-                            let s = ((iy as usize) * w + ix as usize) * c;
-                            dst.copy_from_slice(&xi[s..s + c]);
-                        }
-                    }
-                }
+    let (i, px) = (r / (g.oh * g.ow), r % (g.oh * g.ow));
+    let (oy, ox) = (px / g.ow, px % g.ow);
+    let xi = &x[i * img_len..(i + 1) * img_len];
+    for ky in 0..g.kh {
+        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+        for kx in 0..g.kw {
+            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+            let dst = &mut row[(ky * g.kw + kx) * c..][..c];
+            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                dst.fill(0.0);
+            } else {
+                let s = ((iy as usize) * w + ix as usize) * c;
+                dst.copy_from_slice(&xi[s..s + c]);
             }
         }
     }
@@ -236,6 +253,26 @@ pub fn conv2d_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
         let (am, bm, cm) = (Mat::row_major(rows, k), Mat::row_major(k, o), Mat::row_major(rows, o));
         if g.pointwise() {
             product(prec, xc, am, &wk, bm, yc, cm, false, 1);
+        } else if prec.effective() == Precision::Bf16 {
+            // im2col straight into bf16 pairs, row by row: the f32 im2col
+            // matrix is never written, nor read again to be packed.
+            #[cfg(target_arch = "x86_64")]
+            {
+                use super::bf16::{gemm_bf16_pairs, row_to_pairs, ROW_BLOCK};
+                let kp = k.div_ceil(2);
+                with_pair_scratch(rows.div_ceil(ROW_BLOCK) * ROW_BLOCK * kp, |pairs| {
+                    let mut row = vec![0f32; k];
+                    for (r, dst) in pairs.chunks_mut(kp).enumerate() {
+                        if r < rows {
+                            im2col_row(xc, g, r, &mut row);
+                            row_to_pairs(&row, dst);
+                        } else {
+                            dst.fill(0); // the last row block's padding
+                        }
+                    }
+                    gemm_bf16_pairs(pairs, kp, (rows, k), &wk, bm, yc, cm, false, 1);
+                });
+            }
         } else {
             with_scratch(rows * k, |col| {
                 im2col(xc, g, imgs, col);
@@ -306,6 +343,27 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
                 );
                 if g.pointwise() {
                     product(prec, xc, am, dyc, bm, &mut acc, cm, true, 1);
+                } else if prec.effective() == Precision::Bf16 {
+                    // im2col straight into bf16 pairs of consecutive
+                    // pixels (the product's `k`), K values per pair.
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        use super::bf16::{gemm_bf16_pairs_by_k, interleave_pairs, ROW_BLOCK};
+                        let lda = k.div_ceil(ROW_BLOCK) * ROW_BLOCK;
+                        with_pair_scratch(rows.div_ceil(2) * lda, |pairs| {
+                            let (mut even, mut odd) = (vec![0f32; k], vec![0f32; k]);
+                            for (p, dst) in pairs.chunks_mut(lda).enumerate() {
+                                im2col_row(xc, g, 2 * p, &mut even);
+                                let has_odd = 2 * p + 1 < rows;
+                                if has_odd {
+                                    im2col_row(xc, g, 2 * p + 1, &mut odd);
+                                }
+                                interleave_pairs(&even, has_odd.then_some(&odd[..]), &mut dst[..k]);
+                                dst[k..].fill(0); // the last row block's padding
+                            }
+                            gemm_bf16_pairs_by_k(pairs, lda, (k, rows), dyc, bm, &mut acc, cm, true, 1);
+                        });
+                    }
                 } else {
                     with_scratch(rows * k, |col| {
                         im2col(xc, g, imgs, col);

@@ -177,33 +177,122 @@ pub fn matrix_to_weight(m: &[f32], g: &ConvGeom) -> Vec<f32> {
 
 /// im2col of `imgs` images (NHWC, `x` starts at the first) into `col` (`imgs·oh·ow × K`).
 fn im2col(x: &[f32], g: &ConvGeom, imgs: usize, col: &mut [f32]) {
+    let (h, w, c) = (g.h, g.w, g.c);
     let k = g.k();
-    for (r, row) in col.chunks_mut(k).take(imgs * g.oh * g.ow).enumerate() {
-        im2col_row(x, g, r, row);
+    let img_len = h * w * c;
+    for i in 0..imgs {
+        let xi = &x[i * img_len..(i + 1) * img_len];
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let row = &mut col[((i * g.oh + oy) * g.ow + ox) * k..][..k];
+                for ky in 0..g.kh {
+                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                    for kx in 0..g.kw {
+                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                        let dst = &mut row[(ky * g.kw + kx) * c..][..c];
+                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                            dst.fill(0.0);
+                        } else {
+                            let s = ((iy as usize) * w + ix as usize) * c;
+                            dst.copy_from_slice(&xi[s..s + c]);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
-/// Row `r` (image `r / (oh·ow)`, output pixel `r % (oh·ow)`) of the im2col
-/// matrix of `x` (NHWC, starting at the first image of the chunk) into `row` (K).
-fn im2col_row(x: &[f32], g: &ConvGeom, r: usize, row: &mut [f32]) {
+/// Calls `f(t, at)` for each tap `t = ky·kw + kx` of row `r` (image
+/// `r / (oh·ow)`, output pixel `r % (oh·ow)`) of the im2col matrix of `x`
+/// (NHWC, from the chunk's first image): `at` is the offset of the tap's `c`
+/// input values in `x`, `None` where the tap falls in the zero padding.
+#[cfg(target_arch = "x86_64")]
+fn taps(g: &ConvGeom, r: usize, mut f: impl FnMut(usize, Option<usize>)) {
     let (h, w, c) = (g.h, g.w, g.c);
-    let img_len = h * w * c;
     let (i, px) = (r / (g.oh * g.ow), r % (g.oh * g.ow));
     let (oy, ox) = (px / g.ow, px % g.ow);
-    let xi = &x[i * img_len..(i + 1) * img_len];
     for ky in 0..g.kh {
         let iy = (oy * g.stride + ky) as isize - g.pad as isize;
         for kx in 0..g.kw {
             let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-            let dst = &mut row[(ky * g.kw + kx) * c..][..c];
-            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                dst.fill(0.0);
-            } else {
-                let s = ((iy as usize) * w + ix as usize) * c;
-                dst.copy_from_slice(&xi[s..s + c]);
-            }
+            let inside = iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize;
+            let at = inside.then(|| i * h * w * c + ((iy as usize) * w + ix as usize) * c);
+            f(ky * g.kw + kx, at);
         }
     }
+}
+
+/// Row `r` of the im2col matrix of `x` (see [`taps`]) into `row` (K).
+#[cfg(target_arch = "x86_64")]
+fn im2col_row(x: &[f32], g: &ConvGeom, r: usize, row: &mut [f32]) {
+    let c = g.c;
+    taps(g, r, |t, at| {
+        let dst = &mut row[t * c..(t + 1) * c];
+        match at {
+            Some(s) => dst.copy_from_slice(&x[s..s + c]),
+            None => dst.fill(0.0),
+        }
+    });
+}
+
+/// Row `r` of the im2col matrix of `x` rounded to bf16 pairs in `dst`
+/// (`⌈K/2⌉`): with an even channel count straight from `x`, tap by tap;
+/// otherwise through `row` (K floats).
+#[cfg(target_arch = "x86_64")]
+fn im2col_row_pairs(x: &[f32], g: &ConvGeom, r: usize, row: &mut [f32], dst: &mut [u32]) {
+    use super::bf16::row_to_pairs;
+    let c = g.c;
+    if c % 2 == 1 {
+        im2col_row(x, g, r, row);
+        row_to_pairs(row, dst);
+        return;
+    }
+    let half = c / 2;
+    taps(g, r, |t, at| {
+        let d = &mut dst[t * half..(t + 1) * half];
+        match at {
+            Some(s) => row_to_pairs(&x[s..s + c], d),
+            None => d.fill(0),
+        }
+    });
+}
+
+/// Rows `2p` and `2p + 1` of the im2col matrix of `x`, rounded to bf16 and
+/// interleaved (row `2p` low) into `dst` (K); a row past `rows`, and the
+/// zero padding, count as zeros (`zeros`: `c` of them). `rows_tmp` (2·K
+/// floats) serves kernels of more than 64 taps.
+#[cfg(target_arch = "x86_64")]
+fn im2col_pair_of_rows(
+    x: &[f32],
+    g: &ConvGeom,
+    p: usize,
+    rows: usize,
+    zeros: &[f32],
+    rows_tmp: &mut [f32],
+    dst: &mut [u32],
+) {
+    use super::bf16::interleave_pairs;
+    let (c, k) = (g.c, g.k());
+    let has_odd = 2 * p + 1 < rows;
+    if g.kh * g.kw > 64 {
+        let (even, odd) = rows_tmp.split_at_mut(k);
+        im2col_row(x, g, 2 * p, even);
+        if has_odd {
+            im2col_row(x, g, 2 * p + 1, &mut odd[..k]);
+        }
+        interleave_pairs(even, has_odd.then_some(&odd[..k]), dst);
+        return;
+    }
+    // The odd row's taps first (`None`: no odd row), then the even row's.
+    let mut odd_at: [Option<Option<usize>>; 64] = [None; 64];
+    if has_odd {
+        taps(g, 2 * p + 1, |t, at| odd_at[t] = Some(at));
+    }
+    let slice = |at: Option<usize>| at.map_or(zeros, |s| &x[s..s + c]);
+    taps(g, 2 * p, |t, at| {
+        interleave_pairs(slice(at), odd_at[t].map(slice), &mut dst[t * c..(t + 1) * c]);
+    });
 }
 
 /// Adds `dcol` (`imgs·oh·ow × K`) back into `dx` (NHWC, zeroed by the caller).
@@ -258,14 +347,13 @@ pub fn conv2d_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
             // matrix is never written, nor read again to be packed.
             #[cfg(target_arch = "x86_64")]
             {
-                use super::bf16::{gemm_bf16_pairs, row_to_pairs, ROW_BLOCK};
+                use super::bf16::{gemm_bf16_pairs, ROW_BLOCK};
                 let kp = k.div_ceil(2);
                 with_pair_scratch(rows.div_ceil(ROW_BLOCK) * ROW_BLOCK * kp, |pairs| {
                     let mut row = vec![0f32; k];
                     for (r, dst) in pairs.chunks_mut(kp).enumerate() {
                         if r < rows {
-                            im2col_row(xc, g, r, &mut row);
-                            row_to_pairs(&row, dst);
+                            im2col_row_pairs(xc, g, r, &mut row, dst);
                         } else {
                             dst.fill(0); // the last row block's padding
                         }
@@ -348,17 +436,12 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
                     // pixels (the product's `k`), K values per pair.
                     #[cfg(target_arch = "x86_64")]
                     {
-                        use super::bf16::{gemm_bf16_pairs_by_k, interleave_pairs, ROW_BLOCK};
+                        use super::bf16::{gemm_bf16_pairs_by_k, ROW_BLOCK};
                         let lda = k.div_ceil(ROW_BLOCK) * ROW_BLOCK;
                         with_pair_scratch(rows.div_ceil(2) * lda, |pairs| {
-                            let (mut even, mut odd) = (vec![0f32; k], vec![0f32; k]);
+                            let (zeros, mut tmp) = (vec![0f32; g.c], vec![0f32; 2 * k]);
                             for (p, dst) in pairs.chunks_mut(lda).enumerate() {
-                                im2col_row(xc, g, 2 * p, &mut even);
-                                let has_odd = 2 * p + 1 < rows;
-                                if has_odd {
-                                    im2col_row(xc, g, 2 * p + 1, &mut odd);
-                                }
-                                interleave_pairs(&even, has_odd.then_some(&odd[..]), &mut dst[..k]);
+                                im2col_pair_of_rows(xc, g, p, rows, &zeros, &mut tmp, &mut dst[..k]);
                                 dst[k..].fill(0); // the last row block's padding
                             }
                             gemm_bf16_pairs_by_k(pairs, lda, (k, rows), dyc, bm, &mut acc, cm, true, 1);
@@ -608,6 +691,77 @@ pub fn reference_conv_transpose2d_nhwc(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// In bf16 the forward pass and the weight gradient build their
+    /// operand from `x` directly (rows of pairs; pairs of pixels); the result
+    /// must be that of the f32 im2col matrix given to the bf16 product, bit
+    /// for bit, for odd and even channel counts, padding, strides and an odd
+    /// number of pixels per chunk.
+    #[test]
+    fn bf16_convolutions_equal_the_bf16_product_of_the_im2col_matrix() {
+        if Precision::Bf16.effective() != Precision::Bf16 {
+            eprintln!("skipped: {}", Precision::Bf16.describe());
+            return;
+        }
+        for &(n, h, c, o, k, stride, pad) in &[(3, 7, 1, 8, 3, 1, 1), (2, 9, 6, 5, 3, 2, 1), (2, 5, 3, 4, 3, 1, 0)] {
+            let g = ConvGeom::new(n, h, h, c, o, k, k, stride, pad).expect("geometry");
+            let x: Vec<f32> = (0..n * h * h * c)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.031)
+                .collect();
+            let wt: Vec<f32> = (0..o * c * k * k)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.07)
+                .collect();
+            let px = g.out_pixels();
+            let dy: Vec<f32> = (0..n * px * o).map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.05).collect();
+            let (y, dw) = Precision::Bf16.scope(|| (conv2d_forward(&x, &wt, &g), conv2d_backward_weight(&x, &dy, &g)));
+            // the same products from the whole f32 im2col matrix
+            let (rows, kk) = (n * px, g.k());
+            let mut col = vec![0f32; rows * kk];
+            im2col(&x, &g, n, &mut col);
+            let wk = weight_to_matrix(&wt, &g);
+            let mut y_ref = vec![0f32; rows * o];
+            let chunk = g.images_per_chunk() * px;
+            for (ci, yc) in y_ref.chunks_mut(chunk * o).enumerate() {
+                let r = yc.len() / o;
+                let cc = &col[ci * chunk * kk..(ci * chunk + r) * kk];
+                product(
+                    Precision::Bf16,
+                    cc,
+                    Mat::row_major(r, kk),
+                    &wk,
+                    Mat::row_major(kk, o),
+                    yc,
+                    Mat::row_major(r, o),
+                    false,
+                    1,
+                );
+            }
+            assert_eq!(y, y_ref, "forward {n}x{h}x{h}x{c} -> {o}, {k}x{k} s{stride} p{pad}");
+            // the weight gradient's chunks, grouped and added as it does
+            let ipc = g.images_per_chunk();
+            let chunks = n.div_ceil(ipc);
+            let groups = chunks.min(2 * rayon::current_num_threads()).max(1);
+            let per_group = chunks.div_ceil(groups);
+            let mut dwk = vec![0f32; kk * o];
+            for gi in 0..groups {
+                let mut acc = vec![0f32; kk * o];
+                for ci in gi * per_group..((gi + 1) * per_group).min(chunks) {
+                    let (first, imgs) = (ci * ipc, ipc.min(n - ci * ipc));
+                    let r = imgs * px;
+                    let cc = &col[first * px * kk..(first * px + r) * kk];
+                    let dc = &dy[first * px * o..(first * px + r) * o];
+                    let (am, bm, cm) = (Mat::row_major(r, kk).t(), Mat::row_major(r, o), Mat::row_major(kk, o));
+                    product(Precision::Bf16, cc, am, dc, bm, &mut acc, cm, true, 1);
+                }
+                dwk.iter_mut().zip(&acc).for_each(|(d, a)| *d += a);
+            }
+            assert_eq!(
+                dw,
+                matrix_to_weight(&dwk, &g),
+                "weight gradient {n}x{h}x{h}x{c} -> {o}, {k}x{k} s{stride} p{pad}"
+            );
+        }
+    }
 
     /// Direct 7-loop convolution, NHWC in/out, OIHW weights.
     fn naive(x: &[f32], wt: &[f32], g: &ConvGeom) -> Vec<f32> {

@@ -184,17 +184,16 @@ fn reference() -> Option<Reference> {
     (dir.join("reference.py").is_file() && python.is_file()).then_some(Reference { dir, python })
 }
 
-/// Runs `reference.py simclr-bench` and returns its `[result]` lines.
-fn reference_simclr(r: &Reference, args: &[&str]) -> Result<Vec<(String, f64)>> {
-    let tmp = std::env::temp_dir().join(format!("pretext-ref-{}.jsonl", std::process::id()));
+/// Runs `reference.py ARGS` and returns its `[result]` lines.
+fn reference_results(r: &Reference, args: &[&str]) -> Result<Vec<(String, f64)>> {
+    let tmp = std::env::temp_dir().join(format!("pretext-ref-{}-{}.jsonl", args[0], std::process::id()));
     let out = run(
         Command::new(&r.python)
             .arg("reference.py")
-            .arg("simclr-bench")
             .args(args)
             .env("REF_RESULTS", &tmp)
             .current_dir(&r.dir),
-        &format!("reference.py simclr-bench {}", args.join(" ")),
+        &format!("reference.py {}", args.join(" ")),
     )?;
     let _ = std::fs::remove_file(tmp);
     Ok(out
@@ -202,6 +201,13 @@ fn reference_simclr(r: &Reference, args: &[&str]) -> Result<Vec<(String, f64)>> 
         .filter_map(|l| l.strip_prefix("[result] "))
         .filter_map(parse_result)
         .collect())
+}
+
+/// Runs `reference.py simclr-bench` and returns its `[result]` lines.
+fn reference_simclr(r: &Reference, args: &[&str]) -> Result<Vec<(String, f64)>> {
+    let mut all = vec!["simclr-bench"];
+    all.extend_from_slice(args);
+    reference_results(r, &all)
 }
 
 /// `what: value unit notes`, where `what` may itself contain `: `.
@@ -378,20 +384,7 @@ fn bench_vae() -> Result<String> {
         Some(r) => {
             let mut res = Vec::new();
             let ours = ours_twice(ours_vae, || {
-                let tmp = std::env::temp_dir().join(format!("pretext-ref-vae-{}.jsonl", std::process::id()));
-                let out = run(
-                    Command::new(&r.python)
-                        .args(["reference.py", "vae", "--epochs", "2"])
-                        .env("REF_RESULTS", &tmp)
-                        .current_dir(&r.dir),
-                    "reference.py vae --epochs 2",
-                )?;
-                let _ = std::fs::remove_file(tmp);
-                res = out
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("[result] "))
-                    .filter_map(parse_result)
-                    .collect();
+                res = reference_results(&r, &["vae", "--epochs", "2"])?;
                 Ok(())
             })?;
             let t = find(&res, "training throughput").context("no throughput figure from the reference VAE")?;
@@ -439,20 +432,7 @@ fn bench_mlm(iters: usize) -> Result<String> {
             let ours = ours_twice(
                 |p| ours_mlm(iters, p),
                 || {
-                    let tmp = std::env::temp_dir().join(format!("pretext-ref-mlm-{}.jsonl", std::process::id()));
-                    let out = run(
-                        Command::new(&r.python)
-                            .args(["reference.py", "mlm", "--budget-min", "1"])
-                            .env("REF_RESULTS", &tmp)
-                            .current_dir(&r.dir),
-                        "reference.py mlm --budget-min 1",
-                    )?;
-                    let _ = std::fs::remove_file(tmp);
-                    res = out
-                        .lines()
-                        .filter_map(|l| l.strip_prefix("[result] "))
-                        .filter_map(parse_result)
-                        .collect();
+                    res = reference_results(&r, &["mlm", "--budget-min", "1"])?;
                     Ok(())
                 },
             )?;

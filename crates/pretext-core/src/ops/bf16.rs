@@ -320,15 +320,8 @@ fn gemm_lhs(
         bm.rows == k && cm.rows == m && cm.cols == bm.cols && cm.cs == 1,
         "bf16 product: shapes"
     );
-    let span = |v: super::gemm::Mat| {
-        if v.rows == 0 || v.cols == 0 {
-            0
-        } else {
-            (v.rows - 1) * v.rs + (v.cols - 1) * v.cs + 1
-        }
-    };
     assert!(
-        b.len() >= span(bm) && c.len() >= span(cm),
+        b.len() >= bm.span() && c.len() >= cm.span(),
         "bf16 product: slice too short"
     );
     if m == 0 || cm.cols == 0 {

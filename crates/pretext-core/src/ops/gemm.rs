@@ -44,7 +44,8 @@ impl Mat {
         }
     }
 
-    fn span(&self) -> usize {
+    /// Elements a slice needs to hold this view (0 when it is empty).
+    pub(crate) fn span(&self) -> usize {
         if self.rows == 0 || self.cols == 0 {
             0
         } else {

@@ -364,10 +364,28 @@ fn bench_data() -> Result<String> {
 }
 
 fn ours_vae(precision: &str) -> Result<f64> {
+    ours_vae_model(precision, &[])
+}
+
+/// The default conv VAE's step (`configs/vae-fmnist.toml`'s model and
+/// weight averaging) at batch 64, 200 steps.
+fn ours_conv_vae(precision: &str) -> Result<f64> {
+    ours_vae_model(
+        precision,
+        &[
+            ("PRETEXT_BENCH_MODEL", "default"),
+            ("PRETEXT_BENCH_BATCH", "64"),
+            ("PRETEXT_BENCH_ITERS", "200"),
+        ],
+    )
+}
+
+fn ours_vae_model(precision: &str, env: &[(&str, &str)]) -> Result<f64> {
     let out = run(
         Command::new("cargo")
             .args(["bench", "-q", "-p", "pretext-generative", "--bench", "vae_step"])
             .env("PRETEXT_BENCH_PRECISION", precision)
+            .envs(env.iter().copied())
             .current_dir(root()),
         "cargo bench -p pretext-generative --bench vae_step",
     )?;
@@ -375,6 +393,44 @@ fn ours_vae(precision: &str) -> Result<f64> {
         .find(|l| l.starts_with("RESULT vae_step"))
         .and_then(|l| field(l, "img_per_s"))
         .context("no RESULT line from vae_step")
+}
+
+/// The conv VAE's PyTorch twin (`benches/conv_vae_pytorch.py`, the default's
+/// sizes: decoder 128 → 96 → 1) in `layout` (`nchw` or `cl`): images/s.
+fn twin_conv_vae(r: &Reference, layout: &str) -> Result<f64> {
+    let script = root().join("crates/pretext-generative/benches/conv_vae_pytorch.py");
+    let images = root().join("datasets/fashion-mnist/train-images-idx3-ubyte.gz");
+    let out = run(
+        Command::new(&r.python)
+            .arg(&script)
+            .arg(&images)
+            .args(["200", layout, "96", "128"])
+            .current_dir(root()),
+        &format!("conv_vae_pytorch.py … 200 {layout} 96 128"),
+    )?;
+    out.lines()
+        .find_map(|l| l.strip_suffix(" images/s")?.rsplit(' ').next()?.parse().ok())
+        .context("no images/s line from conv_vae_pytorch.py")
+}
+
+/// The default conv VAE against its PyTorch twin, both precisions of ours.
+fn bench_conv_vae(r: &Reference) -> Result<String> {
+    let mut twin = (0.0, 0.0);
+    let ours = ours_twice(ours_conv_vae, || {
+        twin = (twin_conv_vae(r, "nchw")?, twin_conv_vae(r, "cl")?);
+        Ok(())
+    })?;
+    let torch = torch_name(r);
+    let mut md = String::from("\n| Conv VAE training (the default: 32/128 encoder, 128 → 96 → 1 decoder, latent 64, batch 64, Adam; ours with its weight averaging) | images/s | pretext f32 / this | pretext bf16 / this |\n|---|---|---|---|\n");
+    md.push_str(&our_rows("", |x| format!("{x:.0}"), &ours));
+    for (name, t) in [("NCHW", twin.0), ("channels_last", twin.1)] {
+        md.push_str(&format!(
+            "| {torch} fp32 twin (`benches/conv_vae_pytorch.py`), {name} | {t:.0} | {:.2} | {:.2} |\n",
+            ours[0].2 / t,
+            ours[1].2 / t
+        ));
+    }
+    Ok(md)
 }
 
 fn bench_vae() -> Result<String> {
@@ -396,6 +452,7 @@ fn bench_vae() -> Result<String> {
                 ours[0].2 / t,
                 ours[1].2 / t
             ));
+            md.push_str(&bench_conv_vae(&r)?);
         }
         None => {
             let (a, b) = (ours_vae("f32")?, ours_vae("bf16")?);

@@ -138,19 +138,32 @@ fn field(line: &str, key: &str) -> Option<f64> {
 /// `train.precision` of a bench run: `f32` or `bf16`.
 const PRECISIONS: [&str; 2] = ["f32", "bf16"];
 
-fn ours_simclr(iters: usize, precision: &str) -> Result<f64> {
+/// Runs `cargo bench -p PACKAGE --bench BENCH` with `train.precision`
+/// `precision` and `env`, and returns `KEY=` of its `RESULT BENCH` line.
+fn ours_bench(package: &str, bench: &str, key: &str, precision: &str, env: &[(&str, &str)]) -> Result<f64> {
     let out = run(
         Command::new("cargo")
-            .args(["bench", "-q", "-p", "pretext-contrastive", "--bench", "simclr_step"])
-            .env("PRETEXT_BENCH_ITERS", iters.to_string())
+            .args(["bench", "-q", "-p", package, "--bench", bench])
             .env("PRETEXT_BENCH_PRECISION", precision)
+            .envs(env.iter().copied())
             .current_dir(root()),
-        "cargo bench -p pretext-contrastive --bench simclr_step",
+        &format!("cargo bench -p {package} --bench {bench}"),
     )?;
     out.lines()
-        .find(|l| l.starts_with("RESULT simclr_step"))
-        .and_then(|l| field(l, "img_per_s"))
-        .context("no RESULT line from simclr_step")
+        .find(|l| l.starts_with(&format!("RESULT {bench}")))
+        .and_then(|l| field(l, key))
+        .with_context(|| format!("no RESULT line from {bench}"))
+}
+
+fn ours_simclr(iters: usize, precision: &str) -> Result<f64> {
+    let iters = iters.to_string();
+    ours_bench(
+        "pretext-contrastive",
+        "simclr_step",
+        "img_per_s",
+        precision,
+        &[("PRETEXT_BENCH_ITERS", &iters)],
+    )
 }
 
 struct Reference {
@@ -364,13 +377,16 @@ fn bench_data() -> Result<String> {
 }
 
 fn ours_vae(precision: &str) -> Result<f64> {
-    ours_vae_model(precision, &[])
+    ours_bench("pretext-generative", "vae_step", "img_per_s", precision, &[])
 }
 
 /// The default conv VAE's step (`configs/vae-fmnist.toml`'s model and
 /// weight averaging) at batch 64, 200 steps.
 fn ours_conv_vae(precision: &str) -> Result<f64> {
-    ours_vae_model(
+    ours_bench(
+        "pretext-generative",
+        "vae_step",
+        "img_per_s",
         precision,
         &[
             ("PRETEXT_BENCH_MODEL", "default"),
@@ -378,21 +394,6 @@ fn ours_conv_vae(precision: &str) -> Result<f64> {
             ("PRETEXT_BENCH_ITERS", "200"),
         ],
     )
-}
-
-fn ours_vae_model(precision: &str, env: &[(&str, &str)]) -> Result<f64> {
-    let out = run(
-        Command::new("cargo")
-            .args(["bench", "-q", "-p", "pretext-generative", "--bench", "vae_step"])
-            .env("PRETEXT_BENCH_PRECISION", precision)
-            .envs(env.iter().copied())
-            .current_dir(root()),
-        "cargo bench -p pretext-generative --bench vae_step",
-    )?;
-    out.lines()
-        .find(|l| l.starts_with("RESULT vae_step"))
-        .and_then(|l| field(l, "img_per_s"))
-        .context("no RESULT line from vae_step")
 }
 
 /// The conv VAE's PyTorch twin (`benches/conv_vae_pytorch.py`, the default's
@@ -466,18 +467,14 @@ fn bench_vae() -> Result<String> {
 }
 
 fn ours_mlm(iters: usize, precision: &str) -> Result<f64> {
-    let out = run(
-        Command::new("cargo")
-            .args(["bench", "-q", "-p", "pretext-mlm", "--bench", "mlm_step"])
-            .env("PRETEXT_BENCH_PRECISION", precision)
-            .env("PRETEXT_BENCH_ITERS", iters.to_string())
-            .current_dir(root()),
-        "cargo bench -p pretext-mlm --bench mlm_step",
-    )?;
-    out.lines()
-        .find(|l| l.starts_with("RESULT mlm_step"))
-        .and_then(|l| field(l, "tok_per_s"))
-        .context("no RESULT line from mlm_step")
+    let iters = iters.to_string();
+    ours_bench(
+        "pretext-mlm",
+        "mlm_step",
+        "tok_per_s",
+        precision,
+        &[("PRETEXT_BENCH_ITERS", &iters)],
+    )
 }
 
 fn bench_mlm(iters: usize) -> Result<String> {

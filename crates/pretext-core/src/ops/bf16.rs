@@ -171,23 +171,13 @@ pub(crate) fn gemm_bf16(
         }
         return;
     }
-    let a = Operand {
+    let a = Lhs::Strided(Operand {
         ptr: a.as_ptr(),
         rs: am.rs,
         cs: am.cs,
-    };
-    let b = Operand {
-        ptr: b.as_ptr(),
-        rs: bm.rs,
-        cs: bm.cs,
-    };
-    let c = Out {
-        ptr: c.as_mut_ptr(),
-        ld: cm.rs,
-    };
-    // SAFETY: the caller checked that every index of the three views lies in
-    // its slice, and the instruction sets were detected above.
-    unsafe { x86::gemm(m, n, k, Lhs::Strided(a), b, c, accumulate, threads) }
+    });
+    // The caller checked that every index of `a`'s view lies in its slice.
+    gemm_lhs(a, (m, k), b, bm, c, cm, accumulate, threads);
 }
 
 /// Rows of the left operand per micro-kernel call: rows given as bf16 pairs
@@ -302,7 +292,8 @@ pub(crate) fn gemm_bf16_pairs_by_k(
     );
 }
 
-/// The shared checks and call of the two pre-packed entries.
+/// The shared checks and call of every entry, once `a` is described (the
+/// callers check it against its shape).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn gemm_lhs(
@@ -581,24 +572,23 @@ mod x86 {
         // SAFETY (all branches): every element read is `b[k][j]` with
         // `k < k0 + kc` and `j < n`, inside the caller's view.
         if b.cs == 1 {
+            // Rows are contiguous: rows `2p` and `2p + 1`, 16 columns at a
+            // time, interleaved into the panel's pairs.
             for q in 0..panels {
                 for p in 0..kcp {
                     let k = k0 + 2 * p;
                     for h in 0..2 {
                         let j0 = q * NR + h * 16;
                         let dst = &mut out[(q * kcp + p) * NR + h * 16..][..16];
-                        if j0 >= n {
+                        let cols = n.saturating_sub(j0).min(16);
+                        if cols == 0 {
                             dst.fill(0);
                             continue;
                         }
-                        let cols = (n - j0).min(16);
-                        let lo = unsafe { load_bf16_lanes(b.ptr.add(k * b.rs + j0), cols) };
-                        let hi = if 2 * p + 1 < kc {
-                            _mm512_slli_epi32::<16>(unsafe { load_bf16_lanes(b.ptr.add((k + 1) * b.rs + j0), cols) })
-                        } else {
-                            _mm512_setzero_si512()
-                        };
-                        unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), _mm512_or_si512(lo, hi)) };
+                        // SAFETY: columns `j0..j0 + cols` of row `k` lie in `b`'s view.
+                        let row = |k: usize| unsafe { std::slice::from_raw_parts(b.ptr.add(k * b.rs + j0), cols) };
+                        unsafe { interleave_pairs(row(k), (2 * p + 1 < kc).then(|| row(k + 1)), &mut dst[..cols]) };
+                        dst[cols..].fill(0);
                     }
                 }
             }

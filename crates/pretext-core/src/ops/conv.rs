@@ -177,54 +177,54 @@ pub fn matrix_to_weight(m: &[f32], g: &ConvGeom) -> Vec<f32> {
 
 /// im2col of `imgs` images (NHWC, `x` starts at the first) into `col` (`imgs·oh·ow × K`).
 fn im2col(x: &[f32], g: &ConvGeom, imgs: usize, col: &mut [f32]) {
-    let (h, w, c) = (g.h, g.w, g.c);
-    let k = g.k();
-    let img_len = h * w * c;
-    for i in 0..imgs {
-        let xi = &x[i * img_len..(i + 1) * img_len];
-        for oy in 0..g.oh {
-            for ox in 0..g.ow {
-                let row = &mut col[((i * g.oh + oy) * g.ow + ox) * k..][..k];
-                for ky in 0..g.kh {
-                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                    for kx in 0..g.kw {
-                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                        let dst = &mut row[(ky * g.kw + kx) * c..][..c];
-                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                            dst.fill(0.0);
-                        } else {
-                            let s = ((iy as usize) * w + ix as usize) * c;
-                            dst.copy_from_slice(&xi[s..s + c]);
-                        }
-                    }
-                }
-            }
-        }
+    for (r, row) in col.chunks_mut(g.k()).take(imgs * g.oh * g.ow).enumerate() {
+        im2col_row(x, g, r, row);
     }
 }
 
-/// Calls `f(t, at)` for each tap `t = ky·kw + kx` of row `r` (image
-/// `r / (oh·ow)`, output pixel `r % (oh·ow)`) of the im2col matrix of `x`
-/// (NHWC, from the chunk's first image): `at` is the offset of the tap's `c`
-/// input values in `x`, `None` where the tap falls in the zero padding.
-#[cfg(target_arch = "x86_64")]
+/// Where row `r` of a chunk's im2col matrix reads: its image's offset in
+/// the chunk's input and its output pixel.
+#[derive(Clone, Copy)]
+struct RowOrigin {
+    image: usize,
+    oy: usize,
+    ox: usize,
+}
+
+impl RowOrigin {
+    /// Row `r` (image `r / (oh·ow)`, output pixel `r % (oh·ow)`).
+    fn of(g: &ConvGeom, r: usize) -> Self {
+        let (i, px) = (r / (g.oh * g.ow), r % (g.oh * g.ow));
+        Self {
+            image: i * g.h * g.w * g.c,
+            oy: px / g.ow,
+            ox: px % g.ow,
+        }
+    }
+
+    /// The offset of tap `(ky, kx)`'s `c` input values in the chunk's input,
+    /// `None` where the tap falls in the zero padding.
+    fn tap(self, g: &ConvGeom, ky: usize, kx: usize) -> Option<usize> {
+        let iy = (self.oy * g.stride + ky) as isize - g.pad as isize;
+        let ix = (self.ox * g.stride + kx) as isize - g.pad as isize;
+        let inside = iy >= 0 && ix >= 0 && iy < g.h as isize && ix < g.w as isize;
+        inside.then(|| self.image + ((iy as usize) * g.w + ix as usize) * g.c)
+    }
+}
+
+/// Calls `f(t, at)` for each tap `t = ky·kw + kx` of row `r` of the im2col
+/// matrix of `x` (NHWC, from the chunk's first image), `at` as
+/// [`RowOrigin::tap`] gives it.
 fn taps(g: &ConvGeom, r: usize, mut f: impl FnMut(usize, Option<usize>)) {
-    let (h, w, c) = (g.h, g.w, g.c);
-    let (i, px) = (r / (g.oh * g.ow), r % (g.oh * g.ow));
-    let (oy, ox) = (px / g.ow, px % g.ow);
+    let origin = RowOrigin::of(g, r);
     for ky in 0..g.kh {
-        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
         for kx in 0..g.kw {
-            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-            let inside = iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize;
-            let at = inside.then(|| i * h * w * c + ((iy as usize) * w + ix as usize) * c);
-            f(ky * g.kw + kx, at);
+            f(ky * g.kw + kx, origin.tap(g, ky, kx));
         }
     }
 }
 
 /// Row `r` of the im2col matrix of `x` (see [`taps`]) into `row` (K).
-#[cfg(target_arch = "x86_64")]
 fn im2col_row(x: &[f32], g: &ConvGeom, r: usize, row: &mut [f32]) {
     let c = g.c;
     taps(g, r, |t, at| {
@@ -260,39 +260,21 @@ fn im2col_row_pairs(x: &[f32], g: &ConvGeom, r: usize, row: &mut [f32], dst: &mu
 
 /// Rows `2p` and `2p + 1` of the im2col matrix of `x`, rounded to bf16 and
 /// interleaved (row `2p` low) into `dst` (K); a row past `rows`, and the
-/// zero padding, count as zeros (`zeros`: `c` of them). `rows_tmp` (2·K
-/// floats) serves kernels of more than 64 taps.
+/// zero padding, count as zeros (`zeros`: `c` of them).
 #[cfg(target_arch = "x86_64")]
-fn im2col_pair_of_rows(
-    x: &[f32],
-    g: &ConvGeom,
-    p: usize,
-    rows: usize,
-    zeros: &[f32],
-    rows_tmp: &mut [f32],
-    dst: &mut [u32],
-) {
+fn im2col_pair_of_rows(x: &[f32], g: &ConvGeom, p: usize, rows: usize, zeros: &[f32], dst: &mut [u32]) {
     use super::bf16::interleave_pairs;
-    let (c, k) = (g.c, g.k());
-    let has_odd = 2 * p + 1 < rows;
-    if g.kh * g.kw > 64 {
-        let (even, odd) = rows_tmp.split_at_mut(k);
-        im2col_row(x, g, 2 * p, even);
-        if has_odd {
-            im2col_row(x, g, 2 * p + 1, &mut odd[..k]);
-        }
-        interleave_pairs(even, has_odd.then_some(&odd[..k]), dst);
-        return;
-    }
-    // The odd row's taps first (`None`: no odd row), then the even row's.
-    let mut odd_at: [Option<Option<usize>>; 64] = [None; 64];
-    if has_odd {
-        taps(g, 2 * p + 1, |t, at| odd_at[t] = Some(at));
-    }
+    let c = g.c;
+    let even = RowOrigin::of(g, 2 * p);
+    let odd = (2 * p + 1 < rows).then(|| RowOrigin::of(g, 2 * p + 1));
     let slice = |at: Option<usize>| at.map_or(zeros, |s| &x[s..s + c]);
-    taps(g, 2 * p, |t, at| {
-        interleave_pairs(slice(at), odd_at[t].map(slice), &mut dst[t * c..(t + 1) * c]);
-    });
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            let t = ky * g.kw + kx;
+            let odd_values = odd.map(|o| slice(o.tap(g, ky, kx)));
+            interleave_pairs(slice(even.tap(g, ky, kx)), odd_values, &mut dst[t * c..(t + 1) * c]);
+        }
+    }
 }
 
 /// Adds `dcol` (`imgs·oh·ow × K`) back into `dx` (NHWC, zeroed by the caller).
@@ -439,9 +421,9 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
                         use super::bf16::{gemm_bf16_pairs_by_k, ROW_BLOCK};
                         let lda = k.div_ceil(ROW_BLOCK) * ROW_BLOCK;
                         with_pair_scratch(rows.div_ceil(2) * lda, |pairs| {
-                            let (zeros, mut tmp) = (vec![0f32; g.c], vec![0f32; 2 * k]);
+                            let zeros = vec![0f32; g.c];
                             for (p, dst) in pairs.chunks_mut(lda).enumerate() {
-                                im2col_pair_of_rows(xc, g, p, rows, &zeros, &mut tmp, &mut dst[..k]);
+                                im2col_pair_of_rows(xc, g, p, rows, &zeros, &mut dst[..k]);
                                 dst[k..].fill(0); // the last row block's padding
                             }
                             gemm_bf16_pairs_by_k(pairs, lda, (k, rows), dyc, bm, &mut acc, cm, true, 1);

@@ -29,9 +29,23 @@ pub fn init_tracing(verbose: bool) {
 
 /// Runs `f`, printing an error with its whole context chain
 /// (`error: while X: because Y`) and returning a failing exit code.
+///
+/// Started by a parallel launcher (`mpirun -np N`) in a build with MPI, the
+/// process joins the run's world first ([`pretext_core::dist::init`]); an
+/// error on any rank then stops every rank, with the error and the rank
+/// that had it, instead of leaving the others waiting.
 pub fn run_main(f: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    let launch = match pretext_core::dist::init() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let world = launch.world;
     match f() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if world.size() > 1 => world.abort(&format!("error: {e:#}"), 1),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -292,6 +292,14 @@ where
 {
     // A kernel request this CPU cannot honour stops the tool before any work.
     pretext_core::cpu::KernelSet::from_env().context("environment")?;
+    let world = pretext_core::dist::world();
+    if world.size() > 1 && !matches!(command, Command::Pretrain { .. } | Command::Resume(_)) {
+        anyhow::bail!(
+            "started among {} processes: only `pretrain` and `resume` train data-parallel; \
+             run the other commands as one process (without mpirun)",
+            world.size()
+        );
+    }
     match command {
         Command::Pretrain {
             data,
@@ -329,14 +337,18 @@ where
                 &mut observer,
             )
             .with_context(|| format!("pretraining into {}", out.display()))?;
-            println!("run folder: {}", run.root().display());
+            if world.is_root() {
+                println!("run folder: {}", run.root().display());
+            }
         }
         Command::Resume(ResumeArgs { run, device, quiet }) => {
             let (cfg, device) = existing_run::<P::Config>(&run, &[], &device)?;
             let mut observer = observer(&P::label(&cfg), quiet);
             paradigm::resume::<P>(&run, &cfg, &device, &mut observer)
                 .with_context(|| format!("resuming {}", run.display()))?;
-            println!("run folder: {}", run.display());
+            if world.is_root() {
+                println!("run folder: {}", run.display());
+            }
         }
         Command::Probe(args) => {
             if args.no_finetune && !P::FINETUNES {
@@ -577,6 +589,19 @@ where
     Ok(())
 }
 
+/// The progress display of a training run: rank 0's alone in a
+/// data-parallel run, which it opens with a line saying how the batch is split.
 fn observer(label: &str, quiet: bool) -> crate::progress::ProgressObserver {
-    crate::progress::ProgressObserver::new(label, quiet)
+    let world = pretext_core::dist::world();
+    let mut o = crate::progress::ProgressObserver::new(label, quiet || !world.is_root());
+    if world.size() > 1 {
+        use pretext_core::Observer;
+        o.on_message(&format!(
+            "data-parallel over {} processes ({}): each takes 1/{} of every batch",
+            world.size(),
+            world.backend(),
+            world.size()
+        ));
+    }
+    o
 }

@@ -157,6 +157,7 @@ fn contrastive_step_zero_loss(a: &Path, b: &Path) -> f64 {
         total_steps: cfg.train.total_steps(batches.steps_per_epoch()),
         seed: cfg.train.seed,
         lr: 0.0,
+        shard: Default::default(),
     };
     let out = model.step(&batch, &cx).expect("step");
     f64::from(out.loss.to_scalar::<f32>().expect("loss"))

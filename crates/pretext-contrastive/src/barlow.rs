@@ -73,7 +73,10 @@ impl BarlowTwins {
     /// # Errors
     /// Shapes that do not fit.
     pub fn loss(&self, v1: &Tensor, v2: &Tensor) -> candle_core::Result<Tensor> {
-        barlow_twins(&self.online.project(v1)?, &self.online.project(v2)?, self.cfg.lambda)
+        // The cross-correlation is over the whole batch: every rank's rows.
+        let z1 = pretext_core::dist::gather_rows(&self.online.project(v1)?)?;
+        let z2 = pretext_core::dist::gather_rows(&self.online.project(v2)?)?;
+        barlow_twins(&z1, &z2, self.cfg.lambda)
     }
 }
 
@@ -98,5 +101,9 @@ impl Method for BarlowTwins {
 
     fn metadata(&self) -> BTreeMap<String, String> {
         self.online.metadata("barlow_twins")
+    }
+
+    fn data_parallel(&self) -> Result<(), String> {
+        Ok(())
     }
 }

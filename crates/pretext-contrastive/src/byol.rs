@@ -156,4 +156,8 @@ impl Method for Byol {
     fn metadata(&self) -> BTreeMap<String, String> {
         self.online.metadata("byol")
     }
+
+    fn data_parallel(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

@@ -296,6 +296,10 @@ impl Method for Dino {
         Ok(())
     }
 
+    fn data_parallel(&self) -> Result<(), String> {
+        Err("DINO's centre is not yet averaged across processes".into())
+    }
+
     fn buffers(&self) -> Vec<(String, Tensor)> {
         let mut v = self.teacher.tensors();
         v.push(("center".into(), self.center.clone()));

@@ -336,6 +336,10 @@ impl Method for MoCo {
         Ok(())
     }
 
+    fn data_parallel(&self) -> Result<(), String> {
+        Err("MoCo's key batch-norm groups and queue are not yet shared across processes".into())
+    }
+
     fn buffers(&self) -> Vec<(String, Tensor)> {
         let mut v = self.key.tensors();
         v.push(("queue".into(), self.queue.keys().clone()));

@@ -294,6 +294,10 @@ impl Method for ContrastiveModel {
     fn weights_loaded(&mut self) -> pretext_core::Result<()> {
         self.method_mut().weights_loaded()
     }
+
+    fn data_parallel(&self) -> Result<(), String> {
+        self.method().data_parallel()
+    }
 }
 
 impl pretext_eval::ImageEncoder for ContrastiveModel {

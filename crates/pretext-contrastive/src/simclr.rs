@@ -45,7 +45,12 @@ impl SimClr {
         let n = v1.dim(0)?;
         let h = self.encoder.forward_t(&Tensor::cat(&[v1, v2], 0)?, train)?;
         let z = self.head.forward_t(&h, train)?;
-        nt_xent(&z.narrow(0, 0, n)?, &z.narrow(0, n, n)?, self.cfg.temperature)
+        // Data-parallel: every rank's views, in the single-process order
+        // (all first views, then all second views), so each anchor has the
+        // negatives of the whole batch.
+        let z1 = pretext_core::dist::gather_rows(&z.narrow(0, 0, n)?)?;
+        let z2 = pretext_core::dist::gather_rows(&z.narrow(0, n, n)?)?;
+        nt_xent(&z1, &z2, self.cfg.temperature)
     }
 }
 
@@ -75,5 +80,9 @@ impl Method for SimClr {
 
     fn metadata(&self) -> BTreeMap<String, String> {
         crate::branch::method_metadata("simclr", &self.encoder)
+    }
+
+    fn data_parallel(&self) -> Result<(), String> {
+        Ok(())
     }
 }

@@ -76,7 +76,8 @@ impl SimSiam {
         let (z1, z2) = (self.online.project(v1)?, self.online.project(v2)?);
         let (p1, p2) = (self.online.predict(&z1)?, self.online.predict(&z2)?);
         let loss = ((negative_cosine(&p1, &z2)? + negative_cosine(&p2, &z1)?)? * 0.5)?;
-        let zn = crate::loss::l2_normalize(&z1.detach())?;
+        // The collapse statistic over the whole batch (every rank's rows).
+        let zn = crate::loss::l2_normalize(&pretext_core::dist::gather_rows_detached(&z1)?)?;
         let std = zn
             .broadcast_sub(&zn.mean_keepdim(0)?)?
             .sqr()?
@@ -110,5 +111,9 @@ impl Method for SimSiam {
 
     fn metadata(&self) -> BTreeMap<String, String> {
         self.online.metadata("simsiam")
+    }
+
+    fn data_parallel(&self) -> Result<(), String> {
+        Ok(())
     }
 }

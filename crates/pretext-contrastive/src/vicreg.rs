@@ -108,7 +108,10 @@ impl VicReg {
     /// # Errors
     /// Shapes that do not fit.
     pub fn loss(&self, v1: &Tensor, v2: &Tensor) -> candle_core::Result<VicRegTerms> {
-        vicreg(&self.online.project(v1)?, &self.online.project(v2)?, &self.weights)
+        // Variance and covariance are over the whole batch: every rank's rows.
+        let z1 = pretext_core::dist::gather_rows(&self.online.project(v1)?)?;
+        let z2 = pretext_core::dist::gather_rows(&self.online.project(v2)?)?;
+        vicreg(&z1, &z2, &self.weights)
     }
 }
 
@@ -139,5 +142,9 @@ impl Method for VicReg {
 
     fn metadata(&self) -> BTreeMap<String, String> {
         self.online.metadata("vicreg")
+    }
+
+    fn data_parallel(&self) -> Result<(), String> {
+        Ok(())
     }
 }

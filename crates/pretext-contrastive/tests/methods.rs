@@ -96,6 +96,7 @@ fn key_encoder_follows_the_query_encoder_by_ema() {
         total_steps: 10,
         seed: 1,
         lr: 0.0,
+        shard: Default::default(),
     };
     moco.after_update(&cx).expect("update");
     for (((name, k), (_, q)), old) in key.iter().zip(&query).zip(&before) {
@@ -147,6 +148,7 @@ fn byol_target_follows_the_online_network_by_the_cosine_ema() {
         total_steps: 10,
         seed: 1,
         lr: 0.0,
+        shard: Default::default(),
     };
     byol.after_update(&cx).expect("update");
     for (((name, t), (_, o)), old) in target.iter().zip(&followed).zip(&before) {
@@ -340,6 +342,7 @@ fn dino_centre_and_teacher_follow_their_ema_formulas() {
         total_steps: 10,
         seed: 2,
         lr: 0.0,
+        shard: Default::default(),
     };
     let mut expected = vec![0f32; 6];
     for round in 0..2 {
@@ -402,4 +405,103 @@ fn dino_teacher_temperature_warms_up_linearly() {
         ..d
     };
     assert!((none.teacher_temperature_at(0, 100) - 0.07).abs() < 1e-12);
+}
+
+/// Trains `method` for `steps` steps of batch 16 on `ranks` threads as
+/// data-parallel ranks (one trainer each, its shard of every batch); returns
+/// rank 0's losses and final weights, after checking every rank ended with
+/// the same weights.
+fn data_parallel(method: MethodKind, ranks: usize, steps: u64) -> Result<(Vec<f64>, Vec<Vec<f32>>), String> {
+    let out = pretext_core::dist::LocalGroup::run(ranks, |world| -> Result<_, String> {
+        let dev = Device::Cpu;
+        let model = ContrastiveModel::new(method, &tiny_cfg(), 0, &dev).map_err(|e| e.to_string())?;
+        let train = TrainConfig {
+            max_steps: steps,
+            batch_size: 16,
+            seed: 0,
+            ..TrainConfig::default()
+        };
+        // SGD: its update is proportional to the gradient, so the weights
+        // compare the gradients (Adam's normalisation would blow rounding
+        // noise in near-zero gradients up to full steps).
+        let optim = OptimConfig {
+            name: pretext_core::OptimKind::Sgd,
+            lr: 0.01,
+            momentum: 0.9,
+            ..OptimConfig::default()
+        };
+        let mut trainer = Trainer::new(model, &optim, &ScheduleConfig::default(), &train).map_err(|e| e.to_string())?;
+        trainer.set_world(world);
+        let pipeline = Arc::new(Pipeline::new(AugmentConfig::fashion_mnist(), 8, 8).expect("pipeline"));
+        let cfg = BatcherConfig::training(16, 2, 0, 1);
+        let mut batcher = ImageBatcher::new(Arc::new(fixture()), pipeline, cfg, &dev).expect("batcher");
+        let mut obs = Losses::default();
+        trainer.fit(&mut batcher, &mut obs).map_err(|e| e.to_string())?;
+        let weights = trainer
+            .model_tensors()
+            .iter()
+            .map(|(_, t)| flat(&t.to_dtype(candle_core::DType::F32).expect("f32")))
+            .collect::<Vec<_>>();
+        Ok((obs.0, weights))
+    });
+    let mut out = out.into_iter().collect::<Result<Vec<_>, String>>()?;
+    let first = out.remove(0);
+    for (r, other) in out.iter().enumerate() {
+        assert_eq!(other, &first, "{method:?}: rank {} ends where rank 0 does", r + 1);
+    }
+    Ok(first)
+}
+
+#[test]
+fn data_parallel_ranks_train_as_one_process_does() {
+    // (method, steps, loss tolerance, weight tolerance), relative. Barlow
+    // Twins and VICReg divide by per-dimension statistics of 16 rows (and
+    // VICReg has a hinge on them), which magnify the rounding of sums taken
+    // in another order as the tiny run goes on (VICReg's second gradient
+    // already moves weights by 4e-4 apart while its loss agrees to 2e-7):
+    // they are compared over fewer steps, with a looser bound.
+    for (method, steps, loss_tol, weight_tol) in [
+        (MethodKind::SimClr, 4, 2e-5, 1e-5),
+        (MethodKind::Byol, 4, 2e-5, 1e-5),
+        (MethodKind::SimSiam, 4, 2e-5, 1e-5),
+        (MethodKind::BarlowTwins, 2, 1e-4, 1e-4),
+        (MethodKind::VicReg, 1, 1e-4, 1e-5),
+    ] {
+        let (l1, w1) = data_parallel(method, 1, steps).expect("one process");
+        for ranks in [2, 4] {
+            let (ln, wn) = data_parallel(method, ranks, steps).expect("ranks");
+            for (a, b) in l1.iter().zip(&ln) {
+                assert!(
+                    (a - b).abs() <= loss_tol * a.abs().max(1.0),
+                    "{method:?} on {ranks} ranks: losses {ln:?} vs {l1:?}"
+                );
+            }
+            // BN statistics and gradients summed in another order: rounding only.
+            let worst = w1
+                .iter()
+                .flatten()
+                .zip(wn.iter().flatten())
+                .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+                .fold(0f32, f32::max);
+
+            eprintln!("{method:?} on {ranks} ranks: weights within {worst:.2e}");
+
+            assert!(
+                worst < weight_tol,
+                "{method:?} on {ranks} ranks: weights differ by {worst}"
+            );
+            assert_eq!(ln.len(), steps as usize);
+        }
+    }
+}
+
+#[test]
+fn methods_not_written_for_data_parallel_training_refuse_it() {
+    for (method, why) in [(MethodKind::MoCo, "MoCo"), (MethodKind::Dino, "DINO")] {
+        let err = data_parallel(method, 2, 2).expect_err("refused");
+        assert!(
+            err.contains("data-parallel training on 2 processes") && err.contains(why),
+            "{err}"
+        );
+    }
 }

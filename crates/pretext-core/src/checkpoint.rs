@@ -69,6 +69,11 @@ pub struct TrainerState {
     /// f32 on this CPU); absent in checkpoints written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub products: Option<String>,
+    /// The processes that trained the last step when there were several
+    /// (`2 processes, MPI (Open MPI v4.1.4)`); absent for one process. A run
+    /// may resume on another number: its batches do not depend on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<String>,
     /// The weights the run started from (`--init`): what was loaded, left
     /// freshly initialised or unused. Absent for runs from scratch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -509,6 +514,7 @@ mod tests {
                     "model name: Test CPU\nflags: avx2 fma\n",
                 )),
                 products: Some("bf16 (avx512_bf16 kernels)".into()),
+                processes: Some("2 processes, MPI (Open MPI v4.1.4)".into()),
                 init: Some(crate::warm_start::InitRecord {
                     source: "hub:someone/model@main".into(),
                     file: "model.safetensors".into(),

@@ -3,6 +3,8 @@
 //!
 //! - [`alloc`]: allocator tuning for training loops;
 //! - [`device`]: `cpu` / `cuda:N` selection with clear errors;
+//! - [`dist`]: data-parallel training: collectives (one process, threads, MPI), synchronised
+//!   statistics and gathers with a backward pass;
 //! - [`seed`]: one seed, counter-based random streams (init, data order,
 //!   augmentation, masking), so resuming needs no generator state;
 //! - [`init`]: seeded parameter initialisation ([`SeededVarMap`]);
@@ -23,6 +25,7 @@ pub mod alloc;
 pub mod checkpoint;
 pub mod cpu;
 pub mod device;
+pub mod dist;
 pub mod ema;
 mod error;
 pub mod init;
@@ -46,4 +49,6 @@ pub use optim::{Optim, OptimConfig, OptimKind};
 pub use run::{MetricsLog, RunDir};
 pub use schedule::{ScheduleConfig, ScheduleKind};
 pub use setting::{InvalidSetting, SettingResult};
-pub use trainer::{BatchSource, Method, NullObserver, Observer, StepCx, StepOut, StepReport, TrainConfig, Trainer};
+pub use trainer::{
+    BatchSource, Method, NullObserver, Observer, Shard, StepCx, StepOut, StepReport, TrainConfig, Trainer,
+};

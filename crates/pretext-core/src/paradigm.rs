@@ -419,12 +419,18 @@ pub fn pretrain<P: Paradigm>(
     let mut trainer = Trainer::new(model, s.optim, s.schedule, s.train)?;
     trainer.set_init(record.clone());
     let batches = P::batches(cfg, &data, &assets, device)?;
-    let run = RunDir::create(out, config_toml)?;
-    P::save_assets(&assets, &run)?;
-    trainer.attach_run(&run)?;
-    if let Some(r) = &record {
-        trainer.log_record(&r.to_json())?;
-    }
+    // Data-parallel: rank 0 writes the run folder; the others train beside it.
+    let run = if crate::dist::world().is_root() {
+        let run = RunDir::create(out, config_toml)?;
+        P::save_assets(&assets, &run)?;
+        trainer.attach_run(&run)?;
+        if let Some(r) = &record {
+            trainer.log_record(&r.to_json())?;
+        }
+        run
+    } else {
+        RunDir::unopened(out)
+    };
     train_to_end::<P>(cfg, &data, &assets, trainer, batches, device, observer)?;
     Ok(run)
 }
@@ -451,7 +457,11 @@ pub fn resume<P: Paradigm>(
         .checkpoints(P::sections(cfg).train.keep_checkpoints)
         .load_latest_with_path(device)?;
     trainer.resume(&ckpt, &latest)?;
-    trainer.attach_run(&run)?;
+    // Data-parallel: every rank reads the checkpoint (the run folder is on
+    // a shared file system); rank 0 writes.
+    if crate::dist::world().is_root() {
+        trainer.attach_run(&run)?;
+    }
     observer.on_message(&format!("resuming from {} (step {})", latest.display(), trainer.step()));
     train_to_end::<P>(cfg, &data, &assets, trainer, batches, device, observer)?;
     Ok(run)

@@ -102,6 +102,12 @@ where
         self.worker = None;
         self.source.batch(step)
     }
+
+    fn set_shard(&mut self, shard: crate::trainer::Shard) -> Result<()> {
+        // Batches already prepared are of the former shard.
+        self.worker = None;
+        self.source.set_shard(shard)
+    }
 }
 
 #[cfg(test)]

@@ -60,6 +60,13 @@ impl RunDir {
         Ok(Self { root })
     }
 
+    /// A handle on the run folder `root` that neither reads nor writes it:
+    /// what the ranks other than 0 of a data-parallel run hold (rank 0
+    /// writes the folder).
+    pub fn unopened(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
     /// The run folder.
     pub fn root(&self) -> &Path {
         &self.root

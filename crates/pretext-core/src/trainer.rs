@@ -44,6 +44,58 @@ pub struct StepCx {
     pub seed: u64,
     /// Learning rate of this step.
     pub lr: f64,
+    /// This process's part of the step's batch in data-parallel training.
+    pub shard: Shard,
+}
+
+/// Which part of every batch a process trains on: rank `rank` of `size`
+/// holds rows `[rank·b, (rank+1)·b)` of the global batch, where `b` is its
+/// own batch's size (shards are equal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This process's rank.
+    pub rank: usize,
+    /// The number of processes.
+    pub size: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { rank: 0, size: 1 }
+    }
+}
+
+impl Shard {
+    /// The shard of this process in `world`.
+    pub fn of(world: &crate::dist::World) -> Self {
+        Self {
+            rank: world.rank(),
+            size: world.size(),
+        }
+    }
+
+    /// The first row of this shard in the global batch, when it holds `local` rows.
+    pub fn first_row(&self, local: usize) -> usize {
+        self.rank * local
+    }
+
+    /// The rows of the global batch, when each shard holds `local`.
+    pub fn global_rows(&self, local: usize) -> usize {
+        self.size * local
+    }
+
+    /// Rows `[first_row, first_row + local)` of `t`, a tensor drawn for the
+    /// whole batch (noise, masks): what this shard's rows get, so the draws
+    /// do not depend on the number of processes.
+    ///
+    /// # Errors
+    /// `t` has fewer rows than the global batch.
+    pub fn rows_of(&self, t: &Tensor, local: usize) -> candle_core::Result<Tensor> {
+        if self.size == 1 {
+            return Ok(t.clone());
+        }
+        t.narrow(0, self.first_row(local), local)
+    }
 }
 
 impl StepCx {
@@ -107,6 +159,19 @@ pub trait Method {
         BTreeMap::new()
     }
 
+    /// Whether this method, as configured, trains data-parallel over several
+    /// processes exactly as in one ([`crate::dist`]): losses over the whole
+    /// batch gather their rows, random draws are made for the whole batch,
+    /// state such as a queue takes every rank's rows. `Err` says why not;
+    /// the trainer refuses to start such a run on several processes.
+    ///
+    /// # Errors
+    /// What the method lacks for data-parallel training (the default: a
+    /// method has to say it is ready).
+    fn data_parallel(&self) -> std::result::Result<(), String> {
+        Err("this method is not written for data-parallel training yet".into())
+    }
+
     /// Called after initial weights were copied into [`Method::vars`] and
     /// [`Method::model_buffers`] (`--init`): state derived from the weights
     /// (a momentum twin) is rebuilt from them.
@@ -144,6 +209,25 @@ pub trait BatchSource {
     /// # Errors
     /// Reading or augmenting the data failed.
     fn batch(&mut self, step: u64) -> Result<Self::Batch>;
+
+    /// From now on, [`BatchSource::batch`] returns only `shard`'s rows of
+    /// every batch (data-parallel training): the same rows, drawn from the
+    /// same streams, that the whole batch has there, so the run's batches do
+    /// not depend on the number of processes. The trainer calls it before a
+    /// data-parallel run; steps per epoch count whole batches.
+    ///
+    /// # Errors
+    /// The batches cannot be split into `shard.size` equal parts (the
+    /// default: a source has to say it can).
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        if shard.size == 1 {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "these batches cannot be split across {} processes",
+            shard.size
+        )))
+    }
 }
 
 /// One completed step, as reported to observers and the metrics log.
@@ -371,6 +455,21 @@ impl TrainConfig {
     }
 }
 
+/// The mean over ranks of a step's loss and statistics (one collective);
+/// `local` itself in one process. Returns the loss; `stats` are replaced.
+fn mean_over_ranks(world: &crate::dist::World, local: f64, stats: &mut [(&'static str, f64)]) -> f64 {
+    if world.size() == 1 {
+        return local;
+    }
+    let mut buf: Vec<f64> = std::iter::once(local).chain(stats.iter().map(|s| s.1)).collect();
+    world.all_reduce_f64(&mut buf);
+    let n = world.size() as f64;
+    for (s, v) in stats.iter_mut().zip(&buf[1..]) {
+        s.1 = v / n;
+    }
+    buf[0] / n
+}
+
 /// Where training stopped.
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
@@ -399,6 +498,10 @@ pub struct Trainer<M: Method> {
     average: Option<VarMap>,
     /// What the run's initial weights were (`--init`).
     init: Option<crate::warm_start::InitRecord>,
+    /// The processes training together ([`crate::dist::world`] unless set).
+    world: crate::dist::World,
+    /// Whether rank 0's weights have been broadcast (data-parallel runs).
+    synced: bool,
 }
 
 /// Prefix of the training iterate's tensors in `state.safetensors` when the
@@ -448,7 +551,21 @@ impl<M: Method> Trainer<M> {
             metrics: None,
             average,
             init: None,
+            world: crate::dist::world().clone(),
+            synced: false,
         })
+    }
+
+    /// Trains data-parallel with the ranks of `world` instead of the
+    /// process's world (tests run ranks as threads: [`crate::dist::LocalGroup`]).
+    pub fn set_world(&mut self, world: crate::dist::World) {
+        self.world = world;
+        self.synced = false;
+    }
+
+    /// The processes training together.
+    pub fn world(&self) -> &crate::dist::World {
+        &self.world
     }
 
     /// Records where the run's initial weights came from (kept in every
@@ -573,6 +690,8 @@ impl<M: Method> Trainer<M> {
                 pretext_version: env!("CARGO_PKG_VERSION").into(),
                 cpu: Some(crate::cpu::CpuInfo::current().clone()),
                 products: Some(self.cfg.precision.describe()),
+                processes: (self.world.size() > 1)
+                    .then(|| format!("{} processes, {}", self.world.size(), self.world.backend())),
                 init: self.init.clone(),
             },
             metadata,
@@ -701,13 +820,16 @@ impl<M: Method> Trainer<M> {
                 .unwrap_or(boundary);
             self.run_steps(data, observer, stop)?;
             let step = self.step;
-            if step >= total || monitor.due(step, spe) {
+            // In data-parallel training rank 0 evaluates and writes; the
+            // others wait for it (yielding the CPU) before the next step.
+            if (step >= total || monitor.due(step, spe)) && self.world.is_root() {
                 let records = self.with_published_weights(|m| monitor.evaluate(m, step, spe, observer))?;
                 for r in &records {
                     self.log_record(r)?;
                 }
             }
             self.save_checkpoint(spe, observer)?;
+            self.world.barrier();
         }
         Ok(())
     }
@@ -725,6 +847,10 @@ impl<M: Method> Trainer<M> {
         let stop = stop.min(total);
         let started = *self.started.get_or_insert_with(Instant::now);
         let mut losses = Vec::new();
+        self.start_data_parallel()?;
+        if self.world.size() > 1 {
+            data.set_shard(Shard::of(&self.world))?;
+        }
         observer.on_start(self.step, total);
         while self.step < stop {
             let step = self.step;
@@ -734,24 +860,36 @@ impl<M: Method> Trainer<M> {
                 total_steps: total,
                 seed: self.cfg.seed,
                 lr: self.schedule.lr(step, total, self.optim_cfg.lr),
+                shard: Shard::of(&self.world),
             };
             let batch = data.batch(step)?;
+            let sent_before = self.world.bytes_sent();
             // The forward and backward passes run in the configured
-            // precision; clipping, the update and averaging in f32.
+            // precision (and, data-parallel, with the step's collective);
+            // clipping, the update and averaging in f32.
             let method = &mut self.method;
-            let (out, loss, mut grads) = self.cfg.precision.scope(|| -> Result<_> {
-                let out = method.step(&batch, &cx)?;
-                let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !loss.is_finite() {
-                    return Err(Error::NonFinite {
-                        step,
-                        what: "loss".into(),
-                        value: loss.to_string(),
-                    });
-                }
-                let grads = out.loss.backward()?;
-                Ok((out, loss, grads))
+            let world = &self.world;
+            let precision = self.cfg.precision;
+            let (out, loss, mut grads) = crate::dist::step_scope(world, || {
+                precision.scope(|| -> Result<_> {
+                    let mut out = method.step(&batch, &cx)?;
+                    let local = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    // The run's loss and statistics: their mean over ranks
+                    // (every rank sees the same, so all stop together on a
+                    // non-finite loss).
+                    let loss = mean_over_ranks(world, local, &mut out.stats);
+                    if !loss.is_finite() {
+                        return Err(Error::NonFinite {
+                            step,
+                            what: "loss".into(),
+                            value: loss.to_string(),
+                        });
+                    }
+                    let grads = out.loss.backward()?;
+                    Ok((out, loss, grads))
+                })
             })?;
+            self.average_gradients(&mut grads)?;
             let grad_norm = self.clip_gradients(&mut grads, step)?;
             self.optim.step(&grads, cx.lr)?;
             self.method.after_update(&cx)?;
@@ -781,6 +919,10 @@ impl<M: Method> Trainer<M> {
                     for (k, v) in &report.stats {
                         rec[*k] = serde_json::json!(v);
                     }
+                    if self.world.size() > 1 {
+                        // What this rank handed to the collectives in the step.
+                        rec["sent_bytes"] = serde_json::json!(self.world.bytes_sent() - sent_before);
+                    }
                     m.log(&rec)?;
                 }
             }
@@ -795,6 +937,49 @@ impl<M: Method> Trainer<M> {
             steps: self.step,
             losses,
         })
+    }
+
+    /// Before the first step of a data-parallel run: checks that the method
+    /// can train so, and gives every rank rank 0's weights (and average).
+    fn start_data_parallel(&mut self) -> Result<()> {
+        if self.synced || self.world.size() == 1 {
+            return Ok(());
+        }
+        if let Err(why) = self.method.data_parallel() {
+            return Err(Error::Config(format!(
+                "data-parallel training on {} processes: {why}; run it on one process",
+                self.world.size()
+            )));
+        }
+        let vars: Vec<candle_core::Var> = model_vars(&self.method).into_iter().map(|(_, v)| v).collect();
+        self.world.broadcast_vars(&vars, 0)?;
+        if let Some(avg) = &self.average {
+            let avg: Vec<candle_core::Var> = named_vars(avg).into_iter().map(|(_, v)| v).collect();
+            self.world.broadcast_vars(&avg, 0)?;
+        }
+        self.synced = true;
+        Ok(())
+    }
+
+    /// Replaces every parameter's gradient by its mean over ranks (one
+    /// bucket, in parameter-name order); a no-op in one process.
+    fn average_gradients(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        if self.world.size() == 1 {
+            return Ok(());
+        }
+        let vars = named_vars(self.method.vars());
+        let mut with = Vec::new();
+        let mut gs = Vec::new();
+        for (_, v) in &vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                with.push(v);
+                gs.push(g.clone());
+            }
+        }
+        for (v, g) in with.into_iter().zip(self.world.average_tensors(&gs)?) {
+            grads.insert(v.as_tensor(), g);
+        }
+        Ok(())
     }
 
     fn save_checkpoint(&self, spe: u64, observer: &mut dyn Observer) -> Result<()> {

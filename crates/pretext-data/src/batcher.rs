@@ -13,7 +13,7 @@ use crate::dataset::ImageDataset;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use pretext_core::seed::{permutation, stream_rng, AUGMENT, DATA_ORDER};
-use pretext_core::trainer::BatchSource;
+use pretext_core::trainer::{BatchSource, Shard};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -92,6 +92,8 @@ struct Inner {
     local: Option<(Arc<Pipeline>, usize)>,
     cfg: BatcherConfig,
     order: Mutex<Option<(u64, Arc<Vec<usize>>)>>,
+    /// The part of every batch this process takes (data-parallel training).
+    shard: Shard,
 }
 
 impl Inner {
@@ -141,6 +143,10 @@ impl Inner {
         let b = self.cfg.batch_size;
         let start = (i * b).min(order.len());
         let end = ((i + 1) * b).min(order.len());
+        // A shard's rows of the batch: their views come from the same
+        // streams ([e, i, v]) as in the whole batch.
+        let per = (end - start) / self.shard.size;
+        let (start, end) = (start + self.shard.rank * per, start + (self.shard.rank + 1) * per);
         let indices: Vec<usize> = order[start..end].to_vec();
         let c = self.data.channels;
         let (h, w) = (self.data.height, self.data.width);
@@ -228,6 +234,7 @@ impl ImageBatcher {
             local: None,
             cfg,
             order: Mutex::new(None),
+            shard: Shard::default(),
         });
         Ok(Self {
             inner,
@@ -256,6 +263,7 @@ impl ImageBatcher {
             local: Some((local, n)),
             cfg: self.inner.cfg,
             order: Mutex::new(None),
+            shard: self.inner.shard,
         };
         self.inner = Arc::new(inner);
         Ok(self)
@@ -362,6 +370,31 @@ impl BatchSource for ImageBatcher {
         };
         Ok(self.to_batch(raw)?)
     }
+
+    fn set_shard(&mut self, shard: Shard) -> pretext_core::Result<()> {
+        if shard == self.inner.shard {
+            return Ok(());
+        }
+        let b = self.inner.cfg.batch_size;
+        if !self.inner.cfg.drop_last || shard.size == 0 || !b.is_multiple_of(shard.size) || shard.rank >= shard.size {
+            return Err(pretext_core::Error::Config(format!(
+                "train.batch_size = {b} cannot be split into {} equal parts, one per process: \
+                 choose a multiple of {}",
+                shard.size, shard.size
+            )));
+        }
+        self.prefetch = None;
+        let inner = Inner {
+            data: self.inner.data.clone(),
+            pipeline: self.inner.pipeline.clone(),
+            local: self.inner.local.clone(),
+            cfg: self.inner.cfg,
+            order: Mutex::new(None),
+            shard,
+        };
+        self.inner = Arc::new(inner);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -398,6 +431,44 @@ mod tests {
             .iter()
             .map(|v| v.flatten_all().and_then(|t| t.to_vec1::<f32>()))
             .collect::<candle_core::Result<_>>()?)
+    }
+
+    #[test]
+    fn shards_of_a_batch_are_its_rows_whatever_the_number_of_processes() -> Result<()> {
+        let mut whole = batcher(0)?;
+        for size in [2usize, 4] {
+            let mut shards: Vec<ImageBatcher> = (0..size)
+                .map(|rank| -> Result<ImageBatcher> {
+                    let mut b = batcher(2)?;
+                    b.set_shard(Shard { rank, size })?;
+                    Ok(b)
+                })
+                .collect::<Result<_>>()?;
+            for step in [0u64, 3, 4, 9] {
+                let w = whole.batch(step)?;
+                let wv = flat(&w)?;
+                let per = 4 / size;
+                for (rank, s) in shards.iter_mut().enumerate() {
+                    let b = s.batch(step)?;
+                    assert_eq!(b.indices, w.indices[rank * per..(rank + 1) * per]);
+                    for (v, full) in flat(&b)?.iter().zip(&wv) {
+                        let n = v.len();
+                        assert_eq!(
+                            v[..],
+                            full[rank * n..(rank + 1) * n],
+                            "step {step}, rank {rank} of {size}"
+                        );
+                    }
+                }
+            }
+        }
+        let err = batcher(0)?.set_shard(Shard { rank: 0, size: 3 });
+        let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.contains("train.batch_size = 4") && msg.contains("multiple of 3"),
+            "{msg}"
+        );
+        Ok(())
     }
 
     #[test]

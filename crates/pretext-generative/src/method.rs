@@ -129,6 +129,10 @@ impl Method for GenerativeModel {
     fn weights_loaded(&mut self) -> pretext_core::Result<()> {
         self.inner_mut().weights_loaded()
     }
+
+    fn data_parallel(&self) -> std::result::Result<(), String> {
+        self.inner().data_parallel()
+    }
 }
 
 impl pretext_eval::ImageEncoder for GenerativeModel {

@@ -507,12 +507,15 @@ impl Vae {
 
 /// `Σ_j max(λ, mean_i KL_ij)`: the batch's KL per latent dimension, each
 /// floored at `free_bits` = λ nats (a scalar; no gradient through a floored
-/// dimension).
+/// dimension). In a data-parallel step the mean is over the whole batch
+/// (every rank's rows, [`pretext_core::dist::gather_rows`]), so every rank
+/// computes the single-process term.
 ///
 /// # Errors
 /// Shapes differ.
 pub fn free_bits_kl(mu: &Tensor, logvar: &Tensor, free_bits: f64) -> Result<Tensor> {
-    let per_dim = ((((mu.sqr()? + logvar.exp()?)? - 1.0)? - logvar)? * 0.5)?.mean(0)?; // (d,)
+    let kl = ((((mu.sqr()? + logvar.exp()?)? - 1.0)? - logvar)? * 0.5)?; // (n, d)
+    let per_dim = pretext_core::dist::gather_rows(&kl)?.mean(0)?; // (d,)
     per_dim.maximum(free_bits)?.sum_all()
 }
 
@@ -521,7 +524,17 @@ pub fn free_bits_kl(mu: &Tensor, logvar: &Tensor, free_bits: f64) -> Result<Tens
 /// # Errors
 /// A tensor operation failed.
 pub fn binarize(x: &Tensor, rng: &mut StdRng) -> Result<Tensor> {
+    binarize_rows(x, rng, 0)
+}
+
+/// [`binarize`] of values that come after `skip` others in the stream's
+/// order (a data-parallel shard's rows of a batch): the first `skip` draws
+/// are those of the rows before.
+fn binarize_rows(x: &Tensor, rng: &mut StdRng, skip: usize) -> Result<Tensor> {
     use rand::Rng;
+    for _ in 0..skip {
+        let _: f32 = rng.random();
+    }
     let v = x.flatten_all()?.to_vec1::<f32>()?;
     let b: Vec<f32> = v
         .iter()
@@ -546,17 +559,22 @@ impl pretext_core::Method for Vae {
             .views
             .first()
             .ok_or_else(|| pretext_core::Error::Config("the VAE needs one view per image".into()))?;
+        // Random draws are made for the whole batch and this process takes
+        // its rows, so they do not depend on the number of processes.
+        let n = x.dim(0)?;
         let x = if self.dynamic_binarize {
-            binarize(x, &mut cx.rng("binarize"))?
+            let per_row = x.elem_count() / n.max(1);
+            binarize_rows(x, &mut cx.rng("binarize"), cx.shard.first_row(n) * per_row)?
         } else {
             x.clone()
         };
         let eps = Self::noise(
-            x.dim(0)?,
+            cx.shard.global_rows(n),
             self.cfg.latent,
             &mut cx.rng(pretext_core::seed::METHOD),
             x.device(),
         )?;
+        let eps = cx.shard.rows_of(&eps, n)?;
         let beta = self.beta_at(cx.step);
         self.free_bits_now = self.free_bits_at(cx.step);
         let t = self.objective(&x, &eps, beta)?;
@@ -573,6 +591,10 @@ impl pretext_core::Method for Vae {
                 vec![("rec_nll", t.rec_nll), ("kl", t.kl), ("beta", beta)]
             },
         })
+    }
+
+    fn data_parallel(&self) -> std::result::Result<(), String> {
+        Ok(())
     }
 
     fn metadata(&self) -> std::collections::BTreeMap<String, String> {

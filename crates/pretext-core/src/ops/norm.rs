@@ -65,7 +65,26 @@ fn add_pairs((mut a, mut b): (Vec<f64>, Vec<f64>), (x, y): (Vec<f64>, Vec<f64>))
     (a, b)
 }
 
-/// Per-channel mean and biased variance of `x` (`rows × c`).
+/// Two per-channel sums and a row count, summed over the ranks of a
+/// data-parallel step (see [`crate::dist::step_collective`]); unchanged
+/// outside one.
+fn sum_over_ranks(a: Vec<f64>, b: Vec<f64>, rows: usize) -> (Vec<f64>, Vec<f64>, usize) {
+    if crate::dist::step_collective().is_none() {
+        return (a, b, rows);
+    }
+    let c = a.len();
+    let mut buf = a;
+    buf.extend(b);
+    buf.push(rows as f64);
+    crate::dist::step_sum_f64(&mut buf);
+    let rows = buf[2 * c] as usize;
+    let b = buf[c..2 * c].to_vec();
+    buf.truncate(c);
+    (buf, b, rows)
+}
+
+/// Per-channel mean and biased variance of `x` (`rows × c`). Inside a
+/// data-parallel step, of the whole batch: the sums are added over ranks.
 pub fn channel_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / c;
     let (s, ss) = x
@@ -82,6 +101,8 @@ pub fn channel_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
             acc.finish()
         })
         .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
+    // In a data-parallel step, the statistics of the whole batch (synchronised BN).
+    let (s, ss, rows) = sum_over_ranks(s, ss, rows);
     let n = rows.max(1) as f64;
     let mean: Vec<f64> = s.iter().map(|v| v / n).collect();
     let var: Vec<f32> = ss
@@ -198,11 +219,25 @@ fn bn_backward_impl<const RELU: bool>(
         .zip(invstd)
         .map(|(v, s)| (*v * f64::from(*s)) as f32)
         .collect();
+    // The weight and bias gradients are this rank's sums (the trainer
+    // averages parameter gradients over ranks); the input gradient needs
+    // the means over the whole batch the statistics came from.
+    let (sg, sgx, rows) = if batch_stats {
+        sum_over_ranks(sg, sgx, rows)
+    } else {
+        (sg, sgx, rows)
+    };
     let n = rows.max(1) as f32;
+    let mean_g: Vec<f32> = sg.iter().map(|v| *v as f32).collect();
+    let mean_gx: Vec<f32> = sgx
+        .iter()
+        .zip(invstd)
+        .map(|(v, s)| (*v * f64::from(*s)) as f32)
+        .collect();
     // dx = k * (g - mg - (x - mean) * invstd * mgx) = k * g + a * x + b
     let k: Vec<f32> = (0..c).map(|j| gamma[j] * invstd[j]).collect();
-    let mg: Vec<f32> = (0..c).map(|j| if batch_stats { dbeta[j] / n } else { 0.0 }).collect();
-    let mgx: Vec<f32> = (0..c).map(|j| if batch_stats { dgamma[j] / n } else { 0.0 }).collect();
+    let mg: Vec<f32> = (0..c).map(|j| if batch_stats { mean_g[j] / n } else { 0.0 }).collect();
+    let mgx: Vec<f32> = (0..c).map(|j| if batch_stats { mean_gx[j] / n } else { 0.0 }).collect();
     let ca: Vec<f32> = (0..c).map(|j| -k[j] * invstd[j] * mgx[j]).collect();
     let cb: Vec<f32> = (0..c).map(|j| -k[j] * mg[j] - ca[j] * mean[j]).collect();
     let mut dx = vec![0f32; x.len()];
@@ -349,6 +384,9 @@ pub fn batch_norm(
     relu: bool,
 ) -> candle_core::Result<(Tensor, Option<BatchStats>)> {
     if !fast_path(&[x, gamma, beta]) {
+        if matches!(stats, NormStats::Batch) && crate::dist::step_collective().is_some() {
+            bail!("batch_norm: statistics synchronised over ranks need f32 tensors on the CPU")
+        }
         return reference_batch_norm(x, gamma, beta, stats, eps, relu);
     }
     let batch = matches!(stats, NormStats::Batch);

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{jsonl, os, CONTRASTIVE_TINY, GENERATIVE_TINY};
+use common::{jsonl, os, CONTRASTIVE_TINY, GENERATIVE_TINY, MLM_TINY};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -52,8 +52,13 @@ fn losses(run: &Path) -> Vec<f64> {
 
 /// The tensors of the latest checkpoint's `model.safetensors`, as f32.
 fn weights(run: &Path) -> HashMap<String, Vec<f32>> {
+    tensors(run, "model.safetensors")
+}
+
+/// The tensors of the latest checkpoint's `file`, as f32.
+fn tensors(run: &Path, file: &str) -> HashMap<String, Vec<f32>> {
     let latest = std::fs::read_to_string(run.join("checkpoints/latest")).expect("latest");
-    let file = run.join("checkpoints").join(latest.trim()).join("model.safetensors");
+    let file = run.join("checkpoints").join(latest.trim()).join(file);
     candle_core::safetensors::load(&file, &candle_core::Device::Cpu)
         .expect("model.safetensors")
         .into_iter()
@@ -93,18 +98,24 @@ const SGD: [&str; 6] = [
     "optim.momentum=0.9",
 ];
 
-/// Trains with one process and with `mpirun -np 2` (global batch 8 both
-/// times); losses and final weights must agree within `tol` (relative).
-fn one_and_two_processes(bin: &str, method: &[&str], tiny: &[&str], tol: f32) {
+/// Trains with `mpirun -np 2` and with one process (global batch 8 both
+/// times; `single` adds settings of the one-process run given the
+/// two-process run's folder); losses, final weights and the method's state
+/// (MoCo's queue and key networks, BYOL's target) must agree within `tol`
+/// (relative).
+fn one_and_two_processes(bin: &str, method: &[&str], tiny: &[&str], single: fn(&Path) -> Vec<String>, tol: f32) {
     let tmp = tempfile::tempdir().expect("tmp");
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    common::ok(bin, &os(&pretrain_args(method, &one, tiny, &SGD)));
     let out = output(mpirun(2, bin, &pretrain_args(method, &two, tiny, &SGD)));
     assert!(
         out.status.success(),
         "mpirun -np 2 {bin}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let extra = single(&two);
+    let mut args: Vec<&str> = SGD.to_vec();
+    args.extend(extra.iter().map(String::as_str));
+    common::ok(bin, &os(&pretrain_args(method, &one, tiny, &args)));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         stdout.matches("run folder:").count(),
@@ -121,8 +132,10 @@ fn one_and_two_processes(bin: &str, method: &[&str], tiny: &[&str], tol: f32) {
         );
     }
     let gap = weight_gap(&weights(&one), &weights(&two));
-    eprintln!("{bin} {method:?}: losses within {tol:e}, weights within {gap:.2e}");
+    let state_gap = weight_gap(&tensors(&one, "state.safetensors"), &tensors(&two, "state.safetensors"));
+    eprintln!("{bin} {method:?}: losses within {tol:e}, weights within {gap:.2e}, state within {state_gap:.2e}");
     assert!(gap < tol, "{bin}: final weights differ by {gap}");
+    assert!(state_gap < tol, "{bin}: final state differs by {state_gap}");
     let trainer = common::json(&two.join("checkpoints/step-00000006/trainer.json"));
     let procs = trainer["processes"].as_str().unwrap_or_default().to_string();
     assert!(procs.starts_with("2 processes, MPI"), "{procs}");
@@ -131,9 +144,20 @@ fn one_and_two_processes(bin: &str, method: &[&str], tiny: &[&str], tol: f32) {
         .is_none());
 }
 
+/// No settings of the one-process run beyond the common ones.
+fn none(_: &Path) -> Vec<String> {
+    vec![]
+}
+
 #[test]
 fn two_processes_train_simclr_as_one_does() {
-    one_and_two_processes(env!("CARGO_BIN_EXE_pretext-contrastive"), &[], &CONTRASTIVE_TINY, 1e-5);
+    one_and_two_processes(
+        env!("CARGO_BIN_EXE_pretext-contrastive"),
+        &[],
+        &CONTRASTIVE_TINY,
+        none,
+        1e-5,
+    );
 }
 
 #[test]
@@ -142,8 +166,59 @@ fn two_processes_train_byol_as_one_does() {
         env!("CARGO_BIN_EXE_pretext-contrastive"),
         &["--method", "byol"],
         &CONTRASTIVE_TINY,
+        none,
         // Batch norm over 4 rows per view in the predictor: rounding grows faster.
         1e-4,
+    );
+}
+
+/// MoCo: each process normalises one of the two batch-norm groups; the
+/// queue (compared with the state) takes both processes' keys in batch order.
+#[test]
+fn two_processes_train_moco_as_one_does() {
+    one_and_two_processes(
+        env!("CARGO_BIN_EXE_pretext-contrastive"),
+        &[
+            "--method",
+            "moco",
+            "--set",
+            "model.moco.bn_groups=2",
+            "--set",
+            "model.moco.queue_size=32",
+        ],
+        &CONTRASTIVE_TINY,
+        none,
+        // Four images per batch-norm group: rounding grows faster.
+        1e-4,
+    );
+}
+
+/// MLM with dropout: the one-process run uses the tokenizer rank 0 trained
+/// (the trainer numbers tied pieces in hash order, so two trainings differ).
+#[test]
+fn two_processes_train_bert_as_one_does() {
+    let tiny: Vec<&str> = MLM_TINY
+        .iter()
+        .map(|a| match *a {
+            "train.max_steps=20" => "train.max_steps=6",
+            "train.checkpoint_every=10" => "train.checkpoint_every=3",
+            other => other,
+        })
+        .collect();
+    one_and_two_processes(
+        env!("CARGO_BIN_EXE_pretext-mlm"),
+        &[],
+        &tiny,
+        |two| {
+            vec![
+                "--set".into(),
+                format!(
+                    "tokenizer.path={:?}",
+                    two.join("tokenizer/tokenizer.json").display().to_string()
+                ),
+            ]
+        },
+        1e-5,
     );
 }
 
@@ -161,11 +236,11 @@ fn two_processes_train_the_conv_vae_as_one_does() {
         .map(|w| w[0])
         .chain(tiny.last().copied())
         .collect();
-    one_and_two_processes(env!("CARGO_BIN_EXE_pretext-generative"), &[], &tiny, 1e-5);
+    one_and_two_processes(env!("CARGO_BIN_EXE_pretext-generative"), &[], &tiny, none, 1e-5);
 }
 
 #[test]
-fn a_method_not_written_for_several_processes_stops_every_rank() {
+fn settings_that_do_not_split_across_processes_stop_every_rank() {
     let tmp = tempfile::tempdir().expect("tmp");
     let bin = env!("CARGO_BIN_EXE_pretext-contrastive");
     let started = Instant::now();
@@ -176,12 +251,15 @@ fn a_method_not_written_for_several_processes_stops_every_rank() {
             &["--method", "moco"],
             &tmp.path().join("r"),
             &CONTRASTIVE_TINY,
-            &["--set", "model.moco.bn_groups=2", "--set", "model.moco.queue_size=32"],
+            &["--set", "model.moco.bn_groups=3"],
         ),
     ));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("rank ") && err.contains("MoCo"), "{err}");
+    assert!(
+        err.contains("rank ") && err.contains("model.moco.bn_groups = 3 must be a multiple of the 2 processes"),
+        "{err}"
+    );
     assert!(started.elapsed() < Duration::from_secs(60));
     // A global batch that does not split evenly.
     let out = output(mpirun(

@@ -103,7 +103,7 @@ impl Method for BarlowTwins {
         self.online.metadata("barlow_twins")
     }
 
-    fn data_parallel(&self) -> Result<(), String> {
+    fn data_parallel(&self, _processes: usize) -> Result<(), String> {
         Ok(())
     }
 }

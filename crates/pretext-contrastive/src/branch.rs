@@ -155,6 +155,11 @@ impl<H: FeatureHead> MomentumTwin<H> {
         self.params.var_map()
     }
 
+    /// The twin's batch-norm statistics.
+    pub fn buffers(&self) -> &VarMap {
+        &self.buffers
+    }
+
     /// The twin's encoder.
     pub fn encoder(&self) -> &Encoder {
         &self.encoder

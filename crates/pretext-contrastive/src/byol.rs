@@ -157,7 +157,7 @@ impl Method for Byol {
         self.online.metadata("byol")
     }
 
-    fn data_parallel(&self) -> Result<(), String> {
+    fn data_parallel(&self, _processes: usize) -> Result<(), String> {
         Ok(())
     }
 }

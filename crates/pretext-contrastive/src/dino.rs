@@ -272,7 +272,8 @@ impl Method for Dino {
         }
         let tt = self.cfg.teacher_temperature_at(cx.step, cx.total_steps);
         let (loss, teacher) = self.loss(&batch.views, tt)?;
-        self.pending_center = Some(teacher.mean_keepdim(0)?);
+        // The teacher's mean output over the whole batch (every rank's rows).
+        self.pending_center = Some(pretext_core::dist::step_mean(&teacher.mean_keepdim(0)?)?);
         Ok(StepOut {
             loss,
             stats: vec![
@@ -296,8 +297,8 @@ impl Method for Dino {
         Ok(())
     }
 
-    fn data_parallel(&self) -> Result<(), String> {
-        Err("DINO's centre is not yet averaged across processes".into())
+    fn data_parallel(&self, _processes: usize) -> Result<(), String> {
+        Ok(())
     }
 
     fn buffers(&self) -> Vec<(String, Tensor)> {

@@ -11,6 +11,13 @@
 //! step, so resume is exact), un-permuted afterwards. A query and its key
 //! therefore (almost never) share statistics. Running statistics are
 //! updated once per group.
+//!
+//! **On several processes** each rank normalises `bn_groups / N` whole
+//! groups: its own rows' queries, and its share of the permuted batch's keys
+//! (every rank gets the batch's images, the keys are gathered back), so the
+//! groups are those of one process; the running statistics are joined as if
+//! the groups had run one after another, and the queue takes every rank's
+//! keys in batch order.
 
 use crate::branch::{state_tensor, MomentumTwin};
 use crate::encoder::Encoder;
@@ -261,28 +268,97 @@ impl MoCo {
         }
     }
 
-    fn keys(&self, x: &Tensor, cx: &StepCx, salt: u64) -> candle_core::Result<Tensor> {
-        let n = x.dim(0)?;
+    /// The key permutation of a batch of `n`: from the `method` stream of the step.
+    fn key_order(n: usize, cx: &StepCx, salt: u64) -> Vec<u32> {
         let mut perm: Vec<u32> = (0..n as u32).collect();
         perm.shuffle(&mut pretext_core::seed::stream_rng(
             cx.seed,
             pretext_core::seed::METHOD,
             &[cx.step, salt],
         ));
-        Ok(Self::project_grouped(
-            self.key.encoder(),
-            self.key.head(),
-            x,
-            self.cfg.moco.bn_groups,
-            Some(&perm),
-        )?
-        .detach())
+        perm
+    }
+
+    /// The keys of this process's rows `x`: `(local, global)`, the global
+    /// keys of every rank's rows in batch order (what the queue takes).
+    fn keys(&self, x: &Tensor, cx: &StepCx, salt: u64) -> candle_core::Result<(Tensor, Tensor)> {
+        let Some(world) = pretext_core::dist::step_collective() else {
+            let perm = Self::key_order(x.dim(0)?, cx, salt);
+            let k = Self::project_grouped(
+                self.key.encoder(),
+                self.key.head(),
+                x,
+                self.cfg.moco.bn_groups,
+                Some(&perm),
+            )?
+            .detach();
+            return Ok((k.clone(), k));
+        };
+        // Shuffle-BN across processes, as MoCo shuffles across GPUs: every
+        // rank gets the whole batch's images, normalises its share of the
+        // permuted batch's groups on its own, and the keys are gathered and
+        // put back in batch order.
+        let b = x.dim(0)?;
+        let all = pretext_core::dist::gather_rows_detached(x)?;
+        let n = all.dim(0)?;
+        let perm = Self::key_order(n, cx, salt);
+        let (r, size) = (world.rank(), world.size());
+        let mine = Tensor::new(&perm[r * b..(r + 1) * b], x.device())?;
+        let groups = self.cfg.moco.bn_groups / size;
+        let before = Self::snapshot(self.key.buffers())?;
+        let k = pretext_core::dist::step_scope(&pretext_core::dist::World::single(), || {
+            Self::project_grouped(
+                self.key.encoder(),
+                self.key.head(),
+                &all.index_select(&mine, 0)?,
+                groups,
+                None,
+            )
+        })?;
+        pretext_core::dist::join_running_stats(&world, self.key.buffers(), &before, groups, BN_MOMENTUM)?;
+        let permuted = pretext_core::dist::gather_rows_detached(&k)?;
+        let mut inv = vec![0u32; n];
+        for (i, &j) in perm.iter().enumerate() {
+            inv[j as usize] = i as u32;
+        }
+        let global = permuted.index_select(&Tensor::new(inv, x.device())?, 0)?;
+        Ok((global.narrow(0, r * b, b)?, global))
     }
 
     fn queries(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Self::project_grouped(&self.encoder, &self.head, x, self.cfg.moco.bn_groups, None)
+        let Some(world) = pretext_core::dist::step_collective() else {
+            return Self::project_grouped(&self.encoder, &self.head, x, self.cfg.moco.bn_groups, None);
+        };
+        // This rank's rows are whole groups of the batch (bn_groups is a
+        // multiple of the processes): normalised on their own, as in one process.
+        let groups = self.cfg.moco.bn_groups / world.size();
+        if !x.dim(0)?.is_multiple_of(groups) {
+            candle_core::bail!(
+                "MoCo on {} processes: train.batch_size must be a multiple of model.moco.bn_groups = {} \
+                 (equal groups on every process)",
+                world.size(),
+                self.cfg.moco.bn_groups
+            )
+        }
+        let before = Self::snapshot(&self.buffers)?;
+        let q = pretext_core::dist::step_scope(&pretext_core::dist::World::single(), || {
+            Self::project_grouped(&self.encoder, &self.head, x, groups, None)
+        })?;
+        pretext_core::dist::join_running_stats(&world, &self.buffers, &before, groups, BN_MOMENTUM)?;
+        Ok(q)
+    }
+
+    /// Copies of the batch-norm statistics in `buffers`, by name.
+    fn snapshot(buffers: &VarMap) -> candle_core::Result<HashMap<String, Tensor>> {
+        named_vars(buffers)
+            .into_iter()
+            .map(|(n, v)| Ok((n, v.as_tensor().copy()?)))
+            .collect()
     }
 }
+
+/// The momentum of every batch norm's running statistics ([`pretext_core::nn::BatchNorm`]).
+const BN_MOMENTUM: f64 = 0.1;
 
 impl Method for MoCo {
     type Batch = ImageBatch;
@@ -305,17 +381,17 @@ impl Method for MoCo {
         let tau = self.cfg.moco.temperature;
         let queue = self.queue.keys().clone();
         let q1 = self.queries(v1)?;
-        let k2 = self.keys(v2, cx, 0)?;
+        let (k2, k2_all) = self.keys(v2, cx, 0)?;
         let (loss, keys) = if self.cfg.moco.symmetric {
             let q2 = self.queries(v2)?;
-            let k1 = self.keys(v1, cx, 1)?;
+            let (k1, k1_all) = self.keys(v1, cx, 1)?;
             let l = ((info_nce(&q1, &k2, Some(&queue), tau)? + info_nce(&q2, &k1, Some(&queue), tau)?)? * 0.5)?;
-            (l, Tensor::cat(&[&k2, &k1], 0)?)
+            (l, Tensor::cat(&[&k2_all, &k1_all], 0)?)
         } else {
-            (info_nce(&q1, &k2, Some(&queue), tau)?, k2)
+            (info_nce(&q1, &k2, Some(&queue), tau)?, k2_all)
         };
         // positive-pair similarity: how well queries find their keys
-        let pos = f64::from((&q1 * keys.narrow(0, 0, q1.dim(0)?)?)?.sum_all()?.to_scalar::<f32>()?) / q1.dim(0)? as f64;
+        let pos = f64::from((&q1 * &k2)?.sum_all()?.to_scalar::<f32>()?) / q1.dim(0)? as f64;
         self.pending = Some(keys);
         Ok(StepOut {
             loss,
@@ -336,8 +412,15 @@ impl Method for MoCo {
         Ok(())
     }
 
-    fn data_parallel(&self) -> Result<(), String> {
-        Err("MoCo's key batch-norm groups and queue are not yet shared across processes".into())
+    fn data_parallel(&self, processes: usize) -> Result<(), String> {
+        let g = self.cfg.moco.bn_groups;
+        if !g.is_multiple_of(processes) {
+            return Err(format!(
+                "model.moco.bn_groups = {g} must be a multiple of the {processes} processes \
+                 (each normalises whole groups of the batch)"
+            ));
+        }
+        Ok(())
     }
 
     fn buffers(&self) -> Vec<(String, Tensor)> {

@@ -295,8 +295,8 @@ impl Method for ContrastiveModel {
         self.method_mut().weights_loaded()
     }
 
-    fn data_parallel(&self) -> Result<(), String> {
-        self.method().data_parallel()
+    fn data_parallel(&self, processes: usize) -> Result<(), String> {
+        self.method().data_parallel(processes)
     }
 }
 

@@ -82,7 +82,7 @@ impl Method for SimClr {
         crate::branch::method_metadata("simclr", &self.encoder)
     }
 
-    fn data_parallel(&self) -> Result<(), String> {
+    fn data_parallel(&self, _processes: usize) -> Result<(), String> {
         Ok(())
     }
 }

@@ -113,7 +113,7 @@ impl Method for SimSiam {
         self.online.metadata("simsiam")
     }
 
-    fn data_parallel(&self) -> Result<(), String> {
+    fn data_parallel(&self, _processes: usize) -> Result<(), String> {
         Ok(())
     }
 }

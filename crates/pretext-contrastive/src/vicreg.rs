@@ -144,7 +144,7 @@ impl Method for VicReg {
         self.online.metadata("vicreg")
     }
 
-    fn data_parallel(&self) -> Result<(), String> {
+    fn data_parallel(&self, _processes: usize) -> Result<(), String> {
         Ok(())
     }
 }

@@ -414,7 +414,10 @@ fn dino_teacher_temperature_warms_up_linearly() {
 fn data_parallel(method: MethodKind, ranks: usize, steps: u64) -> Result<(Vec<f64>, Vec<Vec<f32>>), String> {
     let out = pretext_core::dist::LocalGroup::run(ranks, |world| -> Result<_, String> {
         let dev = Device::Cpu;
-        let model = ContrastiveModel::new(method, &tiny_cfg(), 0, &dev).map_err(|e| e.to_string())?;
+        let mut cfg = tiny_cfg();
+        cfg.moco.bn_groups = 4;
+        cfg.dino.local_crops = 2;
+        let model = ContrastiveModel::new(method, &cfg, 0, &dev).map_err(|e| e.to_string())?;
         let train = TrainConfig {
             max_steps: steps,
             batch_size: 16,
@@ -433,13 +436,23 @@ fn data_parallel(method: MethodKind, ranks: usize, steps: u64) -> Result<(Vec<f6
         let mut trainer = Trainer::new(model, &optim, &ScheduleConfig::default(), &train).map_err(|e| e.to_string())?;
         trainer.set_world(world);
         let pipeline = Arc::new(Pipeline::new(AugmentConfig::fashion_mnist(), 8, 8).expect("pipeline"));
-        let cfg = BatcherConfig::training(16, 2, 0, 1);
-        let mut batcher = ImageBatcher::new(Arc::new(fixture()), pipeline, cfg, &dev).expect("batcher");
+        let bc = BatcherConfig::training(16, 2, 0, 1);
+        let mut batcher = ImageBatcher::new(Arc::new(fixture()), pipeline, bc, &dev).expect("batcher");
+        if cfg.dino.local_crops > 0 && method == MethodKind::Dino {
+            // multi-crop: the local views are sharded with the global ones
+            let local = Arc::new(Pipeline::new(AugmentConfig::fashion_mnist(), 4, 4).expect("local"));
+            batcher = batcher
+                .with_local_views(local, cfg.dino.local_crops)
+                .expect("multi-crop");
+        }
         let mut obs = Losses::default();
         trainer.fit(&mut batcher, &mut obs).map_err(|e| e.to_string())?;
+        // The weights, then the method's state (MoCo's queue and key
+        // networks, BYOL's target network).
         let weights = trainer
             .model_tensors()
-            .iter()
+            .into_iter()
+            .chain(trainer.method.buffers())
             .map(|(_, t)| flat(&t.to_dtype(candle_core::DType::F32).expect("f32")))
             .collect::<Vec<_>>();
         Ok((obs.0, weights))
@@ -462,10 +475,12 @@ fn data_parallel_ranks_train_as_one_process_does() {
     // they are compared over fewer steps, with a looser bound.
     for (method, steps, loss_tol, weight_tol) in [
         (MethodKind::SimClr, 4, 2e-5, 1e-5),
+        (MethodKind::MoCo, 4, 2e-5, 1e-5),
         (MethodKind::Byol, 4, 2e-5, 1e-5),
         (MethodKind::SimSiam, 4, 2e-5, 1e-5),
         (MethodKind::BarlowTwins, 2, 1e-4, 1e-4),
         (MethodKind::VicReg, 1, 1e-4, 1e-5),
+        (MethodKind::Dino, 4, 2e-5, 1e-5),
     ] {
         let (l1, w1) = data_parallel(method, 1, steps).expect("one process");
         for ranks in [2, 4] {
@@ -496,12 +511,65 @@ fn data_parallel_ranks_train_as_one_process_does() {
 }
 
 #[test]
-fn methods_not_written_for_data_parallel_training_refuse_it() {
-    for (method, why) in [(MethodKind::MoCo, "MoCo"), (MethodKind::Dino, "DINO")] {
-        let err = data_parallel(method, 2, 2).expect_err("refused");
-        assert!(
-            err.contains("data-parallel training on 2 processes") && err.contains(why),
-            "{err}"
-        );
+fn moco_refuses_batch_norm_groups_that_do_not_split_across_the_processes() {
+    let err = data_parallel(MethodKind::MoCo, 3, 2).expect_err("refused");
+    assert!(
+        err.contains("data-parallel training on 3 processes")
+            && err.contains("model.moco.bn_groups = 4 must be a multiple of the 3 processes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn gathered_nt_xent_gives_each_rank_the_gradient_of_its_rows_of_the_whole_batch() {
+    use candle_core::Var;
+    let (n, d, ranks) = (8, 5, 2);
+    let vals = |seed: u64| -> Vec<f32> {
+        let mut rng = pretext_core::seed::stream_rng(seed, "nt-xent-test", &[]);
+        (0..n * d)
+            .map(|_| pretext_core::init::standard_normal(&mut rng) as f32)
+            .collect()
+    };
+    let (a, b) = (vals(1), vals(2));
+    let dev = Device::Cpu;
+    // One process: NT-Xent of the concatenated batch.
+    let z1 = Var::from_vec(a.clone(), (n, d), &dev).expect("z1");
+    let z2 = Var::from_vec(b.clone(), (n, d), &dev).expect("z2");
+    let loss = pretext_contrastive::nt_xent(z1.as_tensor(), z2.as_tensor(), 0.2).expect("loss");
+    let g = loss.backward().expect("backward");
+    let (g1, g2) = (
+        flat(g.get(z1.as_tensor()).expect("g1")),
+        flat(g.get(z2.as_tensor()).expect("g2")),
+    );
+    let per = n / ranks;
+    let out = pretext_core::dist::LocalGroup::run(ranks, |w| {
+        let r = w.rank();
+        let span = r * per * d..(r + 1) * per * d;
+        let y1 = Var::from_vec(a[span.clone()].to_vec(), (per, d), &dev).expect("y1");
+        let y2 = Var::from_vec(b[span].to_vec(), (per, d), &dev).expect("y2");
+        pretext_core::dist::step_scope(&w, || {
+            let all1 = pretext_core::dist::gather_rows(y1.as_tensor()).expect("gather");
+            let all2 = pretext_core::dist::gather_rows(y2.as_tensor()).expect("gather");
+            let l = pretext_contrastive::nt_xent(&all1, &all2, 0.2).expect("loss");
+            let g = l.backward().expect("backward");
+            (
+                l.to_scalar::<f32>().expect("loss"),
+                flat(g.get(y1.as_tensor()).expect("g1")),
+                flat(g.get(y2.as_tensor()).expect("g2")),
+            )
+        })
+    });
+    let l = loss.to_scalar::<f32>().expect("loss");
+    for (r, (lr, d1, d2)) in out.into_iter().enumerate() {
+        assert!((lr - l).abs() < 1e-6, "rank {r}: loss {lr} vs {l}");
+        let span = r * per * d..(r + 1) * per * d;
+        // Summed over the ranks' losses, each the whole batch's: N times the
+        // single-process gradient (the trainer's average divides it out).
+        for (got, want) in d1.iter().zip(&g1[span.clone()]).chain(d2.iter().zip(&g2[span])) {
+            assert!(
+                (got - ranks as f32 * want).abs() < 1e-6,
+                "rank {r}: {got} vs {ranks}·{want}"
+            );
+        }
     }
 }

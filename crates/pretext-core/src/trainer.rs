@@ -162,13 +162,13 @@ pub trait Method {
     /// Whether this method, as configured, trains data-parallel over several
     /// processes exactly as in one ([`crate::dist`]): losses over the whole
     /// batch gather their rows, random draws are made for the whole batch,
-    /// state such as a queue takes every rank's rows. `Err` says why not;
-    /// the trainer refuses to start such a run on several processes.
+    /// state such as a queue takes every rank's rows. Asked before a run on
+    /// `processes` > 1; `Err` says why not, and the trainer refuses to start.
     ///
     /// # Errors
     /// What the method lacks for data-parallel training (the default: a
     /// method has to say it is ready).
-    fn data_parallel(&self) -> std::result::Result<(), String> {
+    fn data_parallel(&self, _processes: usize) -> std::result::Result<(), String> {
         Err("this method is not written for data-parallel training yet".into())
     }
 
@@ -945,7 +945,7 @@ impl<M: Method> Trainer<M> {
         if self.synced || self.world.size() == 1 {
             return Ok(());
         }
-        if let Err(why) = self.method.data_parallel() {
+        if let Err(why) = self.method.data_parallel(self.world.size()) {
             return Err(Error::Config(format!(
                 "data-parallel training on {} processes: {why}; run it on one process",
                 self.world.size()
@@ -962,22 +962,38 @@ impl<M: Method> Trainer<M> {
     }
 
     /// Replaces every parameter's gradient by its mean over ranks (one
-    /// bucket, in parameter-name order); a no-op in one process.
+    /// bucket, in parameter-name order); a no-op in one process. A rank
+    /// whose part of the batch did not reach a parameter (an MLM shard
+    /// without a masked token) sends zeros for it; a parameter no rank
+    /// reached keeps no gradient, as in one process.
     fn average_gradients(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
         if self.world.size() == 1 {
             return Ok(());
         }
         let vars = named_vars(self.method.vars());
-        let mut with = Vec::new();
-        let mut gs = Vec::new();
+        let mut gs = Vec::with_capacity(vars.len() + 1);
+        let mut reached = Vec::with_capacity(vars.len());
         for (_, v) in &vars {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                with.push(v);
-                gs.push(g.clone());
+            let t = v.as_tensor();
+            match grads.get(t) {
+                Some(g) => {
+                    gs.push(g.clone());
+                    reached.push(1f32);
+                }
+                None => {
+                    gs.push(t.zeros_like()?);
+                    reached.push(0.0);
+                }
             }
         }
-        for (v, g) in with.into_iter().zip(self.world.average_tensors(&gs)?) {
-            grads.insert(v.as_tensor(), g);
+        let n = reached.len();
+        gs.push(Tensor::from_vec(reached, n, &candle_core::Device::Cpu)?);
+        let mut avg = self.world.average_tensors(&gs)?;
+        let reached = avg.pop().map(|t| t.to_vec1::<f32>()).transpose()?.unwrap_or_default();
+        for (((_, v), g), r) in vars.iter().zip(avg).zip(reached) {
+            if r > 0.0 {
+                grads.insert(v.as_tensor(), g);
+            }
         }
         Ok(())
     }

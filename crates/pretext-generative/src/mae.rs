@@ -163,6 +163,19 @@ impl Masking {
         }
     }
 
+    /// Images `[first, first + n)` of this masking (a data-parallel
+    /// process's rows of a masking drawn for the whole batch).
+    pub fn images_from(&self, first: usize, n: usize) -> Self {
+        let p = self.patches;
+        Self {
+            images: n,
+            patches: p,
+            visible: self.visible,
+            keep: self.keep[first * self.visible..(first + n) * self.visible].to_vec(),
+            hidden: self.hidden[first * p..(first + n) * p].to_vec(),
+        }
+    }
+
     /// Rows of the visible patches in the `(images · patches)` rows.
     fn keep_rows(&self) -> Vec<u32> {
         self.keep
@@ -414,11 +427,22 @@ impl pretext_core::Method for Mae {
             .views
             .first()
             .ok_or_else(|| pretext_core::Error::Config("the MAE needs one view per image".into()))?;
-        let masking = self.masking(x.dim(0)?, &mut cx.rng(pretext_core::seed::METHOD));
+        // Drawn for the whole batch; a data-parallel process takes its rows.
+        let n = x.dim(0)?;
+        let masking = self.masking(cx.shard.global_rows(n), &mut cx.rng(pretext_core::seed::METHOD));
+        let masking = if cx.shard.size == 1 {
+            masking
+        } else {
+            masking.images_from(cx.shard.first_row(n), n)
+        };
         Ok(pretext_core::StepOut {
             loss: self.loss(x, &masking)?,
             stats: vec![],
         })
+    }
+
+    fn data_parallel(&self, _processes: usize) -> std::result::Result<(), String> {
+        Ok(())
     }
 
     fn metadata(&self) -> std::collections::BTreeMap<String, String> {

@@ -130,8 +130,8 @@ impl Method for GenerativeModel {
         self.inner_mut().weights_loaded()
     }
 
-    fn data_parallel(&self) -> std::result::Result<(), String> {
-        self.inner().data_parallel()
+    fn data_parallel(&self, processes: usize) -> std::result::Result<(), String> {
+        self.inner().data_parallel(processes)
     }
 }
 

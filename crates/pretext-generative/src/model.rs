@@ -593,7 +593,7 @@ impl pretext_core::Method for Vae {
         })
     }
 
-    fn data_parallel(&self) -> std::result::Result<(), String> {
+    fn data_parallel(&self, _processes: usize) -> std::result::Result<(), String> {
         Ok(())
     }
 

@@ -191,7 +191,34 @@ impl Masked {
             attention_mask: Tensor::from_vec(att, (b, t), device)?,
             positions: Tensor::from_vec(pos, m, device)?,
             targets: Tensor::from_vec(tgt, m, device)?,
+            total_masked: m,
         })
+    }
+
+    /// Rows `[first, first + rows)` of the batch (padding as in the whole
+    /// batch), with the masked positions among them: a data-parallel
+    /// process's share; `total_masked` stays the whole batch's count.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn rows_to_batch(&self, first: usize, rows: usize, device: &Device) -> Result<MlmBatch> {
+        let t = self.input_ids.first().map_or(0, Vec::len);
+        let part = Masked {
+            input_ids: self.input_ids[first..first + rows].to_vec(),
+            attention: self.attention[first..first + rows].to_vec(),
+            labels: self
+                .labels
+                .iter()
+                .filter(|&&(r, _, _)| (first..first + rows).contains(&r))
+                .map(|&(r, p, id)| (r - first, p, id))
+                .collect(),
+        };
+        let mut batch = part.to_batch(device)?;
+        if part.input_ids.is_empty() {
+            batch.input_ids = Tensor::zeros((0, t), candle_core::DType::U32, device)?;
+        }
+        batch.total_masked = self.labels.len();
+        Ok(batch)
     }
 }
 
@@ -206,6 +233,11 @@ pub struct MlmBatch {
     pub positions: Tensor,
     /// `(m,)` u32 original token ids at those positions.
     pub targets: Tensor,
+    /// Positions to predict in the whole batch of the step: `m` in one
+    /// process; in data-parallel training, where this batch is one
+    /// process's rows, the count over every process's rows (the loss is a
+    /// mean over all of them).
+    pub total_masked: usize,
 }
 
 /// Seeded, shuffled, masked batches of sequences: the batch of a step is a
@@ -219,6 +251,8 @@ pub struct MlmBatcher {
     ids: SpecialIds,
     device: Device,
     order: Option<(u64, Vec<usize>)>,
+    /// The part of every batch this process takes (data-parallel training).
+    shard: pretext_core::Shard,
 }
 
 impl MlmBatcher {
@@ -240,6 +274,7 @@ impl MlmBatcher {
             ids,
             device: device.clone(),
             order: None,
+            shard: pretext_core::Shard::default(),
         }
     }
 }
@@ -268,7 +303,29 @@ impl BatchSource for MlmBatcher {
             .map(|&i| self.seqs[i].as_slice())
             .collect();
         let mut rng = pretext_core::seed::stream_rng(self.seed, "mlm-mask", &[step]);
-        mask_batch(&picked, &self.masking, &self.ids, &mut rng).to_batch(&self.device)
+        // The whole batch is masked (the stream runs over all of it), then a
+        // data-parallel process keeps its rows.
+        let masked = mask_batch(&picked, &self.masking, &self.ids, &mut rng);
+        if self.shard.size == 1 {
+            return masked.to_batch(&self.device);
+        }
+        let rows = self.batch_size / self.shard.size;
+        masked.rows_to_batch(self.shard.rank * rows, rows, &self.device)
+    }
+
+    fn set_shard(&mut self, shard: pretext_core::Shard) -> Result<()> {
+        if shard.size == 0 || !self.batch_size.is_multiple_of(shard.size) || shard.rank >= shard.size {
+            return Err(pretext_core::Error::Config(format!(
+                "train.batch_size = {} cannot be split into {} equal parts, one per process: \
+                 choose a multiple of {} (no larger than the corpus's {} sequences)",
+                self.batch_size,
+                shard.size,
+                shard.size,
+                self.seqs.len()
+            )));
+        }
+        self.shard = shard;
+        Ok(())
     }
 }
 

@@ -441,14 +441,41 @@ impl Method for BertMlm {
 
     fn step(&mut self, batch: &MlmBatch, cx: &StepCx) -> pretext_core::Result<StepOut> {
         let seed = pretext_core::seed::derive_seed(cx.seed, "dropout", &[cx.step]);
-        let (loss, correct, n) = self.mlm_loss(batch, Some(seed))?;
+        if cx.shard.size == 1 {
+            let (loss, correct, n) = self.mlm_loss(batch, Some(seed))?;
+            return Ok(StepOut {
+                loss,
+                stats: vec![
+                    ("masked_accuracy", correct as f64 / n.max(1) as f64),
+                    ("masked_tokens", n as f64),
+                ],
+            });
+        }
+        // Data-parallel: the loss is the mean over the whole batch's masked
+        // positions. This process's share, scaled so that the mean over
+        // processes (what the trainer averages) is that mean: N · Σ_local / M.
+        // A process whose rows hold none still runs the encoder (a zero
+        // loss with a graph), so every process has the same gradients to average.
+        let total = batch.total_masked.max(1) as f64;
+        let size = cx.shard.size as f64;
+        let (loss, correct, n) = if batch.targets.dim(0)? == 0 {
+            let hidden = self.encode(&batch.input_ids, &batch.attention_mask, Some(seed))?;
+            ((hidden.sum_all()? * 0.0)?, 0, 0)
+        } else {
+            let (mean, correct, n) = self.mlm_loss(batch, Some(seed))?;
+            ((mean * (size * n as f64 / total))?, correct, n)
+        };
         Ok(StepOut {
             loss,
             stats: vec![
-                ("masked_accuracy", correct as f64 / n.max(1) as f64),
-                ("masked_tokens", n as f64),
+                ("masked_accuracy", size * correct as f64 / total),
+                ("masked_tokens", size * n as f64),
             ],
         })
+    }
+
+    fn data_parallel(&self, _processes: usize) -> std::result::Result<(), String> {
+        Ok(())
     }
 
     fn metadata(&self) -> BTreeMap<String, String> {
@@ -481,6 +508,83 @@ mod tests {
             layer_norm_eps: 1e-12,
             initializer_range: 0.02,
             pad_token_id: 0,
+        }
+    }
+
+    /// Trains the tiny BERT (dropout on) for 4 steps of batch 8 on `ranks`
+    /// threads as data-parallel ranks; rank 0's losses and final weights.
+    fn data_parallel(ranks: usize) -> (Vec<f64>, Vec<Vec<f32>>) {
+        use crate::collator::{MaskingConfig, MlmBatcher};
+        use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig, Trainer};
+        let ids = crate::tokenizer::SpecialIds {
+            pad: 0,
+            cls: 2,
+            sep: 3,
+            mask: 4,
+            first_regular: 5,
+            vocab_size: 50,
+        };
+        // Sequences of different lengths, so batches are padded.
+        let seqs: Vec<Vec<u32>> = (0..24u32)
+            .map(|i| {
+                let len = 6 + (i as usize * 7) % 12;
+                std::iter::once(2)
+                    .chain((0..len as u32).map(|j| 5 + (i * 13 + j * 7) % 45))
+                    .chain(std::iter::once(3))
+                    .collect()
+            })
+            .collect();
+        let seqs = std::sync::Arc::new(seqs);
+        let mut out = pretext_core::dist::LocalGroup::run(ranks, |world| {
+            let model = BertMlm::new(&tiny_dims(), 1, &Device::Cpu).expect("model");
+            let train = TrainConfig {
+                max_steps: 4,
+                batch_size: 8,
+                seed: 5,
+                ..TrainConfig::default()
+            };
+            let optim = OptimConfig {
+                name: pretext_core::OptimKind::Sgd,
+                lr: 0.5,
+                momentum: 0.9,
+                ..OptimConfig::default()
+            };
+            let mut trainer = Trainer::new(model, &optim, &ScheduleConfig::default(), &train).expect("trainer");
+            trainer.set_world(world);
+            let mut data = MlmBatcher::new(seqs.clone(), 8, 5, MaskingConfig::default(), ids, &Device::Cpu);
+            let mut losses = Vec::new();
+            struct Log<'a>(&'a mut Vec<f64>);
+            impl pretext_core::Observer for Log<'_> {
+                fn on_step(&mut self, r: &pretext_core::StepReport) {
+                    self.0.push(r.loss);
+                }
+            }
+            trainer.fit(&mut data, &mut Log(&mut losses)).expect("fit");
+            let w: Vec<Vec<f32>> = trainer
+                .model_tensors()
+                .iter()
+                .map(|(_, t)| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("w"))
+                .collect();
+            (losses, w)
+        });
+        out.swap_remove(0)
+    }
+
+    #[test]
+    fn data_parallel_ranks_train_bert_as_one_process_does() {
+        let (l1, w1) = data_parallel(1);
+        for ranks in [2, 4] {
+            let (ln, wn) = data_parallel(ranks);
+            for (a, b) in l1.iter().zip(&ln) {
+                assert!((a - b).abs() <= 1e-5 * a.abs(), "{ranks} ranks: {ln:?} vs {l1:?}");
+            }
+            let worst = w1
+                .iter()
+                .flatten()
+                .zip(wn.iter().flatten())
+                .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{ranks} ranks: weights differ by {worst}");
         }
     }
 
@@ -583,6 +687,7 @@ mod tests {
             attention_mask: Tensor::new(&[[1f32, 1., 1., 1., 1., 0.], [1., 1., 1., 1., 1., 1.]], &dev)?,
             positions: Tensor::new(&[1u32, 8, 9], &dev)?,
             targets: Tensor::new(&[13u32, 21, 40], &dev)?,
+            total_masked: 3,
         };
         let (loss, _, _) = m.mlm_loss(&batch, None)?;
         let grads = loss.backward()?;

@@ -332,6 +332,15 @@ thread_local! {
 /// thread (what [`step_collective`] returns inside), restoring the previous
 /// one after (also when `f` panics). A single-process world sets nothing.
 pub fn step_scope<R>(world: &World, f: impl FnOnce() -> R) -> R {
+    with_step_collective((world.size() > 1).then(|| world.clone()), f)
+}
+
+/// Runs `f` with exactly `collective` as [`step_collective`] on this thread
+/// (`None`: none), restoring the previous one after, also on a panic. The
+/// graph nodes of [`crate::ops::fused`] run their backward pass under the
+/// collective their forward pass saw, so a part of a step normalised on one
+/// rank alone (MoCo's batch-norm groups) is also differentiated so.
+pub fn with_step_collective<R>(collective: Option<World>, f: impl FnOnce() -> R) -> R {
     struct Restore(Option<World>);
     impl Drop for Restore {
         fn drop(&mut self) {
@@ -339,8 +348,7 @@ pub fn step_scope<R>(world: &World, f: impl FnOnce() -> R) -> R {
             STEP.with(|s| *s.borrow_mut() = prev);
         }
     }
-    let new = (world.size() > 1).then(|| world.clone());
-    let prev = STEP.with(|s| std::mem::replace(&mut *s.borrow_mut(), new));
+    let prev = STEP.with(|s| std::mem::replace(&mut *s.borrow_mut(), collective));
     let _restore = Restore(prev);
     f()
 }
@@ -357,6 +365,19 @@ pub fn step_sum_f64(buf: &mut [f64]) {
     if let Some(w) = step_collective() {
         w.all_reduce_f64(buf);
     }
+}
+
+/// The mean over the ranks of the running step of `t` (f32, any shape): a
+/// statistic of the whole batch from each rank's equal share (DINO's centre);
+/// `t` itself outside a multi-rank step.
+///
+/// # Errors
+/// `t` could not be read.
+pub fn step_mean(t: &Tensor) -> candle_core::Result<Tensor> {
+    let Some(world) = step_collective() else {
+        return Ok(t.clone());
+    };
+    Ok(world.average_tensors(std::slice::from_ref(t))?.remove(0))
 }
 
 /// The number of rows of the whole step's batch when this rank holds `local`
@@ -399,6 +420,63 @@ pub fn gather_rows_detached(x: &Tensor) -> candle_core::Result<Tensor> {
         *d *= world.size();
     }
     Tensor::from_vec(all, dims, x.device())?.to_dtype(x.dtype())
+}
+
+/// Running statistics of batch normalisation (`*.running_mean`,
+/// `*.running_var`, `*.num_batches_tracked` in `buffers`) as if the ranks'
+/// groups had been normalised one after another in rank order, when each of
+/// the `world`'s ranks normalised `per_rank` groups of its own starting from
+/// `before` (MoCo's batch-norm groups split across ranks). With momentum `m`
+/// and `a = (1 − m)^per_rank`, rank k's contribution `r_k − a·r₀` is
+/// discounted by the updates of the ranks after it:
+/// `r = a^N·r₀ + Σ_k (1 − m)^{per_rank·(N−1−k)}·(r_k − a·r₀)`.
+/// Every rank ends with the same statistics. One collective.
+///
+/// # Errors
+/// A buffer missing from `before`, or a tensor operation failed.
+pub fn join_running_stats(
+    world: &World,
+    buffers: &candle_nn::VarMap,
+    before: &std::collections::HashMap<String, Tensor>,
+    per_rank: usize,
+    momentum: f64,
+) -> candle_core::Result<()> {
+    let (n, k) = (world.size(), world.rank());
+    if n == 1 {
+        return Ok(());
+    }
+    let keep = 1.0 - momentum;
+    let a = keep.powi(per_rank as i32);
+    let discount = keep.powi((per_rank * (n - 1 - k)) as i32);
+    let vars: Vec<(String, candle_core::Var)> = crate::init::named_vars(buffers)
+        .into_iter()
+        .filter(|(name, _)| name.ends_with("running_mean") || name.ends_with("running_var"))
+        .collect();
+    let mut flat = Vec::new();
+    for (name, v) in &vars {
+        let Some(r0) = before.get(name) else {
+            candle_core::bail!("join_running_stats: no value of {name} before the step")
+        };
+        let d = ((v.as_tensor() - (r0 * a)?)? * discount)?;
+        flat.extend(d.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    world.all_reduce_f32(&mut flat);
+    let mut at = 0;
+    for (name, v) in &vars {
+        let r0 = &before[name];
+        let len = r0.elem_count();
+        let sum = Tensor::from_vec(flat[at..at + len].to_vec(), r0.shape(), r0.device())?.to_dtype(r0.dtype())?;
+        at += len;
+        v.set(&((r0 * a.powi(n as i32))? + sum)?)?;
+    }
+    for (name, v) in crate::init::named_vars(buffers) {
+        if name.ends_with("num_batches_tracked") {
+            if let Some(r0) = before.get(&name) {
+                v.set(&(r0 + (per_rank * n) as f64)?)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 struct GatherRows {

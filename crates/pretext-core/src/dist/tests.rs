@@ -212,3 +212,52 @@ fn a_launcher_without_mpi_support_is_refused() {
         assert!(init().is_ok());
     }
 }
+
+#[test]
+fn running_statistics_joined_across_ranks_are_the_sequential_ones() {
+    // Groups g = 0..6 normalised one after another (one process) against
+    // ranks 0..3 normalising 2 groups each, then joined.
+    let (groups, ranks, m) = (6usize, 3usize, 0.1f64);
+    let stat = |g: usize| vec![g as f32 * 0.5 - 1.0, (g * g) as f32 * 0.1];
+    let r0 = vec![0.25f32, 2.0];
+    let ema = |r: &mut Vec<f32>, s: &[f32]| {
+        for (a, b) in r.iter_mut().zip(s) {
+            *a = ((1.0 - m) * f64::from(*a) + m * f64::from(*b)) as f32;
+        }
+    };
+    let mut want = r0.clone();
+    for g in 0..groups {
+        ema(&mut want, &stat(g));
+    }
+    let per = groups / ranks;
+    let out = LocalGroup::run(ranks, |w| {
+        let map = candle_nn::VarMap::new();
+        let (mean, count) = {
+            let mut data = map.data().lock().expect("lock");
+            let mean = Var::from_vec(r0.clone(), 2, &Device::Cpu).expect("mean");
+            let count = Var::from_tensor(&Tensor::new(7i64, &Device::Cpu).expect("t")).expect("count");
+            data.insert("bn.running_mean".into(), mean.clone());
+            data.insert("bn.num_batches_tracked".into(), count.clone());
+            (mean, count)
+        };
+        let before: std::collections::HashMap<String, Tensor> = crate::init::named_vars(&map)
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().copy().expect("copy")))
+            .collect();
+        let mut r = r0.clone();
+        for g in w.rank() * per..(w.rank() + 1) * per {
+            ema(&mut r, &stat(g));
+        }
+        mean.set(&Tensor::from_vec(r, 2, &Device::Cpu).expect("r"))
+            .expect("set");
+        join_running_stats(&w, &map, &before, per, m).expect("join");
+        (
+            flat(mean.as_tensor()),
+            count.as_tensor().to_scalar::<i64>().expect("count"),
+        )
+    });
+    for (r, (mean, count)) in out.into_iter().enumerate() {
+        close(&mean, &want, 1e-6).unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        assert_eq!(count, 7 + groups as i64, "rank {r}: one batch per group");
+    }
+}

@@ -65,13 +65,21 @@ impl Attention {
         (block, transposed)
     }
 
+    /// The number of the first head of this process's batch in the whole
+    /// batch of a data-parallel step (0 in one process): dropout masks are
+    /// drawn by a head's number in the whole batch, so they do not depend
+    /// on the number of processes. Read on the calling thread.
+    fn first_task(&self) -> usize {
+        crate::dist::step_collective().map_or(0, |w| w.rank() * self.batch * self.heads)
+    }
+
     /// Probabilities (after dropout when `drop`) of head `task = b · heads + h`, `seq × seq`,
-    /// and the dropout mask used.
+    /// and the dropout mask used (drawn for head `first + task` of the whole batch).
     fn probs(
         &self,
         q: &[f32],
         k: &[f32],
-        task: usize,
+        (first, task): (usize, usize),
         hid: usize,
         dh: usize,
     ) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
@@ -108,7 +116,7 @@ impl Attention {
             row.iter_mut().for_each(|v| *v *= inv);
         }
         if self.dropout > 0.0 {
-            let seed = crate::seed::splitmix64(self.seed ^ (task as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+            let seed = crate::seed::splitmix64(self.seed ^ ((first + task) as u64).wrapping_mul(0xA24B_AED4_963E_E407));
             let keep = 1.0 / (1.0 - self.dropout) as f32;
             let threshold = (self.dropout * (1u64 << 53) as f64) as u64;
             let mut st = seed;
@@ -141,10 +149,11 @@ impl FusedOp<3> for Attention {
         }
         let (hid, dh) = self.dims(q.len())?;
         let t = self.seq;
+        let first = self.first_task();
         let parts: Vec<Vec<f32>> = (0..self.batch * self.heads)
             .into_par_iter()
             .map(|task| {
-                let (_, p, _) = self.probs(q, k, task, hid, dh);
+                let (_, p, _) = self.probs(q, k, (first, task), hid, dh);
                 let (b, h) = (task / self.heads, task % self.heads);
                 let vv = View {
                     off: b * t * hid + h * dh,
@@ -185,10 +194,11 @@ impl FusedOp<3> for Attention {
         let (hid, dh) = self.dims(qs.len())?;
         let t = self.seq;
         let scale = 1.0 / (dh as f32).sqrt();
+        let first = self.first_task();
         let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..self.batch * self.heads)
             .into_par_iter()
             .map(|task| {
-                let (p, pd, mask) = self.probs(&qs, &ks, task, hid, dh);
+                let (p, pd, mask) = self.probs(&qs, &ks, (first, task), hid, dh);
                 let (blk, blk_t) = self.head_views(task, hid, dh);
                 // dV = P'ᵀ · dctx
                 let mut dv = vec![0f32; t * dh];

@@ -60,8 +60,20 @@ pub trait FusedOp<const N: usize>: Send + Sync + 'static {
     }
 }
 
-/// A [`FusedOp`] as a candle custom op.
-struct Node<T>(T);
+/// A [`FusedOp`] as a candle custom op, with the data-parallel step's
+/// collective its forward pass ran under: its backward pass runs under the
+/// same ([`crate::dist::with_step_collective`]), whenever candle calls it.
+struct Node<T>(T, Option<crate::dist::World>);
+
+impl<T> Node<T> {
+    fn new(op: T) -> Self {
+        Self(op, crate::dist::step_collective())
+    }
+
+    fn backward<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        crate::dist::with_step_collective(self.1.clone(), || f(&self.0))
+    }
+}
 
 fn operand<'a>(op: &str, i: usize, s: &'a CpuStorage, l: &'a Layout) -> candle_core::Result<Operand<'a>> {
     let CpuStorage::F32(v) = s else {
@@ -95,7 +107,7 @@ impl<T: FusedOp<1>> CustomOp1 for Node<T> {
     }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let [g] = self.0.backward([x], y, dy)?;
+        let [g] = self.backward(|op| op.backward([x], y, dy))?;
         Ok(g)
     }
 }
@@ -126,7 +138,7 @@ impl<T: FusedOp<2>> CustomOp2 for Node<T> {
         y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let [ga, gb] = self.0.backward([a, b], y, dy)?;
+        let [ga, gb] = self.backward(|op| op.backward([a, b], y, dy))?;
         Ok((ga, gb))
     }
 }
@@ -164,7 +176,7 @@ impl<T: FusedOp<3>> CustomOp3 for Node<T> {
         y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [ga, gb, gc] = self.0.backward([a, b, c], y, dy)?;
+        let [ga, gb, gc] = self.backward(|op| op.backward([a, b, c], y, dy))?;
         Ok((ga, gb, gc))
     }
 }
@@ -184,9 +196,9 @@ impl<T: FusedOp<1>> Operands<T> for [&Tensor; 1] {
     fn node(self, op: T, grad: bool) -> candle_core::Result<Tensor> {
         let [a] = self;
         if grad {
-            a.apply_op1(Node(op))
+            a.apply_op1(Node::new(op))
         } else {
-            a.apply_op1_no_bwd(&Node(op))
+            a.apply_op1_no_bwd(&Node::new(op))
         }
     }
 }
@@ -195,9 +207,9 @@ impl<T: FusedOp<2>> Operands<T> for [&Tensor; 2] {
     fn node(self, op: T, grad: bool) -> candle_core::Result<Tensor> {
         let [a, b] = self;
         if grad {
-            a.apply_op2(b, Node(op))
+            a.apply_op2(b, Node::new(op))
         } else {
-            a.apply_op2_no_bwd(b, &Node(op))
+            a.apply_op2_no_bwd(b, &Node::new(op))
         }
     }
 }
@@ -206,9 +218,9 @@ impl<T: FusedOp<3>> Operands<T> for [&Tensor; 3] {
     fn node(self, op: T, grad: bool) -> candle_core::Result<Tensor> {
         let [a, b, c] = self;
         if grad {
-            a.apply_op3(b, c, Node(op))
+            a.apply_op3(b, c, Node::new(op))
         } else {
-            a.apply_op3_no_bwd(b, c, &Node(op))
+            a.apply_op3_no_bwd(b, c, &Node::new(op))
         }
     }
 }

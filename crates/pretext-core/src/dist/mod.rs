@@ -6,7 +6,10 @@
 //! - [`LocalGroup`]: ranks as threads of one process (tests, and a check of
 //!   the data-parallel arithmetic on any machine);
 //! - `Mpi` (cargo feature `mpi`): the `mpi` crate over the system's Open MPI
-//!   or MPICH, for `mpirun -np N pretext-… pretrain`.
+//!   or MPICH, for `mpirun -np N pretext-… pretrain`;
+//! - `Nccl` (cargo feature `nccl`, CUDA builds): NCCL through cudarc on each
+//!   process's GPU, bootstrapped by MPI (`PRETEXT_COLLECTIVE=mpi|nccl`
+//!   chooses; NCCL by default where there is a GPU).
 //!
 //! How a run uses them (see [`crate::Trainer`]): `train.batch_size` is the
 //! global batch; rank `r` of `N` takes rows `[r·B/N, (r+1)·B/N)` of every
@@ -33,6 +36,8 @@
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
 
 pub use local::LocalGroup;
 
@@ -300,6 +305,8 @@ pub fn init() -> crate::Result<Launch> {
     {
         if launched.is_some() {
             let (guard, w) = mpi::Guard::start()?;
+            #[cfg(feature = "nccl")]
+            let w = if use_nccl()? { nccl::Nccl::start(&w)? } else { w };
             let world = WORLD.get_or_init(|| w);
             return Ok(Launch {
                 _mpi: Some(guard),
@@ -321,6 +328,20 @@ pub fn init() -> crate::Result<Launch> {
             )));
         }
         Ok(Launch { world: world() })
+    }
+}
+
+/// Whether a build with NCCL reduces on the GPU: `PRETEXT_COLLECTIVE=nccl`
+/// or `mpi` says; unset, NCCL where the machine has a GPU.
+#[cfg(feature = "nccl")]
+fn use_nccl() -> crate::Result<bool> {
+    match std::env::var("PRETEXT_COLLECTIVE").as_deref() {
+        Ok("nccl") => Ok(true),
+        Ok("mpi") => Ok(false),
+        Ok(other) => Err(crate::Error::Config(format!(
+            "PRETEXT_COLLECTIVE={other}: expected nccl or mpi"
+        ))),
+        Err(_) => Ok(cudarc::driver::CudaContext::device_count().is_ok_and(|n| n > 0)),
     }
 }
 

@@ -463,7 +463,7 @@ impl ResNet {
                 hw = out;
             }
             for (((_, bn), (mean, var)), count) in units.iter().zip(stats).zip(counts) {
-                bn.update_running(mean, var, pretext_core::dist::step_rows(count))?;
+                bn.update_running(mean, var, pretext_core::dist::norm_rows(count))?;
             }
         }
         Ok(y)

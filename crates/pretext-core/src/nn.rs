@@ -391,7 +391,7 @@ impl BatchNorm {
             let (y, stats) = ops::batch_norm(x, &self.weight, &self.bias, NormStats::Batch, self.eps, relu)?;
             if let Some((mean, var)) = stats {
                 // Values per channel over the whole batch (all ranks' in a data-parallel step).
-                let n = crate::dist::step_rows(x.elem_count() / mean.len().max(1)) as f64;
+                let n = crate::dist::norm_rows(x.elem_count() / mean.len().max(1)) as f64;
                 let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
                 let m = self.momentum;
                 let dev = self.running_mean.device();

@@ -384,6 +384,12 @@ pub struct TrainConfig {
     /// AVX512-BF16 kernels where the CPU has them and in f32 elsewhere;
     /// `trainer.json` records which (`products`). Evaluation stays f32.
     pub precision: Precision,
+    /// Data-parallel runs (`mpirun -np N`): batch normalisation takes its
+    /// statistics over the whole batch, every process's rows, as one process
+    /// would (`true`, SyncBatchNorm), or over each process's own rows
+    /// (`false`, PyTorch DDP's default): no exchange for them, but the run
+    /// then depends on the number of processes. No effect in one process.
+    pub sync_bn: bool,
 }
 
 impl Default for TrainConfig {
@@ -400,6 +406,7 @@ impl Default for TrainConfig {
             init: String::new(),
             ema_decay: 0.0,
             precision: Precision::F32,
+            sync_bn: true,
         }
     }
 }
@@ -870,7 +877,7 @@ impl<M: Method> Trainer<M> {
             let method = &mut self.method;
             let world = &self.world;
             let precision = self.cfg.precision;
-            let (out, loss, mut grads) = crate::dist::step_scope(world, || {
+            let (out, loss, mut grads) = crate::dist::step_scope_with(world, self.cfg.sync_bn, || {
                 precision.scope(|| -> Result<_> {
                     let mut out = method.step(&batch, &cx)?;
                     let local = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;

@@ -345,45 +345,76 @@ fn use_nccl() -> crate::Result<bool> {
     }
 }
 
+/// The data-parallel step running on a thread: its ranks, and whether batch
+/// normalisation sums its statistics over them (`train.sync_bn`).
+#[derive(Debug, Clone)]
+pub(crate) struct StepContext {
+    world: World,
+    sync_bn: bool,
+}
+
 thread_local! {
-    static STEP: RefCell<Option<World>> = const { RefCell::new(None) };
+    static STEP: RefCell<Option<StepContext>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` with `world` as the collective of the training step on this
-/// thread (what [`step_collective`] returns inside), restoring the previous
-/// one after (also when `f` panics). A single-process world sets nothing.
+/// thread (what [`step_collective`] returns inside), batch normalisation
+/// synchronised over its ranks, restoring the previous state after (also
+/// when `f` panics). A single-process world sets nothing.
 pub fn step_scope<R>(world: &World, f: impl FnOnce() -> R) -> R {
-    with_step_collective((world.size() > 1).then(|| world.clone()), f)
+    step_scope_with(world, true, f)
 }
 
-/// Runs `f` with exactly `collective` as [`step_collective`] on this thread
-/// (`None`: none), restoring the previous one after, also on a panic. The
-/// graph nodes of [`crate::ops::fused`] run their backward pass under the
-/// collective their forward pass saw, so a part of a step normalised on one
-/// rank alone (MoCo's batch-norm groups) is also differentiated so.
-pub fn with_step_collective<R>(collective: Option<World>, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<World>);
+/// [`step_scope`], with batch normalisation synchronised over the ranks
+/// (`sync_bn`) or each rank normalising its own rows.
+pub fn step_scope_with<R>(world: &World, sync_bn: bool, f: impl FnOnce() -> R) -> R {
+    let ctx = (world.size() > 1).then(|| StepContext {
+        world: world.clone(),
+        sync_bn,
+    });
+    with_step(ctx, f)
+}
+
+/// The step state of this thread (what graph nodes keep for their backward pass).
+pub(crate) fn current_step() -> Option<StepContext> {
+    STEP.with(|s| s.borrow().clone())
+}
+
+/// Runs `f` with exactly `ctx` as this thread's step state, restoring the
+/// previous one after, also on a panic. The graph nodes of
+/// [`crate::ops::fused`] run their backward pass under the state their
+/// forward pass saw, so a part of a step normalised on one rank alone
+/// (MoCo's batch-norm groups) is also differentiated so.
+pub(crate) fn with_step<R>(ctx: Option<StepContext>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<StepContext>);
     impl Drop for Restore {
         fn drop(&mut self) {
             let prev = self.0.take();
             STEP.with(|s| *s.borrow_mut() = prev);
         }
     }
-    let prev = STEP.with(|s| std::mem::replace(&mut *s.borrow_mut(), collective));
+    let prev = STEP.with(|s| std::mem::replace(&mut *s.borrow_mut(), ctx));
     let _restore = Restore(prev);
     f()
 }
 
 /// The collective of the training step running on this thread, when it
-/// spans several ranks: ops that need statistics of the whole batch use it.
-/// `None` outside a step (evaluation runs on one rank) and in one process.
+/// spans several ranks: losses over the whole batch and random draws for it
+/// use it. `None` outside a step (evaluation runs on one rank) and in one process.
 pub fn step_collective() -> Option<World> {
-    STEP.with(|s| s.borrow().clone())
+    STEP.with(|s| s.borrow().as_ref().map(|c| c.world.clone()))
 }
 
-/// Sums `buf` over the ranks of the running step (no-op outside one).
-pub fn step_sum_f64(buf: &mut [f64]) {
-    if let Some(w) = step_collective() {
+/// The collective batch normalisation sums its statistics over: the step's,
+/// unless the run normalises each rank's rows on their own (`train.sync_bn = false`).
+pub fn norm_collective() -> Option<World> {
+    STEP.with(|s| s.borrow().as_ref().filter(|c| c.sync_bn).map(|c| c.world.clone()))
+}
+
+/// Sums batch-norm sums `buf` over the ranks of the running step (no-op
+/// outside one, and when each rank normalises its own rows).
+pub fn norm_sum_f64(buf: &mut [f64]) {
+    if let Some(w) = norm_collective() {
         w.all_reduce_f64(buf);
     }
 }
@@ -401,10 +432,11 @@ pub fn step_mean(t: &Tensor) -> candle_core::Result<Tensor> {
     Ok(world.average_tensors(std::slice::from_ref(t))?.remove(0))
 }
 
-/// The number of rows of the whole step's batch when this rank holds `local`
-/// (ranks hold equal shards; the batchers make sure of it).
-pub fn step_rows(local: usize) -> usize {
-    step_collective().map_or(local, |w| local * w.size())
+/// The rows batch normalisation took its statistics over when this rank
+/// holds `local`: the whole step's batch when they are synchronised (ranks
+/// hold equal shards; the batchers make sure of it), else `local`.
+pub fn norm_rows(local: usize) -> usize {
+    norm_collective().map_or(local, |w| local * w.size())
 }
 
 /// Every rank's rows of `x` (`(n, …)` f32), concatenated in rank order

@@ -139,7 +139,7 @@ fn synchronised_batch_norm_is_batch_norm_of_the_whole_batch() {
                 g(&gamma),
                 g(&beta),
                 stats.expect("stats"),
-                step_rows(rows),
+                norm_rows(rows),
             )
         };
         let (y, dx, dg, db, (mean, var), count) = run(&all, &wts, n);
@@ -259,5 +259,41 @@ fn running_statistics_joined_across_ranks_are_the_sequential_ones() {
     for (r, (mean, count)) in out.into_iter().enumerate() {
         close(&mean, &want, 1e-6).unwrap_or_else(|e| panic!("rank {r}: {e}"));
         assert_eq!(count, 7 + groups as i64, "rank {r}: one batch per group");
+    }
+}
+
+#[test]
+fn unsynchronised_batch_norm_normalises_each_ranks_rows_alone() {
+    let (n, c, ranks) = (8, 2, 2);
+    let all: Vec<f32> = values(n * c, 5).iter().map(|v| v * 3.0 - 1.0).collect();
+    let bn = |x: &[f32], rows: usize| {
+        let dev = Device::Cpu;
+        let x = Var::from_vec(x.to_vec(), (rows, c), &dev).expect("x");
+        let g = Tensor::new(&[1f32, 2.0], &dev).expect("g");
+        let b = Tensor::new(&[0f32, 0.5], &dev).expect("b");
+        let (y, stats) = batch_norm(x.as_tensor(), &g, &b, NormStats::Batch, 1e-5, false).expect("bn");
+        let dx = y
+            .sqr()
+            .and_then(|t| t.sum_all())
+            .and_then(|l| l.backward())
+            .map(|gs| flat(gs.get(x.as_tensor()).expect("grad")))
+            .expect("backward");
+        (flat(&y), dx, stats.expect("stats").0, norm_rows(rows))
+    };
+    let per = n / ranks;
+    let out = LocalGroup::run(ranks, |w| {
+        let span = w.rank() * per * c..(w.rank() + 1) * per * c;
+        let mine = &all[span];
+        // Alone, outside any step, and inside a step without synchronisation: the same.
+        let alone = bn(mine, per);
+        let unsynced = step_scope_with(&w, false, || bn(mine, per));
+        let synced = step_scope_with(&w, true, || bn(mine, per));
+        (alone, unsynced, synced)
+    });
+    for (r, (alone, unsynced, synced)) in out.into_iter().enumerate() {
+        assert_eq!(unsynced, alone, "rank {r}: its own rows' statistics");
+        assert_eq!(unsynced.3, per);
+        assert_eq!(synced.3, n, "synchronised: the whole batch's");
+        assert!(close(&synced.2, &unsynced.2, 1e-6).is_err(), "rank {r}: the two differ");
     }
 }

@@ -62,16 +62,16 @@ pub trait FusedOp<const N: usize>: Send + Sync + 'static {
 
 /// A [`FusedOp`] as a candle custom op, with the data-parallel step's
 /// collective its forward pass ran under: its backward pass runs under the
-/// same ([`crate::dist::with_step_collective`]), whenever candle calls it.
-struct Node<T>(T, Option<crate::dist::World>);
+/// same, whenever candle calls it.
+struct Node<T>(T, Option<crate::dist::StepContext>);
 
 impl<T> Node<T> {
     fn new(op: T) -> Self {
-        Self(op, crate::dist::step_collective())
+        Self(op, crate::dist::current_step())
     }
 
     fn backward<R>(&self, f: impl FnOnce(&T) -> R) -> R {
-        crate::dist::with_step_collective(self.1.clone(), || f(&self.0))
+        crate::dist::with_step(self.1.clone(), || f(&self.0))
     }
 }
 

@@ -66,17 +66,17 @@ fn add_pairs((mut a, mut b): (Vec<f64>, Vec<f64>), (x, y): (Vec<f64>, Vec<f64>))
 }
 
 /// Two per-channel sums and a row count, summed over the ranks of a
-/// data-parallel step (see [`crate::dist::step_collective`]); unchanged
-/// outside one.
+/// data-parallel step with synchronised batch norm (see
+/// [`crate::dist::norm_collective`]); unchanged otherwise.
 fn sum_over_ranks(a: Vec<f64>, b: Vec<f64>, rows: usize) -> (Vec<f64>, Vec<f64>, usize) {
-    if crate::dist::step_collective().is_none() {
+    if crate::dist::norm_collective().is_none() {
         return (a, b, rows);
     }
     let c = a.len();
     let mut buf = a;
     buf.extend(b);
     buf.push(rows as f64);
-    crate::dist::step_sum_f64(&mut buf);
+    crate::dist::norm_sum_f64(&mut buf);
     let rows = buf[2 * c] as usize;
     let b = buf[c..2 * c].to_vec();
     buf.truncate(c);
@@ -384,7 +384,7 @@ pub fn batch_norm(
     relu: bool,
 ) -> candle_core::Result<(Tensor, Option<BatchStats>)> {
     if !fast_path(&[x, gamma, beta]) {
-        if matches!(stats, NormStats::Batch) && crate::dist::step_collective().is_some() {
+        if matches!(stats, NormStats::Batch) && crate::dist::norm_collective().is_some() {
             bail!("batch_norm: statistics synchronised over ranks need f32 tensors on the CPU")
         }
         return reference_batch_norm(x, gamma, beta, stats, eps, relu);

@@ -7,7 +7,7 @@ use pretext_contrastive::{
     Byol, ContrastiveModel, Dino, DinoConfig, EncoderConfig, MethodKind, MoCo, ModelConfig, MomentumQueue,
 };
 use pretext_core::init::named_vars;
-use pretext_core::trainer::{Method, Observer, StepCx, StepReport};
+use pretext_core::trainer::{LossLog, Method, StepCx};
 use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig, Trainer};
 use pretext_data::ImageBatch;
 use pretext_data::{AugmentConfig, BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
@@ -196,15 +196,6 @@ fn fixture() -> ImageDataset {
     }
 }
 
-#[derive(Default)]
-struct Losses(Vec<f64>);
-
-impl Observer for Losses {
-    fn on_step(&mut self, r: &StepReport) {
-        self.0.push(r.loss);
-    }
-}
-
 fn losses_with(method: MethodKind, cfg: &ModelConfig, steps: u64) -> Vec<f64> {
     let dev = Device::Cpu;
     let model = ContrastiveModel::new(method, cfg, 0, &dev).expect("model");
@@ -240,7 +231,7 @@ fn losses_with(method: MethodKind, cfg: &ModelConfig, steps: u64) -> Vec<f64> {
         &dev,
     )
     .expect("batcher");
-    let mut obs = Losses::default();
+    let mut obs = LossLog::default();
     trainer.fit(&mut batcher, &mut obs).expect("fit");
     obs.0
 }
@@ -445,7 +436,7 @@ fn data_parallel(method: MethodKind, ranks: usize, steps: u64) -> Result<(Vec<f6
                 .with_local_views(local, cfg.dino.local_crops)
                 .expect("multi-crop");
         }
-        let mut obs = Losses::default();
+        let mut obs = LossLog::default();
         trainer.fit(&mut batcher, &mut obs).map_err(|e| e.to_string())?;
         // The weights, then the method's state (MoCo's queue and key
         // networks, BYOL's target network).

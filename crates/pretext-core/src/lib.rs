@@ -50,5 +50,5 @@ pub use run::{MetricsLog, RunDir};
 pub use schedule::{ScheduleConfig, ScheduleKind};
 pub use setting::{InvalidSetting, SettingResult};
 pub use trainer::{
-    BatchSource, Method, NullObserver, Observer, Shard, StepCx, StepOut, StepReport, TrainConfig, Trainer,
+    BatchSource, LossLog, Method, NullObserver, Observer, Shard, StepCx, StepOut, StepReport, TrainConfig, Trainer,
 };

@@ -343,6 +343,16 @@ pub struct NullObserver;
 
 impl Observer for NullObserver {}
 
+/// An observer that keeps the loss of every step, in order.
+#[derive(Debug, Default, Clone)]
+pub struct LossLog(pub Vec<f64>);
+
+impl Observer for LossLog {
+    fn on_step(&mut self, report: &StepReport) {
+        self.0.push(report.loss);
+    }
+}
+
 /// The `train` section of every config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

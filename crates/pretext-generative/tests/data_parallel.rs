@@ -5,7 +5,7 @@
 //! whole batch), and the MAE (masks drawn for the whole batch).
 
 use candle_core::{DType, Device};
-use pretext_core::{Observer, OptimConfig, ScheduleConfig, StepReport, TrainConfig, Trainer};
+use pretext_core::{LossLog, OptimConfig, ScheduleConfig, TrainConfig, Trainer};
 use pretext_data::{AugmentConfig, BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
 use pretext_generative::{GenerativeModel, Mae, MaeConfig, Vae, VaeArch, VaeConfig};
 use std::sync::Arc;
@@ -40,15 +40,6 @@ fn fixture() -> ImageDataset {
     }
 }
 
-#[derive(Default)]
-struct Losses(Vec<f64>);
-
-impl Observer for Losses {
-    fn on_step(&mut self, r: &StepReport) {
-        self.0.push(r.loss);
-    }
-}
-
 /// `make` builds the model; 4 steps of batch 8 on `ranks` threads; rank 0's
 /// losses and final weights (every rank's must be the same).
 fn train(ranks: usize, make: &(dyn Fn() -> GenerativeModel + Sync)) -> (Vec<f64>, Vec<Vec<f32>>) {
@@ -70,7 +61,7 @@ fn train(ranks: usize, make: &(dyn Fn() -> GenerativeModel + Sync)) -> (Vec<f64>
         let pipeline = Arc::new(Pipeline::new(AugmentConfig::none(vec![0.0], vec![1.0]), 16, 16).expect("pipeline"));
         let bc = BatcherConfig::training(8, 1, 2, 1);
         let mut data = ImageBatcher::new(Arc::new(fixture()), pipeline, bc, &Device::Cpu).expect("batcher");
-        let mut losses = Losses::default();
+        let mut losses = LossLog::default();
         trainer.fit(&mut data, &mut losses).expect("fit");
         let w = trainer
             .model_tensors()

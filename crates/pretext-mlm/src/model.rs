@@ -552,20 +552,14 @@ mod tests {
             let mut trainer = Trainer::new(model, &optim, &ScheduleConfig::default(), &train).expect("trainer");
             trainer.set_world(world);
             let mut data = MlmBatcher::new(seqs.clone(), 8, 5, MaskingConfig::default(), ids, &Device::Cpu);
-            let mut losses = Vec::new();
-            struct Log<'a>(&'a mut Vec<f64>);
-            impl pretext_core::Observer for Log<'_> {
-                fn on_step(&mut self, r: &pretext_core::StepReport) {
-                    self.0.push(r.loss);
-                }
-            }
-            trainer.fit(&mut data, &mut Log(&mut losses)).expect("fit");
+            let mut losses = pretext_core::LossLog::default();
+            trainer.fit(&mut data, &mut losses).expect("fit");
             let w: Vec<Vec<f32>> = trainer
                 .model_tensors()
                 .iter()
                 .map(|(_, t)| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("w"))
                 .collect();
-            (losses, w)
+            (losses.0, w)
         });
         out.swap_remove(0)
     }

@@ -32,6 +32,18 @@ fn output(mut c: Command) -> Output {
         .expect("mpirun (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)")
 }
 
+/// `mpirun -np 2 bin args`; panics unless it fails; returns its stderr
+/// (what [`common::fails`] is for one process).
+fn mpirun_fails(bin: &str, args: &[OsString]) -> String {
+    let out = output(mpirun(2, bin, args));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "mpirun -np 2 {bin} {args:?} succeeded; stderr:\n{err}"
+    );
+    err
+}
+
 fn pretrain_args(method: &[&str], out: &Path, tiny: &[&str], extra: &[&str]) -> Vec<OsString> {
     let mut a: Vec<OsString> = vec!["pretrain".into()];
     a.extend(method.iter().map(Into::into));
@@ -244,8 +256,7 @@ fn settings_that_do_not_split_across_processes_stop_every_rank() {
     let tmp = tempfile::tempdir().expect("tmp");
     let bin = env!("CARGO_BIN_EXE_pretext-contrastive");
     let started = Instant::now();
-    let out = output(mpirun(
-        2,
+    let err = mpirun_fails(
         bin,
         &pretrain_args(
             &["--method", "moco"],
@@ -253,17 +264,14 @@ fn settings_that_do_not_split_across_processes_stop_every_rank() {
             &CONTRASTIVE_TINY,
             &["--set", "model.moco.bn_groups=3"],
         ),
-    ));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    );
     assert!(
         err.contains("rank ") && err.contains("model.moco.bn_groups = 3 must be a multiple of the 2 processes"),
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_secs(60));
     // A global batch that does not split evenly.
-    let out = output(mpirun(
-        2,
+    let err = mpirun_fails(
         bin,
         &pretrain_args(
             &[],
@@ -271,9 +279,7 @@ fn settings_that_do_not_split_across_processes_stop_every_rank() {
             &CONTRASTIVE_TINY,
             &["--set", "train.batch_size=7"],
         ),
-    ));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    );
     assert!(
         err.contains("train.batch_size = 7") && err.contains("multiple of 2"),
         "{err}"

@@ -304,18 +304,12 @@ impl MoCo {
         let perm = Self::key_order(n, cx, salt);
         let (r, size) = (world.rank(), world.size());
         let mine = Tensor::new(&perm[r * b..(r + 1) * b], x.device())?;
-        let groups = self.cfg.moco.bn_groups / size;
-        let before = Self::snapshot(self.key.buffers())?;
-        let k = pretext_core::dist::step_scope(&pretext_core::dist::World::single(), || {
-            Self::project_grouped(
-                self.key.encoder(),
-                self.key.head(),
-                &all.index_select(&mine, 0)?,
-                groups,
-                None,
-            )
-        })?;
-        pretext_core::dist::join_running_stats(&world, self.key.buffers(), &before, groups, BN_MOMENTUM)?;
+        let k = Self::project_on_rank(
+            &world,
+            (self.key.encoder(), self.key.head(), self.key.buffers()),
+            &all.index_select(&mine, 0)?,
+            self.cfg.moco.bn_groups / size,
+        )?;
         let permuted = pretext_core::dist::gather_rows_detached(&k)?;
         let mut inv = vec![0u32; n];
         for (i, &j) in perm.iter().enumerate() {
@@ -340,20 +334,28 @@ impl MoCo {
                 self.cfg.moco.bn_groups
             )
         }
-        let before = Self::snapshot(&self.buffers)?;
-        let q = pretext_core::dist::step_scope(&pretext_core::dist::World::single(), || {
-            Self::project_grouped(&self.encoder, &self.head, x, groups, None)
-        })?;
-        pretext_core::dist::join_running_stats(&world, &self.buffers, &before, groups, BN_MOMENTUM)?;
-        Ok(q)
+        Self::project_on_rank(&world, (&self.encoder, &self.head, &self.buffers), x, groups)
     }
 
-    /// Copies of the batch-norm statistics in `buffers`, by name.
-    fn snapshot(buffers: &VarMap) -> candle_core::Result<HashMap<String, Tensor>> {
-        named_vars(buffers)
+    /// [`Self::project_grouped`] of this rank's rows `x` in `groups` groups
+    /// normalised on this rank alone (no synchronisation), then the running
+    /// statistics in `buffers` joined across `world`'s ranks as if every
+    /// rank's groups had run one after another, as in one process.
+    fn project_on_rank(
+        world: &pretext_core::dist::World,
+        (encoder, head, buffers): (&Encoder, &ProjectionHead, &VarMap),
+        x: &Tensor,
+        groups: usize,
+    ) -> candle_core::Result<Tensor> {
+        let before: HashMap<String, Tensor> = named_vars(buffers)
             .into_iter()
             .map(|(n, v)| Ok((n, v.as_tensor().copy()?)))
-            .collect()
+            .collect::<candle_core::Result<_>>()?;
+        let z = pretext_core::dist::step_scope(&pretext_core::dist::World::single(), || {
+            Self::project_grouped(encoder, head, x, groups, None)
+        })?;
+        pretext_core::dist::join_running_stats(world, buffers, &before, groups, BN_MOMENTUM)?;
+        Ok(z)
     }
 }
 

@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor};
 use pretext_contrastive::{
     Byol, ContrastiveModel, Dino, DinoConfig, EncoderConfig, MethodKind, MoCo, ModelConfig, MomentumQueue,
 };
+use pretext_core::dist::{Fitted, LocalGroup};
 use pretext_core::init::named_vars;
 use pretext_core::trainer::{LossLog, Method, StepCx};
 use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig, Trainer};
@@ -399,16 +400,15 @@ fn dino_teacher_temperature_warms_up_linearly() {
 }
 
 /// Trains `method` for `steps` steps of batch 16 on `ranks` threads as
-/// data-parallel ranks (one trainer each, its shard of every batch); returns
-/// rank 0's losses and final weights, after checking every rank ended with
-/// the same weights.
-fn data_parallel(method: MethodKind, ranks: usize, steps: u64) -> Result<(Vec<f64>, Vec<Vec<f32>>), String> {
-    let out = pretext_core::dist::LocalGroup::run(ranks, |world| -> Result<_, String> {
-        let dev = Device::Cpu;
-        let mut cfg = tiny_cfg();
-        cfg.moco.bn_groups = 4;
-        cfg.dino.local_crops = 2;
-        let model = ContrastiveModel::new(method, &cfg, 0, &dev).map_err(|e| e.to_string())?;
+/// data-parallel ranks (one trainer each, its shard of every batch); what
+/// rank 0 ended with (every rank ends the same, or this fails).
+fn data_parallel(method: MethodKind, ranks: usize, steps: u64) -> Result<Fitted, String> {
+    let dev = Device::Cpu;
+    let mut cfg = tiny_cfg();
+    cfg.moco.bn_groups = 4;
+    cfg.dino.local_crops = 2;
+    let fitted = LocalGroup::fit(ranks, || {
+        let model = ContrastiveModel::new(method, &cfg, 0, &dev)?;
         let train = TrainConfig {
             max_steps: steps,
             batch_size: 16,
@@ -424,36 +424,18 @@ fn data_parallel(method: MethodKind, ranks: usize, steps: u64) -> Result<(Vec<f6
             momentum: 0.9,
             ..OptimConfig::default()
         };
-        let mut trainer = Trainer::new(model, &optim, &ScheduleConfig::default(), &train).map_err(|e| e.to_string())?;
-        trainer.set_world(world);
-        let pipeline = Arc::new(Pipeline::new(AugmentConfig::fashion_mnist(), 8, 8).expect("pipeline"));
+        let trainer = Trainer::new(model, &optim, &ScheduleConfig::default(), &train)?;
+        let pipeline = Arc::new(Pipeline::new(AugmentConfig::fashion_mnist(), 8, 8)?);
         let bc = BatcherConfig::training(16, 2, 0, 1);
-        let mut batcher = ImageBatcher::new(Arc::new(fixture()), pipeline, bc, &dev).expect("batcher");
-        if cfg.dino.local_crops > 0 && method == MethodKind::Dino {
+        let mut batcher = ImageBatcher::new(Arc::new(fixture()), pipeline, bc, &dev)?;
+        if method == MethodKind::Dino {
             // multi-crop: the local views are sharded with the global ones
-            let local = Arc::new(Pipeline::new(AugmentConfig::fashion_mnist(), 4, 4).expect("local"));
-            batcher = batcher
-                .with_local_views(local, cfg.dino.local_crops)
-                .expect("multi-crop");
+            let local = Arc::new(Pipeline::new(AugmentConfig::fashion_mnist(), 4, 4)?);
+            batcher = batcher.with_local_views(local, cfg.dino.local_crops)?;
         }
-        let mut obs = LossLog::default();
-        trainer.fit(&mut batcher, &mut obs).map_err(|e| e.to_string())?;
-        // The weights, then the method's state (MoCo's queue and key
-        // networks, BYOL's target network).
-        let weights = trainer
-            .model_tensors()
-            .into_iter()
-            .chain(trainer.method.buffers())
-            .map(|(_, t)| flat(&t.to_dtype(candle_core::DType::F32).expect("f32")))
-            .collect::<Vec<_>>();
-        Ok((obs.0, weights))
+        Ok((trainer, batcher))
     });
-    let mut out = out.into_iter().collect::<Result<Vec<_>, String>>()?;
-    let first = out.remove(0);
-    for (r, other) in out.iter().enumerate() {
-        assert_eq!(other, &first, "{method:?}: rank {} ends where rank 0 does", r + 1);
-    }
-    Ok(first)
+    fitted.map_err(|e| e.to_string())
 }
 
 #[test]
@@ -473,22 +455,21 @@ fn data_parallel_ranks_train_as_one_process_does() {
         (MethodKind::VicReg, 1, 1e-4, 1e-5),
         (MethodKind::Dino, 4, 2e-5, 1e-5),
     ] {
-        let (l1, w1) = data_parallel(method, 1, steps).expect("one process");
+        let one = data_parallel(method, 1, steps).expect("one process");
+        let (l1, w1) = (&one.losses, &one);
         for ranks in [2, 4] {
-            let (ln, wn) = data_parallel(method, ranks, steps).expect("ranks");
-            for (a, b) in l1.iter().zip(&ln) {
+            let wn = data_parallel(method, ranks, steps).expect("ranks");
+            let ln = &wn.losses;
+            for (a, b) in l1.iter().zip(ln) {
                 assert!(
                     (a - b).abs() <= loss_tol * a.abs().max(1.0),
                     "{method:?} on {ranks} ranks: losses {ln:?} vs {l1:?}"
                 );
             }
-            // BN statistics and gradients summed in another order: rounding only.
-            let worst = w1
-                .iter()
-                .flatten()
-                .zip(wn.iter().flatten())
-                .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
-                .fold(0f32, f32::max);
+            // The weights, then the method's state (MoCo's queue and key
+            // networks, BYOL's and DINO's teachers). BN statistics and
+            // gradients summed in another order: rounding only.
+            let worst = w1.gap(&wn);
 
             eprintln!("{method:?} on {ranks} ranks: weights within {worst:.2e}");
 

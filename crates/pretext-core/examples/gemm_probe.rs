@@ -33,17 +33,7 @@ fn main() {
         let a: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i % 89) as f32 - 44.0) * 0.01).collect();
         let mut c = vec![0f32; m * n];
-        let am = if ta {
-            Mat::row_major(k, m).t()
-        } else {
-            Mat::row_major(m, k)
-        };
-        let bm = if tb {
-            Mat::row_major(n, k).t()
-        } else {
-            Mat::row_major(k, n)
-        };
-        let cm = Mat::row_major(m, n);
+        let (am, bm, cm) = (Mat::stored(m, k, ta), Mat::stored(k, n, tb), Mat::row_major(m, n));
         let mut line = format!("{label:<40} {m}x{n}x{k} on {th}:");
         for p in Precision::ALL {
             let flop = 2.0 * (m * n * k) as f64;

@@ -404,12 +404,26 @@ pub fn pretrain<P: Paradigm>(
         }
         None => (None, None),
     };
+    // Data-parallel: rank 0 makes the assets (MLM's tokenizer: its trainer
+    // numbers tied pieces in hash order, so ranks making their own could
+    // disagree) and writes them with the run folder below; the others wait
+    // for that, then read them there (a file system every rank sees, as
+    // `resume` needs). An error on rank 0 aborts every rank, so the wait ends.
     let world = crate::dist::world();
-    let (data, assets) = if world.size() == 1 {
-        P::load_data(cfg, init_assets, observer)?
+    let init_assets = if world.is_root() {
+        init_assets
     } else {
-        shared_assets::<P>(cfg, config_toml, out, init_assets, observer)?
+        world.barrier();
+        let run = RunDir::open(out).map_err(|e| {
+            Error::Config(format!(
+                "rank {} cannot read the run folder rank 0 wrote ({e}): a data-parallel run's folder \
+                 must be on a file system every process sees",
+                world.rank()
+            ))
+        })?;
+        Some(P::load_assets(cfg, &run)?)
     };
+    let (data, assets) = P::load_data(cfg, init_assets, observer)?;
     let mut model = P::new_model(cfg, &assets, device)?;
     let record = match &weights {
         Some(w) => {
@@ -424,15 +438,11 @@ pub fn pretrain<P: Paradigm>(
     let mut trainer = Trainer::new(model, s.optim, s.schedule, s.train)?;
     trainer.set_init(record.clone());
     let batches = P::batches(cfg, &data, &assets, device)?;
-    // Data-parallel: rank 0 has written the run folder; the others train beside it.
+    // Rank 0 writes the run folder; the others train beside it.
     let run = if world.is_root() {
-        let run = if world.size() == 1 {
-            let run = RunDir::create(out, config_toml)?;
-            P::save_assets(&assets, &run)?;
-            run
-        } else {
-            RunDir::open(out)?
-        };
+        let run = RunDir::create(out, config_toml)?;
+        P::save_assets(&assets, &run)?;
+        world.barrier();
         trainer.attach_run(&run)?;
         if let Some(r) = &record {
             trainer.log_record(&r.to_json())?;
@@ -443,40 +453,6 @@ pub fn pretrain<P: Paradigm>(
     };
     train_to_end::<P>(cfg, &data, &assets, trainer, batches, device, observer)?;
     Ok(run)
-}
-
-/// The data and assets of a data-parallel run: rank 0 loads the data, makes
-/// the assets (MLM's tokenizer: its trainer numbers tied tokens in hash
-/// order, so ranks making their own could disagree) and writes the run
-/// folder with them; the others wait, then read the assets from the folder
-/// (a file system every rank sees, as `resume` needs) and load the data with them.
-fn shared_assets<P: Paradigm>(
-    cfg: &P::Config,
-    config_toml: &str,
-    out: &Path,
-    init_assets: Option<P::Assets>,
-    observer: &mut dyn Observer,
-) -> Result<(P::Data, P::Assets), P::Error> {
-    let world = crate::dist::world();
-    if world.is_root() {
-        let loaded = P::load_data(cfg, init_assets, observer)?;
-        let run = RunDir::create(out, config_toml)?;
-        P::save_assets(&loaded.1, &run)?;
-        world.barrier();
-        Ok(loaded)
-    } else {
-        // An error on rank 0 aborts every rank, so this wait ends.
-        world.barrier();
-        let run = RunDir::open(out).map_err(|e| {
-            Error::Config(format!(
-                "rank {} cannot read the run folder rank 0 wrote ({e}): a data-parallel run's folder \
-                 must be on a file system every process sees",
-                world.rank()
-            ))
-        })?;
-        let assets = P::load_assets(cfg, &run)?;
-        P::load_data(cfg, Some(assets), observer)
-    }
 }
 
 /// Continues the run in `dir` (whose `config.toml` the caller parsed into

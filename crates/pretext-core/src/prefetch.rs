@@ -4,7 +4,7 @@
 //! what a step sees; a request out of order (a resume, an evaluation that
 //! re-reads a step) restarts the worker at that step.
 
-use crate::trainer::BatchSource;
+use crate::trainer::{BatchSource, Shard};
 use crate::Result;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -32,6 +32,8 @@ pub struct Prefetched<S: BatchSource> {
     source: S,
     depth: usize,
     worker: Option<Worker<S::Batch>>,
+    /// The part of every batch the source gives (data-parallel training).
+    shard: Shard,
 }
 
 impl<S> Prefetched<S>
@@ -45,6 +47,7 @@ where
             source,
             depth,
             worker: None,
+            shard: Shard::default(),
         }
     }
 
@@ -103,10 +106,15 @@ where
         self.source.batch(step)
     }
 
-    fn set_shard(&mut self, shard: crate::trainer::Shard) -> Result<()> {
+    fn set_shard(&mut self, shard: Shard) -> Result<()> {
+        if shard == self.shard {
+            return Ok(());
+        }
+        self.source.set_shard(shard)?;
         // Batches already prepared are of the former shard.
         self.worker = None;
-        self.source.set_shard(shard)
+        self.shard = shard;
+        Ok(())
     }
 }
 

@@ -4,8 +4,9 @@
 //! free bits and dynamic binarisation (noise and Bernoulli draws made for the
 //! whole batch), and the MAE (masks drawn for the whole batch).
 
-use candle_core::{DType, Device};
-use pretext_core::{LossLog, OptimConfig, ScheduleConfig, TrainConfig, Trainer};
+use candle_core::Device;
+use pretext_core::dist::{Fitted, LocalGroup};
+use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig, Trainer};
 use pretext_data::{AugmentConfig, BatcherConfig, ImageBatcher, ImageDataset, Pipeline};
 use pretext_generative::{GenerativeModel, Mae, MaeConfig, Vae, VaeArch, VaeConfig};
 use std::sync::Arc;
@@ -40,10 +41,10 @@ fn fixture() -> ImageDataset {
     }
 }
 
-/// `make` builds the model; 4 steps of batch 8 on `ranks` threads; rank 0's
-/// losses and final weights (every rank's must be the same).
-fn train(ranks: usize, make: &(dyn Fn() -> GenerativeModel + Sync)) -> (Vec<f64>, Vec<Vec<f32>>) {
-    let mut out = pretext_core::dist::LocalGroup::run(ranks, |world| {
+/// `make` builds the model; 4 steps of batch 8 on `ranks` threads; what
+/// rank 0 ended with (every rank ends the same, or this fails).
+fn train(ranks: usize, make: &(dyn Fn() -> GenerativeModel + Sync)) -> Fitted {
+    LocalGroup::fit(ranks, || {
         let train = TrainConfig {
             max_steps: 4,
             batch_size: 8,
@@ -56,49 +57,29 @@ fn train(ranks: usize, make: &(dyn Fn() -> GenerativeModel + Sync)) -> (Vec<f64>
             momentum: 0.9,
             ..OptimConfig::default()
         };
-        let mut trainer = Trainer::new(make(), &optim, &ScheduleConfig::default(), &train).expect("trainer");
-        trainer.set_world(world);
-        let pipeline = Arc::new(Pipeline::new(AugmentConfig::none(vec![0.0], vec![1.0]), 16, 16).expect("pipeline"));
+        let trainer = Trainer::new(make(), &optim, &ScheduleConfig::default(), &train)?;
+        let pipeline = Arc::new(Pipeline::new(AugmentConfig::none(vec![0.0], vec![1.0]), 16, 16)?);
         let bc = BatcherConfig::training(8, 1, 2, 1);
-        let mut data = ImageBatcher::new(Arc::new(fixture()), pipeline, bc, &Device::Cpu).expect("batcher");
-        let mut losses = LossLog::default();
-        trainer.fit(&mut data, &mut losses).expect("fit");
-        let w = trainer
-            .model_tensors()
-            .iter()
-            .map(|(_, t)| {
-                t.to_dtype(DType::F32)
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .expect("weights")
-            })
-            .collect::<Vec<_>>();
-        (losses.0, w)
-    });
-    let first = out.remove(0);
-    for (r, other) in out.iter().enumerate() {
-        assert_eq!(other.1, first.1, "rank {} ends where rank 0 does", r + 1);
-    }
-    first
+        let data = ImageBatcher::new(Arc::new(fixture()), pipeline, bc, &Device::Cpu)?;
+        Ok((trainer, data))
+    })
+    .expect("data-parallel training")
 }
 
 fn same_as_one_process(what: &str, make: &(dyn Fn() -> GenerativeModel + Sync)) {
-    let (l1, w1) = train(1, make);
+    let one = train(1, make);
+    let l1 = &one.losses;
     assert_eq!(l1.len(), 4);
     for ranks in [2, 4] {
-        let (ln, wn) = train(ranks, make);
-        for (a, b) in l1.iter().zip(&ln) {
+        let wn = train(ranks, make);
+        let ln = &wn.losses;
+        for (a, b) in l1.iter().zip(ln) {
             assert!(
                 (a - b).abs() <= 1e-5 * a.abs().max(1.0),
                 "{what} on {ranks} ranks: {ln:?} vs {l1:?}"
             );
         }
-        let worst = w1
-            .iter()
-            .flatten()
-            .zip(wn.iter().flatten())
-            .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
-            .fold(0f32, f32::max);
+        let worst = one.gap(&wn);
         assert!(worst < 1e-5, "{what} on {ranks} ranks: weights differ by {worst}");
     }
 }

@@ -441,24 +441,16 @@ impl Method for BertMlm {
 
     fn step(&mut self, batch: &MlmBatch, cx: &StepCx) -> pretext_core::Result<StepOut> {
         let seed = pretext_core::seed::derive_seed(cx.seed, "dropout", &[cx.step]);
-        if cx.shard.size == 1 {
-            let (loss, correct, n) = self.mlm_loss(batch, Some(seed))?;
-            return Ok(StepOut {
-                loss,
-                stats: vec![
-                    ("masked_accuracy", correct as f64 / n.max(1) as f64),
-                    ("masked_tokens", n as f64),
-                ],
-            });
-        }
-        // Data-parallel: the loss is the mean over the whole batch's masked
-        // positions. This process's share, scaled so that the mean over
+        // The loss is the mean over the whole batch's masked positions. In
+        // one process that is this batch's mean (the scale below is 1);
+        // data-parallel, this process's share is scaled so that the mean over
         // processes (what the trainer averages) is that mean: N · Σ_local / M.
-        // A process whose rows hold none still runs the encoder (a zero
-        // loss with a graph), so every process has the same gradients to average.
+        // A process whose rows hold none still runs the encoder (a zero loss
+        // with a graph), so every process has the same gradients to average;
+        // a whole batch without one is `mlm_loss`'s error.
         let total = batch.total_masked.max(1) as f64;
         let size = cx.shard.size as f64;
-        let (loss, correct, n) = if batch.targets.dim(0)? == 0 {
+        let (loss, correct, n) = if batch.targets.dim(0)? == 0 && batch.total_masked > 0 {
             let hidden = self.encode(&batch.input_ids, &batch.attention_mask, Some(seed))?;
             ((hidden.sum_all()? * 0.0)?, 0, 0)
         } else {
@@ -512,8 +504,9 @@ mod tests {
     }
 
     /// Trains the tiny BERT (dropout on) for 4 steps of batch 8 on `ranks`
-    /// threads as data-parallel ranks; rank 0's losses and final weights.
-    fn data_parallel(ranks: usize) -> (Vec<f64>, Vec<Vec<f32>>) {
+    /// threads as data-parallel ranks; what rank 0 ended with (every rank
+    /// ends the same, or this fails).
+    fn data_parallel(ranks: usize) -> pretext_core::dist::Fitted {
         use crate::collator::{MaskingConfig, MlmBatcher};
         use pretext_core::{OptimConfig, ScheduleConfig, TrainConfig, Trainer};
         let ids = crate::tokenizer::SpecialIds {
@@ -535,8 +528,8 @@ mod tests {
             })
             .collect();
         let seqs = std::sync::Arc::new(seqs);
-        let mut out = pretext_core::dist::LocalGroup::run(ranks, |world| {
-            let model = BertMlm::new(&tiny_dims(), 1, &Device::Cpu).expect("model");
+        pretext_core::dist::LocalGroup::fit(ranks, || {
+            let model = BertMlm::new(&tiny_dims(), 1, &Device::Cpu)?;
             let train = TrainConfig {
                 max_steps: 4,
                 batch_size: 8,
@@ -549,35 +542,24 @@ mod tests {
                 momentum: 0.9,
                 ..OptimConfig::default()
             };
-            let mut trainer = Trainer::new(model, &optim, &ScheduleConfig::default(), &train).expect("trainer");
-            trainer.set_world(world);
-            let mut data = MlmBatcher::new(seqs.clone(), 8, 5, MaskingConfig::default(), ids, &Device::Cpu);
-            let mut losses = pretext_core::LossLog::default();
-            trainer.fit(&mut data, &mut losses).expect("fit");
-            let w: Vec<Vec<f32>> = trainer
-                .model_tensors()
-                .iter()
-                .map(|(_, t)| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("w"))
-                .collect();
-            (losses.0, w)
-        });
-        out.swap_remove(0)
+            let trainer = Trainer::new(model, &optim, &ScheduleConfig::default(), &train)?;
+            let data = MlmBatcher::new(seqs.clone(), 8, 5, MaskingConfig::default(), ids, &Device::Cpu);
+            Ok((trainer, data))
+        })
+        .expect("data-parallel training")
     }
 
     #[test]
     fn data_parallel_ranks_train_bert_as_one_process_does() {
-        let (l1, w1) = data_parallel(1);
+        let one = data_parallel(1);
+        let l1 = &one.losses;
         for ranks in [2, 4] {
-            let (ln, wn) = data_parallel(ranks);
-            for (a, b) in l1.iter().zip(&ln) {
+            let wn = data_parallel(ranks);
+            let ln = &wn.losses;
+            for (a, b) in l1.iter().zip(ln) {
                 assert!((a - b).abs() <= 1e-5 * a.abs(), "{ranks} ranks: {ln:?} vs {l1:?}");
             }
-            let worst = w1
-                .iter()
-                .flatten()
-                .zip(wn.iter().flatten())
-                .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
-                .fold(0f32, f32::max);
+            let worst = one.gap(&wn);
             assert!(worst < 1e-5, "{ranks} ranks: weights differ by {worst}");
         }
     }

@@ -4,7 +4,39 @@
 //! an MPI installation.
 
 use super::{Collective, World};
+use crate::trainer::{BatchSource, LossLog, Method, Trainer};
+use candle_core::DType;
 use std::sync::{Arc, Barrier, Mutex};
+
+/// What a data-parallel training on threads ended with ([`LocalGroup::fit`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fitted {
+    /// The loss of every step.
+    pub losses: Vec<f64>,
+    /// The model's tensors (weights and buffers, by name), then the
+    /// method's state ([`Method::buffers`]), as f32 values.
+    pub tensors: Vec<(String, Vec<f32>)>,
+}
+
+impl Fitted {
+    /// The largest difference between this run's tensors and `other`'s,
+    /// each relative to `max(1, |value|)` of this run's.
+    ///
+    /// # Panics
+    /// If the runs hold different tensors (not the same model).
+    pub fn gap(&self, other: &Fitted) -> f32 {
+        assert_eq!(self.tensors.len(), other.tensors.len(), "runs of different models");
+        self.tensors
+            .iter()
+            .zip(&other.tensors)
+            .flat_map(|((na, a), (nb, b))| {
+                assert!(na == nb && a.len() == b.len(), "{na} against {nb}");
+                a.iter().zip(b)
+            })
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+            .fold(0f32, f32::max)
+    }
+}
 
 #[derive(Debug)]
 struct Shared {
@@ -53,6 +85,54 @@ impl LocalGroup {
                 })
                 .collect()
         })
+    }
+
+    /// Trains data-parallel on `size` threads: `make` builds each rank's
+    /// trainer and batches (the trainer is given the rank's world here),
+    /// which train to the end. Returns rank 0's run, after checking that
+    /// every rank ended with the same weights and method state.
+    ///
+    /// # Errors
+    /// What `make` or training failed with (the first rank's, in rank
+    /// order); [`crate::Error::Config`] when ranks disagree at the end.
+    pub fn fit<M, D>(size: usize, make: impl Fn() -> crate::Result<(Trainer<M>, D)> + Sync) -> crate::Result<Fitted>
+    where
+        M: Method,
+        D: BatchSource<Batch = M::Batch>,
+    {
+        let runs = Self::run(size, |world| -> crate::Result<Fitted> {
+            let (mut trainer, mut data) = make()?;
+            trainer.set_world(world);
+            let mut losses = LossLog::default();
+            trainer.fit(&mut data, &mut losses)?;
+            let tensors = trainer
+                .model_tensors()
+                .into_iter()
+                .chain(trainer.method.buffers())
+                .map(|(name, t)| Ok((name, t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)))
+                .collect::<crate::Result<Vec<_>>>()?;
+            Ok(Fitted {
+                losses: losses.0,
+                tensors,
+            })
+        });
+        let mut runs = runs.into_iter().collect::<crate::Result<Vec<_>>>()?;
+        let first = runs.remove(0);
+        for (r, other) in runs.iter().enumerate() {
+            if let Some((name, _)) = first
+                .tensors
+                .iter()
+                .zip(&other.tensors)
+                .find(|(a, b)| a != b)
+                .map(|(a, _)| a)
+            {
+                return Err(crate::Error::Config(format!(
+                    "rank {} ended with another {name} than rank 0",
+                    r + 1
+                )));
+            }
+        }
+        Ok(first)
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Vec<f64>>> {

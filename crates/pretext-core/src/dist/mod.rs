@@ -39,7 +39,7 @@ mod mpi;
 #[cfg(feature = "nccl")]
 mod nccl;
 
-pub use local::LocalGroup;
+pub use local::{Fitted, LocalGroup};
 
 use crate::ops::fused::{apply, FusedOp, Operand};
 use candle_core::{Shape, Tensor};
@@ -213,21 +213,11 @@ impl World {
         if self.size() == 1 {
             return Ok(ts.to_vec());
         }
-        let mut flat = Vec::with_capacity(ts.iter().map(Tensor::elem_count).sum());
-        for t in ts {
-            flat.extend(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-        }
+        let mut flat = bucket(ts.iter())?;
         self.all_reduce_f32(&mut flat);
         let inv = 1.0 / self.size() as f32;
-        let mut out = Vec::with_capacity(ts.len());
-        let mut at = 0;
-        for t in ts {
-            let n = t.elem_count();
-            let v: Vec<f32> = flat[at..at + n].iter().map(|x| x * inv).collect();
-            at += n;
-            out.push(Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())?);
-        }
-        Ok(out)
+        flat.iter_mut().for_each(|x| *x *= inv);
+        unbucket(&flat, ts.iter())
     }
 
     /// Replaces every tensor of `ts` (variables) by rank `root`'s values, as one bucket.
@@ -238,26 +228,35 @@ impl World {
         if self.size() == 1 {
             return Ok(());
         }
-        let mut flat = Vec::new();
-        for v in vars {
-            flat.extend(
-                v.as_tensor()
-                    .to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            );
-        }
+        let mut flat = bucket(vars.iter().map(|v| v.as_tensor()))?;
         self.broadcast_f32(&mut flat, root);
-        let mut at = 0;
-        for v in vars {
-            let t = v.as_tensor();
-            let n = t.elem_count();
-            let new = Tensor::from_vec(flat[at..at + n].to_vec(), t.shape(), t.device())?.to_dtype(t.dtype())?;
-            at += n;
-            v.set(&new)?;
+        for (v, t) in vars.iter().zip(unbucket(&flat, vars.iter().map(|v| v.as_tensor()))?) {
+            v.set(&t)?;
         }
         Ok(())
     }
+}
+
+/// The values of `ts`, one after another, as f32: one buffer for one collective.
+fn bucket<'a>(ts: impl Iterator<Item = &'a Tensor>) -> candle_core::Result<Vec<f32>> {
+    let mut flat = Vec::new();
+    for t in ts {
+        flat.extend(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(flat)
+}
+
+/// [`bucket`] undone: tensors of the shapes, dtypes and devices of `like`,
+/// from the values of `flat` in order.
+fn unbucket<'a>(flat: &[f32], like: impl Iterator<Item = &'a Tensor>) -> candle_core::Result<Vec<Tensor>> {
+    let mut at = 0;
+    like.map(|t| {
+        let n = t.elem_count();
+        let v = flat[at..at + n].to_vec();
+        at += n;
+        Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())
+    })
+    .collect()
 }
 
 static WORLD: OnceLock<World> = OnceLock::new();
@@ -411,14 +410,6 @@ pub fn norm_collective() -> Option<World> {
     STEP.with(|s| s.borrow().as_ref().filter(|c| c.sync_bn).map(|c| c.world.clone()))
 }
 
-/// Sums batch-norm sums `buf` over the ranks of the running step (no-op
-/// outside one, and when each rank normalises its own rows).
-pub fn norm_sum_f64(buf: &mut [f64]) {
-    if let Some(w) = norm_collective() {
-        w.all_reduce_f64(buf);
-    }
-}
-
 /// The mean over the ranks of the running step of `t` (f32, any shape): a
 /// statistic of the whole batch from each rank's equal share (DINO's centre);
 /// `t` itself outside a multi-rank step.
@@ -505,22 +496,19 @@ pub fn join_running_stats(
         .into_iter()
         .filter(|(name, _)| name.ends_with("running_mean") || name.ends_with("running_var"))
         .collect();
-    let mut flat = Vec::new();
+    let mut r0s = Vec::with_capacity(vars.len());
+    let mut deltas = Vec::with_capacity(vars.len());
     for (name, v) in &vars {
         let Some(r0) = before.get(name) else {
             candle_core::bail!("join_running_stats: no value of {name} before the step")
         };
-        let d = ((v.as_tensor() - (r0 * a)?)? * discount)?;
-        flat.extend(d.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        deltas.push(((v.as_tensor() - (r0 * a)?)? * discount)?);
+        r0s.push(r0);
     }
+    let mut flat = bucket(deltas.iter())?;
     world.all_reduce_f32(&mut flat);
-    let mut at = 0;
-    for (name, v) in &vars {
-        let r0 = &before[name];
-        let len = r0.elem_count();
-        let sum = Tensor::from_vec(flat[at..at + len].to_vec(), r0.shape(), r0.device())?.to_dtype(r0.dtype())?;
-        at += len;
-        v.set(&((r0 * a.powi(n as i32))? + sum)?)?;
+    for (((_, v), r0), sum) in vars.iter().zip(&r0s).zip(unbucket(&flat, r0s.iter().copied())?) {
+        v.set(&((*r0 * a.powi(n as i32))? + sum)?)?;
     }
     for (name, v) in crate::init::named_vars(buffers) {
         if name.ends_with("num_batches_tracked") {

@@ -876,21 +876,7 @@ mod tests {
                 let (ta, tb, tc) = (layout & 1 == 1, layout & 2 == 2, layout & 4 == 4);
                 let a = data(m * k, 1.0);
                 let b = data(k * n, 2.0);
-                let am = if ta {
-                    Mat::row_major(k, m).t()
-                } else {
-                    Mat::row_major(m, k)
-                };
-                let bm = if tb {
-                    Mat::row_major(n, k).t()
-                } else {
-                    Mat::row_major(k, n)
-                };
-                let cm = if tc {
-                    Mat::row_major(n, m).t()
-                } else {
-                    Mat::row_major(m, n)
-                };
+                let (am, bm, cm) = (Mat::stored(m, k, ta), Mat::stored(k, n, tb), Mat::stored(m, n, tc));
                 let want = naive(m, n, k, &a, am, &b, bm);
                 for threads in [1, 3] {
                     for accumulate in [false, true] {

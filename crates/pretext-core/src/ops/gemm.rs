@@ -34,6 +34,16 @@ impl Mat {
         }
     }
 
+    /// A `rows × cols` matrix stored row-major, or column-major (the
+    /// transpose of a row-major `cols × rows`) when `column_major`.
+    pub fn stored(rows: usize, cols: usize, column_major: bool) -> Self {
+        if column_major {
+            Self::row_major(cols, rows).t()
+        } else {
+            Self::row_major(rows, cols)
+        }
+    }
+
     /// The same storage read as the transpose.
     pub fn t(self) -> Self {
         Self {
@@ -425,11 +435,7 @@ mod tests {
                 for threads in [1, 2] {
                     // c row-major and column-major, so both operand orders run
                     for col_major in [false, true] {
-                        let cm = if col_major {
-                            Mat::row_major(n, m).t()
-                        } else {
-                            Mat::row_major(m, n)
-                        };
+                        let cm = Mat::stored(m, n, col_major);
                         let mut c = vec![0.5f32; m * n];
                         sgemm_with(
                             set,

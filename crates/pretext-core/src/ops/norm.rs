@@ -69,14 +69,14 @@ fn add_pairs((mut a, mut b): (Vec<f64>, Vec<f64>), (x, y): (Vec<f64>, Vec<f64>))
 /// data-parallel step with synchronised batch norm (see
 /// [`crate::dist::norm_collective`]); unchanged otherwise.
 fn sum_over_ranks(a: Vec<f64>, b: Vec<f64>, rows: usize) -> (Vec<f64>, Vec<f64>, usize) {
-    if crate::dist::norm_collective().is_none() {
+    let Some(world) = crate::dist::norm_collective() else {
         return (a, b, rows);
-    }
+    };
     let c = a.len();
     let mut buf = a;
     buf.extend(b);
     buf.push(rows as f64);
-    crate::dist::norm_sum_f64(&mut buf);
+    world.all_reduce_f64(&mut buf);
     let rows = buf[2 * c] as usize;
     let b = buf[c..2 * c].to_vec();
     buf.truncate(c);

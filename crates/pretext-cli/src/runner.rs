@@ -300,6 +300,7 @@ where
             world.size()
         );
     }
+    let started = std::time::Instant::now();
     match command {
         Command::Pretrain {
             data,
@@ -338,6 +339,7 @@ where
             )
             .with_context(|| format!("pretraining into {}", out.display()))?;
             if world.is_root() {
+                println!("pretrained in {} (wall)", wall_time(started.elapsed()));
                 println!("run folder: {}", run.root().display());
             }
         }
@@ -347,6 +349,7 @@ where
             paradigm::resume::<P>(&run, &cfg, &device, &mut observer)
                 .with_context(|| format!("resuming {}", run.display()))?;
             if world.is_root() {
+                println!("resumed and finished in {} (wall)", wall_time(started.elapsed()));
                 println!("run folder: {}", run.display());
             }
         }
@@ -604,4 +607,43 @@ fn observer(label: &str, quiet: bool) -> crate::progress::ProgressObserver {
         ));
     }
     o
+}
+
+/// A wall-clock duration as people read it: `4 min 52.3 s`, or `8.1 s`.
+fn wall_time(d: std::time::Duration) -> String {
+    let tenths = (d.as_secs_f64() * 10.0).round() as u64;
+    if tenths < 600 {
+        format!("{}.{} s", tenths / 10, tenths % 10)
+    } else {
+        let (min, rest) = (tenths / 600, tenths % 600);
+        format!(
+            "{min} min {}.{} s = {:.2} min",
+            rest / 10,
+            rest % 10,
+            d.as_secs_f64() / 60.0
+        )
+    }
+}
+
+#[cfg(test)]
+mod wall_time_tests {
+    #[test]
+    fn wall_time_reads_as_minutes_and_seconds() {
+        use std::time::Duration;
+        assert_eq!(super::wall_time(Duration::from_millis(8_140)), "8.1 s");
+        assert_eq!(
+            super::wall_time(Duration::from_millis(292_300)),
+            "4 min 52.3 s = 4.87 min"
+        );
+        assert_eq!(super::wall_time(Duration::from_secs(600)), "10 min 0.0 s = 10.00 min");
+        // rounding to tenths carries into the minutes, never "1 min 60.0 s"
+        assert_eq!(
+            super::wall_time(Duration::from_millis(119_960)),
+            "2 min 0.0 s = 2.00 min"
+        );
+        assert_eq!(
+            super::wall_time(Duration::from_millis(59_960)),
+            "1 min 0.0 s = 1.00 min"
+        );
+    }
 }

@@ -80,6 +80,21 @@ fn shipped_contrastive_configs_are_valid() {
             .unwrap_or_default()
             .to_string();
         assert!(name.starts_with(&cfg.method), "{name}: method {}", cfg.method);
+        // (view side, batch, epochs, steps, bf16): the files that recipe another
+        // training setup must say so whole, since they lie over the default's
+        let setup = (
+            cfg.view_side(),
+            cfg.train.batch_size,
+            cfg.train.epochs,
+            cfg.train.max_steps,
+            cfg.train.precision == pretext_core::ops::bf16::Precision::Bf16,
+        );
+        match name.as_str() {
+            "simclr-reference-fmnist.toml" => assert_eq!(setup, (28, 256, 5, 0, false), "{name}"),
+            "simclr-cifar10.toml" => assert_eq!(setup, (32, 512, 100, 0, false), "{name}"),
+            "moco-cifar10.toml" => assert_eq!(setup, (32, 256, 200, 0, false), "{name}"),
+            _ => assert_eq!(setup.0, 16, "{name}: the default's views"),
+        }
         if name.contains("cifar") {
             assert_eq!((cfg.data.channels, cfg.data.image_size), (3, 32), "{name}");
             assert_eq!(cfg.model.encoder.arch, Arch::Resnet18Cifar, "{name}");
@@ -99,6 +114,7 @@ fn shipped_contrastive_configs_are_valid() {
             "moco-fmnist.toml",
             "simclr-cifar10.toml",
             "simclr-fmnist.toml",
+            "simclr-reference-fmnist.toml",
             "simsiam-fmnist.toml",
             "vicreg-fmnist.toml"
         ]

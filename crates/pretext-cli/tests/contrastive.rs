@@ -90,8 +90,10 @@ fn killed_and_resumed_dino_run_matches_the_uninterrupted_one() {
     killed_and_resumed_run_matches_the_uninterrupted_one("dino");
 }
 
-/// A one-block ViT-Tiny on 7×7 patches (a 4×4 grid; DINO's 14×14 local crops
-/// are 2×2 grids with resampled position embeddings).
+/// A one-block ViT-Tiny on 7×7 patches (the default's views, 0.57 of 28
+/// pixels, round to a 2×2 grid, as DINO's 14×14 local crops are, both with
+/// resampled position embeddings; evaluation sees the 4×4 grid of whole
+/// images).
 const TINY_VIT: [&str; 8] = [
     "--set",
     "model.encoder.arch=\"vit-tiny\"",
@@ -236,6 +238,8 @@ fn the_kernel_switch_forces_narrower_kernels_that_train_alike() {
         let mut cmd = bin();
         cmd.arg("pretrain").arg("--out").arg(&out).args(TINY);
         cmd.args(["--set", "train.max_steps=2", "--set", "train.checkpoint_every=2"]);
+        // f32 products: each kernel set has them (bf16 ones need AVX512-BF16)
+        cmd.args(["--set", "train.precision=\"f32\""]);
         match kernels {
             Some(k) => cmd.env(KERNELS_ENV, k.name()),
             None => cmd.env_remove(KERNELS_ENV),

@@ -100,14 +100,18 @@ fn weight_gap(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>) -> f
 }
 
 /// SGD, so the weights compare the gradients (Adam's normalised update
-/// turns rounding noise in near-zero gradients into whole steps).
-const SGD: [&str; 6] = [
+/// turns rounding noise in near-zero gradients into whole steps), and f32
+/// products: in bf16 a sum taken in another order can round an operand to
+/// the next bf16 value, 2⁻⁸ away (the SimCLR default trains in bf16).
+const SGD_F32: [&str; 8] = [
     "--set",
     "optim.name=\"sgd\"",
     "--set",
     "optim.lr=0.002",
     "--set",
     "optim.momentum=0.9",
+    "--set",
+    "train.precision=\"f32\"",
 ];
 
 /// Trains with `mpirun -np 2` and with one process (global batch 8 both
@@ -118,14 +122,14 @@ const SGD: [&str; 6] = [
 fn one_and_two_processes(bin: &str, method: &[&str], tiny: &[&str], single: fn(&Path) -> Vec<String>, tol: f32) {
     let tmp = tempfile::tempdir().expect("tmp");
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    let out = output(mpirun(2, bin, &pretrain_args(method, &two, tiny, &SGD)));
+    let out = output(mpirun(2, bin, &pretrain_args(method, &two, tiny, &SGD_F32)));
     assert!(
         out.status.success(),
         "mpirun -np 2 {bin}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let extra = single(&two);
-    let mut args: Vec<&str> = SGD.to_vec();
+    let mut args: Vec<&str> = SGD_F32.to_vec();
     args.extend(extra.iter().map(String::as_str));
     common::ok(bin, &os(&pretrain_args(method, &one, tiny, &args)));
     let stdout = String::from_utf8_lossy(&out.stdout);

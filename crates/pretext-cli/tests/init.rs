@@ -159,7 +159,8 @@ fn contrastive_step_zero_loss(a: &Path, b: &Path) -> f64 {
         lr: 0.0,
         shard: Default::default(),
     };
-    let out = model.step(&batch, &cx).expect("step");
+    // under the run's precision, as the trainer steps
+    let out = cfg.train.precision.scope(|| model.step(&batch, &cx)).expect("step");
     f64::from(out.loss.to_scalar::<f32>().expect("loss"))
 }
 

@@ -210,7 +210,8 @@ impl Paradigm for Contrastive {
     }
 
     fn batches(cfg: &ContrastiveConfig, data: &RunData, _: &(), device: &Device) -> Result<ImageBatcher> {
-        let pipeline = Pipeline::new(cfg.data.augment.clone(), cfg.data.image_size, cfg.data.image_size)?;
+        let view = cfg.view_side();
+        let pipeline = Pipeline::new(cfg.data.augment.clone(), view, view)?;
         let bc = BatcherConfig::training(cfg.train.batch_size, 2, cfg.train.seed, cfg.data.prefetch);
         let batches = data.training_batches(pipeline, bc, device)?;
         let dino = &cfg.model.dino;
@@ -370,4 +371,80 @@ pub fn probe(
     };
     pretext_eval::plots::write_report_page(&report_dir, &report, &figures)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretext_core::trainer::BatchSource;
+    use std::sync::Arc;
+
+    fn images(n: usize, side: usize) -> RunData {
+        let train = ImageDataset {
+            height: side,
+            width: side,
+            channels: 1,
+            pixels: (0..n * side * side).map(|i| (i * 37 % 251) as u8).collect(),
+            labels: Some((0..n as u32).map(|i| i % 2).collect()),
+            classes: Vec::new(),
+            ids: None,
+        };
+        RunData {
+            train: Arc::new(train),
+            held_out: None,
+        }
+    }
+
+    #[test]
+    fn views_have_the_view_side_and_the_encoder_takes_either_side() {
+        let data = images(16, 16);
+        let mut cfg = ContrastiveConfig::default();
+        cfg.data.image_size = 16;
+        cfg.train.batch_size = 4;
+        for (scale, side) in [(1.0, 16), (0.6, 10), (0.7, 11)] {
+            cfg.data.view_scale = scale;
+            cfg.validate().expect("valid");
+            assert_eq!(cfg.view_side(), side, "view_scale {scale}");
+            let mut batches = Contrastive::batches(&cfg, &data, &(), &Device::Cpu).expect("batches");
+            let batch = batches.batch(0).expect("batch");
+            assert_eq!(batch.views.len(), 2);
+            for v in &batch.views {
+                assert_eq!(v.dims(), &[4, 1, side, side], "view_scale {scale}");
+            }
+        }
+        // the encoder pools globally: images of either side give features of one width
+        let model = Contrastive::new_model(&cfg, &(), &Device::Cpu).expect("model");
+        for side in [11, 16] {
+            let x = candle_core::Tensor::zeros((2, 1, side, side), candle_core::DType::F32, &Device::Cpu).expect("x");
+            let f = model.encoder().forward_t(&x, false).expect("features");
+            assert_eq!(f.dims(), &[2, model.encoder().out_dim()], "side {side}");
+        }
+    }
+
+    #[test]
+    fn view_scale_is_checked_and_a_vit_gets_whole_patches() {
+        let mut cfg = ContrastiveConfig::default();
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            cfg.data.view_scale = bad;
+            let err = cfg.validate().expect_err("out of range").to_string();
+            assert!(err.contains("data.view_scale"), "{err}");
+        }
+        cfg.data.view_scale = 0.25; // 7 pixels of 28: never under 8
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.view_side(), 8);
+        cfg.data.image_size = 8; // the default's scale on 8-pixel images: whole images
+        cfg.data.view_scale = 0.7;
+        assert_eq!(cfg.view_side(), 8);
+        cfg.data.image_size = 28;
+        cfg.data.view_scale = 0.7;
+        assert_eq!(cfg.view_side(), 20);
+        cfg.model.encoder.arch = crate::encoder::Arch::VitTiny;
+        for (patch, side) in [(4, 20), (7, 21), (14, 14), (28, 28)] {
+            cfg.model.encoder.patch_size = patch;
+            assert_eq!(cfg.view_side(), side, "patch {patch}");
+        }
+        cfg.model.encoder.patch_size = 4;
+        cfg.data.view_scale = 0.05; // under one patch: one patch
+        assert_eq!(cfg.view_side(), 4);
+    }
 }

@@ -32,8 +32,16 @@ pub struct DataConfig {
     pub path: String,
     /// Reader; `auto` detects it.
     pub format: ImageFormat,
-    /// Side of the (square) training views.
+    /// Side of the (square) images: every image is read at this size, and
+    /// evaluation, probes, fine-tuning and export see it.
     pub image_size: usize,
+    /// Side of the augmented views pretraining trains on, as a fraction of
+    /// `image_size` (0 < f ≤ 1; see [`ContrastiveConfig::view_side`]). Below
+    /// 1 each step is cheaper, about as the views' area; the encoder still
+    /// takes `image_size` images afterwards (a ResNet pools globally, a ViT
+    /// resamples its position embeddings). Runs written before this key
+    /// existed read 1, as they trained.
+    pub view_scale: f64,
     /// 1 = grayscale, 3 = RGB.
     pub channels: usize,
     /// Augmentations of each view.
@@ -48,6 +56,7 @@ impl Default for DataConfig {
             path: String::new(),
             format: ImageFormat::Auto,
             image_size: 28,
+            view_scale: 1.0,
             channels: 1,
             augment: AugmentConfig::fashion_mnist(),
             prefetch: 2,
@@ -133,6 +142,20 @@ impl Default for ContrastiveConfig {
 }
 
 impl ContrastiveConfig {
+    /// Side of the views pretraining trains on: `data.view_scale` of
+    /// `data.image_size`, rounded, and never under 8 pixels (or the image's
+    /// side, if smaller); for a ViT, to the nearest whole number of patches
+    /// (at least one).
+    pub fn view_side(&self) -> usize {
+        let side = self.data.image_size as f64 * self.data.view_scale;
+        if self.model.encoder.arch.is_vit() {
+            let p = self.model.encoder.patch_size.max(1);
+            ((side / p as f64).round() as usize).max(1) * p
+        } else {
+            (side.round() as usize).max(self.data.image_size.min(8))
+        }
+    }
+
     /// The `model` section with the encoder sized for `data.image_size`
     /// (a ViT's position embeddings are for that grid): what a run builds.
     pub fn model_for_data(&self) -> ModelConfig {
@@ -187,6 +210,10 @@ impl ContrastiveConfig {
                 self.data.image_size,
                 "must be at least 8",
             ));
+        }
+        let scale = self.data.view_scale;
+        if !(scale > 0.0 && scale <= 1.0) {
+            return Err(InvalidSetting::value("data.view_scale", scale, "must be in (0, 1]"));
         }
         if self.model.encoder.in_channels != self.data.channels {
             return Err(InvalidSetting::value(

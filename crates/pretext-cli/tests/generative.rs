@@ -173,6 +173,8 @@ fn vae_trains_resumes_probes_samples_and_exports() {
         card.contains("- self-supervised") && card.contains("Test likelihood"),
         "{card}"
     );
+    // its configuration is the VAE's: no `[mae]` table
+    assert!(card.contains("[model]") && !card.contains("[mae]"), "{card}");
 }
 
 /// A one-block ViT-Tiny MAE on 7×7 patches (a 4×4 grid, 12 of 16 patches hidden).
@@ -340,6 +342,11 @@ fn mae_trains_resumes_probes_and_exports_its_encoder() {
     let card = std::fs::read_to_string(a.join("export/README.md")).expect("card");
     assert!(
         card.contains("timm.create_model") && card.contains("patch_size=7"),
+        "{card}"
+    );
+    // its configuration is the MAE's: the VAE's `[model]` table is left out
+    assert!(
+        card.contains("[mae]\n") && !card.contains("[model]") && !card.contains("latent ="),
         "{card}"
     );
 

@@ -825,7 +825,7 @@ for {steps} optimizer steps: Gaussian posterior, standard normal prior, {:?} lik
         card.push_str(&conv_module_source(cfg));
     }
     card.push_str("```\n\n## Training configuration\n\n```toml\n");
-    card.push_str(run.config_text()?.trim_end());
+    card.push_str(without_tables(&run.config_text()?, &["mae"]).trim_end());
     card.push_str("\n```\n");
 
     Ok(vec![
@@ -861,6 +861,36 @@ fn conv_module_source(cfg: &GenerativeConfig) -> String {
         dec_fc = tuple(&m.dec_fc),
         z = m.latent,
     )
+}
+
+/// `config.toml` text without the tables (and their sub-tables) named in
+/// `drop`: a generative run's config carries both the VAE's `[model]` and
+/// the MAE's `[mae]`, and a model card shows only the one that was trained.
+/// Works on the text, so keys and values stay as the run wrote them.
+fn without_tables(text: &str, drop: &[&str]) -> String {
+    let mut skipping = false;
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if let Some(header) = line.strip_prefix('[') {
+            let name = header
+                .trim_start_matches('[')
+                .split([']', '.'])
+                .next()
+                .unwrap_or("")
+                .trim();
+            skipping = drop.contains(&name);
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    // Dropping a table leaves the blank line that preceded it next to the
+    // one that preceded the next table.
+    while out.contains("\n\n\n") {
+        out = out.replace("\n\n\n", "\n\n");
+    }
+    out
 }
 
 /// The files of an MAE's `export/`: the encoder alone under timm's names
@@ -942,11 +972,36 @@ vector: the class token after the final LayerNorm.\n\n",
         s = cfg.data.image_size,
         w = d.embed_dim
     ));
-    card.push_str(run.config_text()?.trim_end());
+    // The VAE's `[model]` table is in every generative run's config; it
+    // does not describe an MAE.
+    card.push_str(without_tables(&run.config_text()?, &["model"]).trim_end());
     card.push_str("\n```\n");
     Ok(vec![
         ("model.safetensors".into(), bytes),
         ("config.json".into(), config_json),
         ("README.md".into(), card.into_bytes()),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_tables;
+
+    const CONFIG: &str = "method = \"mae\"\n\n[model]\narch = \"conv\"\nhidden = [\n    512,\n    256,\n]\n\n[mae]\npatch_size = 7\n\n[eval]\nevery = 1\n\n[eval.finetune]\ncrop_scale = [\n    0.5,\n    1.0,\n]\n\n[model.extra]\nx = 1\n";
+
+    #[test]
+    fn the_named_tables_and_their_sub_tables_are_dropped_and_the_rest_kept_verbatim() {
+        let mae = without_tables(CONFIG, &["model"]);
+        assert_eq!(
+            mae,
+            "method = \"mae\"\n\n[mae]\npatch_size = 7\n\n[eval]\nevery = 1\n\n[eval.finetune]\ncrop_scale = [\n    0.5,\n    1.0,\n]\n\n"
+        );
+        let vae = without_tables(CONFIG, &["mae"]);
+        assert!(
+            vae.contains("[model]\narch = \"conv\"\nhidden = [\n    512,\n    256,\n]\n")
+                && vae.contains("[model.extra]")
+        );
+        assert!(!vae.contains("[mae]") && !vae.contains("patch_size"));
+        assert_eq!(without_tables(CONFIG, &[]), CONFIG);
+    }
 }

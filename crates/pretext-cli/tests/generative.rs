@@ -83,6 +83,15 @@ fn vae_trains_resumes_probes_samples_and_exports() {
         "KL logged per step"
     );
     assert!(rec.iter().any(|r| r["event"] == "elbo"), "held-out ELBO at the end");
+    // the collapse indicators of the posterior means (TINY's 4 latents)
+    let spread: Vec<&serde_json::Value> = rec.iter().filter(|r| r["event"] == "spread").collect();
+    assert!(
+        !spread.is_empty()
+            && spread.iter().all(|r| r["dim"] == 4
+                && r["effective_rank"].as_f64().is_some_and(|v| (1.0..=4.0).contains(&v))
+                && r["embedding_std"].as_f64().is_some_and(|v| v > 0.0)),
+        "{rec:?}"
+    );
 
     // killed after step 30 (checkpoint 20 is the latest), then resumed
     let b = tmp.path().join("b");
@@ -236,6 +245,17 @@ fn mae_trains_resumes_probes_and_exports_its_encoder() {
                 .all(|r| r["test_masked_mse"].as_f64().is_some_and(|v| v > 0.0)),
         "{rec:?}"
     );
+    // the collapse indicators of the held-out class tokens, at every online evaluation
+    let spread: Vec<&serde_json::Value> = rec.iter().filter(|r| r["event"] == "spread").collect();
+    assert!(
+        spread.len() == held.len()
+            && spread.iter().all(|r| r["dim"] == 192
+                && r["effective_rank"].as_f64().is_some_and(|v| v > 1.0 && v <= 192.0)
+                && r["uniform_std"]
+                    .as_f64()
+                    .is_some_and(|v| (v - 192f64.sqrt().recip()).abs() < 1e-9)),
+        "{rec:?}"
+    );
     let config = std::fs::read_to_string(a.join("config.toml")).expect("config");
     assert!(
         config.contains("method = \"mae\"") && config.contains("mask_ratio = 0.75"),
@@ -320,6 +340,10 @@ fn mae_trains_resumes_probes_and_exports_its_encoder() {
         "inputs, masked inputs, reconstructions"
     );
     assert!(!a.join("report/likelihood.json").exists());
+    assert!(
+        a.join("report/spread.png").exists(),
+        "the collapse curves in the report"
+    );
 
     // an MAE has no prior to sample from: a clear error
     let out = bin().arg("sample").arg(&a).output().expect("sample");

@@ -236,15 +236,29 @@ fn embed(
     )?)
 }
 
+/// What online monitoring measured on the held-out images.
+struct Monitor {
+    /// The VAE's negative ELBO with one sample, or the MAE's masked reconstruction error.
+    score: f64,
+    /// kNN accuracy on the features (labelled data only).
+    knn: Option<f64>,
+    /// Collapse indicators of the held-out features (the VAE's posterior
+    /// means, the MAE's class tokens).
+    spread: Option<pretext_eval::collapse::Spread>,
+    /// The features' dimension.
+    dim: usize,
+}
+
 /// The held-out score (the VAE's negative ELBO with one sample, the MAE's
-/// masked reconstruction error) and kNN accuracy on the features.
+/// masked reconstruction error), kNN accuracy on the features and their
+/// collapse indicators; `None` without held-out images.
 fn monitor(
     model: &GenerativeModel,
     data: &RunData,
     cfg: &GenerativeConfig,
     device: &Device,
     observer: &mut dyn Observer,
-) -> Result<Option<(f64, Option<f64>)>> {
+) -> Result<Option<Monitor>> {
     let Some(held) = &data.held_out else {
         return Ok(None);
     };
@@ -255,12 +269,13 @@ fn monitor(
         GenerativeModel::Vae(v) => likelihood(v, held, &test, 1, 0, cfg, device, observer)?.neg_elbo,
         GenerativeModel::Mae(m) => masked_error(m, held, &test, cfg, device, observer)?,
     };
+    let b = embed(model, held, &test, cfg, device, observer, "held-out features")?;
+    let spread = pretext_eval::collapse::spread(&b.features, b.dim);
     let knn = match &data.train.labels {
-        Some(labels) => {
+        Some(labels) if held.labels.is_some() => {
             let bank =
                 pretext_data::subset::balanced_count(labels, cfg.eval.knn_train.min(data.train.len()), cfg.train.seed)?;
             let a = embed(model, &data.train, &bank, cfg, device, observer, "kNN: memory bank")?;
-            let b = embed(model, held, &test, cfg, device, observer, "kNN: held-out")?;
             let k = KnnConfig {
                 k: cfg.eval.knn_k,
                 temperature: cfg.eval.knn_temperature,
@@ -268,9 +283,14 @@ fn monitor(
             };
             Some(knn_accuracy(&a, &b, &k)?)
         }
-        None => None,
+        _ => None,
     };
-    Ok(Some((score, knn)))
+    Ok(Some(Monitor {
+        score,
+        knn,
+        spread,
+        dim: b.dim,
+    }))
 }
 
 /// Flattened decoder means of latents `z`.
@@ -649,7 +669,13 @@ impl Paradigm for Generative {
         device: &Device,
         observer: &mut dyn Observer,
     ) -> Result<Vec<serde_json::Value>> {
-        let Some((score, knn)) = monitor(model, data, cfg, device, observer)? else {
+        let Some(Monitor {
+            score,
+            knn,
+            spread,
+            dim,
+        }) = monitor(model, data, cfg, device, observer)?
+        else {
             return Ok(vec![]);
         };
         let (step, epoch) = (at.step, at.epoch());
@@ -669,6 +695,16 @@ impl Paradigm for Generative {
             records.push(serde_json::json!({ "event": "knn", "step": step, "epoch": epoch, "knn_accuracy": acc }));
             let on = if model.vae().is_some() { "μ" } else { "the class token" };
             msg.push_str(&format!(", kNN on {on} {:.2}%", acc * 100.0));
+        }
+        if let Some(sp) = spread {
+            msg.push_str(&format!(
+                ", feature std {:.4} (uniform {:.4}), effective rank {:.1} of {dim}",
+                sp.std, sp.uniform_std, sp.effective_rank
+            ));
+            records.push(serde_json::json!({
+                "event": "spread", "step": step, "epoch": epoch, "embedding_std": sp.std,
+                "uniform_std": sp.uniform_std, "effective_rank": sp.effective_rank, "dim": dim,
+            }));
         }
         observer.on_message(&msg);
         Ok(records)

@@ -198,3 +198,58 @@ fn extracted_features_are_the_encoder_outputs_of_normalised_pixels() {
         assert_eq!(e.labels[row], ds.labels.as_ref().unwrap()[i]);
     }
 }
+
+/// Records the learning rate of every step.
+#[derive(Default)]
+struct Rates(Vec<f64>);
+
+impl pretext_core::trainer::Observer for Rates {
+    fn on_step(&mut self, r: &pretext_core::trainer::StepReport) {
+        self.0.push(r.lr);
+    }
+}
+
+#[test]
+fn the_warm_up_raises_the_rate_linearly_over_its_share_of_the_steps_then_decays_it() {
+    let train = halves(40, 7);
+    let test = halves(30, 8);
+    let run = |warmup_fraction: f64| {
+        let cfg = FineTuneConfig {
+            budget_images: 40 * 5,
+            batch_size: 10,
+            lr: 1e-2,
+            warmup_fraction,
+            ..FineTuneConfig::default()
+        };
+        let mut rates = Rates::default();
+        let r = fine_tune(
+            &Mlp::new(64, 4, 9),
+            &train,
+            &test,
+            &[0.5],
+            &[0.25],
+            8,
+            &cfg,
+            0,
+            &Device::Cpu,
+            &mut rates,
+        );
+        r.map(|r| (r.steps, rates.0))
+    };
+    // 5 epochs of 4 steps; a quarter of them (5 steps) warm up: lr·1/5 … lr·5/5
+    let (steps, rates) = run(0.25).unwrap();
+    assert_eq!((steps, rates.len()), (20, 20));
+    for (i, r) in rates[..5].iter().enumerate() {
+        assert!((r - 1e-2 * (i + 1) as f64 / 5.0).abs() < 1e-12, "step {i}: {r}");
+    }
+    assert!(
+        rates[5..].windows(2).all(|w| w[1] < w[0]),
+        "cosine decay after: {rates:?}"
+    );
+    // without it the first step runs at the full rate
+    let (_, plain) = run(0.0).unwrap();
+    assert!((plain[0] - 1e-2).abs() < 1e-12, "{plain:?}");
+    // a share outside [0, 1) names the setting
+    let err = run(1.0).unwrap_err().to_string();
+    assert!(err.contains("eval.finetune.warmup_fraction"), "{err}");
+}

@@ -69,6 +69,17 @@ fn halves(n: usize, seed: u64) -> ImageDataset {
     }
 }
 
+/// [`fine_tune`] on 8×8 one-channel images (mean 0.5, std 0.25), seed 0, on the CPU.
+fn tune(
+    enc: &Mlp,
+    train: &ImageDataset,
+    test: &ImageDataset,
+    cfg: &FineTuneConfig,
+    observer: &mut dyn pretext_core::trainer::Observer,
+) -> pretext_eval::Result<pretext_eval::FineTuneResult> {
+    fine_tune(enc, train, test, &[0.5], &[0.25], 8, cfg, 0, &Device::Cpu, observer)
+}
+
 #[test]
 fn fine_tuning_learns_a_separable_task_and_moves_the_encoder() {
     let train = halves(60, 1);
@@ -83,19 +94,7 @@ fn fine_tuning_learns_a_separable_task_and_moves_the_encoder() {
         flip_p: 0.0,
         ..FineTuneConfig::default()
     };
-    let r = fine_tune(
-        &enc,
-        &train,
-        &test,
-        &[0.5],
-        &[0.25],
-        8,
-        &cfg,
-        0,
-        &Device::Cpu,
-        &mut NullObserver,
-    )
-    .unwrap();
+    let r = tune(&enc, &train, &test, &cfg, &mut NullObserver).unwrap();
     assert_eq!((r.n_train, r.n_test, r.epochs, r.steps), (60, 90, 40, 160));
     assert!(r.accuracy > 0.95, "accuracy {}", r.accuracy);
     assert!(r.final_loss < 0.3, "final loss {}", r.final_loss);
@@ -120,19 +119,7 @@ fn fine_tuning_is_deterministic_under_the_seed() {
     };
     let run = || {
         let enc = Mlp::new(64, 4, 6);
-        let r = fine_tune(
-            &enc,
-            &train,
-            &test,
-            &[0.5],
-            &[0.25],
-            8,
-            &cfg,
-            0,
-            &Device::Cpu,
-            &mut NullObserver,
-        )
-        .unwrap();
+        let r = tune(&enc, &train, &test, &cfg, &mut NullObserver).unwrap();
         (r.final_loss, enc.layer.weight().to_vec2::<f32>().unwrap())
     };
     assert_eq!(run(), run());
@@ -144,19 +131,7 @@ fn fine_tuning_rejects_unlabelled_data() {
     train.labels = None;
     let test = halves(12, 2);
     let enc = Mlp::new(64, 4, 6);
-    let err = fine_tune(
-        &enc,
-        &train,
-        &test,
-        &[0.5],
-        &[0.25],
-        8,
-        &FineTuneConfig::default(),
-        0,
-        &Device::Cpu,
-        &mut NullObserver,
-    )
-    .unwrap_err();
+    let err = tune(&enc, &train, &test, &FineTuneConfig::default(), &mut NullObserver).unwrap_err();
     assert!(err.to_string().contains("labelled"), "{err}");
 }
 
@@ -222,18 +197,7 @@ fn the_warm_up_raises_the_rate_linearly_over_its_share_of_the_steps_then_decays_
             ..FineTuneConfig::default()
         };
         let mut rates = Rates::default();
-        let r = fine_tune(
-            &Mlp::new(64, 4, 9),
-            &train,
-            &test,
-            &[0.5],
-            &[0.25],
-            8,
-            &cfg,
-            0,
-            &Device::Cpu,
-            &mut rates,
-        );
+        let r = tune(&Mlp::new(64, 4, 9), &train, &test, &cfg, &mut rates);
         r.map(|r| (r.steps, rates.0))
     };
     // 5 epochs of 4 steps; a quarter of them (5 steps) warm up: lr·1/5 … lr·5/5

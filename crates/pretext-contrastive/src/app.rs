@@ -249,15 +249,8 @@ impl Paradigm for Contrastive {
             events.push(serde_json::json!({ "event": "knn", "step": at.step, "epoch": epoch, "knn_accuracy": acc }));
         }
         if let Some(s) = m.spread {
-            let dim = model.encoder().out_dim();
-            observer.on_message(&format!(
-                "epoch {epoch}: embedding std {:.4} (uniform {:.4}), effective rank {:.1} of {dim}",
-                s.std, s.uniform_std, s.effective_rank
-            ));
-            events.push(serde_json::json!({
-                "event": "spread", "step": at.step, "epoch": epoch, "embedding_std": s.std,
-                "uniform_std": s.uniform_std, "effective_rank": s.effective_rank, "dim": dim,
-            }));
+            observer.on_message(&format!("epoch {epoch}: embedding {}", s.summary()));
+            events.push(s.event(at.step, epoch));
         }
         Ok(events)
     }

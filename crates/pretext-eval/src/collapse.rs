@@ -16,6 +16,28 @@ pub struct Spread {
     pub effective_rank: f64,
     /// `1/√d`: the `std` of embeddings spread evenly over the sphere.
     pub uniform_std: f64,
+    /// `d`, the embedding's dimension.
+    pub dim: usize,
+}
+
+impl Spread {
+    /// The metrics-log record of an online evaluation at `step` (epoch
+    /// `epoch`): `{"event": "spread", …}`, what the report's `spread.png`
+    /// ([`crate::plots::spread_curve`]) draws.
+    pub fn event(&self, step: u64, epoch: u64) -> serde_json::Value {
+        serde_json::json!({
+            "event": "spread", "step": step, "epoch": epoch, "embedding_std": self.std,
+            "uniform_std": self.uniform_std, "effective_rank": self.effective_rank, "dim": self.dim,
+        })
+    }
+
+    /// `std … (uniform …), effective rank … of d`, for progress messages.
+    pub fn summary(&self) -> String {
+        format!(
+            "std {:.4} (uniform {:.4}), effective rank {:.1} of {}",
+            self.std, self.uniform_std, self.effective_rank, self.dim
+        )
+    }
 }
 
 /// The indicators of `n` rows of `d` features (row-major); `None` for no rows.
@@ -74,6 +96,7 @@ pub fn spread(features: &[f32], d: usize) -> Option<Spread> {
         std: std / d as f64,
         effective_rank: entropy.exp(),
         uniform_std: 1.0 / (d as f64).sqrt(),
+        dim: d,
     })
 }
 
@@ -242,6 +265,16 @@ mod tests {
         // each used coordinate is ±1 on a quarter of the rows, 0 elsewhere: std = 1/2
         assert!((s.std - 4.0 * 0.5 / 8.0).abs() < 1e-9, "{s:?}");
         assert!((s.uniform_std - 1.0 / 8f64.sqrt()).abs() < 1e-12);
+        assert_eq!(s.dim, 8);
+        // the log record the report's spread.png reads
+        let e = s.event(12, 3);
+        assert_eq!(
+            (&e["event"], &e["step"], &e["epoch"], &e["dim"]),
+            (&"spread".into(), &12.into(), &3.into(), &8.into())
+        );
+        assert_eq!(e["effective_rank"].as_f64(), Some(s.effective_rank));
+        assert_eq!(e["embedding_std"].as_f64(), Some(s.std));
+        assert_eq!(e["uniform_std"].as_f64(), Some(s.uniform_std));
         assert!(spread(&[], 4).is_none());
     }
 

@@ -245,8 +245,6 @@ struct Monitor {
     /// Collapse indicators of the held-out features (the VAE's posterior
     /// means, the MAE's class tokens).
     spread: Option<pretext_eval::collapse::Spread>,
-    /// The features' dimension.
-    dim: usize,
 }
 
 /// The held-out score (the VAE's negative ELBO with one sample, the MAE's
@@ -285,12 +283,7 @@ fn monitor(
         }
         _ => None,
     };
-    Ok(Some(Monitor {
-        score,
-        knn,
-        spread,
-        dim: b.dim,
-    }))
+    Ok(Some(Monitor { score, knn, spread }))
 }
 
 /// Flattened decoder means of latents `z`.
@@ -669,13 +662,7 @@ impl Paradigm for Generative {
         device: &Device,
         observer: &mut dyn Observer,
     ) -> Result<Vec<serde_json::Value>> {
-        let Some(Monitor {
-            score,
-            knn,
-            spread,
-            dim,
-        }) = monitor(model, data, cfg, device, observer)?
-        else {
+        let Some(Monitor { score, knn, spread }) = monitor(model, data, cfg, device, observer)? else {
             return Ok(vec![]);
         };
         let (step, epoch) = (at.step, at.epoch());
@@ -697,14 +684,8 @@ impl Paradigm for Generative {
             msg.push_str(&format!(", kNN on {on} {:.2}%", acc * 100.0));
         }
         if let Some(sp) = spread {
-            msg.push_str(&format!(
-                ", feature std {:.4} (uniform {:.4}), effective rank {:.1} of {dim}",
-                sp.std, sp.uniform_std, sp.effective_rank
-            ));
-            records.push(serde_json::json!({
-                "event": "spread", "step": step, "epoch": epoch, "embedding_std": sp.std,
-                "uniform_std": sp.uniform_std, "effective_rank": sp.effective_rank, "dim": dim,
-            }));
+            msg.push_str(&format!(", feature {}", sp.summary()));
+            records.push(sp.event(step, epoch));
         }
         observer.on_message(&msg);
         Ok(records)

@@ -477,27 +477,66 @@ fn ours_mlm(iters: usize, precision: &str) -> Result<f64> {
     )
 }
 
+/// transformers' BERT-mini in fp32 and under bf16 autocast, alternating
+/// (`benches/mlm_pytorch.py`, the reference's corpus and masking): tokens/s,
+/// `(fp32, bf16)`.
+fn twin_mlm(r: &Reference) -> Result<(f64, f64)> {
+    let script = root().join("crates/pretext-mlm/benches/mlm_pytorch.py");
+    let out = run(
+        Command::new(&r.python)
+            .arg(&script)
+            .arg(&r.dir)
+            .args(["20", "2"])
+            .current_dir(root()),
+        "mlm_pytorch.py … 20 2",
+    )?;
+    let figure = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().strip_suffix(" tokens/s")?.parse().ok())
+            .with_context(|| format!("no {name} tokens/s line from mlm_pytorch.py"))
+    };
+    Ok((figure("fp32")?, figure("bf16")?))
+}
+
 fn bench_mlm(iters: usize) -> Result<String> {
     let mut md = String::new();
     let zero = |x: f64| format!("{x:.0}");
     match reference() {
         Some(r) => {
             let mut res = Vec::new();
+            let mut twin = (0.0, 0.0);
             let ours = ours_twice(
                 |p| ours_mlm(iters, p),
                 || {
                     res = reference_results(&r, &["mlm", "--budget-min", "1"])?;
+                    twin = twin_mlm(&r)?;
                     Ok(())
                 },
             )?;
             let t = find(&res, "MLM train tokens/s").context("no tokens/s figure from the reference MLM")?;
             md.push_str("| BERT-mini MLM training (4 × 256, vocab 8000, batch 32 × 128, AdamW) | tokens/s | pretext f32 / this | pretext bf16 / this |\n|---|---|---|---|\n");
             md.push_str(&our_rows("", zero, &ours));
-            md.push_str(&format!(
-                "| transformers `BertForMaskedLM` fp32 (`reference.py mlm --budget-min 1`) | {t:.0} | {:.2} | {:.2} |\n",
-                ours[0].2 / t,
-                ours[1].2 / t
-            ));
+            let torch = torch_name(&r);
+            for (what, v) in [
+                (
+                    "transformers `BertForMaskedLM` fp32 (`reference.py mlm --budget-min 1`)".to_string(),
+                    t,
+                ),
+                (
+                    format!("transformers `BertForMaskedLM` fp32, {torch} (`benches/mlm_pytorch.py`)"),
+                    twin.0,
+                ),
+                (
+                    format!("transformers `BertForMaskedLM` under bf16 autocast, {torch} (`benches/mlm_pytorch.py`)"),
+                    twin.1,
+                ),
+            ] {
+                md.push_str(&format!(
+                    "| {what} | {v:.0} | {:.2} | {:.2} |\n",
+                    ours[0].2 / v,
+                    ours[1].2 / v
+                ));
+            }
         }
         None => {
             let (a, b) = (ours_mlm(iters, "f32")?, ours_mlm(iters, "bf16")?);

@@ -259,7 +259,7 @@ where
     F: PretrainFlags,
     X: Extra,
 {
-    pretext_core::alloc::keep_freed_memory();
+    pretext_core::cpu::prepare_process();
     let mut cmd = Cli::<F, X>::command()
         .name(P::BIN)
         .about(P::ABOUT)

@@ -42,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(()); // `cargo bench -- --list` probing
     }
-    pretext_core::alloc::keep_freed_memory();
+    pretext_core::cpu::prepare_process();
     let batch = env("PRETEXT_BENCH_BATCH", 256);
     let warmup = env("PRETEXT_BENCH_WARMUP", 3);
     let iters = env("PRETEXT_BENCH_ITERS", 10);

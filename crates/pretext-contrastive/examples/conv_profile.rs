@@ -23,7 +23,7 @@ fn main() {
 }
 
 fn layers() {
-    pretext_core::alloc::keep_freed_memory();
+    pretext_core::cpu::prepare_process();
     let n = 512;
     let layers = [
         ("stem 1->32 28", 28, 1, 32, 3, 1, 1),

@@ -6,7 +6,7 @@ use pretext_core::trainer::Method;
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    pretext_core::alloc::keep_freed_memory();
+    pretext_core::cpu::prepare_process();
     let dev = Device::Cpu;
     let model = SimClr::new(&ModelConfig::default(), 0, &dev)?;
     let v1 = Tensor::randn(0f32, 1.0, (256, 1, 28, 28), &dev)?;

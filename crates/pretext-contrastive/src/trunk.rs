@@ -16,7 +16,7 @@
 use candle_core::{bail, Shape, Tensor};
 use pretext_core::ops::activation::{add_relu_kernel, relu_mask};
 use pretext_core::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, ConvGeom};
-use pretext_core::ops::fused::{apply, FusedOp, Operand};
+use pretext_core::ops::fused::{apply, values, FusedOp, Operand};
 use pretext_core::ops::norm;
 use pretext_core::ops::pool::{global_avg_pool, global_avg_pool_backward};
 use std::sync::{Arc, Mutex};
@@ -301,9 +301,7 @@ impl FusedOp<2> for TrunkOp {
         let Some(tape) = self.tape.lock().ok().and_then(|mut t| t.take()) else {
             bail!("resnet trunk: backward without forward (or run twice)")
         };
-        let p = params.to_vec1::<f32>()?;
-        let xin = x.flatten_all()?.to_vec1::<f32>()?;
-        let dfeat = grad.flatten_all()?.to_vec1::<f32>()?;
+        let (p, xin, dfeat) = (values(params)?, values(x)?, values(grad)?);
         let mut dp = vec![0f32; p.len()];
         let (hh, ww, c) = tape.final_hw;
         // gradient w.r.t. the last block's output

@@ -445,10 +445,15 @@ fn data_parallel_ranks_train_as_one_process_does() {
     // VICReg has a hinge on them), which magnify the rounding of sums taken
     // in another order as the tiny run goes on (VICReg's second gradient
     // already moves weights by 4e-4 apart while its loss agrees to 2e-7):
-    // they are compared over fewer steps, with a looser bound.
+    // they are compared over fewer steps, with a looser bound. MoCo's
+    // weights drift furthest of the rest (its InfoNCE rows run over the
+    // queue, and the ranks' key encoders see shuffled batch-norm groups):
+    // 9.1e-6 apart after 4 steps with the softmax summed sequentially,
+    // 1.4e-5 with the same sums taken over 16 lanes — rounding either way,
+    // where a wrong gradient sum or a missed collective is off by 1e-3 and more.
     for (method, steps, loss_tol, weight_tol) in [
         (MethodKind::SimClr, 4, 2e-5, 1e-5),
-        (MethodKind::MoCo, 4, 2e-5, 1e-5),
+        (MethodKind::MoCo, 4, 2e-5, 3e-5),
         (MethodKind::Byol, 4, 2e-5, 1e-5),
         (MethodKind::SimSiam, 4, 2e-5, 1e-5),
         (MethodKind::BarlowTwins, 2, 1e-4, 1e-4),

@@ -8,7 +8,8 @@
 
 /// Tells glibc's malloc to serve large blocks from the heap and not to return
 /// freed memory to the kernel eagerly. Call once at program start (the
-/// binaries and benches do). A no-op on other platforms.
+/// binaries and benches do, through [`crate::cpu::prepare_process`]). A
+/// no-op on other platforms.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

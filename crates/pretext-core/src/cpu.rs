@@ -96,6 +96,34 @@ impl CpuInfo {
 /// `auto` (the default: the widest this CPU has), `avx512`, `avx2` or `portable`.
 pub const KERNELS_ENV: &str = "PRETEXT_KERNELS";
 
+/// The environment variable that sizes candle's own pool of workers for its
+/// element-wise ops ([`prepare_process`] sets it to 1 unless the user did).
+pub const CANDLE_THREADS_ENV: &str = "CANDLE_NUM_THREADS";
+
+/// The process-wide settings every pretext binary and bench makes first,
+/// before any tensor exists:
+///
+/// - glibc's malloc keeps freed memory ([`crate::alloc::keep_freed_memory`]);
+/// - candle's element-wise ops run on the calling thread
+///   ([`CANDLE_THREADS_ENV`]` = 1`, unless already set). candle 0.11 keeps a
+///   second pool of workers beside rayon's for its element-wise ops, and each
+///   of them spins for up to 25,000 iterations after every op before it
+///   sleeps. Our products and fused ops run on rayon's pool, so on a machine
+///   with as many cores as threads those spinning workers take the cores
+///   rayon's workers need next. With one thread candle's ops (gradient
+///   sums, masks, casts — small, memory-bound passes) run inline. On the
+///   AMD EPYC of 2026-12-05 (2 vCPUs) the BERT-mini MLM step ran 2–6% and
+///   the SimCLR step 0–3% faster, three interleaved rounds each.
+///
+/// Call it at the top of `main`, while the process has one thread: it
+/// changes the environment.
+pub fn prepare_process() {
+    crate::alloc::keep_freed_memory();
+    if std::env::var_os(CANDLE_THREADS_ENV).is_none() {
+        std::env::set_var(CANDLE_THREADS_ENV, "1");
+    }
+}
+
 /// A family of f32 matrix-product kernels, from narrowest to widest.
 ///
 /// Every product pretext computes itself (convolutions, linear layers,

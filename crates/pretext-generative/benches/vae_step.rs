@@ -41,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
-    pretext_core::alloc::keep_freed_memory();
+    pretext_core::cpu::prepare_process();
     let batch = env("PRETEXT_BENCH_BATCH", 128);
     let warmup = env("PRETEXT_BENCH_WARMUP", 20);
     let iters = env("PRETEXT_BENCH_ITERS", 300);

@@ -35,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
-    pretext_core::alloc::keep_freed_memory();
+    pretext_core::cpu::prepare_process();
     let size = std::env::var("PRETEXT_BENCH_SIZE").unwrap_or_else(|_| "mini".into());
     let batch = env("PRETEXT_BENCH_BATCH", 32);
     let seq = env("PRETEXT_BENCH_SEQ", 128);

@@ -5,8 +5,7 @@
 //! and an add into a zeroed buffer); here it is one masked copy. GELU uses an
 //! `erf` that is several times faster than libm's and as accurate in f32.
 
-use super::fastmath::{erf, exp};
-use super::fused::{apply, apply_no_grad, FusedOp, Operand};
+use super::fused::{apply, apply_no_grad, values, FusedOp, Operand};
 use super::{fast_path, rows_per_task, ROW_TASK};
 use candle_core::{bail, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -127,8 +126,6 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-
 /// Elements per parallel task of GELU.
 const GELU_CHUNK: usize = 16384;
 
@@ -142,27 +139,16 @@ impl FusedOp<1> for GeluOp {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(GELU_CHUNK)
             .zip(x.par_chunks(GELU_CHUNK))
-            .for_each(|(yc, xc)| {
-                for (o, &v) in yc.iter_mut().zip(xc) {
-                    *o = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
-                }
-            });
+            .for_each(|(yc, xc)| super::vector::gelu(xc, yc));
         Ok((y, Shape::from(input.dims.to_vec())))
     }
 
     fn backward(&self, [x]: [&Tensor; 1], _y: &Tensor, dy: &Tensor) -> candle_core::Result<[Option<Tensor>; 1]> {
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let dys = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (xs, dys) = (values(x)?, values(dy)?);
         let mut dx = vec![0f32; xs.len()];
-        let c = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
         dx.par_chunks_mut(GELU_CHUNK)
             .zip(xs.par_chunks(GELU_CHUNK).zip(dys.par_chunks(GELU_CHUNK)))
-            .for_each(|(o, (xc, dc))| {
-                for i in 0..o.len() {
-                    let v = xc[i];
-                    o[i] = dc[i] * (0.5 * (1.0 + erf(v * FRAC_1_SQRT_2)) + v * c * exp(-0.5 * v * v));
-                }
-            });
+            .for_each(|(o, (xc, dc))| super::vector::gelu_backward(xc, dc, o));
         Ok([Some(Tensor::from_vec(dx, x.shape(), x.device())?)])
     }
 }
@@ -182,18 +168,9 @@ pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
 /// Softmax of each row of `x` into `y` (rows of `w`).
 pub(crate) fn softmax_rows(x: &[f32], y: &mut [f32], w: usize) {
     let rows = rows_per_task(w, ROW_TASK) * w;
-    y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yc, xc)| {
-        for (yr, xr) in yc.chunks_mut(w).zip(xc.chunks(w)) {
-            let m = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for (o, &v) in yr.iter_mut().zip(xr) {
-                *o = exp(v - m);
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            yr.iter_mut().for_each(|o| *o *= inv);
-        }
-    });
+    y.par_chunks_mut(rows)
+        .zip(x.par_chunks(rows))
+        .for_each(|(yc, xc)| super::vector::softmax_rows(xc, yc, w));
 }
 
 struct SoftmaxOp;
@@ -209,19 +186,14 @@ impl FusedOp<1> for SoftmaxOp {
 
     fn backward(&self, _x: [&Tensor; 1], y: &Tensor, dy: &Tensor) -> candle_core::Result<[Option<Tensor>; 1]> {
         let w = y.dim(D::Minus1)?.max(1);
-        let ys = y.flatten_all()?.to_vec1::<f32>()?;
-        let dys = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (ys, dys) = (values(y)?, values(dy)?);
         let mut dx = vec![0f32; ys.len()];
         let rows = rows_per_task(w, ROW_TASK) * w;
         dx.par_chunks_mut(rows)
             .zip(ys.par_chunks(rows).zip(dys.par_chunks(rows)))
             .for_each(|(dxc, (yc, dyc))| {
-                for ((dxr, yr), dyr) in dxc.chunks_mut(w).zip(yc.chunks(w)).zip(dyc.chunks(w)) {
-                    let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
-                    for i in 0..w {
-                        dxr[i] = yr[i] * (dyr[i] - dot);
-                    }
-                }
+                dxc.copy_from_slice(dyc);
+                super::vector::softmax_backward_rows(dxc, yc, w, 1.0);
             });
         Ok([Some(Tensor::from_vec(dx, y.shape(), y.device())?)])
     }

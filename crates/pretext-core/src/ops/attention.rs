@@ -6,7 +6,7 @@
 use super::bf16::Precision;
 use super::dropout::dropout;
 use super::fast_path;
-use super::fused::{apply, FusedOp, Operand};
+use super::fused::{apply, values, FusedOp, Operand};
 use super::gemm::{matmul, row_major, transposed, View};
 use candle_core::{bail, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -101,20 +101,7 @@ impl Attention {
         );
         let scale = 1.0 / (dh as f32).sqrt();
         let kb = &self.key_bias[b * t..(b + 1) * t];
-        for row in s.chunks_mut(t) {
-            let mut m = f32::NEG_INFINITY;
-            for (v, &bias) in row.iter_mut().zip(kb) {
-                *v = *v * scale + bias;
-                m = m.max(*v);
-            }
-            let mut sum = 0f32;
-            for v in row.iter_mut() {
-                *v = super::fastmath::exp(*v - m);
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|v| *v *= inv);
-        }
+        super::vector::scaled_softmax_rows(&mut s, scale, kb);
         if self.dropout > 0.0 {
             let seed = crate::seed::splitmix64(self.seed ^ ((first + task) as u64).wrapping_mul(0xA24B_AED4_963E_E407));
             let keep = 1.0 / (1.0 - self.dropout) as f32;
@@ -187,10 +174,7 @@ impl FusedOp<3> for Attention {
         _ctx: &Tensor,
         dctx: &Tensor,
     ) -> candle_core::Result<[Option<Tensor>; 3]> {
-        let qs = q.flatten_all()?.to_vec1::<f32>()?;
-        let ks = k.flatten_all()?.to_vec1::<f32>()?;
-        let vs = v.flatten_all()?.to_vec1::<f32>()?;
-        let ds = dctx.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (qs, ks, vs, ds) = (values(q)?, values(k)?, values(v)?, values(dctx)?);
         let (hid, dh) = self.dims(qs.len())?;
         let t = self.seq;
         let scale = 1.0 / (dh as f32).sqrt();
@@ -231,10 +215,7 @@ impl FusedOp<3> for Attention {
                 if let Some(m) = &mask {
                     dp.iter_mut().zip(m).for_each(|(d, m)| *d *= m);
                 }
-                for (dr, pr) in dp.chunks_mut(t).zip(p.chunks(t)) {
-                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - dot) * scale);
-                }
+                super::vector::softmax_backward_rows(&mut dp, &p, t, scale);
                 // dQ = dS · K, dK = dSᵀ · Q
                 let mut dq = vec![0f32; t * dh];
                 matmul(

@@ -28,6 +28,48 @@ impl Operand<'_> {
     }
 }
 
+/// The contiguous f32 values of a tensor, for a backward pass: borrowed from
+/// its CPU storage (under the storage's read lock, held while this lives)
+/// where the tensor is contiguous f32 on the CPU, copied otherwise. Backward
+/// passes read their inputs, outputs and gradients through it rather than
+/// copying each with `to_vec1` (a whole activation per operand per step).
+pub enum Values<'a> {
+    /// A view of the tensor's storage, `start..end`.
+    Borrowed(candle_core::StorageRef<'a>, usize, usize),
+    /// A copy (another device, dtype or layout).
+    Owned(Vec<f32>),
+}
+
+impl std::ops::Deref for Values<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            Values::Borrowed(storage, a, b) => match &**storage {
+                candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[*a..*b],
+                // `values` borrows only f32 CPU storage
+                _ => &[],
+            },
+            Values::Owned(v) => v,
+        }
+    }
+}
+
+/// `t`'s values, row-major, borrowed where it can be (see [`Values`]).
+///
+/// # Errors
+/// The copy failed (a dtype that does not convert to f32).
+pub fn values(t: &Tensor) -> candle_core::Result<Values<'_>> {
+    let (storage, layout) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(CpuStorage::F32(_)), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+        return Ok(Values::Borrowed(storage, a, b));
+    }
+    drop(storage);
+    Ok(Values::Owned(
+        t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
+    ))
+}
+
 /// A CPU f32 kernel over `N` operands (one to three), with its backward pass.
 pub trait FusedOp<const N: usize>: Send + Sync + 'static {
     /// The node's name in candle's graph and in errors.

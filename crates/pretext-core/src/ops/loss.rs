@@ -3,13 +3,13 @@
 //! and the per-row Bernoulli log-likelihood of logits (the VAE's decoder).
 
 use super::fast_path;
-use super::fused::{apply, apply_no_grad, FusedOp, Operand};
+use super::fused::{apply, apply_no_grad, values, FusedOp, Operand};
 use candle_core::{bail, DType, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Mean cross-entropy of `(rows, classes)` logits against `targets`
-/// (`log_softmax` and the gather in one pass, the sum in f64), whose
+/// (`log_softmax` and the gather in one pass, the rows' sum in f64), whose
 /// backward is `(softmax − onehot) / rows`.
 struct CrossEntropyOp {
     targets: Arc<Vec<u32>>,
@@ -33,13 +33,8 @@ impl FusedOp<1> for CrossEntropyOp {
             .par_chunks(c)
             .zip(self.targets.par_iter())
             .map(|(r, &t)| {
-                let m = r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let lse = r
-                    .iter()
-                    .map(|&v| f64::from(super::fastmath::exp(v - m)))
-                    .sum::<f64>()
-                    .ln()
-                    + f64::from(m);
+                let (m, sum) = super::vector::max_and_exp_sum(r);
+                let lse = f64::from(sum).ln() + f64::from(m);
                 lse - f64::from(r[t as usize])
             })
             .sum();
@@ -49,21 +44,11 @@ impl FusedOp<1> for CrossEntropyOp {
     fn backward(&self, [x]: [&Tensor; 1], _loss: &Tensor, dl: &Tensor) -> Result<[Option<Tensor>; 1]> {
         let (rows, c) = x.dims2()?;
         let g = dl.to_dtype(DType::F32)?.to_scalar::<f32>()? / rows.max(1) as f32;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let xs = values(x)?;
         let mut dx = vec![0f32; xs.len()];
         dx.par_chunks_mut(c)
             .zip(xs.par_chunks(c).zip(self.targets.par_iter()))
-            .for_each(|(d, (r, &t))| {
-                let m = r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut sum = 0f32;
-                for (o, &v) in d.iter_mut().zip(r) {
-                    *o = super::fastmath::exp(v - m);
-                    sum += *o;
-                }
-                let inv = g / sum;
-                d.iter_mut().for_each(|o| *o *= inv);
-                d[t as usize] -= g;
-            });
+            .for_each(|(d, (r, &t))| super::vector::softmax_minus_onehot(r, d, t as usize, g));
         Ok([Some(Tensor::from_vec(dx, x.shape(), x.device())?)])
     }
 }

@@ -14,7 +14,9 @@
 //! once against [`fused::FusedOp`]) and its `reference_*` twins:
 //! [`linear`], [`conv`], [`norm`] (batch and layer norm), [`activation`]
 //! (ReLU, GELU, softmax), [`pool`], [`attention`], [`dropout`], [`loss`]
-//! (cross-entropy, Bernoulli log-likelihood) and [`layout`] (NHWC ↔ NCHW).
+//! (cross-entropy, Bernoulli log-likelihood) and [`layout`] (NHWC ↔ NCHW);
+//! [`vector`] holds the row kernels of their element-wise passes, compiled
+//! per instruction-set family.
 //!
 //! Every function takes and returns ordinary candle tensors. On a non-CPU
 //! device or for a non-f32 dtype it falls back to candle's generic ops
@@ -33,6 +35,7 @@ pub mod linear;
 pub mod loss;
 pub mod norm;
 pub mod pool;
+pub mod vector;
 
 #[cfg(test)]
 pub(crate) mod testing;

@@ -4,7 +4,7 @@
 //! chunks in parallel) and layer normalisation of each row. Kernels, graph
 //! nodes and their `reference_*` twins.
 
-use super::fused::{apply, apply_no_grad, FusedOp, Operand};
+use super::fused::{apply, apply_no_grad, values, FusedOp, Operand};
 use super::{fast_path, rows_per_task, ROW_TASK};
 use candle_core::{bail, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -483,9 +483,7 @@ impl FusedOp<3> for LayerNormOp {
         dy: &Tensor,
     ) -> candle_core::Result<[Option<Tensor>; 3]> {
         let h = g.elem_count();
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let gs = g.to_vec1::<f32>()?;
-        let dys = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (xs, gs, dys) = (values(x)?, values(g)?, values(dy)?);
         let mut dx = vec![0f32; xs.len()];
         let rows = rows_per_task(h, ROW_TASK) * h;
         let (dg, db) = dx

@@ -3,7 +3,7 @@
 //! window (candle's supports only `k == stride`).
 
 use super::fast_path;
-use super::fused::{apply, apply_no_grad, FusedOp, Operand};
+use super::fused::{apply, apply_no_grad, values, FusedOp, Operand};
 use candle_core::{bail, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -152,8 +152,7 @@ impl FusedOp<1> for MaxPoolOp {
 
     fn backward(&self, [x]: [&Tensor; 1], _res: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 1]> {
         let (n, h, w, c) = x.dims4()?;
-        let xv = x.flatten_all()?.to_vec1::<f32>()?;
-        let gv = grad.flatten_all()?.to_vec1::<f32>()?;
+        let (xv, gv) = (values(x)?, values(grad)?);
         let (_, at) = self.argmax(&xv, (n, h, w, c));
         let mut dx = vec![0f32; xv.len()];
         for (g, &i) in gv.iter().zip(&at) {

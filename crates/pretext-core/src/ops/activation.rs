@@ -6,6 +6,7 @@
 //! `erf` that is several times faster than libm's and as accurate in f32.
 
 use super::fused::{apply, apply_no_grad, values, FusedOp, Operand};
+use super::vector::multiversion;
 use super::{fast_path, rows_per_task, ROW_TASK};
 use candle_core::{bail, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -19,12 +20,27 @@ pub fn add_relu_kernel(a: &[f32], b: &[f32]) -> Vec<f32> {
     y.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK))
         .zip(b.par_chunks(CHUNK))
-        .for_each(|((y, a), b)| {
-            for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
-                *y = (a + b).max(0.0);
-            }
-        });
+        .for_each(|((y, a), b)| add_relu_chunk(y, a, b));
     y
+}
+
+multiversion! {
+    /// `y = max(a + b, 0)`.
+    fn add_relu_chunk(y: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+            let v = a + b;
+            *y = if v > 0.0 { v } else { 0.0 };
+        }
+    }
+}
+
+multiversion! {
+    /// `g = dy` where `y > 0`, else 0.
+    fn relu_mask_chunk(g: &mut [f32], dy: &[f32], y: &[f32]) {
+        for ((g, d), y) in g.iter_mut().zip(dy).zip(y) {
+            *g = if *y > 0.0 { *d } else { 0.0 };
+        }
+    }
 }
 
 /// `dy` where `y > 0`, else 0: the gradient through a ReLU whose output is `y`.
@@ -33,11 +49,7 @@ pub fn relu_mask(dy: &[f32], y: &[f32]) -> Vec<f32> {
     g.par_chunks_mut(CHUNK)
         .zip(dy.par_chunks(CHUNK))
         .zip(y.par_chunks(CHUNK))
-        .for_each(|((g, d), y)| {
-            for ((g, d), y) in g.iter_mut().zip(d).zip(y) {
-                *g = if *y > 0.0 { *d } else { 0.0 };
-            }
-        });
+        .for_each(|((g, d), y)| relu_mask_chunk(g, d, y));
     g
 }
 
@@ -214,6 +226,24 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{bits, same_on_every_family, values};
+
+    #[test]
+    fn relu_passes_agree_across_kernel_families() {
+        let (a, b) = (values(1001, 1), values(1001, 2));
+        same_on_every_family(|| {
+            let mut y = vec![0f32; a.len()];
+            add_relu_chunk(&mut y, &a, &b);
+            let mut g = vec![0f32; a.len()];
+            relu_mask_chunk(&mut g, &a, &y);
+            (bits(&y), bits(&g))
+        });
+        let mut y = vec![0f32; a.len()];
+        add_relu_chunk(&mut y, &a, &b);
+        for i in 0..a.len() {
+            assert_eq!(y[i], (a[i] + b[i]).max(0.0));
+        }
+    }
     use crate::ops::testing::check_against_reference;
 
     #[test]

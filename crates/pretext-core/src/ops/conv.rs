@@ -19,6 +19,7 @@ use super::bf16::Precision;
 use super::fast_path;
 use super::fused::{apply, apply_no_grad, FusedOp, Operand};
 use super::gemm::{product, Mat};
+use super::vector::multiversion;
 use candle_core::{bail, Shape, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -277,8 +278,16 @@ fn im2col_pair_of_rows(x: &[f32], g: &ConvGeom, p: usize, rows: usize, zeros: &[
     }
 }
 
-/// Adds `dcol` (`imgs·oh·ow × K`) back into `dx` (NHWC, zeroed by the caller).
-fn col2im_add(dcol: &[f32], g: &ConvGeom, imgs: usize, dx: &mut [f32]) {
+multiversion! {
+    /// Adds `dcol` (`imgs·oh·ow × K`) back into `dx` (NHWC, zeroed by the
+    /// caller); its channel runs are added with the widest vectors the CPU has.
+    fn col2im_add(dcol: &[f32], g: &ConvGeom, imgs: usize, dx: &mut [f32]) {
+        col2im_add_body(dcol, g, imgs, dx);
+    }
+}
+
+#[inline(always)]
+fn col2im_add_body(dcol: &[f32], g: &ConvGeom, imgs: usize, dx: &mut [f32]) {
     let (h, w, c) = (g.h, g.w, g.c);
     let k = g.k();
     let img_len = h * w * c;
@@ -673,6 +682,21 @@ pub fn reference_conv_transpose2d_nhwc(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn col2im_agrees_across_kernel_families() {
+        use crate::ops::testing::{bits, same_on_every_family, values};
+        // channel runs shorter and longer than a vector, strides, padding
+        for (c, stride, pad) in [(3, 1, 1), (32, 2, 1), (19, 1, 0)] {
+            let g = ConvGeom::new(2, 7, 6, c, 4, 3, 3, stride, pad).expect("geometry");
+            let dcol = values(g.n * g.oh * g.ow * g.k(), c as u32);
+            same_on_every_family(|| {
+                let mut dx = vec![0f32; g.n * g.h * g.w * c];
+                col2im_add(&dcol, &g, g.n, &mut dx);
+                bits(&dx)
+            });
+        }
+    }
 
     /// In bf16 the forward pass and the weight gradient build their
     /// operand from `x` directly (rows of pairs; pairs of pixels); the result

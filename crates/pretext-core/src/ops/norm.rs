@@ -5,6 +5,7 @@
 //! nodes and their `reference_*` twins.
 
 use super::fused::{apply, apply_no_grad, values, FusedOp, Operand};
+use super::vector::multiversion;
 use super::{fast_path, rows_per_task, ROW_TASK};
 use candle_core::{bail, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -91,13 +92,7 @@ pub fn channel_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
         .par_chunks(ROWS_PER_CHUNK * c)
         .map(|chunk| {
             let mut acc = PairSums::new(c);
-            for row in chunk.chunks_exact(c) {
-                for ((p, q), &v) in acc.pa.iter_mut().zip(acc.pb.iter_mut()).zip(row) {
-                    *p += v;
-                    *q += v * v;
-                }
-                acc.row_done();
-            }
+            value_sums(chunk, c, &mut acc);
             acc.finish()
         })
         .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
@@ -128,15 +123,34 @@ pub fn bn_apply(
     let mut y = vec![0f32; x.len()];
     y.par_chunks_mut(ROWS_PER_CHUNK * c)
         .zip(x.par_chunks(ROWS_PER_CHUNK * c))
-        .for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
-                for j in 0..c {
-                    let v = xr[j] * scale[j] + shift[j];
-                    yr[j] = if relu { v.max(0.0) } else { v };
-                }
-            }
-        });
+        .for_each(|(yc, xc)| affine_rows(yc, xc, &scale, &shift, relu));
     y
+}
+
+multiversion! {
+    /// Adds each row of `chunk` (`c` channels) and its square to `acc`.
+    fn value_sums(chunk: &[f32], c: usize, acc: &mut PairSums) {
+        for row in chunk.chunks_exact(c) {
+            for ((p, q), &v) in acc.pa.iter_mut().zip(acc.pb.iter_mut()).zip(row) {
+                *p += v;
+                *q += v * v;
+            }
+            acc.row_done();
+        }
+    }
+}
+
+multiversion! {
+    /// `y = x·scale + shift` per channel (rows of `scale.len()`), then ReLU if `relu`.
+    fn affine_rows(yc: &mut [f32], xc: &[f32], scale: &[f32], shift: &[f32], relu: bool) {
+        let c = scale.len();
+        for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+            for j in 0..c {
+                let v = xr[j] * scale[j] + shift[j];
+                yr[j] = if relu { v.max(0.0) } else { v };
+            }
+        }
+    }
 }
 
 /// Gradients of [`bn_apply`] (with batch statistics when `batch_stats`, else
@@ -195,21 +209,7 @@ fn bn_backward_impl<const RELU: bool>(
         .zip(y.par_chunks(chunk))
         .map(|((xc, dc), yc)| {
             let mut acc = PairSums::new(c);
-            for ((xr, dr), yr) in xc.chunks_exact(c).zip(dc.chunks_exact(c)).zip(yc.chunks_exact(c)) {
-                for ((((p, q), &xv), &dv), (&yv, &m)) in acc
-                    .pa
-                    .iter_mut()
-                    .zip(acc.pb.iter_mut())
-                    .zip(xr)
-                    .zip(dr)
-                    .zip(yr.iter().zip(mean))
-                {
-                    let g = masked::<RELU>(dv, yv);
-                    *p += g;
-                    *q += g * (xv - m);
-                }
-                acc.row_done();
-            }
+            gradient_sums(xc, dc, yc, mean, &mut acc, RELU);
             acc.finish()
         })
         .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
@@ -246,20 +246,54 @@ fn bn_backward_impl<const RELU: bool>(
         .zip(dy.par_chunks(chunk))
         .zip(y.par_chunks(chunk))
         .for_each(|(((oc, xc), dc), yc)| {
-            for (((or, xr), dr), yr) in oc
-                .chunks_exact_mut(c)
-                .zip(xc.chunks_exact(c))
-                .zip(dc.chunks_exact(c))
-                .zip(yc.chunks_exact(c))
-            {
-                for (((((o, &xv), &dv), &yv), &kk), (&a, &b)) in
-                    or.iter_mut().zip(xr).zip(dr).zip(yr).zip(&k).zip(ca.iter().zip(&cb))
-                {
-                    *o = kk * masked::<RELU>(dv, yv) + a * xv + b;
-                }
-            }
+            input_gradient_rows(oc, xc, dc, yc, [&k, &ca, &cb], RELU);
         });
     (dx, dgamma, dbeta)
+}
+
+multiversion! {
+    /// Adds, per channel, the incoming gradient `g` (masked by the ReLU
+    /// output `y > 0` when `relu`) and `g·(x − mean)` of each row to `acc`.
+    fn gradient_sums(xc: &[f32], dc: &[f32], yc: &[f32], mean: &[f32], acc: &mut PairSums, relu: bool) {
+        let c = mean.len();
+        for ((xr, dr), yr) in xc.chunks_exact(c).zip(dc.chunks_exact(c)).zip(yc.chunks_exact(c)) {
+            for ((((p, q), &xv), &dv), (&yv, &m)) in acc
+                .pa
+                .iter_mut()
+                .zip(acc.pb.iter_mut())
+                .zip(xr)
+                .zip(dr)
+                .zip(yr.iter().zip(mean))
+            {
+                let g = if relu { masked::<true>(dv, yv) } else { dv };
+                *p += g;
+                *q += g * (xv - m);
+            }
+            acc.row_done();
+        }
+    }
+}
+
+multiversion! {
+    /// `dx = k·g + a·x + b` per channel (`coef = [k, a, b]`), `g` the incoming gradient masked by
+    /// the ReLU output when `relu`.
+    fn input_gradient_rows(oc: &mut [f32], xc: &[f32], dc: &[f32], yc: &[f32], coef: [&[f32]; 3], relu: bool) {
+        let [k, ca, cb] = coef;
+        let c = k.len();
+        for (((or, xr), dr), yr) in oc
+            .chunks_exact_mut(c)
+            .zip(xc.chunks_exact(c))
+            .zip(dc.chunks_exact(c))
+            .zip(yc.chunks_exact(c))
+        {
+            for (((((o, &xv), &dv), &yv), &kk), (&a, &b)) in
+                or.iter_mut().zip(xr).zip(dr).zip(yr).zip(k).zip(ca.iter().zip(cb))
+            {
+                let g = if relu { masked::<true>(dv, yv) } else { dv };
+                *o = kk * g + a * xv + b;
+            }
+        }
+    }
 }
 
 /// Batch statistics of one forward pass: per-channel mean and biased variance.
@@ -557,8 +591,49 @@ pub fn reference_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{max_diff, rand};
+    use crate::ops::testing::{bits, max_diff, rand, same_on_every_family, values};
     use candle_core::{DType, Device, Var};
+
+    /// Batch norm's passes (sums, affine + ReLU, gradient sums, input
+    /// gradient) give the same bits on every kernel family: vectorising them
+    /// runs across channels and leaves each channel's sum in row order.
+    #[test]
+    fn batch_norm_passes_agree_across_kernel_families() {
+        for c in [3, 16, 37] {
+            let rows = 150;
+            let (x, d, y) = (values(rows * c, 1), values(rows * c, 2), values(rows * c, 3));
+            let (mean, scale, shift) = (values(c, 4), values(c, 5), values(c, 6));
+            let sums = |f: &dyn Fn(&mut PairSums)| {
+                let mut acc = PairSums::new(c);
+                f(&mut acc);
+                let (a, b) = acc.finish();
+                (
+                    a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                )
+            };
+            same_on_every_family(|| sums(&|acc| value_sums(&x, c, acc)));
+            for relu in [false, true] {
+                same_on_every_family(|| {
+                    let mut o = vec![0f32; x.len()];
+                    affine_rows(&mut o, &x, &scale, &shift, relu);
+                    bits(&o)
+                });
+                same_on_every_family(|| sums(&|acc| gradient_sums(&x, &d, &y, &mean, acc, relu)));
+                same_on_every_family(|| {
+                    let mut o = vec![0f32; x.len()];
+                    input_gradient_rows(&mut o, &x, &d, &y, [&scale, &shift, &mean], relu);
+                    bits(&o)
+                });
+            }
+            // and the pass computes what it says, on one row
+            let mut o = vec![0f32; x.len()];
+            affine_rows(&mut o, &x, &scale, &shift, true);
+            for j in 0..c {
+                assert_eq!(o[j], (x[j] * scale[j] + shift[j]).max(0.0));
+            }
+        }
+    }
 
     #[test]
     fn stats_match_two_pass() {

@@ -51,3 +51,36 @@ pub fn check_against_reference(
     assert!(max_diff(ga, gb) < tol, "gradient differs by {}", max_diff(ga, gb));
     Ok(())
 }
+
+/// Asserts that every kernel family this CPU can run gives `f`'s result
+/// exactly as the portable one does (`f` runs on the test's thread, where
+/// [`crate::ops::vector::with_kernels`] forces the family).
+pub fn same_on_every_family<T: PartialEq + std::fmt::Debug>(f: impl Fn() -> T) {
+    use crate::cpu::KernelSet;
+    use crate::ops::vector::with_kernels;
+    let reference = with_kernels(KernelSet::Portable, &f);
+    for set in KernelSet::ALL.into_iter().filter(|s| s.is_available()) {
+        assert_eq!(
+            with_kernels(set, &f),
+            reference,
+            "the {set} kernels differ from the portable ones"
+        );
+    }
+}
+
+/// The bit patterns of `v` (exact comparisons that tell −0 from 0).
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// `n` values in [−10, 10) from a hash of their index and `seed`.
+pub fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let h = (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(40_503));
+            (h % 20_001) as f32 / 1000.0 - 10.0
+        })
+        .collect()
+}

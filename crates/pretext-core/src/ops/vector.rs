@@ -12,7 +12,9 @@
 //! The order of every sum is fixed by the lane arrays, not by the
 //! instruction set, and no multiply-add is contracted, so the three
 //! compilations give **bit-identical** results (the tests check it with
-//! `PRETEXT_KERNELS`-style forcing through [`with_kernels`]).
+//! `PRETEXT_KERNELS`-style forcing through [`with_kernels`]). Batch norm's
+//! and ReLU's passes are compiled the same way, with the macro defined here,
+//! next to their graph nodes.
 
 use super::fastmath::{erf, exp};
 use crate::cpu::KernelSet;
@@ -24,10 +26,12 @@ thread_local! {
     static FORCED: std::cell::Cell<Option<KernelSet>> = const { std::cell::Cell::new(None) };
 }
 
-/// Runs `f` with this thread's row kernels forced to `set` (tests and
-/// benchmarks compare the families with it; the process-wide choice is
-/// [`KernelSet::current`]). A set this CPU cannot run is replaced by the
-/// widest it can.
+/// Runs `f` with this thread's row kernels forced to `set` (the tests
+/// compare the families with it; the process-wide choice is
+/// [`KernelSet::current`], which `PRETEXT_KERNELS` sets). It holds on the
+/// calling thread only: kernels `f` hands to rayon's workers run the
+/// process's family. A set this CPU cannot run is replaced by the widest it
+/// can.
 pub fn with_kernels<R>(set: KernelSet, f: impl FnOnce() -> R) -> R {
     let set = if set.is_available() { set } else { KernelSet::widest() };
     let old = FORCED.with(|c| c.replace(Some(set)));
@@ -37,16 +41,17 @@ pub fn with_kernels<R>(set: KernelSet, f: impl FnOnce() -> R) -> R {
 }
 
 /// The family this thread's row kernels run.
-fn active() -> KernelSet {
+pub(crate) fn active() -> KernelSet {
     FORCED.with(std::cell::Cell::get).unwrap_or_else(KernelSet::current)
 }
 
-/// Defines `pub fn $name` from one body, compiled for each [`KernelSet`] and
-/// dispatched on [`active`].
+/// Defines `fn $name` from one body, compiled for each [`KernelSet`] and
+/// dispatched on the thread's family (the other element-wise passes of
+/// `ops` — batch norm, ReLU — use it too).
 macro_rules! multiversion {
-    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
@@ -59,18 +64,19 @@ macro_rules! multiversion {
             unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                 body($($arg),*)
             }
-            match active() {
+            match $crate::ops::vector::active() {
                 // SAFETY: `active` returns a family only where
                 // `KernelSet::is_available` detected its instruction sets.
                 #[cfg(target_arch = "x86_64")]
-                KernelSet::Avx512 => unsafe { avx512($($arg),*) },
+                $crate::cpu::KernelSet::Avx512 => unsafe { avx512($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
-                KernelSet::Avx2 => unsafe { avx2($($arg),*) },
+                $crate::cpu::KernelSet::Avx2 => unsafe { avx2($($arg),*) },
                 _ => body($($arg),*),
             }
         }
     };
 }
+pub(crate) use multiversion;
 
 /// The largest value of `x` (−∞ when empty; NaNs are skipped).
 #[inline(always)]
@@ -242,29 +248,7 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let h = (i as u32)
-                    .wrapping_mul(2_654_435_761)
-                    .wrapping_add(seed.wrapping_mul(40_503));
-                (h % 20_001) as f32 / 1000.0 - 10.0
-            })
-            .collect()
-    }
-
-    /// Every family this CPU can run gives the same bits as the portable one.
-    fn same_on_every_family<T: PartialEq + std::fmt::Debug>(f: impl Fn() -> T) {
-        let reference = with_kernels(KernelSet::Portable, &f);
-        for set in KernelSet::ALL.into_iter().filter(|s| s.is_available()) {
-            assert_eq!(with_kernels(set, &f), reference, "{set} differs from portable");
-        }
-    }
-
-    fn bits(v: &[f32]) -> Vec<u32> {
-        v.iter().map(|x| x.to_bits()).collect()
-    }
+    use crate::ops::testing::{bits, same_on_every_family, values};
 
     #[test]
     fn softmax_rows_match_f64_and_agree_across_families() {

@@ -23,9 +23,13 @@ enum BenchWhat {
     Conv,
     /// The two-view augmentation pipeline.
     Data,
-    /// VAE training throughput (the reference's MLP VAE, `configs/vae-mlp-fmnist.toml`).
+    /// VAE training throughput: the reference's MLP VAE
+    /// (`configs/vae-mlp-fmnist.toml`) and the default conv VAE against its
+    /// PyTorch twin (`crates/pretext-generative/benches/conv_vae_pytorch.py`).
     Vae,
-    /// MLM training throughput (BERT-mini, batch 32 × 128 tokens).
+    /// MLM training throughput (BERT-mini, batch 32 × 128 tokens), against
+    /// transformers in fp32 (`reference.py mlm`) and under bf16 autocast
+    /// (`crates/pretext-mlm/benches/mlm_pytorch.py`).
     Mlm,
     /// All of them.
     All,

@@ -107,9 +107,12 @@ impl StepCx {
 }
 
 /// A trainable pretext task: model, loss and any state of its own.
-pub trait Method {
-    /// What one step consumes.
-    type Batch;
+///
+/// `Send`, and its batches `Sync`, because the trainer runs each step of a
+/// one-process run on a worker of rayon's pool ([`crate::cpu::on_pool`]).
+pub trait Method: Send {
+    /// What one step consumes (read by the thread that runs the step).
+    type Batch: Sync;
 
     /// The trainable parameters (the optimizer sees exactly these).
     fn vars(&self) -> &VarMap;
@@ -881,39 +884,17 @@ impl<M: Method> Trainer<M> {
             };
             let batch = data.batch(step)?;
             let sent_before = self.world.bytes_sent();
-            // The forward and backward passes run in the configured
-            // precision (and, data-parallel, with the step's collective);
-            // clipping, the update and averaging in f32.
-            let method = &mut self.method;
-            let world = &self.world;
-            let precision = self.cfg.precision;
-            let (out, loss, mut grads) = crate::dist::step_scope_with(world, self.cfg.sync_bn, || {
-                precision.scope(|| -> Result<_> {
-                    let mut out = method.step(&batch, &cx)?;
-                    let local = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    // The run's loss and statistics: their mean over ranks
-                    // (every rank sees the same, so all stop together on a
-                    // non-finite loss).
-                    let loss = mean_over_ranks(world, local, &mut out.stats);
-                    if !loss.is_finite() {
-                        return Err(Error::NonFinite {
-                            step,
-                            what: "loss".into(),
-                            value: loss.to_string(),
-                        });
-                    }
-                    let grads = out.loss.backward()?;
-                    Ok((out, loss, grads))
-                })
-            })?;
-            self.average_gradients(&mut grads)?;
-            let grad_norm = self.clip_gradients(&mut grads, step)?;
-            self.optim.step(&grads, cx.lr)?;
-            self.method.after_update(&cx)?;
-            self.step += 1;
-            if let Some(avg) = &self.average {
-                crate::ema::ema_update(avg, self.method.vars(), self.cfg.ema_decay_at(self.step))?;
-            }
+            // In one process the step runs on a worker of rayon's pool, so
+            // that the kernels' parallel loops start from inside the pool
+            // (each of them otherwise hands its work from this thread to the
+            // pool and sleeps until it is done: two thread wake-ups per loop,
+            // hundreds of loops per step). Data-parallel steps stay on this
+            // thread, the one that talks to the other processes.
+            let (out, loss, grad_norm) = if self.world.size() == 1 {
+                crate::cpu::on_pool(|| self.train_step(&batch, &cx))?
+            } else {
+                self.train_step(&batch, &cx)?
+            };
             self.last_lr = cx.lr;
             self.last_loss = Some(loss);
             losses.push(loss);
@@ -954,6 +935,48 @@ impl<M: Method> Trainer<M> {
             steps: self.step,
             losses,
         })
+    }
+
+    /// One step on `batch`: forward and backward passes (in the configured
+    /// precision and, data-parallel, with the step's collective), gradient
+    /// averaging and clipping, the update and the weights' average. Returns
+    /// the method's output, the loss (mean over ranks) and the gradient norm.
+    fn train_step(&mut self, batch: &M::Batch, cx: &StepCx) -> Result<(StepOut, f64, f64)> {
+        let step = cx.step;
+        // The forward and backward passes run in the configured
+        // precision (and, data-parallel, with the step's collective);
+        // clipping, the update and averaging in f32.
+        let method = &mut self.method;
+        let world = &self.world;
+        let precision = self.cfg.precision;
+        let (out, loss, mut grads) = crate::dist::step_scope_with(world, self.cfg.sync_bn, || {
+            precision.scope(|| -> Result<_> {
+                let mut out = method.step(batch, cx)?;
+                let local = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                // The run's loss and statistics: their mean over ranks
+                // (every rank sees the same, so all stop together on a
+                // non-finite loss).
+                let loss = mean_over_ranks(world, local, &mut out.stats);
+                if !loss.is_finite() {
+                    return Err(Error::NonFinite {
+                        step,
+                        what: "loss".into(),
+                        value: loss.to_string(),
+                    });
+                }
+                let grads = out.loss.backward()?;
+                Ok((out, loss, grads))
+            })
+        })?;
+        self.average_gradients(&mut grads)?;
+        let grad_norm = self.clip_gradients(&mut grads, step)?;
+        self.optim.step(&grads, cx.lr)?;
+        self.method.after_update(cx)?;
+        self.step += 1;
+        if let Some(avg) = &self.average {
+            crate::ema::ema_update(avg, self.method.vars(), self.cfg.ema_decay_at(self.step))?;
+        }
+        Ok((out, loss, grad_norm))
     }
 
     /// Before the first step of a data-parallel run: checks that the method

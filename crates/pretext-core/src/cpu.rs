@@ -121,6 +121,7 @@ pub const CANDLE_THREADS_ENV: &str = "CANDLE_NUM_THREADS";
 /// before any tensor exists:
 ///
 /// - glibc's malloc keeps freed memory ([`crate::alloc::keep_freed_memory`]);
+/// - rayon's global pool is started, its workers named `rayon-N` (thread names hold 15 bytes);
 /// - candle's element-wise ops run on the calling thread
 ///   ([`CANDLE_THREADS_ENV`]` = 1`, unless already set). candle 0.11 keeps a
 ///   second pool of workers beside rayon's for its element-wise ops, and each
@@ -139,6 +140,14 @@ pub fn prepare_process() {
     if std::env::var_os(CANDLE_THREADS_ENV).is_none() {
         std::env::set_var(CANDLE_THREADS_ENV, "1");
     }
+    // rayon's workers, named: started lazily by whichever thread first runs
+    // a parallel loop (often the batch prefetcher), they would otherwise
+    // carry that thread's name into `top` and `perf`. Same thread count as
+    // rayon's default (`RAYON_NUM_THREADS`, else one per CPU); an error only
+    // means the pool already exists.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("rayon-{i}"))
+        .build_global();
 }
 
 /// A family of f32 matrix-product kernels, from narrowest to widest.

@@ -168,38 +168,6 @@ pub fn bn_backward(
     relu: bool,
     batch_stats: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    if relu {
-        bn_backward_impl::<true>(x, dy, y, c, mean, invstd, gamma, batch_stats)
-    } else {
-        bn_backward_impl::<false>(x, dy, y, c, mean, invstd, gamma, batch_stats)
-    }
-}
-
-/// The incoming gradient, masked by the ReLU when `RELU` (branch-free, so it vectorises).
-#[inline(always)]
-fn masked<const RELU: bool>(d: f32, y: f32) -> f32 {
-    if RELU {
-        if y > 0.0 {
-            d
-        } else {
-            0.0
-        }
-    } else {
-        d
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn bn_backward_impl<const RELU: bool>(
-    x: &[f32],
-    dy: &[f32],
-    y: &[f32],
-    c: usize,
-    mean: &[f32],
-    invstd: &[f32],
-    gamma: &[f32],
-    batch_stats: bool,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = x.len() / c;
     let chunk = ROWS_PER_CHUNK * c;
     // Pass 1: sum(g) and sum(g * (x - mean)) per channel.
@@ -209,7 +177,7 @@ fn bn_backward_impl<const RELU: bool>(
         .zip(y.par_chunks(chunk))
         .map(|((xc, dc), yc)| {
             let mut acc = PairSums::new(c);
-            gradient_sums(xc, dc, yc, mean, &mut acc, RELU);
+            gradient_sums(xc, dc, yc, mean, &mut acc, relu);
             acc.finish()
         })
         .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
@@ -246,9 +214,20 @@ fn bn_backward_impl<const RELU: bool>(
         .zip(dy.par_chunks(chunk))
         .zip(y.par_chunks(chunk))
         .for_each(|(((oc, xc), dc), yc)| {
-            input_gradient_rows(oc, xc, dc, yc, [&k, &ca, &cb], RELU);
+            input_gradient_rows(oc, xc, dc, yc, [&k, &ca, &cb], relu);
         });
     (dx, dgamma, dbeta)
+}
+
+/// The incoming gradient `d`, masked by the ReLU output `y` when `relu`
+/// (branch-free, so it vectorises).
+#[inline(always)]
+fn masked(d: f32, y: f32, relu: bool) -> f32 {
+    if !relu || y > 0.0 {
+        d
+    } else {
+        0.0
+    }
 }
 
 multiversion! {
@@ -265,7 +244,7 @@ multiversion! {
                 .zip(dr)
                 .zip(yr.iter().zip(mean))
             {
-                let g = if relu { masked::<true>(dv, yv) } else { dv };
+                let g = masked(dv, yv, relu);
                 *p += g;
                 *q += g * (xv - m);
             }
@@ -289,7 +268,7 @@ multiversion! {
             for (((((o, &xv), &dv), &yv), &kk), (&a, &b)) in
                 or.iter_mut().zip(xr).zip(dr).zip(yr).zip(k).zip(ca.iter().zip(cb))
             {
-                let g = if relu { masked::<true>(dv, yv) } else { dv };
+                let g = masked(dv, yv, relu);
                 *o = kk * g + a * xv + b;
             }
         }

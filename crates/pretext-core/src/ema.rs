@@ -60,17 +60,11 @@ fn blend_cpu_f32(
     s: &candle_core::Tensor,
     momentum: f64,
 ) -> Result<Option<candle_core::Tensor>> {
-    use candle_core::{CpuStorage, Storage};
+    use crate::ops::fused::borrowed;
     use rayon::prelude::*;
-    let (ts, tl) = t.storage_and_layout();
-    let (ss, sl) = s.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(tv)), Storage::Cpu(CpuStorage::F32(sv))) = (&*ts, &*ss) else {
+    let (Some(tv), Some(sv)) = (borrowed(t), borrowed(s)) else {
         return Ok(None);
     };
-    let (Some((ta, tb)), Some((sa, sb))) = (tl.contiguous_offsets(), sl.contiguous_offsets()) else {
-        return Ok(None);
-    };
-    let (tv, sv) = (&tv[ta..tb], &sv[sa..sb]);
     let (m, r) = (momentum as f32, (1.0 - momentum) as f32);
     let mut out = vec![0f32; tv.len()];
     out.par_chunks_mut(1 << 15)

@@ -272,11 +272,7 @@ struct AdamHyper {
 /// Borrows the f32 values of a contiguous CPU tensor and runs `f` on them;
 /// `None` when the tensor is elsewhere or of another type.
 fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
-        _ => None,
-    }
+    crate::ops::fused::borrowed(t).map(|v| f(&v))
 }
 
 /// The AdamW update in one pass over the parameter, its gradient and both

@@ -55,16 +55,24 @@ impl std::ops::Deref for Values<'_> {
     }
 }
 
+/// A view of `t`'s values where `t` is a contiguous f32 CPU tensor; `None`
+/// otherwise (the callers' signal to take a tensor path instead).
+pub fn borrowed(t: &Tensor) -> Option<Values<'_>> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(_)), Some((a, b))) => Some(Values::Borrowed(storage, a, b)),
+        _ => None,
+    }
+}
+
 /// `t`'s values, row-major, borrowed where it can be (see [`Values`]).
 ///
 /// # Errors
 /// The copy failed (a dtype that does not convert to f32).
 pub fn values(t: &Tensor) -> candle_core::Result<Values<'_>> {
-    let (storage, layout) = t.storage_and_layout();
-    if let (candle_core::Storage::Cpu(CpuStorage::F32(_)), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
-        return Ok(Values::Borrowed(storage, a, b));
+    if let Some(v) = borrowed(t) {
+        return Ok(v);
     }
-    drop(storage);
     Ok(Values::Owned(
         t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
     ))

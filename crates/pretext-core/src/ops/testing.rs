@@ -74,7 +74,7 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// `n` values in [−10, 10) from a hash of their index and `seed`.
-pub fn values(n: usize, seed: u32) -> Vec<f32> {
+pub fn hashed_values(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
         .map(|i| {
             let h = (i as u32)

@@ -248,13 +248,13 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{bits, same_on_every_family, values};
+    use crate::ops::testing::{bits, hashed_values, same_on_every_family};
 
     #[test]
     fn softmax_rows_match_f64_and_agree_across_families() {
         // widths below, at and around the lane count, and a long row
         for w in [1, 5, 16, 17, 128, 8000] {
-            let x = values(3 * w, w as u32);
+            let x = hashed_values(3 * w, w as u32);
             let mut y = vec![0f32; x.len()];
             softmax_rows(&x, &mut y, w);
             for (yr, xr) in y.chunks(w).zip(x.chunks(w)) {
@@ -279,7 +279,7 @@ mod tests {
     #[test]
     fn scaled_softmax_is_softmax_of_the_scaled_biased_scores() {
         let w = 37;
-        let s0 = values(4 * w, 3);
+        let s0 = hashed_values(4 * w, 3);
         let bias: Vec<f32> = (0..w).map(|i| if i % 7 == 3 { -1e9 } else { 0.0 }).collect();
         let mut s = s0.clone();
         scaled_softmax_rows(&mut s, 0.25, &bias);
@@ -302,8 +302,8 @@ mod tests {
     #[test]
     fn softmax_backward_matches_its_formula() {
         let w = 21;
-        let p = values(2 * w, 5);
-        let g = values(2 * w, 6);
+        let p = hashed_values(2 * w, 5);
+        let g = hashed_values(2 * w, 6);
         let mut d = g.clone();
         softmax_backward_rows(&mut d, &p, w, 0.5);
         for r in 0..2 {
@@ -325,7 +325,7 @@ mod tests {
     #[test]
     fn log_sum_exp_and_its_gradient_match_f64() {
         for w in [3, 16, 100, 8000] {
-            let x = values(w, 9 + w as u32);
+            let x = hashed_values(w, 9 + w as u32);
             let (m, s) = max_and_exp_sum(&x);
             let lse = f64::from(m) + f64::from(s).ln();
             let mx = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(f64::from(b)));
@@ -349,8 +349,8 @@ mod tests {
 
     #[test]
     fn gelu_and_its_gradient_match_f64() {
-        let x = values(1000, 11);
-        let dy = values(1000, 12);
+        let x = hashed_values(1000, 11);
+        let dy = hashed_values(1000, 12);
         let mut y = vec![0f32; x.len()];
         let mut dx = vec![0f32; x.len()];
         gelu(&x, &mut y);

@@ -130,7 +130,7 @@ pub const CANDLE_THREADS_ENV: &str = "CANDLE_NUM_THREADS";
 ///   with as many cores as threads those spinning workers take the cores
 ///   rayon's workers need next. With one thread candle's ops (gradient
 ///   sums, masks, casts — small, memory-bound passes) run inline. On the
-///   AMD EPYC of 2026-12-05 (2 vCPUs) the BERT-mini MLM step ran 2–6% and
+///   AMD EPYC of 2026-12-05 (2 vCPUs) the BERT-mini MLM step ran 2–7% and
 ///   the SimCLR step 0–3% faster, three interleaved rounds each.
 ///
 /// Call it at the top of `main`, while the process has one thread: it

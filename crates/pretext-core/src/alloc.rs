@@ -4,7 +4,12 @@
 //! glibc's defaults every buffer above the mmap threshold is a fresh `mmap`:
 //! the kernel zeroes its pages on first touch and every `munmap` flushes the
 //! TLBs of all cores — measured at about a fifth of a SimCLR step on 2 cores.
-//! [`keep_freed_memory`] raises the thresholds so freed buffers are reused.
+//! [`keep_freed_memory`] raises the thresholds so freed buffers are reused,
+//! and keeps every thread on the main heap: the thresholds govern it, while a
+//! thread's own arena (glibc gives each new thread one) maps blocks above its
+//! 64 MiB heap size afresh and returns shrunk heaps to the kernel. Training
+//! steps run on rayon's workers ([`crate::cpu::on_pool`]), so their buffers
+//! would come from such arenas.
 
 /// Tells glibc's malloc to serve large blocks from the heap and not to return
 /// freed memory to the kernel eagerly. Call once at program start (the
@@ -19,6 +24,8 @@ pub fn keep_freed_memory() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
             libc::mallopt(libc::M_TRIM_THRESHOLD, THRESHOLD);
+            // One arena: the workers' allocations follow the thresholds above.
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }

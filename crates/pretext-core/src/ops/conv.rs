@@ -16,6 +16,7 @@
 //! `reference_*` twins through candle's NCHW ops.
 
 use super::bf16::Precision;
+use super::direct;
 use super::fast_path;
 use super::fused::{apply, apply_no_grad, FusedOp, Operand};
 use super::gemm::{product, Mat};
@@ -318,8 +319,30 @@ fn col2im_add_body(dcol: &[f32], g: &ConvGeom, imgs: usize, dx: &mut [f32]) {
     }
 }
 
-/// Forward: `x` NHWC `(n, h, w, c)`, `weight` `(o, c, kh, kw)` → NHWC `(n, oh, ow, o)`.
+/// Whether the convolution `g` at product precision `prec` goes to the
+/// [`direct`] f32 kernels: on an AVX-512 thread, for f32 products, and for
+/// bf16 products of fewer than 8 input channels (a first layer's: there the
+/// bf16 path's channel pairs are mostly padding and it runs 3-5× slower than
+/// the direct f32 kernels). `PRETEXT_DIRECT_CONV=0` keeps the im2col path,
+/// for comparisons.
+fn direct_for(prec: Precision, g: &ConvGeom) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    (prec.effective() == Precision::F32 || g.c < 8)
+        && *ENABLED.get_or_init(|| std::env::var("PRETEXT_DIRECT_CONV").map_or(true, |v| v != "0"))
+        && direct::available()
+}
+
+/// The [`direct`] kernels where [`direct_for`] says so; else [`im2col_forward`].
 pub fn conv2d_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
+    if direct_for(Precision::current(), g) {
+        direct::forward(x, weight, g)
+    } else {
+        im2col_forward(x, weight, g)
+    }
+}
+
+/// [`conv2d_forward`] through im2col and a matrix product per chunk of images.
+pub fn im2col_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
     let prec = Precision::current();
     let wk = weight_to_matrix(weight, g);
     let (k, o, px) = (g.k(), g.o, g.out_pixels());
@@ -363,7 +386,19 @@ pub fn conv2d_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
 }
 
 /// Input gradient: `dy` NHWC `(n, oh, ow, o)`, `weight` `(o, c, kh, kw)` → `dx` `(n, h, w, c)`.
+/// The [`direct`] kernels where [`direct_for`] says so and the input has at
+/// least 8 channels (below 8, most of their 16-lane vectors would be
+/// padding: the 1-channel output of a VAE decoder); else [`im2col_backward_input`].
 pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
+    if g.c >= 8 && direct_for(Precision::current(), g) {
+        direct::backward_input(dy, weight, g)
+    } else {
+        im2col_backward_input(dy, weight, g)
+    }
+}
+
+/// [`conv2d_backward_input`] through a matrix product and col2im per chunk of images.
+pub fn im2col_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
     let prec = Precision::current();
     let wk = weight_to_matrix(weight, g);
     let (k, o, px) = (g.k(), g.o, g.out_pixels());
@@ -393,11 +428,23 @@ pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f3
 
 /// Weight gradient: `x` NHWC, `dy` NHWC → `dw` `(o, c, kh, kw)`.
 ///
+/// The [`direct`] kernels where [`direct_for`] says so; else [`im2col_backward_weight`].
+pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
+    if direct_for(Precision::current(), g) {
+        direct::backward_weight(x, dy, g)
+    } else {
+        im2col_backward_weight(x, dy, g)
+    }
+}
+
+/// [`conv2d_backward_weight`] through im2col and a matrix product per chunk
+/// of images.
+///
 /// The chunks' products are accumulated in a fixed number of groups of
 /// consecutive chunks, and the groups added in order, so the result is the
 /// same from run to run (a work-stealing reduction would group the partial
 /// sums differently each time).
-pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
+pub fn im2col_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
     let prec = Precision::current();
     let (k, o, px) = (g.k(), g.o, g.out_pixels());
     let in_len = g.h * g.w * g.c;

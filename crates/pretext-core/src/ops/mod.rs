@@ -26,6 +26,7 @@ pub mod activation;
 pub mod attention;
 pub mod bf16;
 pub mod conv;
+pub mod direct;
 pub mod dropout;
 pub mod fastmath;
 pub mod fused;

@@ -1,0 +1,779 @@
+//! Direct convolution over channels-last maps with AVX-512F: no im2col
+//! matrix, no packed operands.
+//!
+//! [`conv`](super::conv) lowers a convolution to im2col and a `gemm` call
+//! per chunk of images; for the small channel counts of the ResNet trunk and
+//! the VAE (16–128) the product's packing and the im2col / col2im passes cost
+//! a quarter of the step on top of the multiply-adds. Here the kernels read
+//! the (zero-padded) input map and the weights where they lie:
+//!
+//! - **forward** ([`forward`]): a register tile of `P` output pixels of one
+//!   output row × `NV` vectors of 16 output channels. For each tap and input
+//!   channel, `NV` weight vectors are loaded and each pixel's input value is
+//!   broadcast against them: `P·NV` multiply-adds per `NV + P` loads, all
+//!   in registers (`P·NV ≤ 28`).
+//! - **input gradient** ([`backward_input`], also the forward of a
+//!   transposed convolution): the forward kernel run on the padded output
+//!   gradient with the weights flipped and their channel axes swapped. For
+//!   stride `s` the input pixels fall into `s²` classes by `(y mod s, x mod
+//!   s)`; each class is a stride-1 convolution of the output gradient with
+//!   the taps that reach it, written to every `s`-th pixel.
+//! - **weight gradient** ([`backward_weight`]): for one kernel row `ky`, the
+//!   window of `kw` taps × `c` channels is `kw·c` consecutive floats of the
+//!   padded input at every output pixel, so a tile of `OT` output channels
+//!   × `NV` vectors of that window accumulates `Σ_pixels dy[o] · window`:
+//!   `OT·NV` multiply-adds per `NV + OT` loads. A window narrower than one
+//!   vector (the 1-channel first layers) is tiled the other way round:
+//!   `RT` window values × `NV` vectors of output channels.
+//!
+//! Sums run over taps and channels in a fixed order, and the weight
+//! gradient's chunks are added in a fixed order, so results do not depend on
+//! the thread count. They differ from the im2col path's only by rounding
+//! (another summation order).
+//!
+//! These kernels run where the thread's [`KernelSet`] is AVX-512; elsewhere
+//! [`conv`](super::conv) keeps its im2col path.
+
+use super::conv::ConvGeom;
+use super::vector::active;
+use crate::cpu::KernelSet;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+thread_local! {
+    /// Per-thread padded-map scratch, reused across calls.
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether the direct kernels run on this thread (its kernel family is AVX-512).
+pub fn available() -> bool {
+    cfg!(target_arch = "x86_64") && active() == KernelSet::Avx512
+}
+
+/// Accumulator registers a tile may use (of 32; the rest hold weights and broadcasts).
+const TILE_REGS: usize = 28;
+
+/// Partial sums of the weight gradient (groups of images), whatever the thread count.
+const WEIGHT_GROUPS: usize = 8;
+
+/// Output pixels per task of the forward and input-gradient passes.
+const TASK_PIXELS: usize = 1024;
+
+/// A padded copy of part of a NHWC map: images of `hp × wp` pixels of `c`
+/// channels, `slack` zero floats after the last image so that a tile's
+/// unused pixels may read past the end.
+struct Padded {
+    hp: usize,
+    wp: usize,
+    c: usize,
+}
+
+impl Padded {
+    fn image_len(&self) -> usize {
+        self.hp * self.wp * self.c
+    }
+
+    /// Copies images `x` (`h × w × c` each, `imgs` of them) into `dst` with
+    /// `top`/`left` zero rows/columns before and the rest of `hp × wp`
+    /// after; only the border is zeroed, and what follows the last image is
+    /// left as it was (a tile's unused pixels read it, and are not stored).
+    #[allow(clippy::too_many_arguments)]
+    fn fill(&self, x: &[f32], h: usize, w: usize, top: usize, left: usize, imgs: usize, dst: &mut [f32]) {
+        let c = self.c;
+        let (il, pl, row) = (h * w * c, self.image_len(), self.wp * c);
+        for i in 0..imgs {
+            let img = &mut dst[i * pl..(i + 1) * pl];
+            img[..top * row].fill(0.0);
+            img[(top + h) * row..].fill(0.0);
+            for y in 0..h {
+                let r = &mut img[(top + y) * row..][..row];
+                r[..left * c].fill(0.0);
+                r[left * c..(left + w) * c].copy_from_slice(&x[i * il + y * w * c..][..w * c]);
+                r[(left + w) * c..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// Runs `f` with a scratch buffer of `len` floats (contents unspecified).
+fn with_padded<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    PADDED.with(|s| {
+        let mut buf = s.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// Rows of 16-float vectors: `n` rounded up to a multiple of 16.
+fn padded_to_lanes(n: usize) -> usize {
+    n.div_ceil(16) * 16
+}
+
+/// `(o, c, kh, kw)` → `(kh, kw, c, opad)` with `opad = o` rounded up to 16
+/// (zero columns).
+fn forward_weights(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let (o, c, kh, kw) = (g.o, g.c, g.kh, g.kw);
+    let ld = padded_to_lanes(o);
+    let mut m = vec![0f32; kh * kw * c * ld];
+    for oc in 0..o {
+        for ic in 0..c {
+            for t in 0..kh * kw {
+                m[(t * c + ic) * ld + oc] = w[(oc * c + ic) * kh * kw + t];
+            }
+        }
+    }
+    m
+}
+
+/// The input gradient's weights for the class of input pixels whose taps
+/// start at `(ky0, kx0)`: `(nj, ni, o, cpad)`, tap `(j, i)` holding kernel
+/// tap `(ky0 + s·(nj−1−j), kx0 + s·(ni−1−i))` (flipped), `o` and `c` swapped.
+fn class_weights(w: &[f32], g: &ConvGeom, (ky0, kx0): (usize, usize), (nj, ni): (usize, usize)) -> Vec<f32> {
+    let (o, c, s) = (g.o, g.c, g.stride);
+    let ld = padded_to_lanes(c);
+    let mut m = vec![0f32; nj * ni * o * ld];
+    for j in 0..nj {
+        for i in 0..ni {
+            let (ky, kx) = (ky0 + s * (nj - 1 - j), kx0 + s * (ni - 1 - i));
+            for oc in 0..o {
+                let row = &mut m[((j * ni + i) * o + oc) * ld..][..c];
+                for (ic, v) in row.iter_mut().enumerate() {
+                    *v = w[((oc * c + ic) * g.kh + ky) * g.kw + kx];
+                }
+            }
+        }
+    }
+    m
+}
+
+/// One stride-`stride` direct convolution over a chunk of padded images:
+/// `wm` holds the weights (`kh·kw·c` rows of `ldw`), the windows of output
+/// pixel `(oy, ox)` start at padded pixel `(y0 + oy·stride, x0 + ox·stride)`,
+/// and its `o` values go to pixel `(ry + oy·step, rx + ox·step)` of the
+/// output map.
+struct Pass {
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    /// The grid of output pixels this pass computes.
+    oh: usize,
+    ow: usize,
+    wm: Vec<f32>,
+    ldw: usize,
+    /// Window origin of output pixel (0, 0) in the padded image.
+    y0: usize,
+    x0: usize,
+    /// Output map pixel of grid pixel (0, 0), and the grid's step there.
+    ry: usize,
+    rx: usize,
+    step: usize,
+}
+
+/// The output map of a set of passes: `h × w` pixels of `o` channels.
+struct OutMap {
+    h: usize,
+    w: usize,
+    o: usize,
+}
+
+/// Forward: `x` NHWC `(n, h, w, c)`, `weight` `(o, c, kh, kw)` → NHWC
+/// `(n, oh, ow, o)`. Call only where [`available`].
+pub fn forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let pad = Padded {
+        hp: (g.h + 2 * g.pad).max((g.oh - 1) * g.stride + g.kh),
+        wp: (g.w + 2 * g.pad).max((g.ow - 1) * g.stride + g.kw),
+        c: g.c,
+    };
+    let pass = Pass {
+        kh: g.kh,
+        kw: g.kw,
+        stride: g.stride,
+        oh: g.oh,
+        ow: g.ow,
+        wm: forward_weights(weight, g),
+        ldw: padded_to_lanes(g.o),
+        y0: 0,
+        x0: 0,
+        ry: 0,
+        rx: 0,
+        step: 1,
+    };
+    let out = OutMap {
+        h: g.oh,
+        w: g.ow,
+        o: g.o,
+    };
+    run_passes(&[pass], &pad, &out, x, (g.n, g.h, g.w), (g.pad, g.pad))
+}
+
+/// Input gradient: `dy` NHWC `(n, oh, ow, o)`, `weight` `(o, c, kh, kw)` →
+/// `(n, h, w, c)`. Call only where [`available`].
+///
+/// Input pixel `(y, x)` with `y = s·qy + ry` receives `dy[(y + pad − ky)/s]`
+/// through the taps `ky ≡ ry + pad (mod s)`: `ky = ky0 + s·j`, reading
+/// `dy[qy + dy0 − j]` with `dy0 = ⌊(ry + pad)/s⌋`. Per class that is a
+/// stride-1 correlation of `dy` with `nj = ⌈(kh − ky0)/s⌉` flipped taps.
+pub fn backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let s = g.stride;
+    // zero rows/columns around dy: enough for every class's first tap
+    let (ty, tx) = (g.kh.div_ceil(s), g.kw.div_ceil(s));
+    let mut passes = Vec::new();
+    let (mut hp, mut wp) = (ty + g.oh, tx + g.ow);
+    for ry in 0..s.min(g.h) {
+        for rx in 0..s.min(g.w) {
+            let (ky0, kx0) = ((ry + g.pad) % s, (rx + g.pad) % s);
+            if ky0 >= g.kh || kx0 >= g.kw {
+                continue; // no tap reaches this class: its gradient stays 0
+            }
+            let (nj, ni) = ((g.kh - ky0).div_ceil(s), (g.kw - kx0).div_ceil(s));
+            let (dy0, dx0) = ((ry + g.pad) / s, (rx + g.pad) / s);
+            let (oh, ow) = ((g.h - ry).div_ceil(s), (g.w - rx).div_ceil(s));
+            let (y0, x0) = (ty + dy0 + 1 - nj, tx + dx0 + 1 - ni);
+            hp = hp.max(y0 + oh - 1 + nj);
+            wp = wp.max(x0 + ow - 1 + ni);
+            passes.push(Pass {
+                kh: nj,
+                kw: ni,
+                stride: 1,
+                oh,
+                ow,
+                wm: class_weights(weight, g, (ky0, kx0), (nj, ni)),
+                ldw: padded_to_lanes(g.c),
+                y0,
+                x0,
+                ry,
+                rx,
+                step: s,
+            });
+        }
+    }
+    let pad = Padded { hp, wp, c: g.o };
+    let out = OutMap { h: g.h, w: g.w, o: g.c };
+    run_passes(&passes, &pad, &out, dy, (g.n, g.oh, g.ow), (ty, tx))
+}
+
+/// Runs `passes` over the `n` images of `x` (`h × w` maps of `pad.c`
+/// channels), each copied into `pad`'s map at `(top, left)`, images in
+/// chunks on the rayon pool.
+fn run_passes(
+    passes: &[Pass],
+    pad: &Padded,
+    out: &OutMap,
+    x: &[f32],
+    (n, h, w): (usize, usize, usize),
+    (top, left): (usize, usize),
+) -> Vec<f32> {
+    let c = pad.c;
+    let px = out.h * out.w;
+    let mut y = vec![0f32; n * px * out.o];
+    if y.is_empty() {
+        return y;
+    }
+    let ipc = TASK_PIXELS
+        .div_ceil(px)
+        .clamp(1, n.div_ceil(4 * rayon::current_num_threads()).max(1));
+    let (pl, il) = (pad.image_len(), h * w * c);
+    let slack = passes
+        .iter()
+        .map(|p| TILE_REGS * p.stride * c + p.kw * c)
+        .max()
+        .unwrap_or(0)
+        + 16;
+    y.par_chunks_mut(ipc * px * out.o).enumerate().for_each(|(ci, yc)| {
+        let imgs = yc.len() / (px * out.o);
+        let xc = &x[ci * ipc * il..(ci * ipc + imgs) * il];
+        with_padded(imgs * pl + slack, |xp| {
+            pad.fill(xc, h, w, top, left, imgs, xp);
+            for pass in passes {
+                // SAFETY: `available` checked AVX-512F (the callers'
+                // contract); the padded buffer has `slack` floats past the
+                // last image for the tiles' unused pixels.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    x86::pass(pass, pad, out, xp, imgs, yc)
+                };
+            }
+        });
+    });
+    y
+}
+
+/// Weight gradient: `x` NHWC `(n, h, w, c)`, `dy` NHWC `(n, oh, ow, o)` →
+/// `(o, c, kh, kw)`. Call only where [`available`].
+pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let pad = Padded {
+        hp: (g.h + 2 * g.pad).max((g.oh - 1) * g.stride + g.kh),
+        wp: (g.w + 2 * g.pad).max((g.ow - 1) * g.stride + g.kw),
+        c: g.c,
+    };
+    let px = g.out_pixels();
+    let (pl, il) = (pad.image_len(), g.h * g.w * g.c);
+    let win = g.kw * g.c;
+    let ldw = padded_to_lanes(win);
+    let part_len = g.o * g.kh * ldw;
+    let ipc = TASK_PIXELS.div_ceil(px).max(1);
+    // a fixed number of groups of consecutive images (as even as they
+    // come), added in order: the same result whatever the thread count or
+    // the work stealing
+    let groups = g.n.clamp(1, WEIGHT_GROUPS);
+    let parts: Vec<Vec<f32>> = (0..groups)
+        .into_par_iter()
+        .map(|gi| {
+            let mut acc = vec![0f32; part_len];
+            let (start, end) = (gi * g.n / groups, (gi + 1) * g.n / groups);
+            for first in (start..end).step_by(ipc) {
+                let imgs = ipc.min(end - first);
+                let xc = &x[first * il..(first + imgs) * il];
+                let dyc = &dy[first * px * g.o..(first + imgs) * px * g.o];
+                with_padded(imgs * pl + ldw + 16, |xp| {
+                    pad.fill(xc, g.h, g.w, g.pad, g.pad, imgs, xp);
+                    // SAFETY: as in `run_pass`; a window's last vector may
+                    // read up to 15 floats past the map (`ldw + 16` slack).
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        if win < 16 {
+                            x86::weight_gradient_narrow(g, &pad, xp, dyc, imgs, &mut acc, ldw)
+                        } else {
+                            x86::weight_gradient(g, &pad, xp, dyc, imgs, &mut acc, ldw)
+                        }
+                    };
+                });
+            }
+            acc
+        })
+        .collect();
+    let mut sum = vec![0f32; part_len];
+    for p in &parts {
+        for (a, b) in sum.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    // (o, ky, kx·c + ic) → (o, c, ky, kx)
+    let mut dw = vec![0f32; g.o * g.c * g.kh * g.kw];
+    for oc in 0..g.o {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                for ic in 0..g.c {
+                    dw[((oc * g.c + ic) * g.kh + ky) * g.kw + kx] = sum[(oc * g.kh + ky) * ldw + kx * g.c + ic];
+                }
+            }
+        }
+    }
+    dw
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{OutMap, Padded, Pass, TILE_REGS};
+    use crate::ops::conv::ConvGeom;
+    use std::arch::x86_64::*;
+
+    /// Where a tile reads and writes.
+    struct Tile {
+        /// Padded input at the first pixel's window origin.
+        x: *const f32,
+        /// Floats between consecutive pixels' windows (`stride · c`).
+        px_step: usize,
+        /// Floats between padded rows.
+        row_step: usize,
+        c: usize,
+        kh: usize,
+        kw: usize,
+        /// Weights at the block's first output channel.
+        w: *const f32,
+        ldw: usize,
+        /// Output at the first pixel's first channel of the block.
+        y: *mut f32,
+        /// Floats between output pixels.
+        ldy: usize,
+        /// Pixels to store.
+        valid: usize,
+        /// Output channels to store (from the block's first).
+        channels: usize,
+    }
+
+    /// Mask of the first `n` (≤ 16, saturating) lanes.
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// `P` pixels × `NV` vectors of output channels.
+    #[target_feature(enable = "avx512f")]
+    #[inline(never)]
+    unsafe fn tile<const P: usize, const NV: usize>(t: &Tile) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; P];
+        for ky in 0..t.kh {
+            for kx in 0..t.kw {
+                // SAFETY (whole body): the caller's tile lies in the padded
+                // map plus its slack, and in the weight and output buffers.
+                let xa = unsafe { t.x.add(ky * t.row_step + kx * t.c) };
+                let wa = unsafe { t.w.add((ky * t.kw + kx) * t.c * t.ldw) };
+                for ci in 0..t.c {
+                    let mut wv = [_mm512_setzero_ps(); NV];
+                    for (v, r) in wv.iter_mut().enumerate() {
+                        *r = unsafe { _mm512_loadu_ps(wa.add(ci * t.ldw + 16 * v)) };
+                    }
+                    for (p, a) in acc.iter_mut().enumerate() {
+                        let b = _mm512_set1_ps(unsafe { *xa.add(p * t.px_step + ci) });
+                        for v in 0..NV {
+                            a[v] = _mm512_fmadd_ps(b, wv[v], a[v]);
+                        }
+                    }
+                }
+            }
+        }
+        for (p, a) in acc.iter().enumerate().take(t.valid) {
+            for (v, r) in a.iter().enumerate() {
+                let left = t.channels.saturating_sub(16 * v);
+                if left > 0 {
+                    unsafe { _mm512_mask_storeu_ps(t.y.add(p * t.ldy + 16 * v), lanes(left), *r) };
+                }
+            }
+        }
+    }
+
+    /// Calls `tile::<P, NV>` with `P` the run-time `p` (1 ≤ p ≤ 28 / NV).
+    macro_rules! dispatch {
+        ($t:expr, $p:expr, $nv:literal, [$($n:literal)*]) => {
+            match $p {
+                $($n => unsafe { tile::<$n, $nv>($t) },)*
+                _ => unreachable!("tile of {} pixels", $p),
+            }
+        };
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_tile(t: &Tile, p: usize, nv: usize) {
+        match nv {
+            1 => dispatch!(t, p, 1, [1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28]),
+            2 => dispatch!(t, p, 2, [1 2 3 4 5 6 7 8 9 10 11 12 13 14]),
+            3 => dispatch!(t, p, 3, [1 2 3 4 5 6 7 8 9]),
+            4 => dispatch!(t, p, 4, [1 2 3 4 5 6 7]),
+            _ => unreachable!("{nv} vectors per tile"),
+        }
+    }
+
+    /// One pass over `imgs` padded images `xp` into `y`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pass(pass: &Pass, pad: &Padded, out: &OutMap, xp: &[f32], imgs: usize, y: &mut [f32]) {
+        let c = pad.c;
+        let vectors = pass.ldw / 16;
+        let nv_max = vectors.min(4);
+        let p_max = (TILE_REGS / nv_max).min(pass.ow);
+        let tiles = pass.ow.div_ceil(p_max);
+        let p = pass.ow.div_ceil(tiles);
+        let pl = pad.image_len();
+        let opx = out.h * out.w;
+        for i in 0..imgs {
+            for oy in 0..pass.oh {
+                for ti in 0..tiles {
+                    let ox = ti * p;
+                    let valid = p.min(pass.ow - ox);
+                    let (yy, xx) = (pass.y0 + oy * pass.stride, pass.x0 + ox * pass.stride);
+                    let x = xp[i * pl + (yy * pad.wp + xx) * c..].as_ptr();
+                    let yrow = (i * opx + (pass.ry + oy * pass.step) * out.w + pass.rx + ox * pass.step) * out.o;
+                    let mut v0 = 0;
+                    while v0 < vectors {
+                        let nv = (vectors - v0).min(nv_max);
+                        let t = Tile {
+                            x,
+                            px_step: pass.stride * c,
+                            row_step: pad.wp * c,
+                            c,
+                            kh: pass.kh,
+                            kw: pass.kw,
+                            w: pass.wm[16 * v0..].as_ptr(),
+                            ldw: pass.ldw,
+                            y: y[yrow + 16 * v0..].as_mut_ptr(),
+                            ldy: pass.step * out.o,
+                            valid,
+                            channels: out.o - 16 * v0,
+                        };
+                        unsafe { run_tile(&t, p, nv) };
+                        v0 += nv;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `OT` output channels × `NV` vectors of one kernel row's window.
+    #[target_feature(enable = "avx512f")]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn weight_tile<const OT: usize, const NV: usize>(
+        g: &ConvGeom,
+        pad: &Padded,
+        xp: *const f32,
+        dy: *const f32,
+        imgs: usize,
+        acc_out: *mut f32,
+        ldw: usize,
+        win_left: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; OT];
+        let mut masks = [0 as __mmask16; NV];
+        for (v, m) in masks.iter_mut().enumerate() {
+            *m = lanes(win_left.saturating_sub(16 * v));
+        }
+        let c = g.c;
+        let pl = pad.image_len();
+        for i in 0..imgs {
+            for oy in 0..g.oh {
+                // SAFETY (whole body): rows and pixels within the padded
+                // images (plus slack) and the chunk's output gradient.
+                let xrow = unsafe { xp.add(i * pl + oy * g.stride * pad.wp * c) };
+                let drow = unsafe { dy.add((i * g.oh + oy) * g.ow * g.o) };
+                for ox in 0..g.ow {
+                    let xa = unsafe { xrow.add(ox * g.stride * c) };
+                    let mut xv = [_mm512_setzero_ps(); NV];
+                    for v in 0..NV {
+                        xv[v] = unsafe { _mm512_maskz_loadu_ps(masks[v], xa.add(16 * v)) };
+                    }
+                    let d = unsafe { drow.add(ox * g.o) };
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let b = _mm512_set1_ps(unsafe { *d.add(r) });
+                        for v in 0..NV {
+                            a[v] = _mm512_fmadd_ps(b, xv[v], a[v]);
+                        }
+                    }
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (v, val) in a.iter().enumerate() {
+                let p = unsafe { acc_out.add(r * ldw + 16 * v) };
+                unsafe { _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *val)) };
+            }
+        }
+    }
+
+    macro_rules! weight_dispatch {
+        ($ot:expr, $nv:expr, $args:tt, [$(($o:literal, $n:literal))*]) => {
+            match ($ot, $nv) {
+                $(($o, $n) => unsafe { weight_call!(weight_tile::<$o, $n>, $args) },)*
+                other => unreachable!("weight tile {other:?}"),
+            }
+        };
+    }
+    macro_rules! weight_call {
+        ($f:expr, ($($a:expr),*)) => { $f($($a),*) };
+    }
+
+    /// Adds the weight gradient of `imgs` padded images `xp` and their
+    /// output gradient `dy` into `acc` (`o × kh` rows of `ldw`: `kw·c`
+    /// window values, then zeros).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weight_gradient(
+        g: &ConvGeom,
+        pad: &Padded,
+        xp: &[f32],
+        dy: &[f32],
+        imgs: usize,
+        acc: &mut [f32],
+        ldw: usize,
+    ) {
+        let win = g.kw * g.c;
+        let vectors = ldw / 16;
+        const NV_MAX: usize = 6;
+        const OT: usize = 4;
+        for ky in 0..g.kh {
+            let x0 = xp[ky * pad.wp * g.c..].as_ptr();
+            let mut v0 = 0;
+            while v0 < vectors {
+                let nv = (vectors - v0).min(NV_MAX);
+                let mut o0 = 0;
+                while o0 < g.o {
+                    let ot = (g.o - o0).min(OT);
+                    let out = acc[(o0 * g.kh + ky) * ldw + 16 * v0..].as_mut_ptr();
+                    let (xs, ds) = unsafe { (x0.add(16 * v0), dy.as_ptr().add(o0)) };
+                    weight_dispatch!(
+                        ot,
+                        nv,
+                        (g, pad, xs, ds, imgs, out, g.kh * ldw, win - 16 * v0),
+                        [
+                            (1, 1)(1, 2)(1, 3)(1, 4)(1, 5)(1, 6)(2, 1)(2, 2)(2, 3)(2, 4)(2, 5)(2, 6)(3, 1)(3, 2)(3, 3)(
+                                3, 4
+                            )(3, 5)(3, 6)(4, 1)(4, 2)(4, 3)(4, 4)(4, 5)(4, 6)
+                        ]
+                    );
+                    o0 += ot;
+                }
+                v0 += nv;
+            }
+        }
+    }
+
+    /// `RT` values of one kernel row's window × `NV` vectors of output
+    /// channels, for windows narrower than a vector.
+    #[target_feature(enable = "avx512f")]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn narrow_tile<const RT: usize, const NV: usize>(
+        g: &ConvGeom,
+        pad: &Padded,
+        xp: *const f32,
+        dy: *const f32,
+        imgs: usize,
+        out: *mut f32,
+        o_stride: usize,
+        channels: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; RT];
+        let mut masks = [0 as __mmask16; NV];
+        for (v, m) in masks.iter_mut().enumerate() {
+            *m = lanes(channels.saturating_sub(16 * v));
+        }
+        let c = g.c;
+        let pl = pad.image_len();
+        for i in 0..imgs {
+            for oy in 0..g.oh {
+                // SAFETY (whole body): as in `weight_tile`.
+                let xrow = unsafe { xp.add(i * pl + oy * g.stride * pad.wp * c) };
+                let drow = unsafe { dy.add((i * g.oh + oy) * g.ow * g.o) };
+                for ox in 0..g.ow {
+                    let xa = unsafe { xrow.add(ox * g.stride * c) };
+                    let d = unsafe { drow.add(ox * g.o) };
+                    let mut dv = [_mm512_setzero_ps(); NV];
+                    for v in 0..NV {
+                        dv[v] = unsafe { _mm512_maskz_loadu_ps(masks[v], d.add(16 * v)) };
+                    }
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let b = _mm512_set1_ps(unsafe { *xa.add(r) });
+                        for v in 0..NV {
+                            a[v] = _mm512_fmadd_ps(b, dv[v], a[v]);
+                        }
+                    }
+                }
+            }
+        }
+        let mut lane_values = [0f32; 16];
+        for (r, a) in acc.iter().enumerate() {
+            for (v, val) in a.iter().enumerate() {
+                unsafe { _mm512_storeu_ps(lane_values.as_mut_ptr(), *val) };
+                for (l, x) in lane_values.iter().enumerate().take(channels.saturating_sub(16 * v)) {
+                    unsafe { *out.add((16 * v + l) * o_stride + r) += x };
+                }
+            }
+        }
+    }
+
+    /// [`weight_gradient`] for windows (`kw·c`) narrower than 16 values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weight_gradient_narrow(
+        g: &ConvGeom,
+        pad: &Padded,
+        xp: &[f32],
+        dy: &[f32],
+        imgs: usize,
+        acc: &mut [f32],
+        ldw: usize,
+    ) {
+        const RT_MAX: usize = 7;
+        const NV_MAX: usize = 4;
+        let win = g.kw * g.c;
+        let vectors = g.o.div_ceil(16);
+        for ky in 0..g.kh {
+            for j0 in (0..win).step_by(RT_MAX) {
+                let rt = (win - j0).min(RT_MAX);
+                for v0 in (0..vectors).step_by(NV_MAX) {
+                    let nv = (vectors - v0).min(NV_MAX);
+                    let o0 = 16 * v0;
+                    let xs = xp[ky * pad.wp * g.c + j0..].as_ptr();
+                    let ds = dy[o0..].as_ptr();
+                    let out = acc[o0 * g.kh * ldw + ky * ldw + j0..].as_mut_ptr();
+                    let args = (g, pad, xs, ds, imgs, out, g.kh * ldw, g.o - o0);
+                    macro_rules! narrow {
+                        ($(($r:literal, $n:literal))*) => {
+                            match (rt, nv) {
+                                $(($r, $n) => unsafe {
+                                    narrow_tile::<$r, $n>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7)
+                                },)*
+                                other => unreachable!("narrow tile {other:?}"),
+                            }
+                        };
+                    }
+                    narrow!(
+                        (1, 1)(1, 2)(1, 3)(1, 4)(2, 1)(2, 2)(2, 3)(2, 4)(3, 1)(3, 2)(3, 3)(3, 4)(4, 1)(4, 2)(4, 3)(
+                            4, 4
+                        )(5, 1)(5, 2)(5, 3)(5, 4)(6, 1)(6, 2)(6, 3)(6, 4)(7, 1)(7, 2)(7, 3)(
+                            7, 4
+                        )
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv::{im2col_backward_input, im2col_backward_weight, im2col_forward};
+    use crate::ops::testing::hashed_values;
+    use crate::ops::vector::with_kernels;
+
+    /// Largest |a − b| relative to the largest |b|.
+    fn relative_gap(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    #[test]
+    fn direct_kernels_match_the_im2col_path() {
+        if !KernelSet::Avx512.is_available() {
+            eprintln!("no AVX-512F here: the direct kernels do not run");
+            return;
+        }
+        // (n, h, w, c, o, k, stride, pad): the trunk's and the VAE's shapes
+        // and odd ones (channels not a multiple of 16, rows not a multiple
+        // of the tile, no padding, 1×1)
+        let cases = [
+            (3, 28, 28, 1, 32, 3, 1, 1),
+            (2, 28, 28, 32, 32, 3, 1, 1),
+            (2, 28, 28, 32, 64, 3, 2, 1),
+            (3, 14, 14, 64, 64, 3, 1, 1),
+            (2, 14, 14, 64, 128, 1, 2, 0),
+            (2, 7, 7, 128, 128, 3, 1, 1),
+            (2, 9, 11, 5, 19, 3, 1, 1),
+            (2, 9, 11, 17, 3, 3, 2, 0),
+            (1, 30, 31, 3, 40, 5, 1, 2),
+            (4, 6, 6, 48, 20, 4, 2, 1),
+            (3, 14, 14, 32, 16, 4, 2, 1),
+            (3, 7, 7, 64, 32, 4, 2, 1),
+            (2, 13, 12, 6, 5, 3, 3, 1),
+            (2, 9, 9, 4, 6, 1, 3, 0),
+            (2, 10, 10, 7, 9, 2, 2, 0),
+            (3, 28, 28, 1, 96, 4, 2, 1),
+            (2, 9, 8, 2, 70, 3, 1, 1),
+            (2, 5, 5, 3, 8, 3, 1, 1),
+        ];
+        for (n, h, w, c, o, k, s, p) in cases {
+            let g = ConvGeom::new(n, h, w, c, o, k, k, s, p).unwrap();
+            let x = hashed_values(n * h * w * c, 1);
+            let wt = hashed_values(o * c * k * k, 2);
+            let dy = hashed_values(n * g.out_pixels() * o, 3);
+            let (y0, dw0, dx0) = with_kernels(KernelSet::Portable, || {
+                (
+                    im2col_forward(&x, &wt, &g),
+                    im2col_backward_weight(&x, &dy, &g),
+                    im2col_backward_input(&dy, &wt, &g),
+                )
+            });
+            let gap = relative_gap(&forward(&x, &wt, &g), &y0);
+            assert!(gap < 1e-5, "forward {g:?}: {gap}");
+            let gap = relative_gap(&backward_weight(&x, &dy, &g), &dw0);
+            assert!(gap < 1e-5, "weight gradient {g:?}: {gap}");
+            let gap = relative_gap(&backward_input(&dy, &wt, &g), &dx0);
+            assert!(gap < 1e-5, "input gradient {g:?}: {gap}");
+        }
+    }
+}

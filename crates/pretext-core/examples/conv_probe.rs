@@ -3,6 +3,7 @@
 //!
 //! `cargo run --release -p pretext-core --example conv_probe`
 
+use pretext_core::ops::bf16::Precision;
 use pretext_core::ops::conv::{im2col_backward_input, im2col_backward_weight, im2col_forward, ConvGeom};
 use pretext_core::ops::direct;
 use std::time::Instant;
@@ -40,8 +41,8 @@ fn main() {
         .filter(|l| only.is_empty() || l.0.contains(only.as_str()))
         .collect();
     println!(
-        "{:<16} {:>23}  {:>23}  {:>23}",
-        "layer", "fwd GF/s im2col|direct|bf16", "dx", "dw"
+        "{:<16} {:>31}  {:>31}  {:>31}",
+        "layer (GF/s)", "fwd: im2col direct bf16:im2col direct", "dx: (same)", "dw: (same)"
     );
     for (name, hw, c, o, k, s, p) in layers {
         let g = ConvGeom::new(n, hw, hw, c, o, k, k, s, p).expect("the layers fit");
@@ -57,18 +58,20 @@ fn main() {
         let gf = 2.0 * (n * g.out_pixels() * o * g.k()) as f64 / 1e9;
         let r = 5;
         let f0 = gf / best(r, || im2col_forward(&x, &w, &g));
-        let f1 = gf / best(r, || direct::forward(&x, &w, &g));
+        let f1 = gf / best(r, || direct::forward(&x, &w, &g, Precision::F32));
         let b0 = gf / best(r, || im2col_backward_input(&dy, &w, &g));
-        let b1 = gf / best(r, || direct::backward_input(&dy, &w, &g));
+        let b1 = gf / best(r, || direct::backward_input(&dy, &w, &g, Precision::F32));
         let w0 = gf / best(r, || im2col_backward_weight(&x, &dy, &g));
-        let w1 = gf / best(r, || direct::backward_weight(&x, &dy, &g));
-        use pretext_core::ops::bf16::Precision;
+        let w1 = gf / best(r, || direct::backward_weight(&x, &dy, &g, Precision::F32));
         let bf = Precision::Bf16;
         let f2 = gf / bf.scope(|| best(r, || im2col_forward(&x, &w, &g)));
         let b2 = gf / bf.scope(|| best(r, || im2col_backward_input(&dy, &w, &g)));
+        let f3 = gf / best(r, || direct::forward(&x, &w, &g, bf));
+        let b3 = gf / best(r, || direct::backward_input(&dy, &w, &g, bf));
+        let w3 = gf / best(r, || direct::backward_weight(&x, &dy, &g, bf));
         let w2 = gf / bf.scope(|| best(r, || im2col_backward_weight(&x, &dy, &g)));
         println!(
-            "{name:<16} {f0:>7.1} {f1:>7.1} {f2:>7.1}  {b0:>7.1} {b1:>7.1} {b2:>7.1}  {w0:>7.1} {w1:>7.1} {w2:>7.1}"
+            "{name:<16} {f0:>7.1} {f1:>7.1} {f2:>7.1} {f3:>7.1}  {b0:>7.1} {b1:>7.1} {b2:>7.1} {b3:>7.1}  {w0:>7.1} {w1:>7.1} {w2:>7.1} {w3:>7.1}"
         );
     }
 }

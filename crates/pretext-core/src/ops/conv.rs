@@ -319,25 +319,49 @@ fn col2im_add_body(dcol: &[f32], g: &ConvGeom, imgs: usize, dx: &mut [f32]) {
     }
 }
 
-/// Whether the convolution `g` at product precision `prec` goes to the
-/// [`direct`] f32 kernels: on an AVX-512 thread, for f32 products, and for
-/// bf16 products of fewer than 8 input channels (a first layer's: there the
-/// bf16 path's channel pairs are mostly padding and it runs 3-5× slower than
-/// the direct f32 kernels). `PRETEXT_DIRECT_CONV=0` keeps the im2col path,
-/// for comparisons.
-fn direct_for(prec: Precision, g: &ConvGeom) -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    (prec.effective() == Precision::F32 || g.c < 8)
-        && *ENABLED.get_or_init(|| std::env::var("PRETEXT_DIRECT_CONV").map_or(true, |v| v != "0"))
-        && direct::available()
+/// Which of a convolution's three passes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ConvPass {
+    Forward,
+    InputGradient,
+    WeightGradient,
+}
+
+/// The [`direct`] kernels' products for pass `pass` of convolution `g` at
+/// product precision `prec`, `None` for the im2col path.
+///
+/// On an AVX-512 thread f32 products run direct, and so do bf16 products
+/// with AVX512-BF16, except a first layer's forward and weight gradient
+/// (fewer than 8 input channels): there bf16 pairs of channels would be
+/// mostly padding, and the direct f32 kernels are 3-5× faster than either
+/// bf16 path. An input gradient into fewer than 8 channels (a VAE
+/// decoder's 1-channel output) stays on im2col: most of the direct
+/// kernel's 16 lanes would be padding.
+///
+/// `PRETEXT_DIRECT_CONV=0` keeps every pass on im2col, `=f32` keeps bf16
+/// products on im2col (for comparisons).
+fn direct_for(prec: Precision, g: &ConvGeom, pass: ConvPass) -> Option<Precision> {
+    static SETTING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let setting = SETTING.get_or_init(|| std::env::var("PRETEXT_DIRECT_CONV").unwrap_or_default());
+    if setting == "0" || !direct::available() || (pass == ConvPass::InputGradient && g.c < 8) {
+        return None;
+    }
+    if prec.effective() == Precision::F32 {
+        return Some(Precision::F32);
+    }
+    let first_layer = g.c < 8;
+    match pass {
+        ConvPass::Forward | ConvPass::WeightGradient if first_layer => Some(Precision::F32),
+        _ if setting != "f32" && direct::available_bf16() => Some(Precision::Bf16),
+        _ => None,
+    }
 }
 
 /// The [`direct`] kernels where [`direct_for`] says so; else [`im2col_forward`].
 pub fn conv2d_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
-    if direct_for(Precision::current(), g) {
-        direct::forward(x, weight, g)
-    } else {
-        im2col_forward(x, weight, g)
+    match direct_for(Precision::current(), g, ConvPass::Forward) {
+        Some(prec) => direct::forward(x, weight, g, prec),
+        None => im2col_forward(x, weight, g),
     }
 }
 
@@ -386,14 +410,11 @@ pub fn im2col_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
 }
 
 /// Input gradient: `dy` NHWC `(n, oh, ow, o)`, `weight` `(o, c, kh, kw)` → `dx` `(n, h, w, c)`.
-/// The [`direct`] kernels where [`direct_for`] says so and the input has at
-/// least 8 channels (below 8, most of their 16-lane vectors would be
-/// padding: the 1-channel output of a VAE decoder); else [`im2col_backward_input`].
+/// The [`direct`] kernels where [`direct_for`] says so; else [`im2col_backward_input`].
 pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
-    if g.c >= 8 && direct_for(Precision::current(), g) {
-        direct::backward_input(dy, weight, g)
-    } else {
-        im2col_backward_input(dy, weight, g)
+    match direct_for(Precision::current(), g, ConvPass::InputGradient) {
+        Some(prec) => direct::backward_input(dy, weight, g, prec),
+        None => im2col_backward_input(dy, weight, g),
     }
 }
 
@@ -430,10 +451,9 @@ pub fn im2col_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f3
 ///
 /// The [`direct`] kernels where [`direct_for`] says so; else [`im2col_backward_weight`].
 pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
-    if direct_for(Precision::current(), g) {
-        direct::backward_weight(x, dy, g)
-    } else {
-        im2col_backward_weight(x, dy, g)
+    match direct_for(Precision::current(), g, ConvPass::WeightGradient) {
+        Some(prec) => direct::backward_weight(x, dy, g, prec),
+        None => im2col_backward_weight(x, dy, g),
     }
 }
 

@@ -34,6 +34,7 @@
 //! These kernels run where the thread's [`KernelSet`] is AVX-512; elsewhere
 //! [`conv`](super::conv) keeps its im2col path.
 
+use super::bf16::{bf16_kernels_available, Precision};
 use super::conv::ConvGeom;
 use super::vector::active;
 use crate::cpu::KernelSet;
@@ -48,6 +49,11 @@ thread_local! {
 /// Whether the direct kernels run on this thread (its kernel family is AVX-512).
 pub fn available() -> bool {
     cfg!(target_arch = "x86_64") && active() == KernelSet::Avx512
+}
+
+/// Whether the bf16 direct kernels run on this thread: [`available`] and AVX512-BF16.
+pub fn available_bf16() -> bool {
+    available() && bf16_kernels_available()
 }
 
 /// Accumulator registers a tile may use (of 32; the rest hold weights and broadcasts).
@@ -95,6 +101,57 @@ impl Padded {
     }
 }
 
+impl Padded {
+    /// [`Padded::fill`] with each pixel's `c` channels rounded to `self.c =
+    /// ⌈c/2⌉` bf16 pairs.
+    fn fill_pairs(
+        &self,
+        x: &[f32],
+        (h, w, c): (usize, usize, usize),
+        top: usize,
+        left: usize,
+        imgs: usize,
+        dst: &mut [f32],
+    ) {
+        let cp = self.c;
+        let (il, pl, row) = (h * w * c, self.image_len(), self.wp * cp);
+        for i in 0..imgs {
+            let img = &mut dst[i * pl..(i + 1) * pl];
+            img[..top * row].fill(0.0);
+            img[(top + h) * row..].fill(0.0);
+            for y in 0..h {
+                let r = &mut img[(top + y) * row..][..row];
+                r[..left * cp].fill(0.0);
+                let src = &x[i * il + y * w * c..][..w * c];
+                let body = &mut r[left * cp..(left + w) * cp];
+                if c % 2 == 0 {
+                    pairs_into(src, body);
+                } else {
+                    for (s, d) in src.chunks(c).zip(body.chunks_mut(cp)) {
+                        pairs_into(s, d);
+                    }
+                }
+                r[(left + w) * cp..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// `src` rounded to bf16 pairs in `dst` (`⌈len/2⌉` words).
+fn pairs_into(src: &[f32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: u32 and f32 have the same size and alignment, and every
+        // bit pattern is valid for both.
+        let words = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u32>(), dst.len()) };
+        super::bf16::row_to_pairs(src, words);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for (k, d) in dst.iter_mut().enumerate() {
+        *d = pair(src[2 * k], src.get(2 * k + 1).copied().unwrap_or(0.0));
+    }
+}
+
 /// Runs `f` with a scratch buffer of `len` floats (contents unspecified).
 fn with_padded<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     PADDED.with(|s| {
@@ -104,6 +161,68 @@ fn with_padded<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         }
         f(&mut buf[..len])
     })
+}
+
+/// Words per pixel of `c` channels: floats, or bf16 pairs with `bf16`.
+fn words(c: usize, bf16: bool) -> usize {
+    if bf16 {
+        c.div_ceil(2)
+    } else {
+        c
+    }
+}
+
+/// Two f32 rounded to bf16 (to nearest even) in one word, `lo` in the low
+/// half, as the f32 with those bits (the padded maps and weight matrices
+/// hold either kind of word).
+fn pair(lo: f32, hi: f32) -> f32 {
+    let bits = |v: f32| u32::from(half::bf16::from_f32(v).to_bits());
+    f32::from_bits(bits(lo) | (bits(hi) << 16))
+}
+
+/// A weight matrix of `taps × rows` rows of `ld` floats, unchanged, or
+/// with `bf16` as `taps × ⌈rows/2⌉` rows of pairs of consecutive rows
+/// (a zero row after an odd count).
+fn in_words(m: Vec<f32>, taps: usize, rows: usize, ld: usize, bf16: bool) -> Vec<f32> {
+    if !bf16 {
+        return m;
+    }
+    let rp = rows.div_ceil(2);
+    let mut out = vec![0f32; taps * rp * ld];
+    for t in 0..taps {
+        for k in 0..rp {
+            let lo = &m[(t * rows + 2 * k) * ld..][..ld];
+            let dst = &mut out[(t * rp + k) * ld..][..ld];
+            if 2 * k + 1 < rows {
+                let hi = &m[(t * rows + 2 * k + 1) * ld..][..ld];
+                for ((d, &a), &b) in dst.iter_mut().zip(lo).zip(hi) {
+                    *d = pair(a, b);
+                }
+            } else {
+                for (d, &a) in dst.iter_mut().zip(lo) {
+                    *d = pair(a, 0.0);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `rows` rows of `ow` pixels of `o` values as bf16 pairs of pixels
+/// `(2q, 2q + 1)` (a zero pixel after an odd `ow`): `rows × ⌈ow/2⌉ × o` words.
+fn dy_row_pairs(dy: &[f32], rows: usize, ow: usize, o: usize) -> Vec<u32> {
+    let qw = ow.div_ceil(2);
+    let mut out = vec![0u32; rows * qw * o];
+    #[cfg(target_arch = "x86_64")]
+    for r in 0..rows {
+        let row = &dy[r * ow * o..][..ow * o];
+        for q in 0..qw {
+            let even = &row[2 * q * o..][..o];
+            let odd = (2 * q + 1 < ow).then(|| &row[(2 * q + 1) * o..][..o]);
+            super::bf16::interleave_pairs(even, odd, &mut out[(r * qw + q) * o..][..o]);
+        }
+    }
+    out
 }
 
 /// Rows of 16-float vectors: `n` rounded up to a multiple of 16.
@@ -179,12 +298,14 @@ struct OutMap {
 }
 
 /// Forward: `x` NHWC `(n, h, w, c)`, `weight` `(o, c, kh, kw)` → NHWC
-/// `(n, oh, ow, o)`. Call only where [`available`].
-pub fn forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
+/// `(n, oh, ow, o)`, products in `prec` (bf16: operands rounded to bf16,
+/// f32 sums). Call only where [`available`] (and [`available_bf16`] for bf16).
+pub fn forward(x: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision) -> Vec<f32> {
+    let bf16 = prec == Precision::Bf16;
     let pad = Padded {
         hp: (g.h + 2 * g.pad).max((g.oh - 1) * g.stride + g.kh),
         wp: (g.w + 2 * g.pad).max((g.ow - 1) * g.stride + g.kw),
-        c: g.c,
+        c: words(g.c, bf16),
     };
     let pass = Pass {
         kh: g.kh,
@@ -192,7 +313,7 @@ pub fn forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
         stride: g.stride,
         oh: g.oh,
         ow: g.ow,
-        wm: forward_weights(weight, g),
+        wm: in_words(forward_weights(weight, g), g.kh * g.kw, g.c, padded_to_lanes(g.o), bf16),
         ldw: padded_to_lanes(g.o),
         y0: 0,
         x0: 0,
@@ -205,17 +326,18 @@ pub fn forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
         w: g.ow,
         o: g.o,
     };
-    run_passes(&[pass], &pad, &out, x, (g.n, g.h, g.w), (g.pad, g.pad))
+    run_passes(&[pass], &pad, &out, x, (g.n, g.h, g.w, g.c), (g.pad, g.pad), bf16)
 }
 
 /// Input gradient: `dy` NHWC `(n, oh, ow, o)`, `weight` `(o, c, kh, kw)` →
-/// `(n, h, w, c)`. Call only where [`available`].
+/// `(n, h, w, c)`, products in `prec` as in [`forward`].
 ///
 /// Input pixel `(y, x)` with `y = s·qy + ry` receives `dy[(y + pad − ky)/s]`
 /// through the taps `ky ≡ ry + pad (mod s)`: `ky = ky0 + s·j`, reading
 /// `dy[qy + dy0 − j]` with `dy0 = ⌊(ry + pad)/s⌋`. Per class that is a
 /// stride-1 correlation of `dy` with `nj = ⌈(kh − ky0)/s⌉` flipped taps.
-pub fn backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
+pub fn backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision) -> Vec<f32> {
+    let bf16 = prec == Precision::Bf16;
     let s = g.stride;
     // zero rows/columns around dy: enough for every class's first tap
     let (ty, tx) = (g.kh.div_ceil(s), g.kw.div_ceil(s));
@@ -239,7 +361,13 @@ pub fn backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
                 stride: 1,
                 oh,
                 ow,
-                wm: class_weights(weight, g, (ky0, kx0), (nj, ni)),
+                wm: in_words(
+                    class_weights(weight, g, (ky0, kx0), (nj, ni)),
+                    nj * ni,
+                    g.o,
+                    padded_to_lanes(g.c),
+                    bf16,
+                ),
                 ldw: padded_to_lanes(g.c),
                 y0,
                 x0,
@@ -249,23 +377,28 @@ pub fn backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
             });
         }
     }
-    let pad = Padded { hp, wp, c: g.o };
+    let pad = Padded {
+        hp,
+        wp,
+        c: words(g.o, bf16),
+    };
     let out = OutMap { h: g.h, w: g.w, o: g.c };
-    run_passes(&passes, &pad, &out, dy, (g.n, g.oh, g.ow), (ty, tx))
+    run_passes(&passes, &pad, &out, dy, (g.n, g.oh, g.ow, g.o), (ty, tx), bf16)
 }
 
-/// Runs `passes` over the `n` images of `x` (`h × w` maps of `pad.c`
-/// channels), each copied into `pad`'s map at `(top, left)`, images in
-/// chunks on the rayon pool.
+/// Runs `passes` over the `n` images of `x` (`h × w` maps of `c`
+/// channels), each copied into `pad`'s map at `(top, left)` (as bf16
+/// pairs with `bf16`), images in chunks on the rayon pool.
 fn run_passes(
     passes: &[Pass],
     pad: &Padded,
     out: &OutMap,
     x: &[f32],
-    (n, h, w): (usize, usize, usize),
+    (n, h, w, c): (usize, usize, usize, usize),
     (top, left): (usize, usize),
+    bf16: bool,
 ) -> Vec<f32> {
-    let c = pad.c;
+    let words = pad.c;
     let px = out.h * out.w;
     let mut y = vec![0f32; n * px * out.o];
     if y.is_empty() {
@@ -277,7 +410,7 @@ fn run_passes(
     let (pl, il) = (pad.image_len(), h * w * c);
     let slack = passes
         .iter()
-        .map(|p| TILE_REGS * p.stride * c + p.kw * c)
+        .map(|p| TILE_REGS * p.stride * words + p.kw * words)
         .max()
         .unwrap_or(0)
         + 16;
@@ -285,14 +418,19 @@ fn run_passes(
         let imgs = yc.len() / (px * out.o);
         let xc = &x[ci * ipc * il..(ci * ipc + imgs) * il];
         with_padded(imgs * pl + slack, |xp| {
-            pad.fill(xc, h, w, top, left, imgs, xp);
+            if bf16 {
+                pad.fill_pairs(xc, (h, w, c), top, left, imgs, xp);
+            } else {
+                pad.fill(xc, h, w, top, left, imgs, xp);
+            }
             for pass in passes {
-                // SAFETY: `available` checked AVX-512F (the callers'
-                // contract); the padded buffer has `slack` floats past the
-                // last image for the tiles' unused pixels.
+                // SAFETY: `available` (and `available_bf16` for bf16)
+                // checked the instruction sets (the callers' contract); the
+                // padded buffer has `slack` words past the last image for
+                // the tiles' unused pixels.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    x86::pass(pass, pad, out, xp, imgs, yc)
+                    x86::pass(pass, pad, out, xp, imgs, yc, bf16)
                 };
             }
         });
@@ -301,8 +439,11 @@ fn run_passes(
 }
 
 /// Weight gradient: `x` NHWC `(n, h, w, c)`, `dy` NHWC `(n, oh, ow, o)` →
-/// `(o, c, kh, kw)`. Call only where [`available`].
-pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
+/// `(o, c, kh, kw)`, products in `prec` as in [`forward`] (bf16: pairs of
+/// consecutive pixels of an output row). Call only where [`available`] (and
+/// [`available_bf16`] for bf16).
+pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, prec: Precision) -> Vec<f32> {
+    let bf16 = prec == Precision::Bf16;
     let pad = Padded {
         hp: (g.h + 2 * g.pad).max((g.oh - 1) * g.stride + g.kh),
         wp: (g.w + 2 * g.pad).max((g.ow - 1) * g.stride + g.kw),
@@ -327,13 +468,21 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
                 let imgs = ipc.min(end - first);
                 let xc = &x[first * il..(first + imgs) * il];
                 let dyc = &dy[first * px * g.o..(first + imgs) * px * g.o];
+                // bf16: dy's pixels 2q and 2q + 1 of each row as pairs
+                let dy_pairs = if bf16 {
+                    dy_row_pairs(dyc, imgs * g.oh, g.ow, g.o)
+                } else {
+                    Vec::new()
+                };
                 with_padded(imgs * pl + ldw + 16, |xp| {
                     pad.fill(xc, g.h, g.w, g.pad, g.pad, imgs, xp);
                     // SAFETY: as in `run_pass`; a window's last vector may
                     // read up to 15 floats past the map (`ldw + 16` slack).
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        if win < 16 {
+                        if bf16 {
+                            x86::weight_gradient_bf16(g, &pad, xp, &dy_pairs, imgs, &mut acc, ldw)
+                        } else if win < 16 {
                             x86::weight_gradient_narrow(g, &pad, xp, dyc, imgs, &mut acc, ldw)
                         } else {
                             x86::weight_gradient(g, &pad, xp, dyc, imgs, &mut acc, ldw)
@@ -394,6 +543,20 @@ mod x86 {
         channels: usize,
     }
 
+    /// The same 512 bits read as 32 bf16.
+    #[inline(always)]
+    fn as_bf16(v: __m512i) -> __m512bh {
+        // SAFETY: both are 512-bit vectors; every bit pattern is valid for each.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+    }
+
+    /// 32 bf16 read as 512 bits.
+    #[inline(always)]
+    fn as_bits(v: __m512bh) -> __m512i {
+        // SAFETY: as in `as_bf16`.
+        unsafe { std::mem::transmute::<__m512bh, __m512i>(v) }
+    }
+
     /// Mask of the first `n` (≤ 16, saturating) lanes.
     #[inline(always)]
     fn lanes(n: usize) -> __mmask16 {
@@ -439,30 +602,86 @@ mod x86 {
         }
     }
 
-    /// Calls `tile::<P, NV>` with `P` the run-time `p` (1 ≤ p ≤ 28 / NV).
+    /// [`tile`] with bf16 pairs for words: `vdpbf16ps` adds two products
+    /// per lane where `vfmadd231ps` adds one.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline(never)]
+    unsafe fn tile_bf16<const P: usize, const NV: usize>(t: &Tile) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; P];
+        let (x, w) = (t.x.cast::<i32>(), t.w.cast::<i32>());
+        for ky in 0..t.kh {
+            for kx in 0..t.kw {
+                // SAFETY (whole body): as in `tile`; words are 4 bytes either way.
+                let xa = unsafe { x.add(ky * t.row_step + kx * t.c) };
+                let wa = unsafe { w.add((ky * t.kw + kx) * t.c * t.ldw) };
+                for ci in 0..t.c {
+                    let mut wv = [_mm512_setzero_si512(); NV];
+                    for (v, r) in wv.iter_mut().enumerate() {
+                        *r = unsafe { _mm512_loadu_si512(wa.add(ci * t.ldw + 16 * v).cast()) };
+                    }
+                    for (p, a) in acc.iter_mut().enumerate() {
+                        let b = _mm512_set1_epi32(unsafe { *xa.add(p * t.px_step + ci) });
+                        for v in 0..NV {
+                            let (bb, ww) = (as_bf16(b), as_bf16(wv[v]));
+                            a[v] = _mm512_dpbf16_ps(a[v], bb, ww);
+                        }
+                    }
+                }
+            }
+        }
+        for (p, a) in acc.iter().enumerate().take(t.valid) {
+            for (v, r) in a.iter().enumerate() {
+                let left = t.channels.saturating_sub(16 * v);
+                if left > 0 {
+                    unsafe { _mm512_mask_storeu_ps(t.y.add(p * t.ldy + 16 * v), lanes(left), *r) };
+                }
+            }
+        }
+    }
+
+    /// Calls `$tile::<P, NV>` with `P` the run-time `p` (1 ≤ p ≤ 28 / NV).
     macro_rules! dispatch {
-        ($t:expr, $p:expr, $nv:literal, [$($n:literal)*]) => {
+        ($tile:ident, $t:expr, $p:expr, $nv:literal, [$($n:literal)*]) => {
             match $p {
-                $($n => unsafe { tile::<$n, $nv>($t) },)*
+                $($n => unsafe { $tile::<$n, $nv>($t) },)*
                 _ => unreachable!("tile of {} pixels", $p),
             }
         };
     }
 
+    /// Runs the `p × nv` tile of f32 or (`bf16`) pair words.
+    macro_rules! tiles {
+        ($tile:ident, $t:expr, $p:expr, $nv:expr) => {
+            match $nv {
+                1 => dispatch!($tile, $t, $p, 1, [1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28]),
+                2 => dispatch!($tile, $t, $p, 2, [1 2 3 4 5 6 7 8 9 10 11 12 13 14]),
+                3 => dispatch!($tile, $t, $p, 3, [1 2 3 4 5 6 7 8 9]),
+                4 => dispatch!($tile, $t, $p, 4, [1 2 3 4 5 6 7]),
+                nv => unreachable!("{nv} vectors per tile"),
+            }
+        };
+    }
+
     #[target_feature(enable = "avx512f")]
-    unsafe fn run_tile(t: &Tile, p: usize, nv: usize) {
-        match nv {
-            1 => dispatch!(t, p, 1, [1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28]),
-            2 => dispatch!(t, p, 2, [1 2 3 4 5 6 7 8 9 10 11 12 13 14]),
-            3 => dispatch!(t, p, 3, [1 2 3 4 5 6 7 8 9]),
-            4 => dispatch!(t, p, 4, [1 2 3 4 5 6 7]),
-            _ => unreachable!("{nv} vectors per tile"),
+    unsafe fn run_tile(t: &Tile, p: usize, nv: usize, bf16: bool) {
+        if bf16 {
+            tiles!(tile_bf16, t, p, nv)
+        } else {
+            tiles!(tile, t, p, nv)
         }
     }
 
     /// One pass over `imgs` padded images `xp` into `y`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pass(pass: &Pass, pad: &Padded, out: &OutMap, xp: &[f32], imgs: usize, y: &mut [f32]) {
+    pub(super) unsafe fn pass(
+        pass: &Pass,
+        pad: &Padded,
+        out: &OutMap,
+        xp: &[f32],
+        imgs: usize,
+        y: &mut [f32],
+        bf16: bool,
+    ) {
         let c = pad.c;
         let vectors = pass.ldw / 16;
         let nv_max = vectors.min(4);
@@ -496,7 +715,7 @@ mod x86 {
                             valid,
                             channels: out.o - 16 * v0,
                         };
-                        unsafe { run_tile(&t, p, nv) };
+                        unsafe { run_tile(&t, p, nv, bf16) };
                         v0 += nv;
                     }
                 }
@@ -607,6 +826,119 @@ mod x86 {
                     o0 += ot;
                 }
                 v0 += nv;
+            }
+        }
+    }
+
+    /// [`weight_tile`] in bf16: pixels `2q` and `2q + 1` of an output row
+    /// make one pair (their windows rounded and interleaved here, their
+    /// output gradients paired beforehand in `dy2`), `OT·NV` `vdpbf16ps` per
+    /// pair.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn weight_tile_bf16<const OT: usize, const NV: usize>(
+        g: &ConvGeom,
+        pad: &Padded,
+        xp: *const f32,
+        dy2: *const u32,
+        imgs: usize,
+        acc_out: *mut f32,
+        ldw: usize,
+        win_left: usize,
+    ) {
+        // lane 2i ← even pixel's value i (cvtne2ps' low half), 2i + 1 ← odd's
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        let mut acc = [[_mm512_setzero_ps(); NV]; OT];
+        let mut masks = [0 as __mmask16; NV];
+        for (v, m) in masks.iter_mut().enumerate() {
+            *m = lanes(win_left.saturating_sub(16 * v));
+        }
+        let (c, pl, qw) = (g.c, pad.image_len(), g.ow.div_ceil(2));
+        let step = g.stride * c;
+        for i in 0..imgs {
+            for oy in 0..g.oh {
+                // SAFETY (whole body): as in `weight_tile`; the odd pixel is
+                // read only where it exists.
+                let xrow = unsafe { xp.add(i * pl + oy * g.stride * pad.wp * c) };
+                let drow = unsafe { dy2.add((i * g.oh + oy) * qw * g.o) };
+                for q in 0..qw {
+                    let xa = unsafe { xrow.add(2 * q * step) };
+                    let has_odd = 2 * q + 1 < g.ow;
+                    let mut xv = [_mm512_setzero_si512(); NV];
+                    for v in 0..NV {
+                        let even = unsafe { _mm512_maskz_loadu_ps(masks[v], xa.add(16 * v)) };
+                        let odd = if has_odd {
+                            unsafe { _mm512_maskz_loadu_ps(masks[v], xa.add(step + 16 * v)) }
+                        } else {
+                            _mm512_setzero_ps()
+                        };
+                        let halves = as_bits(_mm512_cvtne2ps_pbh(odd, even));
+                        xv[v] = _mm512_permutexvar_epi16(interleave, halves);
+                    }
+                    let d = unsafe { drow.add(q * g.o) };
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let b = _mm512_set1_epi32(unsafe { *d.add(r) } as i32);
+                        for v in 0..NV {
+                            let (bb, xx) = (as_bf16(b), as_bf16(xv[v]));
+                            a[v] = _mm512_dpbf16_ps(a[v], bb, xx);
+                        }
+                    }
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (v, val) in a.iter().enumerate() {
+                let p = unsafe { acc_out.add(r * ldw + 16 * v) };
+                unsafe { _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *val)) };
+            }
+        }
+    }
+
+    /// [`weight_gradient`] in bf16, `dy2` the chunk's output gradient as
+    /// pixel pairs ([`super::dy_row_pairs`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn weight_gradient_bf16(
+        g: &ConvGeom,
+        pad: &Padded,
+        xp: &[f32],
+        dy2: &[u32],
+        imgs: usize,
+        acc: &mut [f32],
+        ldw: usize,
+    ) {
+        const NV_MAX: usize = 3;
+        const OT_MAX: usize = 8;
+        let win = g.kw * g.c;
+        let vectors = ldw / 16;
+        for ky in 0..g.kh {
+            let x0 = xp[ky * pad.wp * g.c..].as_ptr();
+            for v0 in (0..vectors).step_by(NV_MAX) {
+                let nv = (vectors - v0).min(NV_MAX);
+                for o0 in (0..g.o).step_by(OT_MAX) {
+                    let ot = (g.o - o0).min(OT_MAX);
+                    let out = acc[(o0 * g.kh + ky) * ldw + 16 * v0..].as_mut_ptr();
+                    let (xs, ds) = unsafe { (x0.add(16 * v0), dy2.as_ptr().add(o0)) };
+                    let args = (g, pad, xs, ds, imgs, out, g.kh * ldw, win - 16 * v0);
+                    macro_rules! bf16_tiles {
+                        ($(($o:literal, $n:literal))*) => {
+                            match (ot, nv) {
+                                $(($o, $n) => unsafe {
+                                    weight_tile_bf16::<$o, $n>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7)
+                                },)*
+                                other => unreachable!("bf16 weight tile {other:?}"),
+                            }
+                        };
+                    }
+                    bf16_tiles!(
+                        (1, 1)(1, 2)(1, 3)(2, 1)(2, 2)(2, 3)(3, 1)(3, 2)(3, 3)(4, 1)(4, 2)(4, 3)(5, 1)(5, 2)(5, 3)(
+                            6, 1
+                        )(6, 2)(6, 3)(7, 1)(7, 2)(7, 3)(8, 1)(8, 2)(8, 3)
+                    );
+                }
             }
         }
     }
@@ -768,12 +1100,36 @@ mod tests {
                     im2col_backward_input(&dy, &wt, &g),
                 )
             });
-            let gap = relative_gap(&forward(&x, &wt, &g), &y0);
+            let gap = relative_gap(&forward(&x, &wt, &g, Precision::F32), &y0);
             assert!(gap < 1e-5, "forward {g:?}: {gap}");
-            let gap = relative_gap(&backward_weight(&x, &dy, &g), &dw0);
+            let gap = relative_gap(&backward_weight(&x, &dy, &g, Precision::F32), &dw0);
             assert!(gap < 1e-5, "weight gradient {g:?}: {gap}");
-            let gap = relative_gap(&backward_input(&dy, &wt, &g), &dx0);
+            let gap = relative_gap(&backward_input(&dy, &wt, &g, Precision::F32), &dx0);
             assert!(gap < 1e-5, "input gradient {g:?}: {gap}");
+            if available_bf16() {
+                // bf16 products: both operands rounded (relative error
+                // 2⁻⁹ each), f32 sums; the gap to the f32 result is a few
+                // 2⁻⁸ of the largest value. The bf16 im2col path, which
+                // rounds the same operands, agrees to f32 rounding.
+                let bf = Precision::Bf16;
+                let yb = forward(&x, &wt, &g, bf);
+                let dxb = backward_input(&dy, &wt, &g, bf);
+                let gap = relative_gap(&yb, &y0);
+                assert!(gap < 2e-2, "bf16 forward {g:?}: {gap}");
+                let gap = relative_gap(&dxb, &dx0);
+                assert!(gap < 2e-2, "bf16 input gradient {g:?}: {gap}");
+                let (yi, dxi) = bf.scope(|| (im2col_forward(&x, &wt, &g), im2col_backward_input(&dy, &wt, &g)));
+                let gap = relative_gap(&yb, &yi);
+                assert!(gap < 1e-5, "bf16 forward vs bf16 im2col {g:?}: {gap}");
+                let gap = relative_gap(&dxb, &dxi);
+                assert!(gap < 1e-5, "bf16 input gradient vs bf16 im2col {g:?}: {gap}");
+                let dwb = backward_weight(&x, &dy, &g, bf);
+                let gap = relative_gap(&dwb, &dw0);
+                assert!(gap < 2e-2, "bf16 weight gradient {g:?}: {gap}");
+                let dwi = bf.scope(|| im2col_backward_weight(&x, &dy, &g));
+                let gap = relative_gap(&dwb, &dwi);
+                assert!(gap < 1e-5, "bf16 weight gradient vs bf16 im2col {g:?}: {gap}");
+            }
         }
     }
 }

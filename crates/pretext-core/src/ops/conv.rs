@@ -786,7 +786,9 @@ mod tests {
                 .collect();
             let px = g.out_pixels();
             let dy: Vec<f32> = (0..n * px * o).map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.05).collect();
-            let (y, dw) = Precision::Bf16.scope(|| (conv2d_forward(&x, &wt, &g), conv2d_backward_weight(&x, &dy, &g)));
+            // the im2col path's (the direct kernels' bf16 results are checked
+            // against it in `direct`'s tests)
+            let (y, dw) = Precision::Bf16.scope(|| (im2col_forward(&x, &wt, &g), im2col_backward_weight(&x, &dy, &g)));
             // the same products from the whole f32 im2col matrix
             let (rows, kk) = (n * px, g.k());
             let mut col = vec![0f32; rows * kk];

@@ -153,14 +153,41 @@ fn pairs_into(src: &[f32], dst: &mut [f32]) {
 }
 
 /// Runs `f` with a scratch buffer of `len` floats (contents unspecified).
+/// The slice starts on a 64-byte boundary, so that with a multiple of 16
+/// channels every pixel's vectors are whole cache lines (a load that
+/// straddles two lines costs two).
 fn with_padded<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     PADDED.with(|s| {
         let mut buf = s.borrow_mut();
-        if buf.len() < len {
-            buf.resize(len, 0.0);
+        if buf.len() < len + 16 {
+            buf.resize(len + 16, 0.0);
         }
-        f(&mut buf[..len])
+        let start = buf.as_ptr().align_offset(64).min(16);
+        f(&mut buf[start..start + len])
     })
+}
+
+/// Values copied to start on a 64-byte boundary (a weight matrix whose
+/// rows are whole cache lines).
+struct Aligned {
+    buf: Vec<f32>,
+    start: usize,
+}
+
+impl From<Vec<f32>> for Aligned {
+    fn from(v: Vec<f32>) -> Self {
+        let mut buf = vec![0f32; v.len() + 16];
+        let start = buf.as_ptr().align_offset(64).min(16);
+        buf[start..start + v.len()].copy_from_slice(&v);
+        buf.truncate(start + v.len());
+        Self { buf, start }
+    }
+}
+
+impl Aligned {
+    fn values(&self) -> &[f32] {
+        &self.buf[self.start..]
+    }
 }
 
 /// Words per pixel of `c` channels: floats, or bf16 pairs with `bf16`.
@@ -279,7 +306,7 @@ struct Pass {
     /// The grid of output pixels this pass computes.
     oh: usize,
     ow: usize,
-    wm: Vec<f32>,
+    wm: Aligned,
     ldw: usize,
     /// Window origin of output pixel (0, 0) in the padded image.
     y0: usize,
@@ -313,7 +340,13 @@ pub fn forward(x: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision) -> Vec<
         stride: g.stride,
         oh: g.oh,
         ow: g.ow,
-        wm: in_words(forward_weights(weight, g), g.kh * g.kw, g.c, padded_to_lanes(g.o), bf16),
+        wm: Aligned::from(in_words(
+            forward_weights(weight, g),
+            g.kh * g.kw,
+            g.c,
+            padded_to_lanes(g.o),
+            bf16,
+        )),
         ldw: padded_to_lanes(g.o),
         y0: 0,
         x0: 0,
@@ -361,13 +394,13 @@ pub fn backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision)
                 stride: 1,
                 oh,
                 ow,
-                wm: in_words(
+                wm: Aligned::from(in_words(
                     class_weights(weight, g, (ky0, kx0), (nj, ni)),
                     nj * ni,
                     g.o,
                     padded_to_lanes(g.c),
                     bf16,
-                ),
+                )),
                 ldw: padded_to_lanes(g.c),
                 y0,
                 x0,
@@ -722,7 +755,7 @@ mod x86 {
                             c,
                             kh: pass.kh,
                             kw: pass.kw,
-                            w: pass.wm[16 * v0..].as_ptr(),
+                            w: pass.wm.values()[16 * v0..].as_ptr(),
                             ldw: pass.ldw,
                             // SAFETY: within the chunk's output (the caller's contract).
                             y: unsafe { y.add(yrow + 16 * v0) },

@@ -252,6 +252,28 @@ fn dy_row_pairs(dy: &[f32], rows: usize, ow: usize, o: usize) -> Vec<u32> {
     out
 }
 
+/// The bf16 weight gradient's left operand: for every padded row `y` of
+/// `imgs` padded images `xp` and every pair of output columns `(2q, 2q + 1)`,
+/// the two pixels' windows (`kw·c` values from column `2q·s`, and from
+/// `(2q + 1)·s`; zeros after an odd `ow`) rounded to bf16 and interleaved,
+/// `ldw` words (zeros past `kw·c`): `imgs × hp × ⌈ow/2⌉ × ldw` words, each
+/// row rounded once instead of once per block of output channels.
+fn window_pairs(g: &ConvGeom, pad: &Padded, xp: &[f32], imgs: usize, ldw: usize) -> Vec<u32> {
+    let (win, qw, c) = (g.kw * g.c, g.ow.div_ceil(2), g.c);
+    let row = pad.wp * c;
+    let mut out = vec![0u32; imgs * pad.hp * qw * ldw];
+    #[cfg(target_arch = "x86_64")]
+    for (r, dst) in out.chunks_mut(qw * ldw).enumerate() {
+        let src = &xp[r * row..][..row];
+        for q in 0..qw {
+            let even = &src[2 * q * g.stride * c..][..win];
+            let odd = (2 * q + 1 < g.ow).then(|| &src[(2 * q + 1) * g.stride * c..][..win]);
+            super::bf16::interleave_pairs(even, odd, &mut dst[q * ldw..][..win]);
+        }
+    }
+    out
+}
+
 /// Rows of 16-float vectors: `n` rounded up to a multiple of 16.
 fn padded_to_lanes(n: usize) -> usize {
     n.div_ceil(16) * 16
@@ -527,7 +549,8 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, prec: Precision) -> 
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
                         if bf16 {
-                            x86::weight_gradient_bf16(g, &pad, xp, &dy_pairs, imgs, &mut acc, ldw)
+                            let windows = window_pairs(g, &pad, xp, imgs, ldw);
+                            x86::weight_gradient_bf16(g, &pad, &windows, &dy_pairs, imgs, &mut acc, ldw)
                         } else if win < 16 {
                             x86::weight_gradient_narrow(g, &pad, xp, dyc, imgs, &mut acc, ldw)
                         } else {
@@ -594,13 +617,6 @@ mod x86 {
     fn as_bf16(v: __m512i) -> __m512bh {
         // SAFETY: both are 512-bit vectors; every bit pattern is valid for each.
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
-    }
-
-    /// 32 bf16 read as 512 bits.
-    #[inline(always)]
-    fn as_bits(v: __m512bh) -> __m512i {
-        // SAFETY: as in `as_bf16`.
-        unsafe { std::mem::transmute::<__m512bh, __m512i>(v) }
     }
 
     /// Mask of the first `n` (≤ 16, saturating) lanes.
@@ -879,60 +895,40 @@ mod x86 {
     }
 
     /// [`weight_tile`] in bf16: pixels `2q` and `2q + 1` of an output row
-    /// make one pair (their windows rounded and interleaved here, their
-    /// output gradients paired beforehand in `dy2`), `OT·NV` `vdpbf16ps` per
-    /// pair.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    /// make one pair (their windows paired beforehand in `win2`, their
+    /// output gradients in `dy2`), `OT·NV` `vdpbf16ps` per pair.
+    #[target_feature(enable = "avx512f,avx512bf16")]
     #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn weight_tile_bf16<const OT: usize, const NV: usize>(
         g: &ConvGeom,
         pad: &Padded,
-        xp: *const f32,
+        win2: *const u32,
         dy2: *const u32,
         imgs: usize,
         acc_out: *mut f32,
         ldw: usize,
-        win_left: usize,
+        ldx: usize,
     ) {
-        // lane 2i ← even pixel's value i (cvtne2ps' low half), 2i + 1 ← odd's
-        let interleave = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
-            1, 16, 0,
-        );
         let mut acc = [[_mm512_setzero_ps(); NV]; OT];
-        let mut masks = [0 as __mmask16; NV];
-        for (v, m) in masks.iter_mut().enumerate() {
-            *m = lanes(win_left.saturating_sub(16 * v));
-        }
-        let (c, pl, qw) = (g.c, pad.image_len(), g.ow.div_ceil(2));
-        let step = g.stride * c;
+        let qw = g.ow.div_ceil(2);
         for i in 0..imgs {
             for oy in 0..g.oh {
-                // SAFETY (whole body): as in `weight_tile`; the odd pixel is
-                // read only where it exists.
-                let xrow = unsafe { xp.add(i * pl + oy * g.stride * pad.wp * c) };
+                // SAFETY (whole body): rows and pairs within the chunk's
+                // paired windows and output gradient.
+                let xrow = unsafe { win2.add((i * pad.hp + oy * g.stride) * qw * ldx) };
                 let drow = unsafe { dy2.add((i * g.oh + oy) * qw * g.o) };
                 for q in 0..qw {
-                    let xa = unsafe { xrow.add(2 * q * step) };
-                    let has_odd = 2 * q + 1 < g.ow;
+                    let xa = unsafe { xrow.add(q * ldx) };
                     let mut xv = [_mm512_setzero_si512(); NV];
-                    for v in 0..NV {
-                        let even = unsafe { _mm512_maskz_loadu_ps(masks[v], xa.add(16 * v)) };
-                        let odd = if has_odd {
-                            unsafe { _mm512_maskz_loadu_ps(masks[v], xa.add(step + 16 * v)) }
-                        } else {
-                            _mm512_setzero_ps()
-                        };
-                        let halves = as_bits(_mm512_cvtne2ps_pbh(odd, even));
-                        xv[v] = _mm512_permutexvar_epi16(interleave, halves);
+                    for (v, r) in xv.iter_mut().enumerate() {
+                        *r = unsafe { _mm512_loadu_si512(xa.add(16 * v).cast()) };
                     }
                     let d = unsafe { drow.add(q * g.o) };
                     for (r, a) in acc.iter_mut().enumerate() {
-                        let b = _mm512_set1_epi32(unsafe { *d.add(r) } as i32);
+                        let b = as_bf16(_mm512_set1_epi32(unsafe { *d.add(r) } as i32));
                         for v in 0..NV {
-                            let (bb, xx) = (as_bf16(b), as_bf16(xv[v]));
-                            a[v] = _mm512_dpbf16_ps(a[v], bb, xx);
+                            a[v] = _mm512_dpbf16_ps(a[v], b, as_bf16(xv[v]));
                         }
                     }
                 }
@@ -946,13 +942,14 @@ mod x86 {
         }
     }
 
-    /// [`weight_gradient`] in bf16, `dy2` the chunk's output gradient as
-    /// pixel pairs ([`super::dy_row_pairs`]).
+    /// [`weight_gradient`] in bf16: `win2` the chunk's windows and `dy2` its
+    /// output gradient as pixel pairs ([`super::window_pairs`],
+    /// [`super::dy_row_pairs`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn weight_gradient_bf16(
         g: &ConvGeom,
         pad: &Padded,
-        xp: &[f32],
+        win2: &[u32],
         dy2: &[u32],
         imgs: usize,
         acc: &mut [f32],
@@ -960,17 +957,17 @@ mod x86 {
     ) {
         const NV_MAX: usize = 3;
         const OT_MAX: usize = 8;
-        let win = g.kw * g.c;
         let vectors = ldw / 16;
+        let qw = g.ow.div_ceil(2);
         for ky in 0..g.kh {
-            let x0 = xp[ky * pad.wp * g.c..].as_ptr();
+            let x0 = win2[ky * qw * ldw..].as_ptr();
             for v0 in (0..vectors).step_by(NV_MAX) {
                 let nv = (vectors - v0).min(NV_MAX);
                 for o0 in (0..g.o).step_by(OT_MAX) {
                     let ot = (g.o - o0).min(OT_MAX);
                     let out = acc[(o0 * g.kh + ky) * ldw + 16 * v0..].as_mut_ptr();
                     let (xs, ds) = unsafe { (x0.add(16 * v0), dy2.as_ptr().add(o0)) };
-                    let args = (g, pad, xs, ds, imgs, out, g.kh * ldw, win - 16 * v0);
+                    let args = (g, pad, xs, ds, imgs, out, g.kh * ldw, ldw);
                     macro_rules! bf16_tiles {
                         ($(($o:literal, $n:literal))*) => {
                             match (ot, nv) {

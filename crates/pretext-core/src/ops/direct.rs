@@ -44,6 +44,25 @@ use std::cell::RefCell;
 thread_local! {
     /// Per-thread padded-map scratch, reused across calls.
     static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread scratch of the bf16 weight gradient's paired windows.
+    static WINDOW_PAIRS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread scratch of the bf16 weight gradient's paired output gradient.
+    static DY_PAIRS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `len` words of the thread's `scratch` (contents unspecified).
+fn with_words<R>(
+    scratch: &'static std::thread::LocalKey<RefCell<Vec<u32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u32]) -> R,
+) -> R {
+    scratch.with(|s| {
+        let mut buf = s.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        f(&mut buf[..len])
+    })
 }
 
 /// Whether the direct kernels run on this thread (its kernel family is AVX-512).
@@ -236,10 +255,10 @@ fn in_words(m: Vec<f32>, taps: usize, rows: usize, ld: usize, bf16: bool) -> Vec
 }
 
 /// `rows` rows of `ow` pixels of `o` values as bf16 pairs of pixels
-/// `(2q, 2q + 1)` (a zero pixel after an odd `ow`): `rows × ⌈ow/2⌉ × o` words.
-fn dy_row_pairs(dy: &[f32], rows: usize, ow: usize, o: usize) -> Vec<u32> {
+/// `(2q, 2q + 1)` (a zero pixel after an odd `ow`) in `out`: `rows × ⌈ow/2⌉
+/// × o` words, every one written.
+fn dy_row_pairs(dy: &[f32], rows: usize, ow: usize, o: usize, out: &mut [u32]) {
     let qw = ow.div_ceil(2);
-    let mut out = vec![0u32; rows * qw * o];
     #[cfg(target_arch = "x86_64")]
     for r in 0..rows {
         let row = &dy[r * ow * o..][..ow * o];
@@ -249,29 +268,28 @@ fn dy_row_pairs(dy: &[f32], rows: usize, ow: usize, o: usize) -> Vec<u32> {
             super::bf16::interleave_pairs(even, odd, &mut out[(r * qw + q) * o..][..o]);
         }
     }
-    out
 }
 
 /// The bf16 weight gradient's left operand: for every padded row `y` of
 /// `imgs` padded images `xp` and every pair of output columns `(2q, 2q + 1)`,
 /// the two pixels' windows (`kw·c` values from column `2q·s`, and from
 /// `(2q + 1)·s`; zeros after an odd `ow`) rounded to bf16 and interleaved,
-/// `ldw` words (zeros past `kw·c`): `imgs × hp × ⌈ow/2⌉ × ldw` words, each
-/// row rounded once instead of once per block of output channels.
-fn window_pairs(g: &ConvGeom, pad: &Padded, xp: &[f32], imgs: usize, ldw: usize) -> Vec<u32> {
+/// `ldw` words (zeros past `kw·c`): `imgs × hp × ⌈ow/2⌉ × ldw` words of
+/// `out`, each row rounded once instead of once per block of output channels.
+fn window_pairs(g: &ConvGeom, pad: &Padded, xp: &[f32], imgs: usize, ldw: usize, out: &mut [u32]) {
     let (win, qw, c) = (g.kw * g.c, g.ow.div_ceil(2), g.c);
     let row = pad.wp * c;
-    let mut out = vec![0u32; imgs * pad.hp * qw * ldw];
     #[cfg(target_arch = "x86_64")]
-    for (r, dst) in out.chunks_mut(qw * ldw).enumerate() {
+    for (r, dst) in out.chunks_mut(qw * ldw).take(imgs * pad.hp).enumerate() {
         let src = &xp[r * row..][..row];
         for q in 0..qw {
             let even = &src[2 * q * g.stride * c..][..win];
             let odd = (2 * q + 1 < g.ow).then(|| &src[(2 * q + 1) * g.stride * c..][..win]);
-            super::bf16::interleave_pairs(even, odd, &mut dst[q * ldw..][..win]);
+            let d = &mut dst[q * ldw..][..ldw];
+            super::bf16::interleave_pairs(even, odd, &mut d[..win]);
+            d[win..].fill(0);
         }
     }
-    out
 }
 
 /// Rows of 16-float vectors: `n` rounded up to a multiple of 16.
@@ -536,12 +554,6 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, prec: Precision) -> 
                 let imgs = ipc.min(end - first);
                 let xc = &x[first * il..(first + imgs) * il];
                 let dyc = &dy[first * px * g.o..(first + imgs) * px * g.o];
-                // bf16: dy's pixels 2q and 2q + 1 of each row as pairs
-                let dy_pairs = if bf16 {
-                    dy_row_pairs(dyc, imgs * g.oh, g.ow, g.o)
-                } else {
-                    Vec::new()
-                };
                 with_padded(imgs * pl + ldw + 16, |xp| {
                     pad.fill(xc, g.h, g.w, g.pad, g.pad, imgs, xp);
                     // SAFETY: as in `run_pass`; a window's last vector may
@@ -549,8 +561,15 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, prec: Precision) -> 
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
                         if bf16 {
-                            let windows = window_pairs(g, &pad, xp, imgs, ldw);
-                            x86::weight_gradient_bf16(g, &pad, &windows, &dy_pairs, imgs, &mut acc, ldw)
+                            // dy's pixels 2q and 2q + 1 of each row, and their windows, as pairs
+                            let qw = g.ow.div_ceil(2);
+                            with_words(&DY_PAIRS, imgs * g.oh * qw * g.o, |dy2| {
+                                dy_row_pairs(dyc, imgs * g.oh, g.ow, g.o, dy2);
+                                with_words(&WINDOW_PAIRS, imgs * pad.hp * qw * ldw, |win2| {
+                                    window_pairs(g, &pad, xp, imgs, ldw, win2);
+                                    x86::weight_gradient_bf16(g, &pad, win2, dy2, imgs, &mut acc, ldw)
+                                })
+                            })
                         } else if win < 16 {
                             x86::weight_gradient_narrow(g, &pad, xp, dyc, imgs, &mut acc, ldw)
                         } else {

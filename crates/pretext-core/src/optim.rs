@@ -277,63 +277,106 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 
 /// The AdamW update in one pass over the parameter, its gradient and both
 /// moments (CPU, f32): the same arithmetic as the tensor path, without its
-/// dozen intermediate tensors. `None` when a tensor is not a contiguous f32
-/// CPU tensor (the caller then takes the tensor path).
+/// dozen intermediate tensors. The parameter is updated in place (candle's
+/// in-place op on the variable's storage) and the new moments are written
+/// straight from the old ones, so nothing is copied. Returns the new moments;
+/// `None` when a tensor is not a contiguous f32 CPU tensor (the caller then
+/// takes the tensor path, and nothing has changed).
 fn adamw_fused_cpu(
     theta: &Tensor,
     g: &Tensor,
     m: Option<&Tensor>,
     v: Option<&Tensor>,
     h: &AdamHyper,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    use rayon::prelude::*;
+) -> Result<Option<(Tensor, Tensor)>> {
+    use crate::ops::fused::borrowed;
     let n = theta.elem_count();
     if g.elem_count() != n || m.is_some_and(|m| m.elem_count() != n) || v.is_some_and(|v| v.elem_count() != n) {
         return Ok(None);
     }
-    let copy = |t: Option<&Tensor>| -> Option<Vec<f32>> {
-        match t {
-            Some(t) => with_cpu_f32(t, <[f32]>::to_vec),
-            None => Some(vec![0f32; n]),
-        }
-    };
-    let (Some(mut th), Some(mut mm), Some(mut vv)) = (with_cpu_f32(theta, <[f32]>::to_vec), copy(m), copy(v)) else {
+    let Some(gs) = borrowed(g) else {
         return Ok(None);
     };
-    let decay = (1.0 - h.lr * h.wd) as f32;
-    let (b1, b2) = (h.b1 as f32, h.b2 as f32);
-    let (c1, c2) = ((1.0 - h.b1) as f32, (1.0 - h.b2) as f32);
-    let sbc2 = h.bc2.sqrt() as f32;
-    let eps = h.eps as f32;
-    let step = (h.lr / h.bc1) as f32;
-    let done = with_cpu_f32(g, |gs| {
+    let (mo, vo) = (m.map(borrowed), v.map(borrowed));
+    if matches!(mo, Some(None)) || matches!(vo, Some(None)) || borrowed(theta).is_none() {
+        return Ok(None);
+    }
+    let op = AdamInPlace {
+        g: &gs,
+        m: mo.as_ref().and_then(|x| x.as_deref()),
+        v: vo.as_ref().and_then(|x| x.as_deref()),
+        h,
+        moments: std::sync::Mutex::new(None),
+    };
+    theta.inplace_op1(&op)?;
+    let moments = op.moments.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some((mm, vv)) = moments else {
+        return Err(candle_core::Error::Msg("AdamW: the in-place update did not run".into()).into());
+    };
+    let (shape, dev) = (theta.shape().clone(), theta.device());
+    Ok(Some((Tensor::from_vec(mm, shape.clone(), dev)?, Tensor::from_vec(vv, shape, dev)?)))
+}
+
+/// [`adamw_fused_cpu`]'s in-place op on the parameter.
+struct AdamInPlace<'a> {
+    g: &'a [f32],
+    /// The moments so far (`None`: zeros, the first step).
+    m: Option<&'a [f32]>,
+    v: Option<&'a [f32]>,
+    h: &'a AdamHyper,
+    /// The new moments, once the op has run.
+    moments: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl candle_core::InplaceOp1 for AdamInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "pretext-adamw"
+    }
+
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        use std::mem::MaybeUninit;
+        let (candle_core::CpuStorage::F32(all), Some((a, b))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("AdamW: the parameter is not a contiguous f32 tensor")
+        };
+        let th = &mut all[a..b];
+        let n = th.len();
+        let h = self.h;
+        let decay = (1.0 - h.lr * h.wd) as f32;
+        let (b1, b2) = (h.b1 as f32, h.b2 as f32);
+        let (c1, c2) = ((1.0 - h.b1) as f32, (1.0 - h.b2) as f32);
+        let sbc2 = h.bc2.sqrt() as f32;
+        let eps = h.eps as f32;
+        let step = (h.lr / h.bc1) as f32;
+        let (mut mm, mut vv) = (Vec::<f32>::with_capacity(n), Vec::<f32>::with_capacity(n));
         const CHUNK: usize = 1 << 14;
         th.par_chunks_mut(CHUNK)
-            .zip(mm.par_chunks_mut(CHUNK))
-            .zip(vv.par_chunks_mut(CHUNK))
-            .zip(gs.par_chunks(CHUNK))
-            .for_each(|(((t, m), v), g)| {
+            .zip(mm.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
+            .zip(vv.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(ci, ((t, m), v))| {
+                let at = ci * CHUNK;
+                let g = &self.g[at..at + t.len()];
                 for i in 0..t.len() {
                     let gi = g[i];
-                    let mi = m[i] * b1 + gi * c1;
-                    let vi = v[i] * b2 + gi * gi * c2;
-                    m[i] = mi;
-                    v[i] = vi;
+                    // the first step's moments are zeros: 0·β + x is x, bit for bit
+                    let (m0, v0) = (self.m.map_or(0.0, |m| m[at + i]), self.v.map_or(0.0, |v| v[at + i]));
+                    let mi = m0 * b1 + gi * c1;
+                    let vi = v0 * b2 + gi * gi * c2;
+                    m[i] = MaybeUninit::new(mi);
+                    v[i] = MaybeUninit::new(vi);
                     let denom = vi.sqrt() / sbc2 + eps;
                     t[i] = t[i] * decay - mi / denom * step;
                 }
             });
-    });
-    if done.is_none() {
-        return Ok(None);
+        // SAFETY: the loop above wrote all `n` values of both.
+        unsafe {
+            mm.set_len(n);
+            vv.set_len(n);
+        }
+        *self.moments.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((mm, vv));
+        Ok(())
     }
-    let shape = theta.shape().clone();
-    let dev = theta.device();
-    Ok(Some((
-        Tensor::from_vec(th, shape.clone(), dev)?,
-        Tensor::from_vec(mm, shape.clone(), dev)?,
-        Tensor::from_vec(vv, shape, dev)?,
-    )))
 }
 
 /// AdamW as in `torch.optim.AdamW` (decoupled weight decay, bias correction).
@@ -378,10 +421,7 @@ impl Optim for AdamW {
                 bc1,
                 bc2,
             };
-            if let Some((theta, m, v)) =
-                adamw_fused_cpu(p.var.as_tensor(), g, self.moments.get(&km), self.moments.get(&kv), &h)?
-            {
-                p.var.set(&theta)?;
+            if let Some((m, v)) = adamw_fused_cpu(p.var.as_tensor(), g, self.moments.get(&km), self.moments.get(&kv), &h)? {
                 self.moments.insert(km, m);
                 self.moments.insert(kv, v);
                 continue;
@@ -656,6 +696,44 @@ mod tests {
         assert!(state.contains_key("layer.weight.exp_avg_sq"));
         close(&state["layer.weight.exp_avg"].to_vec1::<f32>()?, &m);
         assert_eq!(opt.steps_taken(), 2);
+        Ok(())
+    }
+
+    /// The in-place CPU update runs in blocks of 16,384 values on rayon: a
+    /// parameter of several blocks (and a ragged last one) must follow
+    /// torch's formula at every position, its moments included.
+    #[test]
+    fn adamw_in_place_update_covers_every_block() -> Result<()> {
+        let n = 3 * 16_384 + 77;
+        let w0: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.02).collect();
+        let gv: Vec<f32> = (0..n).map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.01).collect();
+        let var = Var::from_tensor(&Tensor::from_vec(w0.clone(), n, &Device::Cpu)?)?;
+        let cfg = OptimConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            exclude_1d: false,
+            ..Default::default()
+        };
+        let mut opt = cfg.build(vec![("big.weight".into(), var.clone())])?;
+        let g = Tensor::from_vec(gv.clone(), n, &Device::Cpu)?;
+        let mut w: Vec<f64> = w0.iter().map(|&x| f64::from(x)).collect();
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        for t in 1..=3 {
+            let grads = (var.as_tensor() * &g)?.sum_all()?.backward()?;
+            opt.step(&grads, 0.01)?;
+            for i in 0..n {
+                let gi = f64::from(gv[i]);
+                w[i] *= 1.0 - 0.01 * 0.1;
+                m[i] = 0.9 * m[i] + 0.1 * gi;
+                v[i] = 0.999 * v[i] + 0.001 * gi * gi;
+                let (mh, vh) = (m[i] / (1.0 - 0.9f64.powi(t)), v[i] / (1.0 - 0.999f64.powi(t)));
+                w[i] -= 0.01 * mh / (vh.sqrt() + 1e-8);
+            }
+        }
+        close(&values(&var), &w);
+        let state: HashMap<String, Tensor> = opt.state().into_iter().collect();
+        close(&state["big.weight.exp_avg"].to_vec1::<f32>()?, &m);
+        close(&state["big.weight.exp_avg_sq"].to_vec1::<f32>()?, &v);
         Ok(())
     }
 

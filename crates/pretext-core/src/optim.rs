@@ -309,12 +309,18 @@ fn adamw_fused_cpu(
         moments: std::sync::Mutex::new(None),
     };
     theta.inplace_op1(&op)?;
-    let moments = op.moments.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let moments = op
+        .moments
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let Some((mm, vv)) = moments else {
         return Err(candle_core::Error::Msg("AdamW: the in-place update did not run".into()).into());
     };
     let (shape, dev) = (theta.shape().clone(), theta.device());
-    Ok(Some((Tensor::from_vec(mm, shape.clone(), dev)?, Tensor::from_vec(vv, shape, dev)?)))
+    Ok(Some((
+        Tensor::from_vec(mm, shape.clone(), dev)?,
+        Tensor::from_vec(vv, shape, dev)?,
+    )))
 }
 
 /// [`adamw_fused_cpu`]'s in-place op on the parameter.
@@ -421,7 +427,9 @@ impl Optim for AdamW {
                 bc1,
                 bc2,
             };
-            if let Some((m, v)) = adamw_fused_cpu(p.var.as_tensor(), g, self.moments.get(&km), self.moments.get(&kv), &h)? {
+            if let Some((m, v)) =
+                adamw_fused_cpu(p.var.as_tensor(), g, self.moments.get(&km), self.moments.get(&kv), &h)?
+            {
                 self.moments.insert(km, m);
                 self.moments.insert(kv, v);
                 continue;

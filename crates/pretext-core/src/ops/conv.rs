@@ -1,5 +1,12 @@
-//! 2-D convolution over channels-last (NHWC) activations: im2col + one large
-//! matrix product per chunk of images, chunks in parallel on the rayon pool.
+//! 2-D convolution over channels-last (NHWC) activations. On a thread whose
+//! kernel family is AVX-512 the passes run the [`direct`] kernels: f32
+//! products in f32; bf16 products in bf16 where the CPU has AVX512-BF16,
+//! except a first layer's forward pass and weight gradient (fewer than 8
+//! input channels), which run the direct f32 kernels. An input gradient into
+//! fewer than 8 channels, every pass on other CPUs, and every pass under
+//! `PRETEXT_DIRECT_CONV=0` (`=f32`: bf16 products only) run im2col + one
+//! large matrix product per chunk of images, chunks in parallel on the rayon
+//! pool (`im2col_*`, described below).
 //!
 //! Weights keep PyTorch's `(out, in, kh, kw)` layout (and names); they are
 //! rearranged to a `(kh·kw·in, out)` matrix per call, which is cheap.
@@ -357,7 +364,7 @@ fn direct_for(prec: Precision, g: &ConvGeom, pass: ConvPass) -> Option<Precision
     }
 }
 
-/// The [`direct`] kernels where [`direct_for`] says so; else [`im2col_forward`].
+/// The [`direct`] kernels where they apply (see the module doc); else [`im2col_forward`].
 pub fn conv2d_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
     match direct_for(Precision::current(), g, ConvPass::Forward) {
         Some(prec) => direct::forward(x, weight, g, prec),
@@ -410,7 +417,7 @@ pub fn im2col_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
 }
 
 /// Input gradient: `dy` NHWC `(n, oh, ow, o)`, `weight` `(o, c, kh, kw)` → `dx` `(n, h, w, c)`.
-/// The [`direct`] kernels where [`direct_for`] says so; else [`im2col_backward_input`].
+/// The [`direct`] kernels where they apply (see the module doc); else [`im2col_backward_input`].
 pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
     match direct_for(Precision::current(), g, ConvPass::InputGradient) {
         Some(prec) => direct::backward_input(dy, weight, g, prec),
@@ -449,7 +456,7 @@ pub fn im2col_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f3
 
 /// Weight gradient: `x` NHWC, `dy` NHWC → `dw` `(o, c, kh, kw)`.
 ///
-/// The [`direct`] kernels where [`direct_for`] says so; else [`im2col_backward_weight`].
+/// The [`direct`] kernels where they apply (see the module doc); else [`im2col_backward_weight`].
 pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
     match direct_for(Precision::current(), g, ConvPass::WeightGradient) {
         Some(prec) => direct::backward_weight(x, dy, g, prec),

@@ -1,7 +1,10 @@
-//! Times the trunk's convolutions (batch 512, the SimCLR step's two views of
-//! 256 images) through the im2col path and the direct kernels.
+//! Times each convolution of the SimCLR trunk and of the default conv VAE
+//! (batch `N`, default 512: the SimCLR step's two views of 256 images)
+//! through the im2col path and the direct kernels, in f32 and bf16:
+//! GFLOP/s of the forward pass, the input gradient and the weight gradient.
 //!
-//! `cargo run --release -p pretext-core --example conv_probe`
+//! `[N=64] [LAYERS=vae] cargo run --release -p pretext-core --example conv_probe`
+//! (`LAYERS` keeps the layers whose name contains it).
 
 use pretext_core::ops::bf16::Precision;
 use pretext_core::ops::conv::{im2col_backward_input, im2col_backward_weight, im2col_forward, ConvGeom};
@@ -30,6 +33,7 @@ fn main() {
         ("32→64 1×1 s2", 28, 32, 64, 1, 2, 0),
         ("64→128 s2 @14", 14, 64, 128, 3, 2, 1),
         ("128→128 @7", 7, 128, 128, 3, 1, 1),
+        ("64→128 1×1 s2", 14, 64, 128, 1, 2, 0),
         ("vae enc 1→32", 28, 1, 32, 4, 2, 1),
         ("vae enc 32→128", 14, 32, 128, 4, 2, 1),
         ("vae dec 96↔128", 14, 96, 128, 4, 2, 1),

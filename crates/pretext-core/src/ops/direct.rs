@@ -26,6 +26,14 @@
 //!   vector (the 1-channel first layers) is tiled the other way round:
 //!   `RT` window values × `NV` vectors of output channels.
 //!
+//! With bf16 products (`prec` = [`Precision::Bf16`], AVX512-BF16) the same
+//! tiles run `vdpbf16ps`, which adds two products per lane: the forward pass
+//! and the input gradient pair consecutive input channels (the padded map is
+//! rounded to pairs once per chunk), the weight gradient pairs pixels `2q`
+//! and `2q + 1` of an output row (windows and output gradient rounded and
+//! interleaved once per chunk). Operands are rounded to nearest even, sums
+//! stay f32, as in [`bf16`](super::bf16)'s product.
+//!
 //! Sums run over taps and channels in a fixed order, and the weight
 //! gradient's chunks are added in a fixed order, so results do not depend on
 //! the thread count. They differ from the im2col path's only by rounding

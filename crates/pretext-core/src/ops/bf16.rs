@@ -184,6 +184,21 @@ pub(crate) fn gemm_bf16(
 /// ([`gemm_bf16_pairs`]) are padded with zero rows to a multiple of this.
 pub(crate) const ROW_BLOCK: usize = 12;
 
+/// Two f32 → one `u32` holding their bf16 roundings (to nearest even; `lo`
+/// in the low half): the pair of `k` the bf16 kernels multiply.
+pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
+    u32::from(half::bf16::from_f32(lo).to_bits()) | (u32::from(half::bf16::from_f32(hi).to_bits()) << 16)
+}
+
+/// The mask of the first `n` (≤ 16, saturating) of 16 lanes.
+pub(crate) fn lanes(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
 /// Rounds `src` to bf16 pairs in `dst` (`k = 2p, 2p+1` in pair `p`, low half
 /// first; a zero high half after an odd end), the left-operand rows that
 /// [`gemm_bf16_pairs`] takes.
@@ -397,7 +412,7 @@ mod x86 {
 
     use rayon::prelude::*;
 
-    use super::{Lhs, Operand, Out};
+    use super::{lanes, pair, Lhs, Operand, Out};
 
     /// Rows of `c` per micro-kernel call (24 accumulators of 16 lanes).
     const MR: usize = super::ROW_BLOCK;
@@ -411,20 +426,6 @@ mod x86 {
 
     thread_local! {
         static A_PACK: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// Two f32 → one `u32` holding their bf16 roundings (`lo` in the low half).
-    fn pair(lo: f32, hi: f32) -> u32 {
-        u32::from(half::bf16::from_f32(lo).to_bits()) | (u32::from(half::bf16::from_f32(hi).to_bits()) << 16)
-    }
-
-    /// The mask of the first `n` (≤ 16) lanes.
-    fn lanes(n: usize) -> u16 {
-        if n >= 16 {
-            u16::MAX
-        } else {
-            ((1u32 << n) - 1) as u16
-        }
     }
 
     /// 16 f32 at `p` (the first `n` lanes; zeros elsewhere) rounded to bf16,

@@ -417,6 +417,7 @@ pub fn im2col_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
 }
 
 /// Input gradient: `dy` NHWC `(n, oh, ow, o)`, `weight` `(o, c, kh, kw)` → `dx` `(n, h, w, c)`.
+///
 /// The [`direct`] kernels where they apply (see the module doc); else [`im2col_backward_input`].
 pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
     match direct_for(Precision::current(), g, ConvPass::InputGradient) {

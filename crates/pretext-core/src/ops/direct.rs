@@ -93,8 +93,9 @@ const WEIGHT_GROUPS: usize = 8;
 const TASK_PIXELS: usize = 1024;
 
 /// A padded copy of part of a NHWC map: images of `hp × wp` pixels of `c`
-/// channels, `slack` zero floats after the last image so that a tile's
-/// unused pixels may read past the end.
+/// words (floats, or bf16 pairs of channels). The scratch holding it has
+/// slack after the last image, so that a tile's unused pixels may read
+/// past the end (what they read is not stored).
 struct Padded {
     hp: usize,
     wp: usize,
@@ -102,69 +103,76 @@ struct Padded {
 }
 
 impl Padded {
+    /// The input of convolution `g` padded by `g.pad` (and on the bottom and
+    /// right as far as the last window reaches), `c` words per pixel.
+    fn around_input(g: &ConvGeom, c: usize) -> Self {
+        Self {
+            hp: (g.h + 2 * g.pad).max((g.oh - 1) * g.stride + g.kh),
+            wp: (g.w + 2 * g.pad).max((g.ow - 1) * g.stride + g.kw),
+            c,
+        }
+    }
+
     fn image_len(&self) -> usize {
         self.hp * self.wp * self.c
     }
 
-    /// Copies images `x` (`h × w × c` each, `imgs` of them) into `dst` with
-    /// `top`/`left` zero rows/columns before and the rest of `hp × wp`
-    /// after; only the border is zeroed, and what follows the last image is
-    /// left as it was (a tile's unused pixels read it, and are not stored).
+    /// Copies images `x` (`h × w` pixels of `c` channels each, `imgs` of
+    /// them) into `dst` with `top`/`left` zero rows/columns before and the
+    /// rest of `hp × wp` after. Only the border is zeroed; each image row's
+    /// `w·c` values go through `row` into its `w·self.c` words.
     #[allow(clippy::too_many_arguments)]
-    fn fill(&self, x: &[f32], h: usize, w: usize, top: usize, left: usize, imgs: usize, dst: &mut [f32]) {
-        let c = self.c;
-        let (il, pl, row) = (h * w * c, self.image_len(), self.wp * c);
-        for i in 0..imgs {
-            let img = &mut dst[i * pl..(i + 1) * pl];
-            img[..top * row].fill(0.0);
-            img[(top + h) * row..].fill(0.0);
-            for y in 0..h {
-                let r = &mut img[(top + y) * row..][..row];
-                r[..left * c].fill(0.0);
-                r[left * c..(left + w) * c].copy_from_slice(&x[i * il + y * w * c..][..w * c]);
-                r[(left + w) * c..].fill(0.0);
-            }
-        }
-    }
-}
-
-impl Padded {
-    /// [`Padded::fill`] with each pixel's `c` channels rounded to `self.c =
-    /// ⌈c/2⌉` bf16 pairs.
-    fn fill_pairs(
+    fn fill_with(
         &self,
         x: &[f32],
         (h, w, c): (usize, usize, usize),
-        top: usize,
-        left: usize,
+        (top, left): (usize, usize),
         imgs: usize,
         dst: &mut [f32],
+        row: impl Fn(&[f32], &mut [f32]),
     ) {
-        let cp = self.c;
-        let (il, pl, row) = (h * w * c, self.image_len(), self.wp * cp);
+        let words = self.c;
+        let (il, pl, stride) = (h * w * c, self.image_len(), self.wp * words);
         for i in 0..imgs {
             let img = &mut dst[i * pl..(i + 1) * pl];
-            img[..top * row].fill(0.0);
-            img[(top + h) * row..].fill(0.0);
+            img[..top * stride].fill(0.0);
+            img[(top + h) * stride..].fill(0.0);
             for y in 0..h {
-                let r = &mut img[(top + y) * row..][..row];
-                r[..left * cp].fill(0.0);
-                let src = &x[i * il + y * w * c..][..w * c];
-                let body = &mut r[left * cp..(left + w) * cp];
-                if c % 2 == 0 {
-                    pairs_into(src, body);
-                } else {
-                    for (s, d) in src.chunks(c).zip(body.chunks_mut(cp)) {
-                        pairs_into(s, d);
-                    }
-                }
-                r[(left + w) * cp..].fill(0.0);
+                let r = &mut img[(top + y) * stride..][..stride];
+                r[..left * words].fill(0.0);
+                row(
+                    &x[i * il + y * w * c..][..w * c],
+                    &mut r[left * words..(left + w) * words],
+                );
+                r[(left + w) * words..].fill(0.0);
             }
         }
     }
+
+    /// [`Padded::fill_with`] copying f32 values (`self.c = c`).
+    fn fill(&self, x: &[f32], hw: (usize, usize), corner: (usize, usize), imgs: usize, dst: &mut [f32]) {
+        let dims = (hw.0, hw.1, self.c);
+        self.fill_with(x, dims, corner, imgs, dst, |src, body| body.copy_from_slice(src));
+    }
+
+    /// [`Padded::fill_with`] rounding each pixel's `c` channels to `self.c =
+    /// ⌈c/2⌉` bf16 pairs.
+    fn fill_pairs(&self, x: &[f32], dims: (usize, usize, usize), corner: (usize, usize), imgs: usize, dst: &mut [f32]) {
+        let (c, cp) = (dims.2, self.c);
+        self.fill_with(x, dims, corner, imgs, dst, |src, body| {
+            if c % 2 == 0 {
+                pairs_into(src, body);
+            } else {
+                for (s, d) in src.chunks(c).zip(body.chunks_mut(cp)) {
+                    pairs_into(s, d);
+                }
+            }
+        });
+    }
 }
 
-/// `src` rounded to bf16 pairs in `dst` (`⌈len/2⌉` words).
+/// `src` rounded to bf16 pairs in `dst` (`⌈len/2⌉` words). Only the x86
+/// kernels read them; elsewhere the direct kernels never run.
 fn pairs_into(src: &[f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -174,46 +182,49 @@ fn pairs_into(src: &[f32], dst: &mut [f32]) {
         super::bf16::row_to_pairs(src, words);
     }
     #[cfg(not(target_arch = "x86_64"))]
-    for (k, d) in dst.iter_mut().enumerate() {
-        *d = pair(src[2 * k], src.get(2 * k + 1).copied().unwrap_or(0.0));
-    }
+    let _ = (src, dst);
 }
 
-/// Runs `f` with a scratch buffer of `len` floats (contents unspecified).
-/// The slice starts on a 64-byte boundary, so that with a multiple of 16
-/// channels every pixel's vectors are whole cache lines (a load that
-/// straddles two lines costs two).
+/// Where in `buf` (16 floats longer than needed) a 64-byte boundary
+/// starts: with a multiple of 16 channels, every pixel's vectors are then
+/// whole cache lines (a load that straddles two lines costs two).
+fn aligned_start(buf: &[f32]) -> usize {
+    buf.as_ptr().align_offset(64).min(16)
+}
+
+/// Runs `f` with a scratch buffer of `len` floats (contents unspecified)
+/// that starts on a 64-byte boundary.
 fn with_padded<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     PADDED.with(|s| {
         let mut buf = s.borrow_mut();
         if buf.len() < len + 16 {
             buf.resize(len + 16, 0.0);
         }
-        let start = buf.as_ptr().align_offset(64).min(16);
+        let start = aligned_start(&buf);
         f(&mut buf[start..start + len])
     })
 }
 
-/// Values copied to start on a 64-byte boundary (a weight matrix whose
-/// rows are whole cache lines).
+/// Zero-initialised values starting on a 64-byte boundary (a weight matrix
+/// whose rows are whole cache lines).
 struct Aligned {
     buf: Vec<f32>,
     start: usize,
 }
 
-impl From<Vec<f32>> for Aligned {
-    fn from(v: Vec<f32>) -> Self {
-        let mut buf = vec![0f32; v.len() + 16];
-        let start = buf.as_ptr().align_offset(64).min(16);
-        buf[start..start + v.len()].copy_from_slice(&v);
-        buf.truncate(start + v.len());
+impl Aligned {
+    fn zeroed(len: usize) -> Self {
+        let buf = vec![0f32; len + 16];
+        let start = aligned_start(&buf);
         Self { buf, start }
     }
-}
 
-impl Aligned {
     fn values(&self) -> &[f32] {
         &self.buf[self.start..]
+    }
+
+    fn values_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.start..]
     }
 }
 
@@ -226,35 +237,29 @@ fn words(c: usize, bf16: bool) -> usize {
     }
 }
 
-/// Two f32 rounded to bf16 (to nearest even) in one word, `lo` in the low
-/// half, as the f32 with those bits (the padded maps and weight matrices
-/// hold either kind of word).
-fn pair(lo: f32, hi: f32) -> f32 {
-    let bits = |v: f32| u32::from(half::bf16::from_f32(v).to_bits());
-    f32::from_bits(bits(lo) | (bits(hi) << 16))
-}
-
 /// A weight matrix of `taps × rows` rows of `ld` floats, unchanged, or
 /// with `bf16` as `taps × ⌈rows/2⌉` rows of pairs of consecutive rows
-/// (a zero row after an odd count).
-fn in_words(m: Vec<f32>, taps: usize, rows: usize, ld: usize, bf16: bool) -> Vec<f32> {
+/// (a zero row after an odd count), each pair word held as the f32 with
+/// its bits (the padded maps and weight matrices hold either kind of word).
+fn in_words(m: Aligned, taps: usize, rows: usize, ld: usize, bf16: bool) -> Aligned {
     if !bf16 {
         return m;
     }
     let rp = rows.div_ceil(2);
-    let mut out = vec![0f32; taps * rp * ld];
+    let (m, mut out) = (m.values(), Aligned::zeroed(taps * rp * ld));
+    let word = |lo: f32, hi: f32| f32::from_bits(super::bf16::pair(lo, hi));
     for t in 0..taps {
         for k in 0..rp {
             let lo = &m[(t * rows + 2 * k) * ld..][..ld];
-            let dst = &mut out[(t * rp + k) * ld..][..ld];
+            let dst = &mut out.values_mut()[(t * rp + k) * ld..][..ld];
             if 2 * k + 1 < rows {
                 let hi = &m[(t * rows + 2 * k + 1) * ld..][..ld];
                 for ((d, &a), &b) in dst.iter_mut().zip(lo).zip(hi) {
-                    *d = pair(a, b);
+                    *d = word(a, b);
                 }
             } else {
                 for (d, &a) in dst.iter_mut().zip(lo) {
-                    *d = pair(a, 0.0);
+                    *d = word(a, 0.0);
                 }
             }
         }
@@ -307,10 +312,11 @@ fn padded_to_lanes(n: usize) -> usize {
 
 /// `(o, c, kh, kw)` → `(kh, kw, c, opad)` with `opad = o` rounded up to 16
 /// (zero columns).
-fn forward_weights(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+fn forward_weights(w: &[f32], g: &ConvGeom) -> Aligned {
     let (o, c, kh, kw) = (g.o, g.c, g.kh, g.kw);
     let ld = padded_to_lanes(o);
-    let mut m = vec![0f32; kh * kw * c * ld];
+    let mut out = Aligned::zeroed(kh * kw * c * ld);
+    let m = out.values_mut();
     for oc in 0..o {
         for ic in 0..c {
             for t in 0..kh * kw {
@@ -318,16 +324,17 @@ fn forward_weights(w: &[f32], g: &ConvGeom) -> Vec<f32> {
             }
         }
     }
-    m
+    out
 }
 
 /// The input gradient's weights for the class of input pixels whose taps
 /// start at `(ky0, kx0)`: `(nj, ni, o, cpad)`, tap `(j, i)` holding kernel
 /// tap `(ky0 + s·(nj−1−j), kx0 + s·(ni−1−i))` (flipped), `o` and `c` swapped.
-fn class_weights(w: &[f32], g: &ConvGeom, (ky0, kx0): (usize, usize), (nj, ni): (usize, usize)) -> Vec<f32> {
+fn class_weights(w: &[f32], g: &ConvGeom, (ky0, kx0): (usize, usize), (nj, ni): (usize, usize)) -> Aligned {
     let (o, c, s) = (g.o, g.c, g.stride);
     let ld = padded_to_lanes(c);
-    let mut m = vec![0f32; nj * ni * o * ld];
+    let mut out = Aligned::zeroed(nj * ni * o * ld);
+    let m = out.values_mut();
     for j in 0..nj {
         for i in 0..ni {
             let (ky, kx) = (ky0 + s * (nj - 1 - j), kx0 + s * (ni - 1 - i));
@@ -339,7 +346,7 @@ fn class_weights(w: &[f32], g: &ConvGeom, (ky0, kx0): (usize, usize), (nj, ni): 
             }
         }
     }
-    m
+    out
 }
 
 /// One stride-`stride` direct convolution over a chunk of padded images:
@@ -377,24 +384,14 @@ struct OutMap {
 /// f32 sums). Call only where [`available`] (and [`available_bf16`] for bf16).
 pub fn forward(x: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision) -> Vec<f32> {
     let bf16 = prec == Precision::Bf16;
-    let pad = Padded {
-        hp: (g.h + 2 * g.pad).max((g.oh - 1) * g.stride + g.kh),
-        wp: (g.w + 2 * g.pad).max((g.ow - 1) * g.stride + g.kw),
-        c: words(g.c, bf16),
-    };
+    let pad = Padded::around_input(g, words(g.c, bf16));
     let pass = Pass {
         kh: g.kh,
         kw: g.kw,
         stride: g.stride,
         oh: g.oh,
         ow: g.ow,
-        wm: Aligned::from(in_words(
-            forward_weights(weight, g),
-            g.kh * g.kw,
-            g.c,
-            padded_to_lanes(g.o),
-            bf16,
-        )),
+        wm: in_words(forward_weights(weight, g), g.kh * g.kw, g.c, padded_to_lanes(g.o), bf16),
         ldw: padded_to_lanes(g.o),
         y0: 0,
         x0: 0,
@@ -442,13 +439,13 @@ pub fn backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision)
                 stride: 1,
                 oh,
                 ow,
-                wm: Aligned::from(in_words(
+                wm: in_words(
                     class_weights(weight, g, (ky0, kx0), (nj, ni)),
                     nj * ni,
                     g.o,
                     padded_to_lanes(g.c),
                     bf16,
-                )),
+                ),
                 ldw: padded_to_lanes(g.c),
                 y0,
                 x0,
@@ -509,9 +506,9 @@ fn run_passes(
         let xc = &x[ci * ipc * il..(ci * ipc + imgs) * il];
         with_padded(imgs * pl + slack, |xp| {
             if bf16 {
-                pad.fill_pairs(xc, (h, w, c), top, left, imgs, xp);
+                pad.fill_pairs(xc, (h, w, c), (top, left), imgs, xp);
             } else {
-                pad.fill(xc, h, w, top, left, imgs, xp);
+                pad.fill(xc, (h, w), (top, left), imgs, xp);
             }
             for pass in passes {
                 // SAFETY: `available` (and `available_bf16` for bf16)
@@ -538,11 +535,8 @@ fn run_passes(
 /// [`available_bf16`] for bf16).
 pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, prec: Precision) -> Vec<f32> {
     let bf16 = prec == Precision::Bf16;
-    let pad = Padded {
-        hp: (g.h + 2 * g.pad).max((g.oh - 1) * g.stride + g.kh),
-        wp: (g.w + 2 * g.pad).max((g.ow - 1) * g.stride + g.kw),
-        c: g.c,
-    };
+    // f32 words: the bf16 kernel pairs pixels, not channels (`window_pairs`)
+    let pad = Padded::around_input(g, g.c);
     let px = g.out_pixels();
     let (pl, il) = (pad.image_len(), g.h * g.w * g.c);
     let win = g.kw * g.c;
@@ -562,10 +556,10 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, prec: Precision) -> 
                 let imgs = ipc.min(end - first);
                 let xc = &x[first * il..(first + imgs) * il];
                 let dyc = &dy[first * px * g.o..(first + imgs) * px * g.o];
-                with_padded(imgs * pl + ldw + 16, |xp| {
-                    pad.fill(xc, g.h, g.w, g.pad, g.pad, imgs, xp);
-                    // SAFETY: as in `run_pass`; a window's last vector may
-                    // read up to 15 floats past the map (`ldw + 16` slack).
+                with_padded(imgs * pl, |xp| {
+                    pad.fill(xc, (g.h, g.w), (g.pad, g.pad), imgs, xp);
+                    // SAFETY: as in `run_passes`; a window's last vector is
+                    // a masked load, which reads nothing past the window.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
                         if bf16 {
@@ -612,6 +606,7 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, prec: Precision) -> 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{OutMap, Padded, Pass, TILE_REGS};
+    use crate::ops::bf16::lanes;
     use crate::ops::conv::ConvGeom;
     use std::arch::x86_64::*;
 
@@ -646,87 +641,103 @@ mod x86 {
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     }
 
-    /// Mask of the first `n` (≤ 16, saturating) lanes.
-    #[inline(always)]
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
-    }
-
-    /// `P` pixels × `NV` vectors of output channels.
+    /// Stores a tile's `t.valid` pixels, `t.channels` channels of each.
     #[target_feature(enable = "avx512f")]
-    #[inline(never)]
-    unsafe fn tile<const P: usize, const NV: usize>(t: &Tile) {
-        let mut acc = [[_mm512_setzero_ps(); NV]; P];
-        for ky in 0..t.kh {
-            for kx in 0..t.kw {
-                // SAFETY (whole body): the caller's tile lies in the padded
-                // map plus its slack, and in the weight and output buffers.
-                let xa = unsafe { t.x.add(ky * t.row_step + kx * t.c) };
-                let wa = unsafe { t.w.add((ky * t.kw + kx) * t.c * t.ldw) };
-                for ci in 0..t.c {
-                    let mut wv = [_mm512_setzero_ps(); NV];
-                    for (v, r) in wv.iter_mut().enumerate() {
-                        *r = unsafe { _mm512_loadu_ps(wa.add(ci * t.ldw + 16 * v)) };
-                    }
-                    for (p, a) in acc.iter_mut().enumerate() {
-                        let b = _mm512_set1_ps(unsafe { *xa.add(p * t.px_step + ci) });
-                        for v in 0..NV {
-                            a[v] = _mm512_fmadd_ps(b, wv[v], a[v]);
-                        }
-                    }
-                }
-            }
-        }
+    #[inline]
+    unsafe fn store_tile<const P: usize, const NV: usize>(t: &Tile, acc: &[[__m512; NV]; P]) {
         for (p, a) in acc.iter().enumerate().take(t.valid) {
             for (v, r) in a.iter().enumerate() {
                 let left = t.channels.saturating_sub(16 * v);
                 if left > 0 {
+                    // SAFETY: within the output (the caller's tile).
                     unsafe { _mm512_mask_storeu_ps(t.y.add(p * t.ldy + 16 * v), lanes(left), *r) };
                 }
             }
         }
     }
 
-    /// [`tile`] with bf16 pairs for words: `vdpbf16ps` adds two products
-    /// per lane where `vfmadd231ps` adds one.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    #[inline(never)]
-    unsafe fn tile_bf16<const P: usize, const NV: usize>(t: &Tile) {
-        let mut acc = [[_mm512_setzero_ps(); NV]; P];
-        let (x, w) = (t.x.cast::<i32>(), t.w.cast::<i32>());
-        for ky in 0..t.kh {
-            for kx in 0..t.kw {
-                // SAFETY (whole body): as in `tile`; words are 4 bytes either way.
-                let xa = unsafe { x.add(ky * t.row_step + kx * t.c) };
-                let wa = unsafe { w.add((ky * t.kw + kx) * t.c * t.ldw) };
-                for ci in 0..t.c {
-                    let mut wv = [_mm512_setzero_si512(); NV];
-                    for (v, r) in wv.iter_mut().enumerate() {
-                        *r = unsafe { _mm512_loadu_si512(wa.add(ci * t.ldw + 16 * v).cast()) };
-                    }
-                    for (p, a) in acc.iter_mut().enumerate() {
-                        let b = _mm512_set1_epi32(unsafe { *xa.add(p * t.px_step + ci) });
-                        for v in 0..NV {
-                            let (bb, ww) = (as_bf16(b), as_bf16(wv[v]));
-                            a[v] = _mm512_dpbf16_ps(a[v], bb, ww);
-                        }
-                    }
-                }
-            }
-        }
-        for (p, a) in acc.iter().enumerate().take(t.valid) {
-            for (v, r) in a.iter().enumerate() {
-                let left = t.channels.saturating_sub(16 * v);
-                if left > 0 {
-                    unsafe { _mm512_mask_storeu_ps(t.y.add(p * t.ldy + 16 * v), lanes(left), *r) };
-                }
+    /// Adds `R × NV` accumulators to `R` rows of `out`, `ld` apart.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn add_rows<const R: usize, const NV: usize>(out: *mut f32, ld: usize, acc: &[[__m512; NV]; R]) {
+        for (r, a) in acc.iter().enumerate() {
+            for (v, val) in a.iter().enumerate() {
+                // SAFETY: within the accumulator (the caller's rows).
+                let p = unsafe { out.add(r * ld + 16 * v) };
+                unsafe { _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *val)) };
             }
         }
     }
+
+    /// Defines an output tile kernel of `P` pixels × `NV` vectors of output
+    /// channels over the words of a [`Tile`]: for each tap and input word,
+    /// `NV` weight vectors are loaded (`load`, at `p`) and each pixel's
+    /// input word broadcast (`broadcast`, at `p`) against them (`madd`:
+    /// `a + b·w`). One body for the f32 and the bf16 kernel, each compiled
+    /// with its own target features.
+    macro_rules! output_tile {
+        (
+            $(#[$doc:meta])* $name:ident, $features:literal, $vec:ty, $zero:expr,
+            load: |$lp:ident| $load:expr,
+            broadcast: |$bp:ident| $bcast:expr,
+            madd: |$a:ident, $b:ident, $w:ident| $madd:expr $(,)?
+        ) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            #[inline(never)]
+            unsafe fn $name<const P: usize, const NV: usize>(t: &Tile) {
+                let mut acc = [[_mm512_setzero_ps(); NV]; P];
+                for ky in 0..t.kh {
+                    for kx in 0..t.kw {
+                        // SAFETY (whole body): the caller's tile lies in the
+                        // padded map plus its slack, and in the weight and
+                        // output buffers; words are 4 bytes either way.
+                        let xa = unsafe { t.x.add(ky * t.row_step + kx * t.c) };
+                        let wa = unsafe { t.w.add((ky * t.kw + kx) * t.c * t.ldw) };
+                        for ci in 0..t.c {
+                            let mut wv: [$vec; NV] = [$zero; NV];
+                            for (v, r) in wv.iter_mut().enumerate() {
+                                let $lp = unsafe { wa.add(ci * t.ldw + 16 * v) };
+                                *r = unsafe { $load };
+                            }
+                            for (p, acc_p) in acc.iter_mut().enumerate() {
+                                let $bp = unsafe { xa.add(p * t.px_step + ci) };
+                                let $b = unsafe { $bcast };
+                                for v in 0..NV {
+                                    let ($a, $w) = (acc_p[v], wv[v]);
+                                    acc_p[v] = $madd;
+                                }
+                            }
+                        }
+                    }
+                }
+                unsafe { store_tile(t, &acc) };
+            }
+        };
+    }
+
+    output_tile!(
+        /// `P` pixels × `NV` vectors of output channels, f32 words.
+        tile,
+        "avx512f",
+        __m512,
+        _mm512_setzero_ps(),
+        load: |p| _mm512_loadu_ps(p),
+        broadcast: |p| _mm512_set1_ps(*p),
+        madd: |a, b, w| _mm512_fmadd_ps(b, w, a),
+    );
+
+    output_tile!(
+        /// [`tile`] with bf16 pairs for words: `vdpbf16ps` adds two products
+        /// per lane where `vfmadd231ps` adds one.
+        tile_bf16,
+        "avx512f,avx512bf16",
+        __m512i,
+        _mm512_setzero_si512(),
+        load: |p| _mm512_loadu_si512(p.cast()),
+        broadcast: |p| _mm512_set1_epi32(*p.cast::<i32>()),
+        madd: |a, b, w| _mm512_dpbf16_ps(a, as_bf16(b), as_bf16(w)),
+    );
 
     /// Calls `$tile::<P, NV>` with `P` the run-time `p` (1 ≤ p ≤ 28 / NV).
     macro_rules! dispatch {
@@ -857,24 +868,26 @@ mod x86 {
                 }
             }
         }
-        for (r, a) in acc.iter().enumerate() {
-            for (v, val) in a.iter().enumerate() {
-                let p = unsafe { acc_out.add(r * ldw + 16 * v) };
-                unsafe { _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *val)) };
-            }
-        }
+        unsafe { add_rows(acc_out, ldw, &acc) };
     }
 
-    macro_rules! weight_dispatch {
-        ($ot:expr, $nv:expr, $args:tt, [$(($o:literal, $n:literal))*]) => {
-            match ($ot, $nv) {
-                $(($o, $n) => unsafe { weight_call!(weight_tile::<$o, $n>, $args) },)*
-                other => unreachable!("weight tile {other:?}"),
+    /// Calls `$kernel::<A, B>($args)` for the run-time pair `$ab`, one of
+    /// the listed `(A, B)`.
+    macro_rules! const_pair {
+        ($kernel:ident, $ab:expr, $args:tt, [$(($a:literal, $b:literal))*]) => {
+            match $ab {
+                $(($a, $b) => unsafe { call_with!($kernel::<$a, $b>, $args) },)*
+                other => unreachable!("{} {other:?}", stringify!($kernel)),
             }
         };
     }
-    macro_rules! weight_call {
-        ($f:expr, ($($a:expr),*)) => { $f($($a),*) };
+
+    /// `$f(args…)` from a parenthesised argument list (a single token tree,
+    /// so that [`const_pair`] can repeat it per pair).
+    macro_rules! call_with {
+        ($f:expr, ($($arg:expr),* $(,)?)) => {
+            $f($($arg),*)
+        };
     }
 
     /// Adds the weight gradient of `imgs` padded images `xp` and their
@@ -904,9 +917,9 @@ mod x86 {
                     let ot = (g.o - o0).min(OT);
                     let out = acc[(o0 * g.kh + ky) * ldw + 16 * v0..].as_mut_ptr();
                     let (xs, ds) = unsafe { (x0.add(16 * v0), dy.as_ptr().add(o0)) };
-                    weight_dispatch!(
-                        ot,
-                        nv,
+                    const_pair!(
+                        weight_tile,
+                        (ot, nv),
                         (g, pad, xs, ds, imgs, out, g.kh * ldw, win - 16 * v0),
                         [
                             (1, 1)(1, 2)(1, 3)(1, 4)(1, 5)(1, 6)(2, 1)(2, 2)(2, 3)(2, 4)(2, 5)(2, 6)(3, 1)(3, 2)(3, 3)(
@@ -961,12 +974,7 @@ mod x86 {
                 }
             }
         }
-        for (r, a) in acc.iter().enumerate() {
-            for (v, val) in a.iter().enumerate() {
-                let p = unsafe { acc_out.add(r * ldw + 16 * v) };
-                unsafe { _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *val)) };
-            }
-        }
+        unsafe { add_rows(acc_out, ldw, &acc) };
     }
 
     /// [`weight_gradient`] in bf16: `win2` the chunk's windows and `dy2` its
@@ -994,21 +1002,15 @@ mod x86 {
                     let ot = (g.o - o0).min(OT_MAX);
                     let out = acc[(o0 * g.kh + ky) * ldw + 16 * v0..].as_mut_ptr();
                     let (xs, ds) = unsafe { (x0.add(16 * v0), dy2.as_ptr().add(o0)) };
-                    let args = (g, pad, xs, ds, imgs, out, g.kh * ldw, ldw);
-                    macro_rules! bf16_tiles {
-                        ($(($o:literal, $n:literal))*) => {
-                            match (ot, nv) {
-                                $(($o, $n) => unsafe {
-                                    weight_tile_bf16::<$o, $n>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7)
-                                },)*
-                                other => unreachable!("bf16 weight tile {other:?}"),
-                            }
-                        };
-                    }
-                    bf16_tiles!(
-                        (1, 1)(1, 2)(1, 3)(2, 1)(2, 2)(2, 3)(3, 1)(3, 2)(3, 3)(4, 1)(4, 2)(4, 3)(5, 1)(5, 2)(5, 3)(
-                            6, 1
-                        )(6, 2)(6, 3)(7, 1)(7, 2)(7, 3)(8, 1)(8, 2)(8, 3)
+                    const_pair!(
+                        weight_tile_bf16,
+                        (ot, nv),
+                        (g, pad, xs, ds, imgs, out, g.kh * ldw, ldw),
+                        [
+                            (1, 1)(1, 2)(1, 3)(2, 1)(2, 2)(2, 3)(3, 1)(3, 2)(3, 3)(4, 1)(4, 2)(4, 3)(5, 1)(5, 2)(5, 3)(
+                                6, 1
+                            )(6, 2)(6, 3)(7, 1)(7, 2)(7, 3)(8, 1)(8, 2)(8, 3)
+                        ]
                     );
                 }
             }
@@ -1093,23 +1095,17 @@ mod x86 {
                     let xs = xp[ky * pad.wp * g.c + j0..].as_ptr();
                     let ds = dy[o0..].as_ptr();
                     let out = acc[o0 * g.kh * ldw + ky * ldw + j0..].as_mut_ptr();
-                    let args = (g, pad, xs, ds, imgs, out, g.kh * ldw, g.o - o0);
-                    macro_rules! narrow {
-                        ($(($r:literal, $n:literal))*) => {
-                            match (rt, nv) {
-                                $(($r, $n) => unsafe {
-                                    narrow_tile::<$r, $n>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7)
-                                },)*
-                                other => unreachable!("narrow tile {other:?}"),
-                            }
-                        };
-                    }
-                    narrow!(
-                        (1, 1)(1, 2)(1, 3)(1, 4)(2, 1)(2, 2)(2, 3)(2, 4)(3, 1)(3, 2)(3, 3)(3, 4)(4, 1)(4, 2)(4, 3)(
-                            4, 4
-                        )(5, 1)(5, 2)(5, 3)(5, 4)(6, 1)(6, 2)(6, 3)(6, 4)(7, 1)(7, 2)(7, 3)(
-                            7, 4
-                        )
+                    const_pair!(
+                        narrow_tile,
+                        (rt, nv),
+                        (g, pad, xs, ds, imgs, out, g.kh * ldw, g.o - o0),
+                        [
+                            (1, 1)(1, 2)(1, 3)(1, 4)(2, 1)(2, 2)(2, 3)(2, 4)(3, 1)(3, 2)(3, 3)(3, 4)(4, 1)(4, 2)(4, 3)(
+                                4, 4
+                            )(5, 1)(5, 2)(5, 3)(5, 4)(6, 1)(6, 2)(6, 3)(6, 4)(7, 1)(7, 2)(
+                                7, 3
+                            )(7, 4)
+                        ]
                     );
                 }
             }

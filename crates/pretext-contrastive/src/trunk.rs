@@ -14,10 +14,12 @@
 //! has two inputs; its gradient is split back by candle's `cat` backward.
 
 use candle_core::{bail, Shape, Tensor};
-use pretext_core::ops::activation::{add_relu_kernel, relu_mask};
-use pretext_core::ops::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward, ConvGeom};
+use pretext_core::ops::activation::relu_mask;
+use pretext_core::ops::conv::{
+    conv2d_backward_input, conv2d_backward_input_add, conv2d_backward_weight, conv2d_forward, ConvGeom,
+};
 use pretext_core::ops::fused::{apply, values, FusedOp, Operand};
-use pretext_core::ops::norm;
+use pretext_core::ops::norm::{self, ChannelAffine, ReluMask, Shortcut};
 use pretext_core::ops::pool::{global_avg_pool, global_avg_pool_backward};
 use std::sync::{Arc, Mutex};
 
@@ -109,21 +111,44 @@ struct UnitTape {
     geom: ConvGeom,
     /// Pre-BN conv output.
     z: Vec<f32>,
-    /// Post-BN (and ReLU if `relu`) output.
-    y: Vec<f32>,
     mean: Vec<f32>,
     invstd: Vec<f32>,
-    relu: bool,
+    /// The batch norm as an affine map (for the ReLU mask after it).
+    map: ChannelAffine,
     /// Offset of the unit's parameters in the flat vector.
     offset: usize,
 }
 
+/// One residual block's units, its first unit's output (the second's
+/// input) and the block's output.
+struct BlockTape {
+    conv1: UnitTape,
+    /// `relu(bn(conv1))`.
+    y1: Vec<f32>,
+    conv2: UnitTape,
+    short: Option<UnitTape>,
+    /// `relu(bn(conv2) + shortcut)`.
+    out: Vec<f32>,
+}
+
 struct Tape {
-    /// Block inputs (index 0 = trunk input), needed by conv1 and the shortcut.
-    acts: Vec<Vec<f32>>,
-    units: Vec<UnitTape>,
+    stem: UnitTape,
+    /// The stem's output `relu(bn(stem))`, the first block's input.
+    stem_out: Vec<f32>,
+    blocks: Vec<BlockTape>,
     final_hw: (usize, usize, usize),
     n: usize,
+}
+
+impl Tape {
+    /// The input of block `i`.
+    fn block_input(&self, i: usize) -> &[f32] {
+        if i == 0 {
+            &self.stem_out
+        } else {
+            &self.blocks[i - 1].out
+        }
+    }
 }
 
 struct TrunkOp {
@@ -134,6 +159,9 @@ struct TrunkOp {
 }
 
 impl TrunkOp {
+    /// The convolution of one unit and its batch norm's statistics; returns
+    /// the tape, which holds the norm as an affine map (applied by the
+    /// caller, fused with what follows it).
     #[allow(clippy::too_many_arguments)]
     fn unit_forward(
         &self,
@@ -143,7 +171,6 @@ impl TrunkOp {
         params: &[f32],
         offset: usize,
         index: usize,
-        relu: bool,
     ) -> candle_core::Result<UnitTape> {
         let Some(geom) = ConvGeom::new(n, h, w, spec.cin, spec.cout, spec.k, spec.k, spec.stride, spec.pad) else {
             bail!("resnet trunk: a {}x{} kernel does not fit {h}x{w} maps", spec.k, spec.k)
@@ -161,37 +188,43 @@ impl TrunkOp {
             .iter()
             .map(|v| (1.0 / (f64::from(*v) + self.plan.eps).sqrt()) as f32)
             .collect();
-        let y = norm::bn_apply(&z, spec.cout, &mean, &invstd, gamma, beta, relu);
+        let map = ChannelAffine::new(&mean, &invstd, gamma, beta);
         if let Ok(mut s) = self.stats.lock() {
             s.push((mean.clone(), var));
         }
         Ok(UnitTape {
             geom,
             z,
-            y,
             mean,
             invstd,
-            relu,
+            map,
             offset,
         })
     }
 
-    /// Back-propagates `dy` through one unit; accumulates parameter grads into
-    /// `dparams` and returns the input gradient (if `need_dx`).
+    /// Back-propagates `dy` through one unit's batch norm (and the ReLU
+    /// after it with `relu`) and its weight gradient; accumulates parameter
+    /// grads into `dparams` and returns the gradient at the convolution's
+    /// output, for its input gradient.
     fn unit_backward(
         &self,
         u: &UnitTape,
         x: &[f32],
         dy: &[f32],
+        relu: bool,
         params: &[f32],
         dparams: &mut [f32],
-        need_dx: bool,
-    ) -> Option<Vec<f32>> {
+    ) -> Vec<f32> {
         let g = &u.geom;
         let wl = g.o * g.c * g.kh * g.kw;
         let gamma = &params[u.offset + wl..u.offset + wl + g.o];
         let batch = matches!(self.mode, TrunkMode::Train);
-        let (dz, dgamma, dbeta) = norm::bn_backward(&u.z, dy, &u.y, g.o, &u.mean, &u.invstd, gamma, u.relu, batch);
+        let mask = if relu {
+            ReluMask::AfterNorm(&u.map)
+        } else {
+            ReluMask::None
+        };
+        let (dz, dgamma, dbeta) = norm::bn_backward(&u.z, dy, mask, g.o, &u.mean, &u.invstd, gamma, batch);
         let dw = conv2d_backward_weight(x, &dz, g);
         for (d, v) in dparams[u.offset..u.offset + wl].iter_mut().zip(&dw) {
             *d += v;
@@ -205,7 +238,13 @@ impl TrunkOp {
         {
             *d += v;
         }
-        need_dx.then(|| conv2d_backward_input(&dz, &params[u.offset..u.offset + wl], g))
+        dz
+    }
+
+    /// The unit's weights.
+    fn weights<'p>(u: &UnitTape, params: &'p [f32]) -> &'p [f32] {
+        let g = &u.geom;
+        &params[u.offset..u.offset + g.o * g.c * g.kh * g.kw]
     }
 }
 
@@ -233,62 +272,64 @@ impl FusedOp<2> for TrunkOp {
         if let Ok(mut s) = self.stats.lock() {
             s.clear();
         }
-        let mut units = Vec::new();
         let mut offset = 0;
         let mut index = 0;
-        let stem = self.unit_forward(&self.plan.stem, x, (n, h, w), params, offset, index, true)?;
+        let stem = self.unit_forward(&self.plan.stem, x, (n, h, w), params, offset, index)?;
         offset += self.plan.stem.param_len();
         index += 1;
         let (mut hh, mut ww) = (stem.geom.oh, stem.geom.ow);
-        let mut acts = vec![stem.y.clone()];
-        units.push(stem);
+        let stem_out = stem.map.apply(&stem.z, true);
+        let mut blocks: Vec<BlockTape> = Vec::new();
         for b in &self.plan.blocks {
-            let input = acts.len() - 1;
-            let xin = &acts[input];
-            let u1 = self.unit_forward(&b.conv1, xin, (n, hh, ww), params, offset, index, true)?;
+            let xin = blocks.last().map_or(&stem_out, |t| &t.out);
+            let conv1 = self.unit_forward(&b.conv1, xin, (n, hh, ww), params, offset, index)?;
             offset += b.conv1.param_len();
             index += 1;
-            let (oh, ow) = (u1.geom.oh, u1.geom.ow);
-            let u2 = self.unit_forward(&b.conv2, &u1.y, (n, oh, ow), params, offset, index, false)?;
+            let y1 = conv1.map.apply(&conv1.z, true);
+            let (oh, ow) = (conv1.geom.oh, conv1.geom.ow);
+            let conv2 = self.unit_forward(&b.conv2, &y1, (n, oh, ow), params, offset, index)?;
             offset += b.conv2.param_len();
             index += 1;
-            let out = match b.short {
+            let (short, out) = match b.short {
                 Some(s) => {
-                    let us = self.unit_forward(&s, xin, (n, hh, ww), params, offset, index, false)?;
+                    let us = self.unit_forward(&s, xin, (n, hh, ww), params, offset, index)?;
                     offset += s.param_len();
                     index += 1;
-                    let o = add_relu_kernel(&u2.y, &us.y);
-                    units.push(u1);
-                    units.push(u2);
-                    units.push(us);
-                    o
+                    if us.z.len() != conv2.z.len() {
+                        bail!("resnet trunk: the projection's output does not match the block's")
+                    }
+                    let out = norm::bn_add_relu(&conv2.z, &conv2.map, Shortcut::Normalised(&us.z, &us.map));
+                    (Some(us), out)
                 }
                 None => {
-                    if xin.len() != u2.y.len() {
+                    if xin.len() != conv2.z.len() {
                         bail!("resnet trunk: identity shortcut needs equal shapes")
                     }
-                    let o = add_relu_kernel(&u2.y, xin);
-                    units.push(u1);
-                    units.push(u2);
-                    o
+                    (None, norm::bn_add_relu(&conv2.z, &conv2.map, Shortcut::Identity(xin)))
                 }
             };
-            acts.push(out);
+            blocks.push(BlockTape {
+                conv1,
+                y1,
+                conv2,
+                short,
+                out,
+            });
             hh = oh;
             ww = ow;
         }
         let cout = self.plan.out_dim();
-        let last = acts.last().map(Vec::as_slice).unwrap_or(&[]);
+        let last = blocks.last().map_or(&stem_out, |t| &t.out);
         let feats = global_avg_pool(last, n, hh * ww, cout);
         if let Ok(mut t) = self.tape.lock() {
             *t = Some(Tape {
-                acts,
-                units,
+                stem,
+                stem_out,
+                blocks,
                 final_hw: (hh, ww, cout),
                 n,
             });
         }
-        let _ = x;
         Ok((feats, Shape::from((n, cout))))
     }
 
@@ -306,35 +347,28 @@ impl FusedOp<2> for TrunkOp {
         let (hh, ww, c) = tape.final_hw;
         // gradient w.r.t. the last block's output
         let mut dout = global_avg_pool_backward(&dfeat, tape.n, hh * ww, c);
-        let mut ui = tape.units.len();
-        for (bi, b) in self.plan.blocks.iter().enumerate().rev() {
-            let out = &tape.acts[bi + 1];
-            let g = relu_mask(&dout, out); // through the final ReLU
-            let input = &tape.acts[bi];
-            let mut dx_short = match b.short {
-                Some(_) => {
-                    ui -= 1;
-                    let us = &tape.units[ui];
-                    self.unit_backward(us, input, &g, &p, &mut dp, true).unwrap_or_default()
+        for (bi, t) in tape.blocks.iter().enumerate().rev() {
+            let g = relu_mask(&dout, &t.out); // through the final ReLU
+            let input = tape.block_input(bi);
+            // the shortcut's gradient at the block's input; the main
+            // branch's is added to it
+            let mut dx = match &t.short {
+                Some(us) => {
+                    let dz = self.unit_backward(us, input, &g, false, &p, &mut dp);
+                    conv2d_backward_input(&dz, Self::weights(us, &p), &us.geom)
                 }
-                None => g.clone(),
+                None => Vec::new(),
             };
-            ui -= 1;
-            let u2 = &tape.units[ui];
-            ui -= 1;
-            let u1 = &tape.units[ui];
-            let da = self.unit_backward(u2, &u1.y, &g, &p, &mut dp, true).unwrap_or_default();
-            let dx1 = self
-                .unit_backward(u1, input, &da, &p, &mut dp, true)
-                .unwrap_or_default();
-            for (a, b) in dx_short.iter_mut().zip(&dx1) {
-                *a += b;
+            let dz2 = self.unit_backward(&t.conv2, &t.y1, &g, false, &p, &mut dp);
+            let da = conv2d_backward_input(&dz2, Self::weights(&t.conv2, &p), &t.conv2.geom);
+            if t.short.is_none() {
+                dx = g;
             }
-            dout = dx_short;
+            let dz1 = self.unit_backward(&t.conv1, input, &da, true, &p, &mut dp);
+            conv2d_backward_input_add(&dz1, Self::weights(&t.conv1, &p), &t.conv1.geom, &mut dx);
+            dout = dx;
         }
-        ui -= 1;
-        let stem = &tape.units[ui];
-        let _ = self.unit_backward(stem, &xin, &dout, &p, &mut dp, false);
+        let _ = self.unit_backward(&tape.stem, &xin, &dout, true, &p, &mut dp);
         let dparams = Tensor::from_vec(dp, params.shape(), params.device())?;
         Ok([None, Some(dparams)])
     }

@@ -10,47 +10,62 @@ use super::vector::multiversion;
 use super::{fast_path, rows_per_task, ROW_TASK};
 use candle_core::{bail, Shape, Tensor, D};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Elements per parallel task of the row-free passes.
 const CHUNK: usize = 1 << 16;
 
 /// `max(a + b, 0)`.
+///
+/// # Panics
+/// If the lengths differ.
 pub fn add_relu_kernel(a: &[f32], b: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; a.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK))
-        .zip(b.par_chunks(CHUNK))
-        .for_each(|((y, a), b)| add_relu_chunk(y, a, b));
-    y
+    assert_eq!(a.len(), b.len(), "add_relu: lengths differ");
+    // SAFETY: the chunks pair up and `add_relu_chunk` writes all of its chunk.
+    unsafe {
+        super::written_by(a.len(), 0, |y| {
+            y.par_chunks_mut(CHUNK)
+                .zip(a.par_chunks(CHUNK))
+                .zip(b.par_chunks(CHUNK))
+                .for_each(|((y, a), b)| add_relu_chunk(y, a, b));
+        })
+    }
 }
 
 multiversion! {
     /// `y = max(a + b, 0)`.
-    fn add_relu_chunk(y: &mut [f32], a: &[f32], b: &[f32]) {
+    fn add_relu_chunk(y: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]) {
         for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
             let v = a + b;
-            *y = if v > 0.0 { v } else { 0.0 };
+            *y = MaybeUninit::new(if v > 0.0 { v } else { 0.0 });
         }
     }
 }
 
 multiversion! {
     /// `g = dy` where `y > 0`, else 0.
-    fn relu_mask_chunk(g: &mut [f32], dy: &[f32], y: &[f32]) {
+    fn relu_mask_chunk(g: &mut [MaybeUninit<f32>], dy: &[f32], y: &[f32]) {
         for ((g, d), y) in g.iter_mut().zip(dy).zip(y) {
-            *g = if *y > 0.0 { *d } else { 0.0 };
+            *g = MaybeUninit::new(if *y > 0.0 { *d } else { 0.0 });
         }
     }
 }
 
 /// `dy` where `y > 0`, else 0: the gradient through a ReLU whose output is `y`.
+///
+/// # Panics
+/// If the lengths differ.
 pub fn relu_mask(dy: &[f32], y: &[f32]) -> Vec<f32> {
-    let mut g = vec![0f32; dy.len()];
-    g.par_chunks_mut(CHUNK)
-        .zip(dy.par_chunks(CHUNK))
-        .zip(y.par_chunks(CHUNK))
-        .for_each(|((g, d), y)| relu_mask_chunk(g, d, y));
-    g
+    assert_eq!(dy.len(), y.len(), "relu_mask: lengths differ");
+    // SAFETY: the chunks pair up and `relu_mask_chunk` writes all of its chunk.
+    unsafe {
+        super::written_by(dy.len(), 0, |g| {
+            g.par_chunks_mut(CHUNK)
+                .zip(dy.par_chunks(CHUNK))
+                .zip(y.par_chunks(CHUNK))
+                .for_each(|((g, d), y)| relu_mask_chunk(g, d, y));
+        })
+    }
 }
 
 /// The gradient through a ReLU: `dy` masked by its output `y > 0`.
@@ -226,22 +241,26 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{bits, check_against_reference, hashed_values, same_on_every_family};
+    use crate::ops::testing::{
+        bits, check_against_reference, hashed_values, out_buffer, out_values, same_on_every_family,
+    };
 
     #[test]
     fn relu_passes_agree_across_kernel_families() {
         let (a, b) = (hashed_values(1001, 1), hashed_values(1001, 2));
         same_on_every_family(|| {
-            let mut y = vec![0f32; a.len()];
+            let mut y = out_buffer(a.len());
             add_relu_chunk(&mut y, &a, &b);
-            let mut g = vec![0f32; a.len()];
+            let y = out_values(&y);
+            let mut g = out_buffer(a.len());
             relu_mask_chunk(&mut g, &a, &y);
-            (bits(&y), bits(&g))
+            (bits(&y), bits(&out_values(&g)))
         });
-        let mut y = vec![0f32; a.len()];
-        add_relu_chunk(&mut y, &a, &b);
+        let y = add_relu_kernel(&a, &b);
+        let g = relu_mask(&a, &y);
         for i in 0..a.len() {
             assert_eq!(y[i], (a[i] + b[i]).max(0.0));
+            assert_eq!(g[i], if y[i] > 0.0 { a[i] } else { 0.0 });
         }
     }
 

@@ -426,6 +426,30 @@ pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f3
     }
 }
 
+/// [`conv2d_backward_input`] added to `dx` (NHWC `(n, h, w, c)`, e.g. the
+/// gradient another branch already sent to the same input): each value
+/// becomes `dx + gradient`. The [`direct`] kernels add in the pass that
+/// computes the gradient, the other paths in a pass after it.
+///
+/// # Panics
+/// If `dx` does not hold `n·h·w·c` values.
+pub fn conv2d_backward_input_add(dy: &[f32], weight: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+    assert_eq!(
+        dx.len(),
+        g.n * g.h * g.w * g.c,
+        "conv2d_backward_input_add: dx has the wrong length"
+    );
+    match direct_for(Precision::current(), g, ConvPass::InputGradient) {
+        Some(prec) => direct::backward_input_add(dy, weight, g, prec, dx),
+        None => {
+            let d = im2col_backward_input(dy, weight, g);
+            dx.par_chunks_mut(1 << 16)
+                .zip(d.par_chunks(1 << 16))
+                .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        }
+    }
+}
+
 /// [`conv2d_backward_input`] through a matrix product and col2im per chunk of images.
 pub fn im2col_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
     let prec = Precision::current();

@@ -48,6 +48,7 @@ use super::vector::active;
 use crate::cpu::KernelSet;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 thread_local! {
     /// Per-thread padded-map scratch, reused across calls.
@@ -372,11 +373,13 @@ struct Pass {
     step: usize,
 }
 
-/// The output map of a set of passes: `h × w` pixels of `o` channels.
+/// The output map of a set of passes: `h × w` pixels of `o` channels,
+/// written, or added to the values there with `accumulate`.
 struct OutMap {
     h: usize,
     w: usize,
     o: usize,
+    accumulate: bool,
 }
 
 /// Forward: `x` NHWC `(n, h, w, c)`, `weight` `(o, c, kh, kw)` → NHWC
@@ -403,6 +406,7 @@ pub fn forward(x: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision) -> Vec<
         h: g.oh,
         w: g.ow,
         o: g.o,
+        accumulate: false,
     };
     run_passes(&[pass], &pad, &out, x, (g.n, g.h, g.w, g.c), (g.pad, g.pad), bf16)
 }
@@ -415,6 +419,22 @@ pub fn forward(x: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision) -> Vec<
 /// `dy[qy + dy0 − j]` with `dy0 = ⌊(ry + pad)/s⌋`. Per class that is a
 /// stride-1 correlation of `dy` with `nj = ⌈(kh − ky0)/s⌉` flipped taps.
 pub fn backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision) -> Vec<f32> {
+    input_gradient(dy, weight, g, prec, None)
+}
+
+/// [`backward_input`] added to `dx` (NHWC `(n, h, w, c)`): each value
+/// becomes `dx + gradient`, the sum rounded once, in the pass that computes
+/// it. Call only where [`available`] (and [`available_bf16`] for bf16).
+///
+/// # Panics
+/// If `dx` does not hold `n·h·w·c` values.
+pub fn backward_input_add(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision, dx: &mut [f32]) {
+    input_gradient(dy, weight, g, prec, Some(dx));
+}
+
+/// The input gradient, written to a new vector (returned) or added to `dx`
+/// (an empty vector returned).
+fn input_gradient(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision, dx: Option<&mut [f32]>) -> Vec<f32> {
     let bf16 = prec == Precision::Bf16;
     let s = g.stride;
     // zero rows/columns around dy: enough for every class's first tap
@@ -460,14 +480,67 @@ pub fn backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision)
         wp,
         c: words(g.o, bf16),
     };
-    let out = OutMap { h: g.h, w: g.w, o: g.c };
-    run_passes(&passes, &pad, &out, dy, (g.n, g.oh, g.ow, g.o), (ty, tx), bf16)
+    let out = OutMap {
+        h: g.h,
+        w: g.w,
+        o: g.c,
+        accumulate: dx.is_some(),
+    };
+    let dims = (g.n, g.oh, g.ow, g.o);
+    match dx {
+        Some(dx) => {
+            assert_eq!(
+                dx.len(),
+                g.n * g.h * g.w * g.c,
+                "backward_input: dx has the wrong length"
+            );
+            // SAFETY: the passes only write initialised values (read-add-write with `accumulate`).
+            let dx = unsafe { &mut *(std::ptr::from_mut::<[f32]>(dx) as *mut [MaybeUninit<f32>]) };
+            run_passes_into(&passes, &pad, &out, dy, dims, (ty, tx), bf16, dx);
+            Vec::new()
+        }
+        None => run_passes(&passes, &pad, &out, dy, dims, (ty, tx), bf16),
+    }
 }
 
 /// Runs `passes` over the `n` images of `x` (`h × w` maps of `c`
 /// channels), each copied into `pad`'s map at `(top, left)` (as bf16
-/// pairs with `bf16`), images in chunks on the rayon pool.
+/// pairs with `bf16`), images in chunks on the rayon pool; returns the
+/// output map.
 fn run_passes(
+    passes: &[Pass],
+    pad: &Padded,
+    out: &OutMap,
+    x: &[f32],
+    dims: (usize, usize, usize, usize),
+    at: (usize, usize),
+    bf16: bool,
+) -> Vec<f32> {
+    let len = dims.0 * out.h * out.w * out.o;
+    if len == 0 {
+        return Vec::new();
+    }
+    // Written in full by the passes where they cover every output pixel
+    // (zeroing 50 MB per layer was 4% of a step); zeroed where they do not.
+    let covered: usize = passes.iter().map(|p| p.oh * p.ow).sum();
+    let mut y: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` needs no initialisation.
+    unsafe { y.set_len(len) };
+    if covered < out.h * out.w {
+        y.fill(MaybeUninit::new(0.0));
+    }
+    run_passes_into(passes, pad, out, x, dims, at, bf16, &mut y);
+    let mut y = std::mem::ManuallyDrop::new(y);
+    // SAFETY: every value is written (the passes cover each output pixel's
+    // channels once; the classes no tap reaches were zeroed above), and
+    // `MaybeUninit<f32>` has `f32`'s size and alignment.
+    unsafe { Vec::from_raw_parts(y.as_mut_ptr().cast::<f32>(), y.len(), y.capacity()) }
+}
+
+/// [`run_passes`] into `y`, the `n` images' output maps: written, or added
+/// to with `out.accumulate` (then `y` must be initialised).
+#[allow(clippy::too_many_arguments)]
+fn run_passes_into(
     passes: &[Pass],
     pad: &Padded,
     out: &OutMap,
@@ -475,21 +548,12 @@ fn run_passes(
     (n, h, w, c): (usize, usize, usize, usize),
     (top, left): (usize, usize),
     bf16: bool,
-) -> Vec<f32> {
+    y: &mut [MaybeUninit<f32>],
+) {
     let words = pad.c;
     let px = out.h * out.w;
-    let len = n * px * out.o;
-    if len == 0 {
-        return Vec::new();
-    }
-    // Written in full by the passes where they cover every output pixel
-    // (zeroing 50 MB per layer was 4% of a step); zeroed where they do not.
-    let covered: usize = passes.iter().map(|p| p.oh * p.ow).sum();
-    let mut y: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(len);
-    // SAFETY: `MaybeUninit` needs no initialisation.
-    unsafe { y.set_len(len) };
-    if covered < px {
-        y.fill(std::mem::MaybeUninit::new(0.0));
+    if n * px * out.o == 0 {
+        return;
     }
     let ipc = TASK_PIXELS
         .div_ceil(px)
@@ -522,11 +586,6 @@ fn run_passes(
             }
         });
     });
-    let mut y = std::mem::ManuallyDrop::new(y);
-    // SAFETY: every value is written (the passes cover each output pixel's
-    // channels once; the classes no tap reaches were zeroed above), and
-    // `MaybeUninit<f32>` has `f32`'s size and alignment.
-    unsafe { Vec::from_raw_parts(y.as_mut_ptr().cast::<f32>(), y.len(), y.capacity()) }
 }
 
 /// Weight gradient: `x` NHWC `(n, h, w, c)`, `dy` NHWC `(n, oh, ow, o)` →
@@ -632,6 +691,8 @@ mod x86 {
         valid: usize,
         /// Output channels to store (from the block's first).
         channels: usize,
+        /// Add to the output's values instead of overwriting them.
+        accumulate: bool,
     }
 
     /// The same 512 bits read as 32 bf16.
@@ -649,8 +710,15 @@ mod x86 {
             for (v, r) in a.iter().enumerate() {
                 let left = t.channels.saturating_sub(16 * v);
                 if left > 0 {
-                    // SAFETY: within the output (the caller's tile).
-                    unsafe { _mm512_mask_storeu_ps(t.y.add(p * t.ldy + 16 * v), lanes(left), *r) };
+                    let (at, m) = (unsafe { t.y.add(p * t.ldy + 16 * v) }, lanes(left));
+                    // SAFETY: within the output (the caller's tile), which
+                    // is initialised where `accumulate` reads it.
+                    let r = if t.accumulate {
+                        unsafe { _mm512_add_ps(_mm512_maskz_loadu_ps(m, at), *r) }
+                    } else {
+                        *r
+                    };
+                    unsafe { _mm512_mask_storeu_ps(at, m, r) };
                 }
             }
         }
@@ -816,6 +884,7 @@ mod x86 {
                             ldy: pass.step * out.o,
                             valid,
                             channels: out.o - 16 * v0,
+                            accumulate: out.accumulate,
                         };
                         unsafe { run_tile(&t, p, nv, bf16) };
                         v0 += nv;
@@ -1117,7 +1186,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::ops::conv::{im2col_backward_input, im2col_backward_weight, im2col_forward};
-    use crate::ops::testing::hashed_values;
+    use crate::ops::testing::{bits, hashed_values};
     use crate::ops::vector::with_kernels;
 
     /// Largest |a − b| relative to the largest |b|.
@@ -1197,6 +1266,19 @@ mod tests {
                 let dwi = bf.scope(|| im2col_backward_weight(&x, &dy, &g));
                 let gap = relative_gap(&dwb, &dwi);
                 assert!(gap < 1e-5, "bf16 weight gradient vs bf16 im2col {g:?}: {gap}");
+            }
+            // the input gradient added to values already there: each value
+            // is the sum of the old one and the gradient, rounded once
+            for prec in [Precision::F32, Precision::Bf16] {
+                if prec == Precision::Bf16 && !available_bf16() {
+                    continue;
+                }
+                let base = hashed_values(n * h * w * c, 4);
+                let dx = backward_input(&dy, &wt, &g, prec);
+                let mut sum = base.clone();
+                backward_input_add(&dy, &wt, &g, prec, &mut sum);
+                let want: Vec<f32> = base.iter().zip(&dx).map(|(a, b)| a + b).collect();
+                assert_eq!(bits(&sum), bits(&want), "input gradient added {g:?} {prec:?}");
             }
         }
     }

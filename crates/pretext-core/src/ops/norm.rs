@@ -9,6 +9,7 @@ use super::vector::multiversion;
 use super::{fast_path, rows_per_task, ROW_TASK};
 use candle_core::{bail, Shape, Tensor, D};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 const ROWS_PER_CHUNK: usize = 2048;
@@ -108,6 +109,46 @@ pub fn channel_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
     (mean.into_iter().map(|m| m as f32).collect(), var)
 }
 
+/// Batch norm as a per-channel affine map, `y = x·scale + shift`, with
+/// `scale = invstd·gamma` and `shift = beta − mean·scale`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelAffine {
+    /// Per-channel factor.
+    pub scale: Vec<f32>,
+    /// Per-channel offset.
+    pub shift: Vec<f32>,
+}
+
+impl ChannelAffine {
+    /// The map of batch norm with these statistics and parameters.
+    pub fn new(mean: &[f32], invstd: &[f32], gamma: &[f32], beta: &[f32]) -> Self {
+        let c = mean.len();
+        let scale: Vec<f32> = (0..c).map(|j| invstd[j] * gamma[j]).collect();
+        let shift: Vec<f32> = (0..c).map(|j| beta[j] - mean[j] * scale[j]).collect();
+        Self { scale, shift }
+    }
+
+    /// Channels.
+    pub fn channels(&self) -> usize {
+        self.scale.len()
+    }
+
+    /// `x·scale + shift` over rows of [`Self::channels`] values, then ReLU
+    /// if `relu`.
+    pub fn apply(&self, x: &[f32], relu: bool) -> Vec<f32> {
+        let chunk = ROWS_PER_CHUNK * self.channels();
+        // SAFETY: the chunks of `y` and `x` pair up and `affine_rows` writes
+        // every value of its chunk.
+        unsafe {
+            super::written_by(x.len(), 0, |y| {
+                y.par_chunks_mut(chunk)
+                    .zip(x.par_chunks(chunk))
+                    .for_each(|(yc, xc)| affine_rows(yc, xc, &self.scale, &self.shift, relu));
+            })
+        }
+    }
+}
+
 /// `y = (x - mean) · invstd · gamma + beta`, then ReLU if `relu`.
 pub fn bn_apply(
     x: &[f32],
@@ -118,13 +159,79 @@ pub fn bn_apply(
     beta: &[f32],
     relu: bool,
 ) -> Vec<f32> {
-    let scale: Vec<f32> = (0..c).map(|j| invstd[j] * gamma[j]).collect();
-    let shift: Vec<f32> = (0..c).map(|j| beta[j] - mean[j] * scale[j]).collect();
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(ROWS_PER_CHUNK * c)
-        .zip(x.par_chunks(ROWS_PER_CHUNK * c))
-        .for_each(|(yc, xc)| affine_rows(yc, xc, &scale, &shift, relu));
-    y
+    debug_assert_eq!(mean.len(), c);
+    ChannelAffine::new(mean, invstd, gamma, beta).apply(x, relu)
+}
+
+/// What a residual block adds to its last batch norm's output before the
+/// final ReLU.
+#[derive(Debug, Clone, Copy)]
+pub enum Shortcut<'a> {
+    /// The block's input as it is.
+    Identity(&'a [f32]),
+    /// A projection's pre-norm output and its batch norm.
+    Normalised(&'a [f32], &'a ChannelAffine),
+}
+
+/// The end of a residual block in one pass: `max(z·scale + shift + r, 0)`
+/// with `r` the shortcut (itself normalised for a projection). The same
+/// arithmetic, in the same order, as [`bn_apply`] of each branch followed
+/// by [`super::activation::add_relu_kernel`], without writing or reading the
+/// normalised branches.
+///
+/// # Panics
+/// If the shortcut's length differs from `z`'s.
+pub fn bn_add_relu(z: &[f32], map: &ChannelAffine, shortcut: Shortcut<'_>) -> Vec<f32> {
+    let c = map.channels();
+    let chunk = ROWS_PER_CHUNK * c;
+    let (r, rmap) = match shortcut {
+        Shortcut::Identity(r) => (r, None),
+        Shortcut::Normalised(r, m) => (r, Some(m)),
+    };
+    assert_eq!(r.len(), z.len(), "bn_add_relu: the shortcut's length differs");
+    // SAFETY: the chunks pair up and `affine_add_relu_rows` writes every
+    // value of its chunk.
+    unsafe {
+        super::written_by(z.len(), 0, |y| {
+            y.par_chunks_mut(chunk)
+                .zip(z.par_chunks(chunk))
+                .zip(r.par_chunks(chunk))
+                .for_each(|((yc, zc), rc)| match rmap {
+                    None => add_affine_relu_rows(yc, zc, rc, &map.scale, &map.shift),
+                    Some(m) => affine_add_relu_rows(yc, zc, rc, [&map.scale, &map.shift, &m.scale, &m.shift]),
+                });
+        })
+    }
+}
+
+multiversion! {
+    /// `y = max((z·scale + shift) + r, 0)` per channel.
+    fn add_affine_relu_rows(yc: &mut [MaybeUninit<f32>], zc: &[f32], rc: &[f32], scale: &[f32], shift: &[f32]) {
+        let c = scale.len();
+        let shift = &shift[..c];
+        for ((yr, zr), rr) in yc.chunks_exact_mut(c).zip(zc.chunks_exact(c)).zip(rc.chunks_exact(c)) {
+            for j in 0..c {
+                let v = (zr[j] * scale[j] + shift[j]) + rr[j];
+                yr[j] = MaybeUninit::new(if v > 0.0 { v } else { 0.0 });
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `y = max((z·scale + shift) + (r·rscale + rshift), 0)` per channel
+    /// (`coef = [scale, shift, rscale, rshift]`).
+    fn affine_add_relu_rows(yc: &mut [MaybeUninit<f32>], zc: &[f32], rc: &[f32], coef: [&[f32]; 4]) {
+        let [scale, shift, rscale, rshift] = coef;
+        let c = scale.len();
+        let (shift, rscale, rshift) = (&shift[..c], &rscale[..c], &rshift[..c]);
+        for ((yr, zr), rr) in yc.chunks_exact_mut(c).zip(zc.chunks_exact(c)).zip(rc.chunks_exact(c)) {
+            for j in 0..c {
+                let v = (zr[j] * scale[j] + shift[j]) + (rr[j] * rscale[j] + rshift[j]);
+                yr[j] = MaybeUninit::new(if v > 0.0 { v } else { 0.0 });
+            }
+        }
+    }
 }
 
 multiversion! {
@@ -142,34 +249,71 @@ multiversion! {
 
 multiversion! {
     /// `y = x·scale + shift` per channel (rows of `scale.len()`), then ReLU if `relu`.
-    fn affine_rows(yc: &mut [f32], xc: &[f32], scale: &[f32], shift: &[f32], relu: bool) {
+    fn affine_rows(yc: &mut [MaybeUninit<f32>], xc: &[f32], scale: &[f32], shift: &[f32], relu: bool) {
         let c = scale.len();
         for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
             for j in 0..c {
                 let v = xr[j] * scale[j] + shift[j];
-                yr[j] = if relu { v.max(0.0) } else { v };
+                yr[j] = MaybeUninit::new(if relu { v.max(0.0) } else { v });
             }
         }
     }
 }
 
+/// Where the gradient entering batch norm's backward pass is masked: the
+/// ReLU it has yet to pass back through.
+#[derive(Debug, Clone, Copy)]
+pub enum ReluMask<'a> {
+    /// No ReLU: the gradient as it is.
+    None,
+    /// A ReLU's output: the gradient passes where it is positive.
+    Output(&'a [f32]),
+    /// The ReLU right after this norm, whose output is `max(x·scale +
+    /// shift, 0)`: recomputed from the norm's input with the same
+    /// arithmetic, so the mask is the same without reading the output.
+    AfterNorm(&'a ChannelAffine),
+}
+
 /// Gradients of [`bn_apply`] (with batch statistics when `batch_stats`, else
-/// with fixed statistics): returns `(dx, dgamma, dbeta)`. With `relu`, the
-/// incoming gradient is masked where the output `y` is not positive.
+/// with fixed statistics): returns `(dx, dgamma, dbeta)`, the incoming
+/// gradient `dy` masked as `mask` says.
 #[allow(clippy::too_many_arguments)]
 pub fn bn_backward(
     x: &[f32],
     dy: &[f32],
-    y: &[f32],
+    mask: ReluMask<'_>,
     c: usize,
     mean: &[f32],
     invstd: &[f32],
     gamma: &[f32],
-    relu: bool,
     batch_stats: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    bn_backward_with_room(x, dy, mask, c, [mean, invstd, gamma], batch_stats, 0)
+}
+
+/// [`bn_backward`] with `room` values of spare capacity after `dx`.
+fn bn_backward_with_room(
+    x: &[f32],
+    dy: &[f32],
+    mask: ReluMask<'_>,
+    c: usize,
+    [mean, invstd, gamma]: [&[f32]; 3],
+    batch_stats: bool,
+    room: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = x.len() / c;
     let chunk = ROWS_PER_CHUNK * c;
+    let (relu, after) = match mask {
+        ReluMask::None => (false, None),
+        ReluMask::Output(_) => (true, None),
+        ReluMask::AfterNorm(m) => (false, Some(m)),
+    };
+    // Without a stored output the kernels' mask operand is `dy` itself:
+    // read from the same lines, so it costs no memory traffic.
+    let y = match mask {
+        ReluMask::Output(y) => y,
+        _ => dy,
+    };
     // Pass 1: sum(g) and sum(g * (x - mean)) per channel.
     let (sg, sgx) = x
         .par_chunks(chunk)
@@ -177,7 +321,10 @@ pub fn bn_backward(
         .zip(y.par_chunks(chunk))
         .map(|((xc, dc), yc)| {
             let mut acc = PairSums::new(c);
-            gradient_sums(xc, dc, yc, mean, &mut acc, relu);
+            match after {
+                Some(m) => gradient_sums_after_norm(xc, dc, mean, [&m.scale, &m.shift], &mut acc),
+                None => gradient_sums(xc, dc, yc, mean, &mut acc, relu),
+            }
             acc.finish()
         })
         .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
@@ -208,14 +355,20 @@ pub fn bn_backward(
     let mgx: Vec<f32> = (0..c).map(|j| if batch_stats { mean_gx[j] / n } else { 0.0 }).collect();
     let ca: Vec<f32> = (0..c).map(|j| -k[j] * invstd[j] * mgx[j]).collect();
     let cb: Vec<f32> = (0..c).map(|j| -k[j] * mg[j] - ca[j] * mean[j]).collect();
-    let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .zip(dy.par_chunks(chunk))
-        .zip(y.par_chunks(chunk))
-        .for_each(|(((oc, xc), dc), yc)| {
-            input_gradient_rows(oc, xc, dc, yc, [&k, &ca, &cb], relu);
-        });
+    // SAFETY: the chunks pair up and `input_gradient_rows` writes every
+    // value of its chunk.
+    let dx = unsafe {
+        super::written_by(x.len(), room, |dx| {
+            dx.par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk))
+                .zip(dy.par_chunks(chunk))
+                .zip(y.par_chunks(chunk))
+                .for_each(|(((oc, xc), dc), yc)| match after {
+                    Some(m) => input_gradient_rows_after_norm(oc, xc, dc, [&k, &ca, &cb, &m.scale, &m.shift]),
+                    None => input_gradient_rows(oc, xc, dc, yc, [&k, &ca, &cb], relu),
+                });
+        })
+    };
     (dx, dgamma, dbeta)
 }
 
@@ -256,7 +409,7 @@ multiversion! {
 multiversion! {
     /// `dx = k·g + a·x + b` per channel (`coef = [k, a, b]`), `g` the incoming gradient masked by
     /// the ReLU output when `relu`.
-    fn input_gradient_rows(oc: &mut [f32], xc: &[f32], dc: &[f32], yc: &[f32], coef: [&[f32]; 3], relu: bool) {
+    fn input_gradient_rows(oc: &mut [MaybeUninit<f32>], xc: &[f32], dc: &[f32], yc: &[f32], coef: [&[f32]; 3], relu: bool) {
         let [k, ca, cb] = coef;
         let c = k.len();
         for (((or, xr), dr), yr) in oc
@@ -269,7 +422,47 @@ multiversion! {
                 or.iter_mut().zip(xr).zip(dr).zip(yr).zip(k).zip(ca.iter().zip(cb))
             {
                 let g = masked(dv, yv, relu);
-                *o = kk * g + a * xv + b;
+                *o = MaybeUninit::new(kk * g + a * xv + b);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// [`gradient_sums`] masked by the ReLU right after the norm, its
+    /// output's sign recomputed from `x` (`map = [scale, shift]`).
+    fn gradient_sums_after_norm(xc: &[f32], dc: &[f32], mean: &[f32], map: [&[f32]; 2], acc: &mut PairSums) {
+        let [scale, shift] = map;
+        let c = mean.len();
+        for (xr, dr) in xc.chunks_exact(c).zip(dc.chunks_exact(c)) {
+            for (((p, q), (&xv, &dv)), ((&m, &sc), &sh)) in acc
+                .pa
+                .iter_mut()
+                .zip(acc.pb.iter_mut())
+                .zip(xr.iter().zip(dr))
+                .zip(mean.iter().zip(scale).zip(shift))
+            {
+                let g = if xv * sc + sh > 0.0 { dv } else { 0.0 };
+                *p += g;
+                *q += g * (xv - m);
+            }
+            acc.row_done();
+        }
+    }
+}
+
+multiversion! {
+    /// [`input_gradient_rows`] masked by the ReLU right after the norm
+    /// (`coef = [k, a, b, scale, shift]`).
+    fn input_gradient_rows_after_norm(oc: &mut [MaybeUninit<f32>], xc: &[f32], dc: &[f32], coef: [&[f32]; 5]) {
+        let [k, ca, cb, scale, shift] = coef;
+        let c = k.len();
+        let (ca, cb, scale, shift) = (&ca[..c], &cb[..c], &scale[..c], &shift[..c]);
+        for ((or, xr), dr) in oc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).zip(dc.chunks_exact(c)) {
+            for j in 0..c {
+                let (xv, dv) = (xr[j], dr[j]);
+                let g = if xv * scale[j] + shift[j] > 0.0 { dv } else { 0.0 };
+                or[j] = MaybeUninit::new(k[j] * g + ca[j] * xv + cb[j]);
             }
         }
     }
@@ -364,16 +557,18 @@ impl FusedOp<3> for BatchNormBwd {
 
     fn forward(&self, [x, dy, y]: [Operand<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let c = self.mean.len();
-        let (mut dx, dg, db) = bn_backward(
+        let (mut dx, dg, db) = bn_backward_with_room(
             x.data,
             dy.data,
-            y.data,
+            if self.relu {
+                ReluMask::Output(y.data)
+            } else {
+                ReluMask::None
+            },
             c,
-            &self.mean,
-            &self.invstd,
-            &self.gamma,
-            self.relu,
+            [&self.mean, &self.invstd, &self.gamma],
             self.batch_stats,
+            2 * c,
         );
         dx.extend_from_slice(&dg);
         dx.extend_from_slice(&db);
@@ -570,7 +765,7 @@ pub fn reference_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{bits, hashed_values, max_diff, rand, same_on_every_family};
+    use crate::ops::testing::{bits, hashed_values, max_diff, out_buffer, out_values, rand, same_on_every_family};
     use candle_core::{DType, Device, Var};
 
     /// Batch norm's passes (sums, affine + ReLU, gradient sums, input
@@ -586,6 +781,7 @@ mod tests {
                 hashed_values(rows * c, 3),
             );
             let (mean, scale, shift) = (hashed_values(c, 4), hashed_values(c, 5), hashed_values(c, 6));
+            let (rscale, rshift) = (hashed_values(c, 7), hashed_values(c, 8));
             let sums = |f: &dyn Fn(&mut PairSums)| {
                 let mut acc = PairSums::new(c);
                 f(&mut acc);
@@ -598,23 +794,113 @@ mod tests {
             same_on_every_family(|| sums(&|acc| value_sums(&x, c, acc)));
             for relu in [false, true] {
                 same_on_every_family(|| {
-                    let mut o = vec![0f32; x.len()];
+                    let mut o = out_buffer(x.len());
                     affine_rows(&mut o, &x, &scale, &shift, relu);
-                    bits(&o)
+                    bits(&out_values(&o))
                 });
                 same_on_every_family(|| sums(&|acc| gradient_sums(&x, &d, &y, &mean, acc, relu)));
                 same_on_every_family(|| {
-                    let mut o = vec![0f32; x.len()];
+                    let mut o = out_buffer(x.len());
                     input_gradient_rows(&mut o, &x, &d, &y, [&scale, &shift, &mean], relu);
-                    bits(&o)
+                    bits(&out_values(&o))
                 });
             }
+            same_on_every_family(|| sums(&|acc| gradient_sums_after_norm(&x, &d, &mean, [&scale, &shift], acc)));
+            same_on_every_family(|| {
+                let mut o = out_buffer(x.len());
+                input_gradient_rows_after_norm(&mut o, &x, &d, [&scale, &shift, &mean, &rscale, &rshift]);
+                bits(&out_values(&o))
+            });
+            same_on_every_family(|| {
+                let mut o = out_buffer(x.len());
+                add_affine_relu_rows(&mut o, &x, &d, &scale, &shift);
+                let mut p = out_buffer(x.len());
+                affine_add_relu_rows(&mut p, &x, &d, [&scale, &shift, &rscale, &rshift]);
+                (bits(&out_values(&o)), bits(&out_values(&p)))
+            });
             // and the pass computes what it says, on one row
-            let mut o = vec![0f32; x.len()];
+            let mut o = out_buffer(x.len());
             affine_rows(&mut o, &x, &scale, &shift, true);
+            let o = out_values(&o);
             for j in 0..c {
                 assert_eq!(o[j], (x[j] * scale[j] + shift[j]).max(0.0));
             }
+        }
+    }
+
+    /// The fused end of a residual block gives the bits of its unfused
+    /// passes: each branch's batch norm, then the add and the ReLU.
+    #[test]
+    fn bn_add_relu_is_bn_then_add_relu() {
+        use crate::ops::activation::add_relu_kernel;
+        let c = 37;
+        let rows = 2 * ROWS_PER_CHUNK + 5; // more than one chunk, and a ragged one
+        let (z, r) = (hashed_values(rows * c, 1), hashed_values(rows * c, 2));
+        let stats = |s| {
+            let (mean, var) = channel_stats(&hashed_values(rows * c, s), c);
+            let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+            (mean, invstd, hashed_values(c, s + 1), hashed_values(c, s + 2))
+        };
+        let (m, i, g, b) = stats(3);
+        let (rm, ri, rg, rb) = stats(7);
+        let map = ChannelAffine::new(&m, &i, &g, &b);
+        let rmap = ChannelAffine::new(&rm, &ri, &rg, &rb);
+        let main = bn_apply(&z, c, &m, &i, &g, &b, false);
+        let identity = add_relu_kernel(&main, &r);
+        assert_eq!(bits(&bn_add_relu(&z, &map, Shortcut::Identity(&r))), bits(&identity));
+        let projected = add_relu_kernel(&main, &bn_apply(&r, c, &rm, &ri, &rg, &rb, false));
+        assert_eq!(
+            bits(&bn_add_relu(&z, &map, Shortcut::Normalised(&r, &rmap))),
+            bits(&projected)
+        );
+        assert!(identity.contains(&0.0) && identity.iter().any(|v| *v > 0.0));
+    }
+
+    /// Without a mask, batch norm's backward is the masked one with every
+    /// ReLU output positive; with one it zeroes the gradient where the
+    /// output is not; recomputing the mask of the ReLU after the norm gives
+    /// the stored output's.
+    #[test]
+    fn bn_backward_masks_where_the_relu_output_is_not_positive() {
+        let c = 5;
+        let rows = 300;
+        let (x, dy, y) = (
+            hashed_values(rows * c, 1),
+            hashed_values(rows * c, 2),
+            hashed_values(rows * c, 3),
+        );
+        let (mean, var) = channel_stats(&x, c);
+        let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+        let gamma = hashed_values(c, 4);
+        let backward = |dy: &[f32], mask| bn_backward(&x, dy, mask, c, &mean, &invstd, &gamma, true);
+        let plain = backward(&dy, ReluMask::None);
+        let ones = vec![1f32; x.len()];
+        let all = backward(&dy, ReluMask::Output(&ones));
+        assert_eq!((bits(&plain.0), bits(&plain.1)), (bits(&all.0), bits(&all.1)));
+        let masked_dy: Vec<f32> = dy
+            .iter()
+            .zip(&y)
+            .map(|(d, y)| if *y > 0.0 { *d } else { 0.0 })
+            .collect();
+        let masked = backward(&dy, ReluMask::Output(&y));
+        let direct = backward(&masked_dy, ReluMask::None);
+        assert_eq!(bits(&masked.0), bits(&direct.0));
+        assert_eq!(bits(&masked.1), bits(&direct.1));
+        assert_ne!(bits(&masked.0), bits(&plain.0));
+        // the ReLU right after the norm: its mask recomputed from x, the
+        // same bits as with its stored output
+        let beta = hashed_values(c, 5);
+        let map = ChannelAffine::new(&mean, &invstd, &gamma, &beta);
+        let out = map.apply(&x, true);
+        assert!(out.contains(&0.0) && out.iter().any(|v| *v > 0.0));
+        let stored = backward(&dy, ReluMask::Output(&out));
+        let recomputed = backward(&dy, ReluMask::AfterNorm(&map));
+        for (a, b) in [
+            (&stored.0, &recomputed.0),
+            (&stored.1, &recomputed.1),
+            (&stored.2, &recomputed.2),
+        ] {
+            assert_eq!(bits(a), bits(b));
         }
     }
 

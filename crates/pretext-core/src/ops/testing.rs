@@ -73,6 +73,17 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// `n` zeros as the output operand of a kernel that writes `MaybeUninit` values.
+pub fn out_buffer(n: usize) -> Vec<std::mem::MaybeUninit<f32>> {
+    vec![std::mem::MaybeUninit::new(0.0); n]
+}
+
+/// The values of an [`out_buffer`].
+pub fn out_values(v: &[std::mem::MaybeUninit<f32>]) -> Vec<f32> {
+    // SAFETY: an `out_buffer` starts initialised and kernels only write values.
+    v.iter().map(|x| unsafe { x.assume_init() }).collect()
+}
+
 /// `n` values in [−10, 10) from a hash of their index and `seed`.
 pub fn hashed_values(n: usize, seed: u32) -> Vec<f32> {
     (0..n)

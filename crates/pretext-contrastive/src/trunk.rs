@@ -16,7 +16,8 @@
 use candle_core::{bail, Shape, Tensor};
 use pretext_core::ops::activation::relu_mask;
 use pretext_core::ops::conv::{
-    conv2d_backward_input, conv2d_backward_input_add, conv2d_backward_weight, conv2d_forward, ConvGeom,
+    conv2d_backward_input, conv2d_backward_input_add, conv2d_backward_weight, conv2d_forward,
+    conv2d_forward_with_stats, ConvGeom,
 };
 use pretext_core::ops::fused::{apply, values, FusedOp, Operand};
 use pretext_core::ops::norm::{self, ChannelAffine, ReluMask, Shortcut};
@@ -179,10 +180,9 @@ impl TrunkOp {
         let wt = &params[offset..offset + wl];
         let gamma = &params[offset + wl..offset + wl + spec.cout];
         let beta = &params[offset + wl + spec.cout..offset + wl + 2 * spec.cout];
-        let z = conv2d_forward(x, wt, &geom);
-        let (mean, var) = match &self.mode {
-            TrunkMode::Train => norm::channel_stats(&z, spec.cout),
-            TrunkMode::Eval(s) => s[index].clone(),
+        let (z, (mean, var)) = match &self.mode {
+            TrunkMode::Train => conv2d_forward_with_stats(x, wt, &geom),
+            TrunkMode::Eval(s) => (conv2d_forward(x, wt, &geom), s[index].clone()),
         };
         let invstd: Vec<f32> = var
             .iter()

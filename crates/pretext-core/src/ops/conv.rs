@@ -372,6 +372,36 @@ pub fn conv2d_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
     }
 }
 
+/// [`conv2d_forward`] and the per-channel mean and biased variance of its
+/// output (batch norm's statistics, [`super::norm::channel_stats`]). The
+/// [`direct`] kernels sum each image's output map as soon as it is written,
+/// while it is in cache, instead of reading the whole output again; images'
+/// sums are added in image order, so the result does not depend on the
+/// threads.
+pub fn conv2d_forward_with_stats(x: &[f32], weight: &[f32], g: &ConvGeom) -> (Vec<f32>, (Vec<f32>, Vec<f32>)) {
+    use super::norm::{channel_stats, image_sums, stats_from_image_sums};
+    match direct_for(Precision::current(), g, ConvPass::Forward) {
+        Some(prec) => {
+            let o = g.o;
+            let mut sums = vec![0f64; g.n * 2 * o];
+            let sum = |map: &[f32], out: &mut [f64]| image_sums(map, o, out);
+            let hook = direct::ImageHook {
+                len: 2 * o,
+                out: &mut sums,
+                f: &sum,
+            };
+            let y = direct::forward_with(x, weight, g, prec, Some(hook));
+            let stats = stats_from_image_sums(&sums, o, g.n * g.out_pixels());
+            (y, stats)
+        }
+        None => {
+            let y = im2col_forward(x, weight, g);
+            let stats = channel_stats(&y, g.o);
+            (y, stats)
+        }
+    }
+}
+
 /// [`conv2d_forward`] through im2col and a matrix product per chunk of images.
 pub fn im2col_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
     let prec = Precision::current();
@@ -781,6 +811,49 @@ pub fn reference_conv_transpose2d_nhwc(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The convolution with its statistics gives the plain convolution's
+    /// bits, and the statistics of that output (summed per image, on the
+    /// direct kernels, or over it afterwards) on every path and precision.
+    #[test]
+    fn forward_with_stats_is_the_forward_and_its_channel_stats() {
+        use crate::cpu::KernelSet;
+        use crate::ops::norm::channel_stats;
+        use crate::ops::testing::{bits, hashed_values};
+        use crate::ops::vector::with_kernels;
+        // 9 images: chunks of several images and a ragged one; the stem and two trunk layers
+        for (c, o, k, s, p) in [(1, 32, 3, 1, 1), (32, 32, 3, 1, 1), (32, 64, 1, 2, 0)] {
+            let g = ConvGeom::new(9, 14, 14, c, o, k, k, s, p).expect("geometry");
+            let x = hashed_values(g.n * g.h * g.w * c, 1);
+            let w: Vec<f32> = hashed_values(o * c * k * k, 2).iter().map(|v| v * 0.05).collect();
+            for set in [KernelSet::Avx512, KernelSet::Portable] {
+                if !set.is_available() {
+                    continue;
+                }
+                for prec in [Precision::F32, Precision::Bf16] {
+                    let (y, (mean, var)) = with_kernels(set, || prec.scope(|| conv2d_forward_with_stats(&x, &w, &g)));
+                    let plain = with_kernels(set, || prec.scope(|| conv2d_forward(&x, &w, &g)));
+                    assert_eq!(bits(&y), bits(&plain), "{set:?} {prec:?} {g:?}");
+                    let (m0, v0) = channel_stats(&plain, o);
+                    for j in 0..o {
+                        assert!(
+                            (mean[j] - m0[j]).abs() <= 1e-5 * (1.0 + m0[j].abs()),
+                            "mean {j}: {} vs {}",
+                            mean[j],
+                            m0[j]
+                        );
+                        assert!(
+                            (var[j] - v0[j]).abs() <= 1e-5 * v0[j],
+                            "var {j}: {} vs {}",
+                            var[j],
+                            v0[j]
+                        );
+                    }
+                    assert!(var.iter().all(|v| *v > 0.0));
+                }
+            }
+        }
+    }
 
     #[test]
     fn col2im_agrees_across_kernel_families() {

@@ -386,6 +386,23 @@ struct OutMap {
 /// `(n, oh, ow, o)`, products in `prec` (bf16: operands rounded to bf16,
 /// f32 sums). Call only where [`available`] (and [`available_bf16`] for bf16).
 pub fn forward(x: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision) -> Vec<f32> {
+    forward_with(x, weight, g, prec, None)
+}
+
+/// [`forward`], and `hook` run on each image's output map as soon as it is
+/// written (see [`ImageHook`]).
+///
+/// # Panics
+/// If the hook's `out` does not hold `n × len` values.
+pub fn forward_with(x: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision, hook: Option<ImageHook<'_>>) -> Vec<f32> {
+    if let Some(h) = &hook {
+        assert_eq!(
+            h.out.len(),
+            g.n * h.len,
+            "forward_with: the hook's values do not match the batch"
+        );
+    }
+    let hook = hook.filter(|h| h.len > 0);
     let bf16 = prec == Precision::Bf16;
     let pad = Padded::around_input(g, words(g.c, bf16));
     let pass = Pass {
@@ -408,7 +425,19 @@ pub fn forward(x: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision) -> Vec<
         o: g.o,
         accumulate: false,
     };
-    run_passes(&[pass], &pad, &out, x, (g.n, g.h, g.w, g.c), (g.pad, g.pad), bf16)
+    run_passes(&[pass], &pad, &out, x, (g.n, g.h, g.w, g.c), (g.pad, g.pad), bf16, hook)
+}
+
+/// What [`forward_with`] computes from each image's output right after
+/// its tiles are written, while the image is still in cache: `f(output,
+/// values)` fills the image's `len` values of `out` (`n × len` in all).
+pub struct ImageHook<'a> {
+    /// Values per image.
+    pub len: usize,
+    /// Every image's values, in image order.
+    pub out: &'a mut [f64],
+    /// Computes one image's values from its output map.
+    pub f: &'a (dyn Fn(&[f32], &mut [f64]) + Sync),
 }
 
 /// Input gradient: `dy` NHWC `(n, oh, ow, o)`, `weight` `(o, c, kh, kw)` →
@@ -496,17 +525,18 @@ fn input_gradient(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision, dx:
             );
             // SAFETY: the passes only write initialised values (read-add-write with `accumulate`).
             let dx = unsafe { &mut *(std::ptr::from_mut::<[f32]>(dx) as *mut [MaybeUninit<f32>]) };
-            run_passes_into(&passes, &pad, &out, dy, dims, (ty, tx), bf16, dx);
+            run_passes_into(&passes, &pad, &out, dy, dims, (ty, tx), bf16, dx, None);
             Vec::new()
         }
-        None => run_passes(&passes, &pad, &out, dy, dims, (ty, tx), bf16),
+        None => run_passes(&passes, &pad, &out, dy, dims, (ty, tx), bf16, None),
     }
 }
 
 /// Runs `passes` over the `n` images of `x` (`h × w` maps of `c`
 /// channels), each copied into `pad`'s map at `(top, left)` (as bf16
 /// pairs with `bf16`), images in chunks on the rayon pool; returns the
-/// output map.
+/// output map. `hook` runs on each image's map once its passes are done.
+#[allow(clippy::too_many_arguments)]
 fn run_passes(
     passes: &[Pass],
     pad: &Padded,
@@ -515,6 +545,7 @@ fn run_passes(
     dims: (usize, usize, usize, usize),
     at: (usize, usize),
     bf16: bool,
+    hook: Option<ImageHook<'_>>,
 ) -> Vec<f32> {
     let len = dims.0 * out.h * out.w * out.o;
     if len == 0 {
@@ -529,7 +560,7 @@ fn run_passes(
     if covered < out.h * out.w {
         y.fill(MaybeUninit::new(0.0));
     }
-    run_passes_into(passes, pad, out, x, dims, at, bf16, &mut y);
+    run_passes_into(passes, pad, out, x, dims, at, bf16, &mut y, hook);
     let mut y = std::mem::ManuallyDrop::new(y);
     // SAFETY: every value is written (the passes cover each output pixel's
     // channels once; the classes no tap reaches were zeroed above), and
@@ -549,6 +580,7 @@ fn run_passes_into(
     (top, left): (usize, usize),
     bf16: bool,
     y: &mut [MaybeUninit<f32>],
+    hook: Option<ImageHook<'_>>,
 ) {
     let words = pad.c;
     let px = out.h * out.w;
@@ -558,34 +590,70 @@ fn run_passes_into(
     let ipc = TASK_PIXELS
         .div_ceil(px)
         .clamp(1, n.div_ceil(4 * rayon::current_num_threads()).max(1));
-    let (pl, il) = (pad.image_len(), h * w * c);
+    let (pl, il, ol) = (pad.image_len(), h * w * c, px * out.o);
     let slack = passes
         .iter()
         .map(|p| TILE_REGS * p.stride * words + p.kw * words)
         .max()
         .unwrap_or(0)
         + 16;
-    y.par_chunks_mut(ipc * px * out.o).enumerate().for_each(|(ci, yc)| {
-        let imgs = yc.len() / (px * out.o);
-        let xc = &x[ci * ipc * il..(ci * ipc + imgs) * il];
-        with_padded(imgs * pl + slack, |xp| {
-            if bf16 {
-                pad.fill_pairs(xc, (h, w, c), (top, left), imgs, xp);
-            } else {
-                pad.fill(xc, (h, w), (top, left), imgs, xp);
-            }
-            for pass in passes {
-                // SAFETY: `available` (and `available_bf16` for bf16)
-                // checked the instruction sets (the callers' contract); the
-                // padded buffer has `slack` words past the last image for
-                // the tiles' unused pixels.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    x86::pass(pass, pad, out, xp, imgs, yc.as_mut_ptr().cast(), bf16)
-                };
-            }
+    let (hook_len, hook_f, hook_out) = match hook {
+        Some(k) => (k.len, Some(k.f), k.out),
+        None => (0, None, &mut [][..]),
+    };
+    // each chunk of images with its images' hook values (none without a hook)
+    let values: Vec<&mut [f64]> = if hook_f.is_some() {
+        hook_out.chunks_mut(ipc * hook_len.max(1)).collect()
+    } else {
+        (0..y.len().div_ceil(ipc * ol))
+            .map(|_| <&mut [f64]>::default())
+            .collect()
+    };
+    y.par_chunks_mut(ipc * ol)
+        .zip(values)
+        .enumerate()
+        .for_each(|(ci, (yc, vc))| {
+            let imgs = yc.len() / ol;
+            let xc = &x[ci * ipc * il..(ci * ipc + imgs) * il];
+            with_padded(imgs * pl + slack, |xp| {
+                if bf16 {
+                    pad.fill_pairs(xc, (h, w, c), (top, left), imgs, xp);
+                } else {
+                    pad.fill(xc, (h, w), (top, left), imgs, xp);
+                }
+                // image by image where a hook reads each image's map (then
+                // still in cache), else the chunk at once
+                let (step, each) = if hook_f.is_some() { (1, true) } else { (imgs, false) };
+                for i0 in (0..imgs).step_by(step) {
+                    let k = step.min(imgs - i0);
+                    for pass in passes {
+                        // SAFETY: `available` (and `available_bf16` for
+                        // bf16) checked the instruction sets (the callers'
+                        // contract); the padded buffer has `slack` words
+                        // past the last image for the tiles' unused pixels.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            x86::pass(
+                                pass,
+                                pad,
+                                out,
+                                &xp[i0 * pl..],
+                                k,
+                                yc[i0 * ol..].as_mut_ptr().cast(),
+                                bf16,
+                            )
+                        };
+                    }
+                    if let (true, Some(f)) = (each, hook_f) {
+                        let map = &yc[i0 * ol..(i0 + 1) * ol];
+                        // SAFETY: the passes wrote the image's map (a hook
+                        // runs with passes that cover every pixel).
+                        let map = unsafe { std::slice::from_raw_parts(map.as_ptr().cast::<f32>(), ol) };
+                        f(map, &mut vc[i0 * hook_len..(i0 + 1) * hook_len]);
+                    }
+                }
+            });
         });
-    });
 }
 
 /// Weight gradient: `x` NHWC `(n, h, w, c)`, `dy` NHWC `(n, oh, ow, o)` →

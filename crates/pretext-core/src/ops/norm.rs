@@ -97,6 +97,41 @@ pub fn channel_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
             acc.finish()
         })
         .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
+    stats_from_sums(s, ss, rows)
+}
+
+/// One image's per-channel sums for [`stats_from_image_sums`]: `out[..c]`
+/// gets the sums of `map`'s rows (`c` channels each), `out[c..2c]` the sums
+/// of their squares — the pass of [`channel_stats`] over one image, run
+/// while the image is in cache.
+///
+/// # Panics
+/// If `out` does not hold `2c` values.
+pub fn image_sums(map: &[f32], c: usize, out: &mut [f64]) {
+    assert_eq!(out.len(), 2 * c, "image_sums: 2c values per image");
+    let mut acc = PairSums::new(c);
+    value_sums(map, c, &mut acc);
+    let (s, ss) = acc.finish();
+    out[..c].copy_from_slice(&s);
+    out[c..].copy_from_slice(&ss);
+}
+
+/// [`channel_stats`] from every image's [`image_sums`] (`n × 2c` values, in
+/// image order, added in that order) over `rows` rows in all.
+pub fn stats_from_image_sums(sums: &[f64], c: usize, rows: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut s, mut ss) = (vec![0f64; c], vec![0f64; c]);
+    for img in sums.chunks_exact(2 * c) {
+        for j in 0..c {
+            s[j] += img[j];
+            ss[j] += img[c + j];
+        }
+    }
+    stats_from_sums(s, ss, rows)
+}
+
+/// Mean and biased variance from per-channel sums and sums of squares over
+/// `rows` rows (of the whole batch in a data-parallel step).
+fn stats_from_sums(s: Vec<f64>, ss: Vec<f64>, rows: usize) -> (Vec<f32>, Vec<f32>) {
     // In a data-parallel step, the statistics of the whole batch (synchronised BN).
     let (s, ss, rows) = sum_over_ranks(s, ss, rows);
     let n = rows.max(1) as f64;

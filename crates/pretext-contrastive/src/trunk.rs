@@ -16,8 +16,8 @@
 use candle_core::{bail, Shape, Tensor};
 use pretext_core::ops::activation::relu_mask;
 use pretext_core::ops::conv::{
-    conv2d_backward_input, conv2d_backward_input_add, conv2d_backward_weight, conv2d_forward,
-    conv2d_forward_with_stats, ConvGeom,
+    conv2d_backward_input, conv2d_backward_input_add, conv2d_backward_input_bf16, conv2d_backward_weight,
+    conv2d_backward_weight_bf16, conv2d_forward, conv2d_forward_with_stats, takes_bf16_gradient, ConvGeom,
 };
 use pretext_core::ops::fused::{apply, values, FusedOp, Operand};
 use pretext_core::ops::norm::{self, ChannelAffine, ReluMask, Shortcut};
@@ -205,7 +205,8 @@ impl TrunkOp {
     /// Back-propagates `dy` through one unit's batch norm (and the ReLU
     /// after it with `relu`) and its weight gradient; accumulates parameter
     /// grads into `dparams` and returns the gradient at the convolution's
-    /// output, for its input gradient.
+    /// output, for its input gradient: rounded to bf16 where the
+    /// convolution's backward passes would round it anyway.
     fn unit_backward(
         &self,
         u: &UnitTape,
@@ -214,7 +215,7 @@ impl TrunkOp {
         relu: bool,
         params: &[f32],
         dparams: &mut [f32],
-    ) -> Vec<f32> {
+    ) -> ConvGradient {
         let g = &u.geom;
         let wl = g.o * g.c * g.kh * g.kw;
         let gamma = &params[u.offset + wl..u.offset + wl + g.o];
@@ -224,8 +225,17 @@ impl TrunkOp {
         } else {
             ReluMask::None
         };
-        let (dz, dgamma, dbeta) = norm::bn_backward(&u.z, dy, mask, g.o, &u.mean, &u.invstd, gamma, batch);
-        let dw = conv2d_backward_weight(x, &dz, g);
+        let (dz, dgamma, dbeta) = if takes_bf16_gradient(g) {
+            let (d, a, b) = norm::bn_backward_as::<u16>(&u.z, dy, mask, g.o, &u.mean, &u.invstd, gamma, batch);
+            (ConvGradient::Bf16(d), a, b)
+        } else {
+            let (d, a, b) = norm::bn_backward(&u.z, dy, mask, g.o, &u.mean, &u.invstd, gamma, batch);
+            (ConvGradient::F32(d), a, b)
+        };
+        let dw = match &dz {
+            ConvGradient::F32(d) => conv2d_backward_weight(x, d, g),
+            ConvGradient::Bf16(d) => conv2d_backward_weight_bf16(x, d, g),
+        };
         for (d, v) in dparams[u.offset..u.offset + wl].iter_mut().zip(&dw) {
             *d += v;
         }
@@ -241,11 +251,29 @@ impl TrunkOp {
         dz
     }
 
-    /// The unit's weights.
-    fn weights<'p>(u: &UnitTape, params: &'p [f32]) -> &'p [f32] {
+    /// The unit's input gradient from the gradient at its output: a new
+    /// vector, or added to `add_to` (then an empty vector is returned).
+    fn input_gradient(u: &UnitTape, dz: &ConvGradient, params: &[f32], add_to: Option<&mut [f32]>) -> Vec<f32> {
         let g = &u.geom;
-        &params[u.offset..u.offset + g.o * g.c * g.kh * g.kw]
+        let w = &params[u.offset..u.offset + g.o * g.c * g.kh * g.kw];
+        match (dz, add_to) {
+            (ConvGradient::Bf16(d), add_to) => conv2d_backward_input_bf16(d, w, g, add_to),
+            (ConvGradient::F32(d), Some(dx)) => {
+                conv2d_backward_input_add(d, w, g, dx);
+                Vec::new()
+            }
+            (ConvGradient::F32(d), None) => conv2d_backward_input(d, w, g),
+        }
     }
+}
+
+/// The gradient at a convolution's output: f32, or rounded to bf16 (bits)
+/// where both its backward passes run bf16 products
+/// ([`takes_bf16_gradient`]), which round it to the same bits from twice
+/// the memory.
+enum ConvGradient {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
 }
 
 impl FusedOp<2> for TrunkOp {
@@ -350,22 +378,30 @@ impl FusedOp<2> for TrunkOp {
         for (bi, t) in tape.blocks.iter().enumerate().rev() {
             let g = relu_mask(&dout, &t.out); // through the final ReLU
             let input = tape.block_input(bi);
-            // the shortcut's gradient at the block's input; the main
-            // branch's is added to it
-            let mut dx = match &t.short {
-                Some(us) => {
-                    let dz = self.unit_backward(us, input, &g, false, &p, &mut dp);
-                    conv2d_backward_input(&dz, Self::weights(us, &p), &us.geom)
-                }
-                None => Vec::new(),
-            };
+            // The main branch's gradient at the block's input, and the
+            // shortcut's added to it: a projection's (stride 2, 1×1) reaches
+            // a quarter of the input pixels, so adding it into the main
+            // branch's needs no zeroed map; an identity's is `g` itself.
             let dz2 = self.unit_backward(&t.conv2, &t.y1, &g, false, &p, &mut dp);
-            let da = conv2d_backward_input(&dz2, Self::weights(&t.conv2, &p), &t.conv2.geom);
-            if t.short.is_none() {
-                dx = g;
-            }
+            let da = Self::input_gradient(&t.conv2, &dz2, &p, None);
+            drop(dz2);
+            let dzs = t
+                .short
+                .as_ref()
+                .map(|us| (us, self.unit_backward(us, input, &g, false, &p, &mut dp)));
             let dz1 = self.unit_backward(&t.conv1, input, &da, true, &p, &mut dp);
-            conv2d_backward_input_add(&dz1, Self::weights(&t.conv1, &p), &t.conv1.geom, &mut dx);
+            let dx = match dzs {
+                Some((us, dzs)) => {
+                    let mut dx = Self::input_gradient(&t.conv1, &dz1, &p, None);
+                    Self::input_gradient(us, &dzs, &p, Some(&mut dx));
+                    dx
+                }
+                None => {
+                    let mut dx = g;
+                    Self::input_gradient(&t.conv1, &dz1, &p, Some(&mut dx));
+                    dx
+                }
+            };
             dout = dx;
         }
         let _ = self.unit_backward(&tape.stem, &xin, &dout, true, &p, &mut dp);

@@ -184,6 +184,22 @@ pub(crate) fn gemm_bf16(
 /// ([`gemm_bf16_pairs`]) are padded with zero rows to a multiple of this.
 pub(crate) const ROW_BLOCK: usize = 12;
 
+/// The bits of `v` rounded to bf16, to nearest even: the rounding of
+/// [`pair`] and of the kernels' `vcvtne2ps2bf16` for every finite value and
+/// infinity (a NaN stays a quiet NaN). Branch-free, so a loop of it
+/// vectorises: passes that hand a bf16 product its operand already
+/// rounded write this.
+#[inline(always)]
+pub fn round_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    if v.is_nan() {
+        (b >> 16) as u16 | 0x0040
+    } else {
+        rounded
+    }
+}
+
 /// Two f32 → one `u32` holding their bf16 roundings (to nearest even; `lo`
 /// in the low half): the pair of `k` the bf16 kernels multiply.
 pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
@@ -811,6 +827,41 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The branch-free rounding gives `half`'s bits (to nearest even) on
+    /// ties, halfway cases, the largest finite values, infinities and
+    /// subnormals, and keeps a NaN a NaN.
+    #[test]
+    fn round_bits_rounds_to_nearest_even() {
+        let mut values: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+            1e-40,
+            -1e-40,
+            3.0e38,
+        ];
+        // exact ties (round to even either way), just above and below them
+        for base in [0x3F80_8000u32, 0x3F81_8000, 0xBF80_8000, 0x4049_0FDB, 0x7F7F_8000] {
+            values.extend([base, base + 1, base - 1].map(f32::from_bits));
+        }
+        values.extend(crate::ops::testing::hashed_values(4096, 9));
+        for v in values {
+            assert_eq!(
+                round_bits(v),
+                half::bf16::from_f32(v).to_bits(),
+                "{v:e} ({:#x})",
+                v.to_bits()
+            );
+        }
+        assert!(half::bf16::from_bits(round_bits(f32::NAN)).is_nan());
+    }
     use crate::ops::gemm::Mat;
 
     #[test]

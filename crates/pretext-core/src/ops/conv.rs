@@ -480,6 +480,37 @@ pub fn conv2d_backward_input_add(dy: &[f32], weight: &[f32], g: &ConvGeom, dx: &
     }
 }
 
+/// Whether the gradient at `g`'s output may be handed to its backward passes
+/// already rounded to bf16 ([`direct::Map::Bf16`]): both its input and its
+/// weight gradient run on the direct bf16 kernels, which round it to the
+/// same bits anyway, and its channel count is even.
+pub fn takes_bf16_gradient(g: &ConvGeom) -> bool {
+    let prec = Precision::current();
+    g.o.is_multiple_of(2)
+        && direct_for(prec, g, ConvPass::InputGradient) == Some(Precision::Bf16)
+        && direct_for(prec, g, ConvPass::WeightGradient) == Some(Precision::Bf16)
+}
+
+/// [`conv2d_backward_weight`] of an output gradient given as bf16 bits.
+///
+/// # Panics
+/// Unless [`takes_bf16_gradient`] holds for `g`.
+pub fn conv2d_backward_weight_bf16(x: &[f32], dy: &[u16], g: &ConvGeom) -> Vec<f32> {
+    assert!(takes_bf16_gradient(g), "a bf16 gradient needs the direct bf16 kernels");
+    direct::backward_weight_of(x, direct::Map::Bf16(dy), g, Precision::Bf16)
+}
+
+/// [`conv2d_backward_input`] (or, with `add_to`, [`conv2d_backward_input_add`]
+/// into it, returning an empty vector) of an output gradient given as bf16
+/// bits.
+///
+/// # Panics
+/// Unless [`takes_bf16_gradient`] holds for `g`; an `add_to` of the wrong length.
+pub fn conv2d_backward_input_bf16(dy: &[u16], weight: &[f32], g: &ConvGeom, add_to: Option<&mut [f32]>) -> Vec<f32> {
+    assert!(takes_bf16_gradient(g), "a bf16 gradient needs the direct bf16 kernels");
+    direct::backward_input_of(direct::Map::Bf16(dy), weight, g, Precision::Bf16, add_to)
+}
+
 /// [`conv2d_backward_input`] through a matrix product and col2im per chunk of images.
 pub fn im2col_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
     let prec = Precision::current();

@@ -97,6 +97,40 @@ const TASK_PIXELS: usize = 1024;
 /// words (floats, or bf16 pairs of channels). The scratch holding it has
 /// slack after the last image, so that a tile's unused pixels may read
 /// past the end (what they read is not stored).
+/// A convolution operand of NHWC values: f32, or already rounded to bf16
+/// (the bits of [`super::bf16::round_bits`]), as the bf16 kernels would
+/// round it — the same products from half the memory.
+#[derive(Debug, Clone, Copy)]
+pub enum Map<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// bf16 values (bits).
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Map<'a> {
+    /// Values.
+    pub fn len(&self) -> usize {
+        match self {
+            Map::F32(v) => v.len(),
+            Map::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values `range`.
+    fn slice(&self, range: std::ops::Range<usize>) -> Map<'a> {
+        match *self {
+            Map::F32(v) => Map::F32(&v[range]),
+            Map::Bf16(v) => Map::Bf16(&v[range]),
+        }
+    }
+}
+
 struct Padded {
     hp: usize,
     wp: usize,
@@ -123,14 +157,14 @@ impl Padded {
     /// rest of `hp × wp` after. Only the border is zeroed; each image row's
     /// `w·c` values go through `row` into its `w·self.c` words.
     #[allow(clippy::too_many_arguments)]
-    fn fill_with(
+    fn fill_with<S>(
         &self,
-        x: &[f32],
+        x: &[S],
         (h, w, c): (usize, usize, usize),
         (top, left): (usize, usize),
         imgs: usize,
         dst: &mut [f32],
-        row: impl Fn(&[f32], &mut [f32]),
+        row: impl Fn(&[S], &mut [f32]),
     ) {
         let words = self.c;
         let (il, pl, stride) = (h * w * c, self.image_len(), self.wp * words);
@@ -154,6 +188,31 @@ impl Padded {
     fn fill(&self, x: &[f32], hw: (usize, usize), corner: (usize, usize), imgs: usize, dst: &mut [f32]) {
         let dims = (hw.0, hw.1, self.c);
         self.fill_with(x, dims, corner, imgs, dst, |src, body| body.copy_from_slice(src));
+    }
+
+    /// [`Padded::fill_with`] of a map as bf16 pairs: [`Padded::fill_pairs`]
+    /// of f32 values; a copy of bf16 ones (an even `c`, so each pixel's
+    /// values are its `c/2` pairs, low half first).
+    fn fill_pairs_of(
+        &self,
+        x: Map<'_>,
+        dims: (usize, usize, usize),
+        corner: (usize, usize),
+        imgs: usize,
+        dst: &mut [f32],
+    ) {
+        match x {
+            Map::F32(x) => self.fill_pairs(x, dims, corner, imgs, dst),
+            Map::Bf16(x) => {
+                assert!(dims.2.is_multiple_of(2), "a bf16 map needs an even channel count");
+                self.fill_with(x, dims, corner, imgs, dst, |src, body| {
+                    // SAFETY: u16 pairs and f32 words have the same size; any bits are valid.
+                    let halves =
+                        unsafe { std::slice::from_raw_parts_mut(body.as_mut_ptr().cast::<u16>(), 2 * body.len()) };
+                    halves.copy_from_slice(src);
+                });
+            }
+        }
     }
 
     /// [`Padded::fill_with`] rounding each pixel's `c` channels to `self.c =
@@ -270,16 +329,44 @@ fn in_words(m: Aligned, taps: usize, rows: usize, ld: usize, bf16: bool) -> Alig
 
 /// `rows` rows of `ow` pixels of `o` values as bf16 pairs of pixels
 /// `(2q, 2q + 1)` (a zero pixel after an odd `ow`) in `out`: `rows × ⌈ow/2⌉
-/// × o` words, every one written.
-fn dy_row_pairs(dy: &[f32], rows: usize, ow: usize, o: usize, out: &mut [u32]) {
+/// × o` words, every one written. f32 values are rounded; bf16 ones only
+/// interleaved.
+fn dy_row_pairs(dy: Map<'_>, rows: usize, ow: usize, o: usize, out: &mut [u32]) {
     let qw = ow.div_ceil(2);
-    #[cfg(target_arch = "x86_64")]
-    for r in 0..rows {
-        let row = &dy[r * ow * o..][..ow * o];
-        for q in 0..qw {
-            let even = &row[2 * q * o..][..o];
-            let odd = (2 * q + 1 < ow).then(|| &row[(2 * q + 1) * o..][..o]);
-            super::bf16::interleave_pairs(even, odd, &mut out[(r * qw + q) * o..][..o]);
+    match dy {
+        Map::F32(dy) =>
+        {
+            #[cfg(target_arch = "x86_64")]
+            for r in 0..rows {
+                let row = &dy[r * ow * o..][..ow * o];
+                for q in 0..qw {
+                    let even = &row[2 * q * o..][..o];
+                    let odd = (2 * q + 1 < ow).then(|| &row[(2 * q + 1) * o..][..o]);
+                    super::bf16::interleave_pairs(even, odd, &mut out[(r * qw + q) * o..][..o]);
+                }
+            }
+        }
+        Map::Bf16(dy) => {
+            for r in 0..rows {
+                let row = &dy[r * ow * o..][..ow * o];
+                for q in 0..qw {
+                    let dst = &mut out[(r * qw + q) * o..][..o];
+                    let even = &row[2 * q * o..][..o];
+                    match (2 * q + 1 < ow).then(|| &row[(2 * q + 1) * o..][..o]) {
+                        Some(odd) => interleave_halves(dst, even, odd),
+                        None => dst.iter_mut().zip(even).for_each(|(d, &e)| *d = u32::from(e)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+super::vector::multiversion! {
+    /// `dst[j] = even[j] | odd[j] << 16`: two rows of bf16 bits as pairs.
+    fn interleave_halves(dst: &mut [u32], even: &[u16], odd: &[u16]) {
+        for ((d, &e), &h) in dst.iter_mut().zip(even).zip(odd) {
+            *d = u32::from(e) | (u32::from(h) << 16);
         }
     }
 }
@@ -425,7 +512,16 @@ pub fn forward_with(x: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision, ho
         o: g.o,
         accumulate: false,
     };
-    run_passes(&[pass], &pad, &out, x, (g.n, g.h, g.w, g.c), (g.pad, g.pad), bf16, hook)
+    run_passes(
+        &[pass],
+        &pad,
+        &out,
+        Map::F32(x),
+        (g.n, g.h, g.w, g.c),
+        (g.pad, g.pad),
+        bf16,
+        hook,
+    )
 }
 
 /// What [`forward_with`] computes from each image's output right after
@@ -448,7 +544,28 @@ pub struct ImageHook<'a> {
 /// `dy[qy + dy0 − j]` with `dy0 = ⌊(ry + pad)/s⌋`. Per class that is a
 /// stride-1 correlation of `dy` with `nj = ⌈(kh − ky0)/s⌉` flipped taps.
 pub fn backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision) -> Vec<f32> {
-    input_gradient(dy, weight, g, prec, None)
+    input_gradient(Map::F32(dy), weight, g, prec, None)
+}
+
+/// [`backward_input`] (with `dx: None`) or [`backward_input_add`] (into
+/// `dx`) of a `dy` given as a [`Map`]: a bf16 one with bf16 products only
+/// (and an even channel count `o`). Call only where [`available`] (and
+/// [`available_bf16`] for bf16).
+///
+/// # Panics
+/// A bf16 `dy` with f32 products or an odd `o`; a `dx` of the wrong length.
+pub fn backward_input_of(
+    dy: Map<'_>,
+    weight: &[f32],
+    g: &ConvGeom,
+    prec: Precision,
+    dx: Option<&mut [f32]>,
+) -> Vec<f32> {
+    assert!(
+        matches!(dy, Map::F32(_)) || (prec == Precision::Bf16 && g.o.is_multiple_of(2)),
+        "backward_input_of: a bf16 dy needs bf16 products and an even channel count"
+    );
+    input_gradient(dy, weight, g, prec, dx)
 }
 
 /// [`backward_input`] added to `dx` (NHWC `(n, h, w, c)`): each value
@@ -458,12 +575,12 @@ pub fn backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision)
 /// # Panics
 /// If `dx` does not hold `n·h·w·c` values.
 pub fn backward_input_add(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision, dx: &mut [f32]) {
-    input_gradient(dy, weight, g, prec, Some(dx));
+    input_gradient(Map::F32(dy), weight, g, prec, Some(dx));
 }
 
 /// The input gradient, written to a new vector (returned) or added to `dx`
 /// (an empty vector returned).
-fn input_gradient(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision, dx: Option<&mut [f32]>) -> Vec<f32> {
+fn input_gradient(dy: Map<'_>, weight: &[f32], g: &ConvGeom, prec: Precision, dx: Option<&mut [f32]>) -> Vec<f32> {
     let bf16 = prec == Precision::Bf16;
     let s = g.stride;
     // zero rows/columns around dy: enough for every class's first tap
@@ -541,7 +658,7 @@ fn run_passes(
     passes: &[Pass],
     pad: &Padded,
     out: &OutMap,
-    x: &[f32],
+    x: Map<'_>,
     dims: (usize, usize, usize, usize),
     at: (usize, usize),
     bf16: bool,
@@ -575,7 +692,7 @@ fn run_passes_into(
     passes: &[Pass],
     pad: &Padded,
     out: &OutMap,
-    x: &[f32],
+    x: Map<'_>,
     (n, h, w, c): (usize, usize, usize, usize),
     (top, left): (usize, usize),
     bf16: bool,
@@ -614,12 +731,12 @@ fn run_passes_into(
         .enumerate()
         .for_each(|(ci, (yc, vc))| {
             let imgs = yc.len() / ol;
-            let xc = &x[ci * ipc * il..(ci * ipc + imgs) * il];
+            let xc = x.slice(ci * ipc * il..(ci * ipc + imgs) * il);
             with_padded(imgs * pl + slack, |xp| {
-                if bf16 {
-                    pad.fill_pairs(xc, (h, w, c), (top, left), imgs, xp);
-                } else {
-                    pad.fill(xc, (h, w), (top, left), imgs, xp);
+                match xc {
+                    _ if bf16 => pad.fill_pairs_of(xc, (h, w, c), (top, left), imgs, xp),
+                    Map::F32(xc) => pad.fill(xc, (h, w), (top, left), imgs, xp),
+                    Map::Bf16(_) => unreachable!("bf16 maps feed bf16 products only"),
                 }
                 // image by image where a hook reads each image's map (then
                 // still in cache), else the chunk at once
@@ -661,7 +778,21 @@ fn run_passes_into(
 /// consecutive pixels of an output row). Call only where [`available`] (and
 /// [`available_bf16`] for bf16).
 pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, prec: Precision) -> Vec<f32> {
+    backward_weight_of(x, Map::F32(dy), g, prec)
+}
+
+/// [`backward_weight`] of a `dy` given as a [`Map`]: a bf16 one with bf16
+/// products only. Call only where [`available`] (and [`available_bf16`]
+/// for bf16).
+///
+/// # Panics
+/// A bf16 `dy` with f32 products.
+pub fn backward_weight_of(x: &[f32], dy: Map<'_>, g: &ConvGeom, prec: Precision) -> Vec<f32> {
     let bf16 = prec == Precision::Bf16;
+    assert!(
+        bf16 || matches!(dy, Map::F32(_)),
+        "backward_weight_of: a bf16 dy needs bf16 products"
+    );
     // f32 words: the bf16 kernel pairs pixels, not channels (`window_pairs`)
     let pad = Padded::around_input(g, g.c);
     let px = g.out_pixels();
@@ -682,27 +813,30 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, prec: Precision) -> 
             for first in (start..end).step_by(ipc) {
                 let imgs = ipc.min(end - first);
                 let xc = &x[first * il..(first + imgs) * il];
-                let dyc = &dy[first * px * g.o..(first + imgs) * px * g.o];
+                let dyc = dy.slice(first * px * g.o..(first + imgs) * px * g.o);
                 with_padded(imgs * pl, |xp| {
                     pad.fill(xc, (g.h, g.w), (g.pad, g.pad), imgs, xp);
                     // SAFETY: as in `run_passes`; a window's last vector is
                     // a masked load, which reads nothing past the window.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        if bf16 {
-                            // dy's pixels 2q and 2q + 1 of each row, and their windows, as pairs
-                            let qw = g.ow.div_ceil(2);
-                            with_words(&DY_PAIRS, imgs * g.oh * qw * g.o, |dy2| {
-                                dy_row_pairs(dyc, imgs * g.oh, g.ow, g.o, dy2);
-                                with_words(&WINDOW_PAIRS, imgs * pad.hp * qw * ldw, |win2| {
-                                    window_pairs(g, &pad, xp, imgs, ldw, win2);
-                                    x86::weight_gradient_bf16(g, &pad, win2, dy2, imgs, &mut acc, ldw)
+                        match dyc {
+                            _ if bf16 => {
+                                // dy's pixels 2q and 2q + 1 of each row, and their windows, as pairs
+                                let qw = g.ow.div_ceil(2);
+                                with_words(&DY_PAIRS, imgs * g.oh * qw * g.o, |dy2| {
+                                    dy_row_pairs(dyc, imgs * g.oh, g.ow, g.o, dy2);
+                                    with_words(&WINDOW_PAIRS, imgs * pad.hp * qw * ldw, |win2| {
+                                        window_pairs(g, &pad, xp, imgs, ldw, win2);
+                                        x86::weight_gradient_bf16(g, &pad, win2, dy2, imgs, &mut acc, ldw)
+                                    })
                                 })
-                            })
-                        } else if win < 16 {
-                            x86::weight_gradient_narrow(g, &pad, xp, dyc, imgs, &mut acc, ldw)
-                        } else {
-                            x86::weight_gradient(g, &pad, xp, dyc, imgs, &mut acc, ldw)
+                            }
+                            Map::F32(dyc) if win < 16 => {
+                                x86::weight_gradient_narrow(g, &pad, xp, dyc, imgs, &mut acc, ldw)
+                            }
+                            Map::F32(dyc) => x86::weight_gradient(g, &pad, xp, dyc, imgs, &mut acc, ldw),
+                            Map::Bf16(_) => unreachable!("checked above: bf16 dy, bf16 products"),
                         }
                     };
                 });
@@ -1334,6 +1468,28 @@ mod tests {
                 let dwi = bf.scope(|| im2col_backward_weight(&x, &dy, &g));
                 let gap = relative_gap(&dwb, &dwi);
                 assert!(gap < 1e-5, "bf16 weight gradient vs bf16 im2col {g:?}: {gap}");
+            }
+            // dy handed over already rounded to bf16: the bits of rounding it in the kernels
+            if available_bf16() && o % 2 == 0 {
+                let bf = Precision::Bf16;
+                let dyb: Vec<u16> = dy.iter().map(|v| crate::ops::bf16::round_bits(*v)).collect();
+                let dx = backward_input_of(Map::Bf16(&dyb), &wt, &g, bf, None);
+                assert_eq!(
+                    bits(&dx),
+                    bits(&backward_input(&dy, &wt, &g, bf)),
+                    "bf16 dy, input gradient {g:?}"
+                );
+                let dw = backward_weight_of(&x, Map::Bf16(&dyb), &g, bf);
+                assert_eq!(
+                    bits(&dw),
+                    bits(&backward_weight(&x, &dy, &g, bf)),
+                    "bf16 dy, weight gradient {g:?}"
+                );
+                let base = hashed_values(n * h * w * c, 5);
+                let mut sum = base.clone();
+                backward_input_of(Map::Bf16(&dyb), &wt, &g, bf, Some(&mut sum));
+                let want: Vec<f32> = base.iter().zip(&dx).map(|(a, b)| a + b).collect();
+                assert_eq!(bits(&sum), bits(&want), "bf16 dy, input gradient added {g:?}");
             }
             // the input gradient added to values already there: each value
             // is the sum of the old one and the gradient, rounded once

@@ -82,12 +82,12 @@ pub(crate) const ROW_TASK: usize = 1 << 14;
 ///
 /// # Safety
 /// `write` must initialise every element of the slice it is given.
-pub(crate) unsafe fn written_by(
+pub(crate) unsafe fn written_by<T>(
     len: usize,
     room: usize,
-    write: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
-) -> Vec<f32> {
-    let mut v: Vec<f32> = Vec::with_capacity(len + room);
+    write: impl FnOnce(&mut [std::mem::MaybeUninit<T>]),
+) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len + room);
     write(&mut v.spare_capacity_mut()[..len]);
     // SAFETY: the first `len` values were written (the caller's contract).
     unsafe { v.set_len(len) };

@@ -326,8 +326,26 @@ pub fn bn_backward(
     bn_backward_with_room(x, dy, mask, c, [mean, invstd, gamma], batch_stats, 0)
 }
 
-/// [`bn_backward`] with `room` values of spare capacity after `dx`.
-fn bn_backward_with_room(
+/// [`bn_backward`] with the input gradient written as `T`: f32, or the
+/// bits of its bf16 rounding (`u16`) for a gradient that only feeds bf16
+/// products — the convolution's kernels would round it to the same bits,
+/// from twice the memory.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_backward_as<T: GradientValue>(
+    x: &[f32],
+    dy: &[f32],
+    mask: ReluMask<'_>,
+    c: usize,
+    mean: &[f32],
+    invstd: &[f32],
+    gamma: &[f32],
+    batch_stats: bool,
+) -> (Vec<T>, Vec<f32>, Vec<f32>) {
+    bn_backward_with_room(x, dy, mask, c, [mean, invstd, gamma], batch_stats, 0)
+}
+
+/// [`bn_backward_as`] with `room` values of spare capacity after `dx`.
+fn bn_backward_with_room<T: GradientValue>(
     x: &[f32],
     dy: &[f32],
     mask: ReluMask<'_>,
@@ -335,7 +353,7 @@ fn bn_backward_with_room(
     [mean, invstd, gamma]: [&[f32]; 3],
     batch_stats: bool,
     room: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> (Vec<T>, Vec<f32>, Vec<f32>) {
     let rows = x.len() / c;
     let chunk = ROWS_PER_CHUNK * c;
     let (relu, after) = match mask {
@@ -399,8 +417,8 @@ fn bn_backward_with_room(
                 .zip(dy.par_chunks(chunk))
                 .zip(y.par_chunks(chunk))
                 .for_each(|(((oc, xc), dc), yc)| match after {
-                    Some(m) => input_gradient_rows_after_norm(oc, xc, dc, [&k, &ca, &cb, &m.scale, &m.shift]),
-                    None => input_gradient_rows(oc, xc, dc, yc, [&k, &ca, &cb], relu),
+                    Some(m) => T::rows_after_norm(oc, xc, dc, [&k, &ca, &cb, &m.scale, &m.shift]),
+                    None => T::rows(oc, xc, dc, yc, [&k, &ca, &cb], relu),
                 });
         })
     };
@@ -441,25 +459,99 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// `dx = k·g + a·x + b` per channel (`coef = [k, a, b]`), `g` the incoming gradient masked by
-    /// the ReLU output when `relu`.
-    fn input_gradient_rows(oc: &mut [MaybeUninit<f32>], xc: &[f32], dc: &[f32], yc: &[f32], coef: [&[f32]; 3], relu: bool) {
-        let [k, ca, cb] = coef;
-        let c = k.len();
-        for (((or, xr), dr), yr) in oc
-            .chunks_exact_mut(c)
-            .zip(xc.chunks_exact(c))
-            .zip(dc.chunks_exact(c))
-            .zip(yc.chunks_exact(c))
+/// An element of batch norm's input gradient as written: f32, or the bits
+/// of its bf16 rounding ([`super::bf16::round_bits`]) for a gradient that
+/// only feeds bf16 products.
+pub trait GradientValue: Copy + Send + Sync {
+    /// `v` as written.
+    fn from_f32(v: f32) -> Self;
+    /// [`input_gradient_rows`] for this output type.
+    fn rows(oc: &mut [MaybeUninit<Self>], xc: &[f32], dc: &[f32], yc: &[f32], coef: [&[f32]; 3], relu: bool);
+    /// [`input_gradient_rows_after_norm`] for this output type.
+    fn rows_after_norm(oc: &mut [MaybeUninit<Self>], xc: &[f32], dc: &[f32], coef: [&[f32]; 5]);
+}
+
+impl GradientValue for f32 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn rows(oc: &mut [MaybeUninit<Self>], xc: &[f32], dc: &[f32], yc: &[f32], coef: [&[f32]; 3], relu: bool) {
+        input_gradient_rows(oc, xc, dc, yc, coef, relu);
+    }
+    fn rows_after_norm(oc: &mut [MaybeUninit<Self>], xc: &[f32], dc: &[f32], coef: [&[f32]; 5]) {
+        input_gradient_rows_after_norm(oc, xc, dc, coef);
+    }
+}
+
+impl GradientValue for u16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        super::bf16::round_bits(v)
+    }
+    fn rows(oc: &mut [MaybeUninit<Self>], xc: &[f32], dc: &[f32], yc: &[f32], coef: [&[f32]; 3], relu: bool) {
+        input_gradient_rows_bf16(oc, xc, dc, yc, coef, relu);
+    }
+    fn rows_after_norm(oc: &mut [MaybeUninit<Self>], xc: &[f32], dc: &[f32], coef: [&[f32]; 5]) {
+        input_gradient_rows_after_norm_bf16(oc, xc, dc, coef);
+    }
+}
+
+/// `dx = k·g + a·x + b` per channel (`coef = [k, a, b]`), `g` the incoming
+/// gradient masked by the ReLU output when `relu`.
+#[inline(always)]
+fn gradient_rows<T: GradientValue>(
+    oc: &mut [MaybeUninit<T>],
+    xc: &[f32],
+    dc: &[f32],
+    yc: &[f32],
+    coef: [&[f32]; 3],
+    relu: bool,
+) {
+    let [k, ca, cb] = coef;
+    let c = k.len();
+    for (((or, xr), dr), yr) in oc
+        .chunks_exact_mut(c)
+        .zip(xc.chunks_exact(c))
+        .zip(dc.chunks_exact(c))
+        .zip(yc.chunks_exact(c))
+    {
+        for (((((o, &xv), &dv), &yv), &kk), (&a, &b)) in
+            or.iter_mut().zip(xr).zip(dr).zip(yr).zip(k).zip(ca.iter().zip(cb))
         {
-            for (((((o, &xv), &dv), &yv), &kk), (&a, &b)) in
-                or.iter_mut().zip(xr).zip(dr).zip(yr).zip(k).zip(ca.iter().zip(cb))
-            {
-                let g = masked(dv, yv, relu);
-                *o = MaybeUninit::new(kk * g + a * xv + b);
-            }
+            let g = masked(dv, yv, relu);
+            *o = MaybeUninit::new(T::from_f32(kk * g + a * xv + b));
         }
+    }
+}
+
+/// [`gradient_rows`] masked by the ReLU right after the norm (`coef = [k,
+/// a, b, scale, shift]`).
+#[inline(always)]
+fn gradient_rows_after_norm<T: GradientValue>(oc: &mut [MaybeUninit<T>], xc: &[f32], dc: &[f32], coef: [&[f32]; 5]) {
+    let [k, ca, cb, scale, shift] = coef;
+    let c = k.len();
+    let (ca, cb, scale, shift) = (&ca[..c], &cb[..c], &scale[..c], &shift[..c]);
+    for ((or, xr), dr) in oc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).zip(dc.chunks_exact(c)) {
+        for j in 0..c {
+            let (xv, dv) = (xr[j], dr[j]);
+            let g = if xv * scale[j] + shift[j] > 0.0 { dv } else { 0.0 };
+            or[j] = MaybeUninit::new(T::from_f32(k[j] * g + ca[j] * xv + cb[j]));
+        }
+    }
+}
+
+multiversion! {
+    /// [`gradient_rows`] in f32.
+    fn input_gradient_rows(oc: &mut [MaybeUninit<f32>], xc: &[f32], dc: &[f32], yc: &[f32], coef: [&[f32]; 3], relu: bool) {
+        gradient_rows(oc, xc, dc, yc, coef, relu);
+    }
+}
+
+multiversion! {
+    /// [`gradient_rows`] rounded to bf16.
+    fn input_gradient_rows_bf16(oc: &mut [MaybeUninit<u16>], xc: &[f32], dc: &[f32], yc: &[f32], coef: [&[f32]; 3], relu: bool) {
+        gradient_rows(oc, xc, dc, yc, coef, relu);
     }
 }
 
@@ -487,19 +579,16 @@ multiversion! {
 }
 
 multiversion! {
-    /// [`input_gradient_rows`] masked by the ReLU right after the norm
-    /// (`coef = [k, a, b, scale, shift]`).
+    /// [`gradient_rows_after_norm`] in f32.
     fn input_gradient_rows_after_norm(oc: &mut [MaybeUninit<f32>], xc: &[f32], dc: &[f32], coef: [&[f32]; 5]) {
-        let [k, ca, cb, scale, shift] = coef;
-        let c = k.len();
-        let (ca, cb, scale, shift) = (&ca[..c], &cb[..c], &scale[..c], &shift[..c]);
-        for ((or, xr), dr) in oc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).zip(dc.chunks_exact(c)) {
-            for j in 0..c {
-                let (xv, dv) = (xr[j], dr[j]);
-                let g = if xv * scale[j] + shift[j] > 0.0 { dv } else { 0.0 };
-                or[j] = MaybeUninit::new(k[j] * g + ca[j] * xv + cb[j]);
-            }
-        }
+        gradient_rows_after_norm(oc, xc, dc, coef);
+    }
+}
+
+multiversion! {
+    /// [`gradient_rows_after_norm`] rounded to bf16.
+    fn input_gradient_rows_after_norm_bf16(oc: &mut [MaybeUninit<u16>], xc: &[f32], dc: &[f32], coef: [&[f32]; 5]) {
+        gradient_rows_after_norm(oc, xc, dc, coef);
     }
 }
 
@@ -936,6 +1025,30 @@ mod tests {
             (&stored.2, &recomputed.2),
         ] {
             assert_eq!(bits(a), bits(b));
+        }
+    }
+
+    /// The input gradient written as bf16 is the f32 one rounded, value by
+    /// value, with every mask; the parameter gradients are the same.
+    #[test]
+    fn bn_backward_in_bf16_is_the_f32_gradient_rounded() {
+        let c = 6;
+        let rows = ROWS_PER_CHUNK + 7;
+        let (x, dy, y) = (
+            hashed_values(rows * c, 1),
+            hashed_values(rows * c, 2),
+            hashed_values(rows * c, 3),
+        );
+        let (mean, var) = channel_stats(&x, c);
+        let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+        let (gamma, beta) = (hashed_values(c, 4), hashed_values(c, 5));
+        let map = ChannelAffine::new(&mean, &invstd, &gamma, &beta);
+        for mask in [ReluMask::None, ReluMask::Output(&y), ReluMask::AfterNorm(&map)] {
+            let (dx, dg, db) = bn_backward(&x, &dy, mask, c, &mean, &invstd, &gamma, true);
+            let (dxb, dgb, dbb) = bn_backward_as::<u16>(&x, &dy, mask, c, &mean, &invstd, &gamma, true);
+            let rounded: Vec<u16> = dx.iter().map(|v| super::super::bf16::round_bits(*v)).collect();
+            assert_eq!(dxb, rounded, "{mask:?}");
+            assert_eq!((bits(&dg), bits(&db)), (bits(&dgb), bits(&dbb)));
         }
     }
 

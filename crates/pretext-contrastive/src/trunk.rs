@@ -226,10 +226,10 @@ impl TrunkOp {
             ReluMask::None
         };
         let (dz, dgamma, dbeta) = if takes_bf16_gradient(g) {
-            let (d, a, b) = norm::bn_backward_as::<u16>(&u.z, dy, mask, g.o, &u.mean, &u.invstd, gamma, batch);
+            let (d, a, b) = norm::bn_backward::<u16>(&u.z, dy, mask, g.o, &u.mean, &u.invstd, gamma, batch);
             (ConvGradient::Bf16(d), a, b)
         } else {
-            let (d, a, b) = norm::bn_backward(&u.z, dy, mask, g.o, &u.mean, &u.invstd, gamma, batch);
+            let (d, a, b) = norm::bn_backward::<f32>(&u.z, dy, mask, g.o, &u.mean, &u.invstd, gamma, batch);
             (ConvGradient::F32(d), a, b)
         };
         let dw = match &dz {

@@ -20,16 +20,8 @@ const CHUNK: usize = 1 << 16;
 /// # Panics
 /// If the lengths differ.
 pub fn add_relu_kernel(a: &[f32], b: &[f32]) -> Vec<f32> {
-    assert_eq!(a.len(), b.len(), "add_relu: lengths differ");
-    // SAFETY: the chunks pair up and `add_relu_chunk` writes all of its chunk.
-    unsafe {
-        super::written_by(a.len(), 0, |y| {
-            y.par_chunks_mut(CHUNK)
-                .zip(a.par_chunks(CHUNK))
-                .zip(b.par_chunks(CHUNK))
-                .for_each(|((y, a), b)| add_relu_chunk(y, a, b));
-        })
-    }
+    // SAFETY: `add_relu_chunk` writes all of its chunk.
+    unsafe { super::zip_map(a, b, CHUNK, add_relu_chunk) }
 }
 
 multiversion! {
@@ -56,16 +48,8 @@ multiversion! {
 /// # Panics
 /// If the lengths differ.
 pub fn relu_mask(dy: &[f32], y: &[f32]) -> Vec<f32> {
-    assert_eq!(dy.len(), y.len(), "relu_mask: lengths differ");
-    // SAFETY: the chunks pair up and `relu_mask_chunk` writes all of its chunk.
-    unsafe {
-        super::written_by(dy.len(), 0, |g| {
-            g.par_chunks_mut(CHUNK)
-                .zip(dy.par_chunks(CHUNK))
-                .zip(y.par_chunks(CHUNK))
-                .for_each(|((g, d), y)| relu_mask_chunk(g, d, y));
-        })
-    }
+    // SAFETY: `relu_mask_chunk` writes all of its chunk.
+    unsafe { super::zip_map(dy, y, CHUNK, relu_mask_chunk) }
 }
 
 /// The gradient through a ReLU: `dy` masked by its output `y > 0`.

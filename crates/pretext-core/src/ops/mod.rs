@@ -93,3 +93,32 @@ pub(crate) unsafe fn written_by<T>(
     unsafe { v.set_len(len) };
     v
 }
+
+/// A new vector of `a.len()` values from `pass` over matching chunks of `a`
+/// and `b` (`chunk` values each, the last one shorter), chunks in parallel
+/// on the rayon pool: the shape of every two-operand element-wise pass.
+///
+/// # Safety
+/// `pass` must write every element of the output chunk it is given.
+///
+/// # Panics
+/// If `a` and `b` differ in length.
+pub(crate) unsafe fn zip_map(
+    a: &[f32],
+    b: &[f32],
+    chunk: usize,
+    pass: impl Fn(&mut [std::mem::MaybeUninit<f32>], &[f32], &[f32]) + Send + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    assert_eq!(a.len(), b.len(), "element-wise pass: the operands' lengths differ");
+    // SAFETY: the output chunks pair up with the operands' and `pass`
+    // writes each in full (the caller's contract).
+    unsafe {
+        written_by(a.len(), 0, |y| {
+            y.par_chunks_mut(chunk)
+                .zip(a.par_chunks(chunk))
+                .zip(b.par_chunks(chunk))
+                .for_each(|((y, a), b)| pass(y, a, b));
+        })
+    }
+}

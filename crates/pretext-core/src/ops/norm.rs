@@ -254,18 +254,11 @@ pub fn bn_add_relu(z: &[f32], map: &ChannelAffine, shortcut: Shortcut<'_>) -> Ve
         Shortcut::Identity(r) => (r, None),
         Shortcut::Normalised(r, m) => (r, Some(m)),
     };
-    assert_eq!(r.len(), z.len(), "bn_add_relu: the shortcut's length differs");
-    // SAFETY: the chunks pair up and `affine_add_relu_rows` writes every
-    // value of its chunk.
+    // SAFETY: both row passes write every value of their chunk.
     unsafe {
-        super::written_by(z.len(), 0, |y| {
-            y.par_chunks_mut(chunk)
-                .zip(z.par_chunks(chunk))
-                .zip(r.par_chunks(chunk))
-                .for_each(|((yc, zc), rc)| match rmap {
-                    None => add_affine_relu_rows(yc, zc, rc, &map.scale, &map.shift),
-                    Some(m) => affine_add_relu_rows(yc, zc, rc, [&map.scale, &map.shift, &m.scale, &m.shift]),
-                });
+        super::zip_map(z, r, chunk, |yc, zc, rc| match rmap {
+            None => add_affine_relu_rows(yc, zc, rc, &map.scale, &map.shift),
+            Some(m) => affine_add_relu_rows(yc, zc, rc, [&map.scale, &map.shift, &m.scale, &m.shift]),
         })
     }
 }
@@ -342,27 +335,12 @@ pub enum ReluMask<'a> {
 
 /// Gradients of [`bn_apply`] (with batch statistics when `batch_stats`, else
 /// with fixed statistics): returns `(dx, dgamma, dbeta)`, the incoming
-/// gradient `dy` masked as `mask` says.
-#[allow(clippy::too_many_arguments)]
-pub fn bn_backward(
-    x: &[f32],
-    dy: &[f32],
-    mask: ReluMask<'_>,
-    c: usize,
-    mean: &[f32],
-    invstd: &[f32],
-    gamma: &[f32],
-    batch_stats: bool,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    bn_backward_with_room(x, dy, mask, c, [mean, invstd, gamma], batch_stats, 0)
-}
-
-/// [`bn_backward`] with the input gradient written as `T`: f32, or the
+/// gradient `dy` masked as `mask` says. `dx` is written as `T`: f32, or the
 /// bits of its bf16 rounding (`u16`) for a gradient that only feeds bf16
 /// products — the convolution's kernels would round it to the same bits,
 /// from twice the memory.
 #[allow(clippy::too_many_arguments)]
-pub fn bn_backward_as<T: GradientValue>(
+pub fn bn_backward<T: GradientValue>(
     x: &[f32],
     dy: &[f32],
     mask: ReluMask<'_>,
@@ -375,7 +353,7 @@ pub fn bn_backward_as<T: GradientValue>(
     bn_backward_with_room(x, dy, mask, c, [mean, invstd, gamma], batch_stats, 0)
 }
 
-/// [`bn_backward_as`] with `room` values of spare capacity after `dx`.
+/// [`bn_backward`] with `room` values of spare capacity after `dx`.
 fn bn_backward_with_room<T: GradientValue>(
     x: &[f32],
     dy: &[f32],
@@ -1011,6 +989,17 @@ mod tests {
         assert!(identity.contains(&0.0) && identity.iter().any(|v| *v > 0.0));
     }
 
+    /// Inputs of batch norm's backward pass: `rows × c` values `x`, a
+    /// gradient and a ReLU output from hashes; `[mean, invstd, gamma, beta]`
+    /// (the values' statistics, parameters).
+    fn backward_case(c: usize, rows: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, [Vec<f32>; 4]) {
+        let x = hashed_values(rows * c, 1);
+        let (mean, var) = channel_stats(&x, c);
+        let invstd = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+        let (dy, y) = (hashed_values(rows * c, 2), hashed_values(rows * c, 3));
+        (x, dy, y, [mean, invstd, hashed_values(c, 4), hashed_values(c, 5)])
+    }
+
     /// Without a mask, batch norm's backward is the masked one with every
     /// ReLU output positive; with one it zeroes the gradient where the
     /// output is not; recomputing the mask of the ReLU after the norm gives
@@ -1018,16 +1007,8 @@ mod tests {
     #[test]
     fn bn_backward_masks_where_the_relu_output_is_not_positive() {
         let c = 5;
-        let rows = 300;
-        let (x, dy, y) = (
-            hashed_values(rows * c, 1),
-            hashed_values(rows * c, 2),
-            hashed_values(rows * c, 3),
-        );
-        let (mean, var) = channel_stats(&x, c);
-        let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
-        let gamma = hashed_values(c, 4);
-        let backward = |dy: &[f32], mask| bn_backward(&x, dy, mask, c, &mean, &invstd, &gamma, true);
+        let (x, dy, y, [mean, invstd, gamma, beta]) = backward_case(c, 300);
+        let backward = |dy: &[f32], mask| bn_backward::<f32>(&x, dy, mask, c, &mean, &invstd, &gamma, true);
         let plain = backward(&dy, ReluMask::None);
         let ones = vec![1f32; x.len()];
         let all = backward(&dy, ReluMask::Output(&ones));
@@ -1044,7 +1025,6 @@ mod tests {
         assert_ne!(bits(&masked.0), bits(&plain.0));
         // the ReLU right after the norm: its mask recomputed from x, the
         // same bits as with its stored output
-        let beta = hashed_values(c, 5);
         let map = ChannelAffine::new(&mean, &invstd, &gamma, &beta);
         let out = map.apply(&x, true);
         assert!(out.contains(&0.0) && out.iter().any(|v| *v > 0.0));
@@ -1064,19 +1044,11 @@ mod tests {
     #[test]
     fn bn_backward_in_bf16_is_the_f32_gradient_rounded() {
         let c = 6;
-        let rows = ROWS_PER_CHUNK + 7;
-        let (x, dy, y) = (
-            hashed_values(rows * c, 1),
-            hashed_values(rows * c, 2),
-            hashed_values(rows * c, 3),
-        );
-        let (mean, var) = channel_stats(&x, c);
-        let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
-        let (gamma, beta) = (hashed_values(c, 4), hashed_values(c, 5));
+        let (x, dy, y, [mean, invstd, gamma, beta]) = backward_case(c, ROWS_PER_CHUNK + 7);
         let map = ChannelAffine::new(&mean, &invstd, &gamma, &beta);
         for mask in [ReluMask::None, ReluMask::Output(&y), ReluMask::AfterNorm(&map)] {
-            let (dx, dg, db) = bn_backward(&x, &dy, mask, c, &mean, &invstd, &gamma, true);
-            let (dxb, dgb, dbb) = bn_backward_as::<u16>(&x, &dy, mask, c, &mean, &invstd, &gamma, true);
+            let (dx, dg, db) = bn_backward::<f32>(&x, &dy, mask, c, &mean, &invstd, &gamma, true);
+            let (dxb, dgb, dbb) = bn_backward::<u16>(&x, &dy, mask, c, &mean, &invstd, &gamma, true);
             let rounded: Vec<u16> = dx.iter().map(|v| super::super::bf16::round_bits(*v)).collect();
             assert_eq!(dxb, rounded, "{mask:?}");
             assert_eq!((bits(&dg), bits(&db)), (bits(&dgb), bits(&dbb)));

@@ -43,38 +43,71 @@ pub fn ema_update_from(target: &VarMap, source: Vec<(String, candle_core::Var)>,
                 s.dims()
             )));
         }
-        let new = match blend_cpu_f32(t.as_tensor(), s.as_tensor(), momentum)? {
-            Some(new) => new,
-            None => ((t.as_tensor().detach() * momentum)? + (s.as_tensor().detach() * (1.0 - momentum))?)?,
-        };
-        t.set(&new)?;
+        if !blend_in_place(t.as_tensor(), s.as_tensor(), momentum)? {
+            let new = ((t.as_tensor().detach() * momentum)? + (s.as_tensor().detach() * (1.0 - momentum))?)?;
+            t.set(&new)?;
+        }
     }
     Ok(())
 }
 
-/// `momentum · t + (1 − momentum) · s` in one parallel pass when both are
-/// contiguous f32 CPU tensors, with the tensor path's exact arithmetic
-/// (`(t·m + 0) + (s·(1−m) + 0)` in f32); `None` otherwise.
-fn blend_cpu_f32(
-    t: &candle_core::Tensor,
-    s: &candle_core::Tensor,
-    momentum: f64,
-) -> Result<Option<candle_core::Tensor>> {
+/// `t = t·m + s·(1 − m)` in `t`'s own storage where both are contiguous f32
+/// on the CPU, with the tensor path's exact arithmetic (`(t·m + 0) +
+/// (s·(1−m) + 0)` in f32) — the weight average of a training step with no
+/// new tensor and no copy back into the variable; `false` elsewhere, for
+/// the caller's composed ops.
+fn blend_in_place(t: &candle_core::Tensor, s: &candle_core::Tensor, momentum: f64) -> Result<bool> {
     use crate::ops::fused::borrowed;
-    use rayon::prelude::*;
-    let (Some(tv), Some(sv)) = (borrowed(t), borrowed(s)) else {
-        return Ok(None);
+    // The base of each tensor's f32 storage: one shared by both (a
+    // variable averaged with itself) takes the caller's path, which
+    // refuses it, instead of writing a storage this function reads.
+    let base = |x: &candle_core::Tensor| match &*x.storage_and_layout().0 {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => Some(v.as_ptr()),
+        _ => None,
     };
-    let (m, r) = (momentum as f32, (1.0 - momentum) as f32);
-    let mut out = vec![0f32; tv.len()];
-    out.par_chunks_mut(1 << 15)
-        .zip(tv.par_chunks(1 << 15).zip(sv.par_chunks(1 << 15)))
-        .for_each(|(o, (t, s))| {
-            for ((o, t), s) in o.iter_mut().zip(t).zip(s) {
-                *o = (t * m + 0.0) + (s * r + 0.0);
-            }
-        });
-    Ok(Some(candle_core::Tensor::from_vec(out, t.shape(), t.device())?))
+    if t.elem_count() != s.elem_count() || borrowed(t).is_none() || base(t) == base(s) {
+        return Ok(false);
+    }
+    let Some(sv) = borrowed(s) else {
+        return Ok(false);
+    };
+    let op = BlendInPlace {
+        s: &sv,
+        keep: momentum as f32,
+        take: (1.0 - momentum) as f32,
+    };
+    t.inplace_op1(&op)?;
+    Ok(true)
+}
+
+/// [`blend_in_place`]'s op on the target.
+struct BlendInPlace<'a> {
+    s: &'a [f32],
+    keep: f32,
+    take: f32,
+}
+
+impl candle_core::InplaceOp1 for BlendInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "pretext-ema"
+    }
+
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let (candle_core::CpuStorage::F32(all), Some((a, b))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("EMA: the target is not a contiguous f32 tensor")
+        };
+        let (m, r) = (self.keep, self.take);
+        all[a..b]
+            .par_chunks_mut(1 << 15)
+            .zip(self.s.par_chunks(1 << 15))
+            .for_each(|(t, s)| {
+                for (t, s) in t.iter_mut().zip(s) {
+                    *t = (*t * m + 0.0) + (s * r + 0.0);
+                }
+            });
+        Ok(())
+    }
 }
 
 /// Copies every parameter of `source` into `target` (by name), e.g. to start
@@ -112,7 +145,7 @@ mod tests {
     }
 
     #[test]
-    fn fused_blend_is_bit_identical_to_the_tensor_formula() -> Result<()> {
+    fn blend_in_place_is_bit_identical_to_the_tensor_formula() -> Result<()> {
         let n: usize = 100_003; // several parallel blocks, the last one partial
         let tv: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1009) as f32 / 37.0 - 13.0).collect();
         let mut sv: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 997) as f32 / 41.0 - 12.0).collect();
@@ -122,15 +155,19 @@ mod tests {
             Tensor::new(sv.as_slice(), &Device::Cpu)?,
         );
         for m in [0.0, 0.5, 0.999, 1.0] {
-            let fused = blend_cpu_f32(&t, &s, m)?.expect("contiguous f32 on the CPU");
             let formula = ((&t * m)? + (&s * (1.0 - m))?)?;
+            // a fresh copy of `t` blended in place; `t` itself untouched
+            let fused = t.copy()?;
+            assert!(blend_in_place(&fused, &s, m)?, "contiguous f32 on the CPU");
             let (a, b) = (fused.to_vec1::<f32>()?, formula.to_vec1::<f32>()?);
             assert!(
                 a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "momentum {m}"
             );
+            assert_eq!(s.to_vec1::<f32>()?, sv, "the source is untouched");
         }
-        assert!(blend_cpu_f32(&t.to_dtype(DType::F64)?, &s, 0.5)?.is_none());
+        assert!(!blend_in_place(&t.to_dtype(DType::F64)?, &s, 0.5)?);
+        assert_eq!(t.to_vec1::<f32>()?, tv);
         Ok(())
     }
 
@@ -163,6 +200,16 @@ mod tests {
             crate::init::named_tensors(&target)[0].1.to_vec1::<f32>()?,
             vec![5.0, 6.0]
         );
+        Ok(())
+    }
+
+    /// A tensor averaged with itself (one storage) is not blended in place,
+    /// where the op would write the storage it reads.
+    #[test]
+    fn a_tensor_is_not_blended_with_itself_in_place() -> Result<()> {
+        let t = Tensor::new(&[1.0f32, 2.0], &Device::Cpu)?;
+        assert!(!blend_in_place(&t, &t.clone(), 0.5)?);
+        assert_eq!(t.to_vec1::<f32>()?, vec![1.0, 2.0]);
         Ok(())
     }
 

@@ -93,10 +93,6 @@ const WEIGHT_GROUPS: usize = 8;
 /// Output pixels per task of the forward and input-gradient passes.
 const TASK_PIXELS: usize = 1024;
 
-/// A padded copy of part of a NHWC map: images of `hp × wp` pixels of `c`
-/// words (floats, or bf16 pairs of channels). The scratch holding it has
-/// slack after the last image, so that a tile's unused pixels may read
-/// past the end (what they read is not stored).
 /// A convolution operand of NHWC values: f32, or already rounded to bf16
 /// (the bits of [`super::bf16::round_bits`]), as the bf16 kernels would
 /// round it — the same products from half the memory.
@@ -109,19 +105,6 @@ pub enum Map<'a> {
 }
 
 impl<'a> Map<'a> {
-    /// Values.
-    pub fn len(&self) -> usize {
-        match self {
-            Map::F32(v) => v.len(),
-            Map::Bf16(v) => v.len(),
-        }
-    }
-
-    /// Whether there are no values.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Values `range`.
     fn slice(&self, range: std::ops::Range<usize>) -> Map<'a> {
         match *self {
@@ -131,6 +114,10 @@ impl<'a> Map<'a> {
     }
 }
 
+/// A padded copy of part of a NHWC map: images of `hp × wp` pixels of `c`
+/// words (floats, or bf16 pairs of channels). The scratch holding it has
+/// slack after the last image, so that a tile's unused pixels may read
+/// past the end (what they read is not stored).
 struct Padded {
     hp: usize,
     wp: usize,
@@ -718,9 +705,10 @@ fn run_passes_into(
         Some(k) => (k.len, Some(k.f), k.out),
         None => (0, None, &mut [][..]),
     };
-    // each chunk of images with its images' hook values (none without a hook)
+    // each chunk of images with its images' hook values (none without a
+    // hook; a hook has `len > 0`, see `forward_with`)
     let values: Vec<&mut [f64]> = if hook_f.is_some() {
-        hook_out.chunks_mut(ipc * hook_len.max(1)).collect()
+        hook_out.chunks_mut(ipc * hook_len).collect()
     } else {
         (0..y.len().div_ceil(ipc * ol))
             .map(|_| <&mut [f64]>::default())
@@ -740,7 +728,7 @@ fn run_passes_into(
                 }
                 // image by image where a hook reads each image's map (then
                 // still in cache), else the chunk at once
-                let (step, each) = if hook_f.is_some() { (1, true) } else { (imgs, false) };
+                let step = if hook_f.is_some() { 1 } else { imgs };
                 for i0 in (0..imgs).step_by(step) {
                     let k = step.min(imgs - i0);
                     for pass in passes {
@@ -761,7 +749,7 @@ fn run_passes_into(
                             )
                         };
                     }
-                    if let (true, Some(f)) = (each, hook_f) {
+                    if let Some(f) = hook_f {
                         let map = &yc[i0 * ol..(i0 + 1) * ol];
                         // SAFETY: the passes wrote the image's map (a hook
                         // runs with passes that cover every pixel).

@@ -270,7 +270,7 @@ multiversion! {
         let shift = &shift[..c];
         for ((yr, zr), rr) in yc.chunks_exact_mut(c).zip(zc.chunks_exact(c)).zip(rc.chunks_exact(c)) {
             for j in 0..c {
-                let v = (zr[j] * scale[j] + shift[j]) + rr[j];
+                let v = normalised(zr[j], scale[j], shift[j]) + rr[j];
                 yr[j] = MaybeUninit::new(if v > 0.0 { v } else { 0.0 });
             }
         }
@@ -286,7 +286,7 @@ multiversion! {
         let (shift, rscale, rshift) = (&shift[..c], &rscale[..c], &rshift[..c]);
         for ((yr, zr), rr) in yc.chunks_exact_mut(c).zip(zc.chunks_exact(c)).zip(rc.chunks_exact(c)) {
             for j in 0..c {
-                let v = (zr[j] * scale[j] + shift[j]) + (rr[j] * rscale[j] + rshift[j]);
+                let v = normalised(zr[j], scale[j], shift[j]) + normalised(rr[j], rscale[j], rshift[j]);
                 yr[j] = MaybeUninit::new(if v > 0.0 { v } else { 0.0 });
             }
         }
@@ -312,7 +312,7 @@ multiversion! {
         let c = scale.len();
         for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
             for j in 0..c {
-                let v = xr[j] * scale[j] + shift[j];
+                let v = normalised(xr[j], scale[j], shift[j]);
                 yr[j] = MaybeUninit::new(if relu { v.max(0.0) } else { v });
             }
         }
@@ -434,6 +434,25 @@ fn bn_backward_with_room<T: GradientValue>(
     (dx, dgamma, dbeta)
 }
 
+/// Batch norm's output for `x` as an affine map: the one expression of
+/// every forward pass and of the masks the backward pass recomputes from
+/// its input ([`ReluMask::AfterNorm`]), so that both round alike.
+#[inline(always)]
+fn normalised(x: f32, scale: f32, shift: f32) -> f32 {
+    x * scale + shift
+}
+
+/// The incoming gradient `d` where the ReLU after the norm passes it, its
+/// output's sign recomputed from the norm's input `x` (branch-free).
+#[inline(always)]
+fn masked_after_norm(d: f32, x: f32, scale: f32, shift: f32) -> f32 {
+    if normalised(x, scale, shift) > 0.0 {
+        d
+    } else {
+        0.0
+    }
+}
+
 /// The incoming gradient `d`, masked by the ReLU output `y` when `relu`
 /// (branch-free, so it vectorises).
 #[inline(always)]
@@ -544,7 +563,7 @@ fn gradient_rows_after_norm<T: GradientValue>(oc: &mut [MaybeUninit<T>], xc: &[f
     for ((or, xr), dr) in oc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).zip(dc.chunks_exact(c)) {
         for j in 0..c {
             let (xv, dv) = (xr[j], dr[j]);
-            let g = if xv * scale[j] + shift[j] > 0.0 { dv } else { 0.0 };
+            let g = masked_after_norm(dv, xv, scale[j], shift[j]);
             or[j] = MaybeUninit::new(T::from_f32(k[j] * g + ca[j] * xv + cb[j]));
         }
     }
@@ -578,7 +597,7 @@ multiversion! {
                 .zip(xr.iter().zip(dr))
                 .zip(mean.iter().zip(scale).zip(shift))
             {
-                let g = if xv * sc + sh > 0.0 { dv } else { 0.0 };
+                let g = masked_after_norm(dv, xv, sc, sh);
                 *p += g;
                 *q += g * (xv - m);
             }

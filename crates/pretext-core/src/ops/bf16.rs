@@ -184,9 +184,9 @@ pub(crate) fn gemm_bf16(
 /// ([`gemm_bf16_pairs`]) are padded with zero rows to a multiple of this.
 pub(crate) const ROW_BLOCK: usize = 12;
 
-/// The bits of `v` rounded to bf16, to nearest even: the rounding of
-/// [`pair`] and of the kernels' `vcvtne2ps2bf16` for every finite value and
-/// infinity (a NaN stays a quiet NaN). Branch-free, so a loop of it
+/// The bits of `v` rounded to bf16, to nearest even — `half`'s rounding, bit
+/// for bit, and the kernels' `vcvtne2ps2bf16` for every finite value and
+/// infinity (a NaN stays a quiet NaN); [`pair`] rounds with it. Branch-free, so a loop of it
 /// vectorises: passes that hand a bf16 product its operand already
 /// rounded write this.
 #[inline(always)]
@@ -203,7 +203,7 @@ pub fn round_bits(v: f32) -> u16 {
 /// Two f32 → one `u32` holding their bf16 roundings (to nearest even; `lo`
 /// in the low half): the pair of `k` the bf16 kernels multiply.
 pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
-    u32::from(half::bf16::from_f32(lo).to_bits()) | (u32::from(half::bf16::from_f32(hi).to_bits()) << 16)
+    u32::from(round_bits(lo)) | (u32::from(round_bits(hi)) << 16)
 }
 
 /// The mask of the first `n` (≤ 16, saturating) of 16 lanes.
@@ -829,8 +829,8 @@ mod tests {
     use super::*;
 
     /// The branch-free rounding gives `half`'s bits (to nearest even) on
-    /// ties, halfway cases, the largest finite values, infinities and
-    /// subnormals, and keeps a NaN a NaN.
+    /// ties, halfway cases, the largest finite values, infinities,
+    /// subnormals and NaNs (which stay NaNs).
     #[test]
     fn round_bits_rounds_to_nearest_even() {
         let mut values: Vec<f32> = vec![
@@ -860,7 +860,20 @@ mod tests {
                 v.to_bits()
             );
         }
-        assert!(half::bf16::from_bits(round_bits(f32::NAN)).is_nan());
+        for nan in [
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7F80_0001),
+            f32::from_bits(0xFFC1_2345),
+        ] {
+            assert_eq!(
+                round_bits(nan),
+                half::bf16::from_f32(nan).to_bits(),
+                "{:#x}",
+                nan.to_bits()
+            );
+            assert!(half::bf16::from_bits(round_bits(nan)).is_nan());
+        }
     }
     use crate::ops::gemm::Mat;
 

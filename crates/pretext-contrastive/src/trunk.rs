@@ -16,8 +16,9 @@
 use candle_core::{bail, Shape, Tensor};
 use pretext_core::ops::activation::relu_mask;
 use pretext_core::ops::conv::{
-    conv2d_backward_input, conv2d_backward_input_add, conv2d_backward_input_bf16, conv2d_backward_weight,
-    conv2d_backward_weight_bf16, conv2d_forward, conv2d_forward_with_stats, takes_bf16_gradient, ConvGeom,
+    conv2d_backward_input, conv2d_backward_input_add, conv2d_backward_input_bf16, conv2d_backward_input_bf16_add,
+    conv2d_backward_weight, conv2d_backward_weight_bf16, conv2d_forward, conv2d_forward_with_stats,
+    takes_bf16_gradient, ConvGeom,
 };
 use pretext_core::ops::fused::{apply, values, FusedOp, Operand};
 use pretext_core::ops::norm::{self, ChannelAffine, ReluMask, Shortcut};
@@ -251,18 +252,27 @@ impl TrunkOp {
         dz
     }
 
-    /// The unit's input gradient from the gradient at its output: a new
-    /// vector, or added to `add_to` (then an empty vector is returned).
-    fn input_gradient(u: &UnitTape, dz: &ConvGradient, params: &[f32], add_to: Option<&mut [f32]>) -> Vec<f32> {
+    /// The unit's weights.
+    fn weights<'p>(u: &UnitTape, params: &'p [f32]) -> &'p [f32] {
         let g = &u.geom;
-        let w = &params[u.offset..u.offset + g.o * g.c * g.kh * g.kw];
-        match (dz, add_to) {
-            (ConvGradient::Bf16(d), add_to) => conv2d_backward_input_bf16(d, w, g, add_to),
-            (ConvGradient::F32(d), Some(dx)) => {
-                conv2d_backward_input_add(d, w, g, dx);
-                Vec::new()
-            }
-            (ConvGradient::F32(d), None) => conv2d_backward_input(d, w, g),
+        &params[u.offset..u.offset + g.o * g.c * g.kh * g.kw]
+    }
+
+    /// The unit's input gradient from the gradient at its output.
+    fn input_gradient(u: &UnitTape, dz: &ConvGradient, params: &[f32]) -> Vec<f32> {
+        let w = Self::weights(u, params);
+        match dz {
+            ConvGradient::F32(d) => conv2d_backward_input(d, w, &u.geom),
+            ConvGradient::Bf16(d) => conv2d_backward_input_bf16(d, w, &u.geom),
+        }
+    }
+
+    /// [`Self::input_gradient`] added to `dx`.
+    fn add_input_gradient(u: &UnitTape, dz: &ConvGradient, params: &[f32], dx: &mut [f32]) {
+        let w = Self::weights(u, params);
+        match dz {
+            ConvGradient::F32(d) => conv2d_backward_input_add(d, w, &u.geom, dx),
+            ConvGradient::Bf16(d) => conv2d_backward_input_bf16_add(d, w, &u.geom, dx),
         }
     }
 }
@@ -383,7 +393,7 @@ impl FusedOp<2> for TrunkOp {
             // a quarter of the input pixels, so adding it into the main
             // branch's needs no zeroed map; an identity's is `g` itself.
             let dz2 = self.unit_backward(&t.conv2, &t.y1, &g, false, &p, &mut dp);
-            let da = Self::input_gradient(&t.conv2, &dz2, &p, None);
+            let da = Self::input_gradient(&t.conv2, &dz2, &p);
             drop(dz2);
             let dzs = t
                 .short
@@ -392,13 +402,13 @@ impl FusedOp<2> for TrunkOp {
             let dz1 = self.unit_backward(&t.conv1, input, &da, true, &p, &mut dp);
             let dx = match dzs {
                 Some((us, dzs)) => {
-                    let mut dx = Self::input_gradient(&t.conv1, &dz1, &p, None);
-                    Self::input_gradient(us, &dzs, &p, Some(&mut dx));
+                    let mut dx = Self::input_gradient(&t.conv1, &dz1, &p);
+                    Self::add_input_gradient(us, &dzs, &p, &mut dx);
                     dx
                 }
                 None => {
                     let mut dx = g;
-                    Self::input_gradient(&t.conv1, &dz1, &p, Some(&mut dx));
+                    Self::add_input_gradient(&t.conv1, &dz1, &p, &mut dx);
                     dx
                 }
             };

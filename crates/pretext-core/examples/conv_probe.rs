@@ -64,15 +64,21 @@ fn main() {
         let f0 = gf / best(r, || im2col_forward(&x, &w, &g));
         let f1 = gf / best(r, || direct::forward(&x, &w, &g, Precision::F32));
         let b0 = gf / best(r, || im2col_backward_input(&dy, &w, &g));
-        let b1 = gf / best(r, || direct::backward_input(&dy, &w, &g, Precision::F32));
+        let b1 = gf
+            / best(r, || {
+                direct::backward_input(direct::Map::F32(&dy), &w, &g, Precision::F32)
+            });
         let w0 = gf / best(r, || im2col_backward_weight(&x, &dy, &g));
-        let w1 = gf / best(r, || direct::backward_weight(&x, &dy, &g, Precision::F32));
+        let w1 = gf
+            / best(r, || {
+                direct::backward_weight(&x, direct::Map::F32(&dy), &g, Precision::F32)
+            });
         let bf = Precision::Bf16;
         let f2 = gf / bf.scope(|| best(r, || im2col_forward(&x, &w, &g)));
         let b2 = gf / bf.scope(|| best(r, || im2col_backward_input(&dy, &w, &g)));
         let f3 = gf / best(r, || direct::forward(&x, &w, &g, bf));
-        let b3 = gf / best(r, || direct::backward_input(&dy, &w, &g, bf));
-        let w3 = gf / best(r, || direct::backward_weight(&x, &dy, &g, bf));
+        let b3 = gf / best(r, || direct::backward_input(direct::Map::F32(&dy), &w, &g, bf));
+        let w3 = gf / best(r, || direct::backward_weight(&x, direct::Map::F32(&dy), &g, bf));
         let w2 = gf / bf.scope(|| best(r, || im2col_backward_weight(&x, &dy, &g)));
         println!(
             "{name:<16} {f0:>7.1} {f1:>7.1} {f2:>7.1} {f3:>7.1}  {b0:>7.1} {b1:>7.1} {b2:>7.1} {b3:>7.1}  {w0:>7.1} {w1:>7.1} {w2:>7.1} {w3:>7.1}"

@@ -451,7 +451,7 @@ pub fn im2col_forward(x: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
 /// The [`direct`] kernels where they apply (see the module doc); else [`im2col_backward_input`].
 pub fn conv2d_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
     match direct_for(Precision::current(), g, ConvPass::InputGradient) {
-        Some(prec) => direct::backward_input(dy, weight, g, prec),
+        Some(prec) => direct::backward_input(direct::Map::F32(dy), weight, g, prec),
         None => im2col_backward_input(dy, weight, g),
     }
 }
@@ -470,7 +470,7 @@ pub fn conv2d_backward_input_add(dy: &[f32], weight: &[f32], g: &ConvGeom, dx: &
         "conv2d_backward_input_add: dx has the wrong length"
     );
     match direct_for(Precision::current(), g, ConvPass::InputGradient) {
-        Some(prec) => direct::backward_input_add(dy, weight, g, prec, dx),
+        Some(prec) => direct::backward_input_add(direct::Map::F32(dy), weight, g, prec, dx),
         None => {
             let d = im2col_backward_input(dy, weight, g);
             dx.par_chunks_mut(1 << 16)
@@ -497,18 +497,25 @@ pub fn takes_bf16_gradient(g: &ConvGeom) -> bool {
 /// Unless [`takes_bf16_gradient`] holds for `g`.
 pub fn conv2d_backward_weight_bf16(x: &[f32], dy: &[u16], g: &ConvGeom) -> Vec<f32> {
     assert!(takes_bf16_gradient(g), "a bf16 gradient needs the direct bf16 kernels");
-    direct::backward_weight_of(x, direct::Map::Bf16(dy), g, Precision::Bf16)
+    direct::backward_weight(x, direct::Map::Bf16(dy), g, Precision::Bf16)
 }
 
-/// [`conv2d_backward_input`] (or, with `add_to`, [`conv2d_backward_input_add`]
-/// into it, returning an empty vector) of an output gradient given as bf16
-/// bits.
+/// [`conv2d_backward_input`] of an output gradient given as bf16 bits.
 ///
 /// # Panics
-/// Unless [`takes_bf16_gradient`] holds for `g`; an `add_to` of the wrong length.
-pub fn conv2d_backward_input_bf16(dy: &[u16], weight: &[f32], g: &ConvGeom, add_to: Option<&mut [f32]>) -> Vec<f32> {
+/// Unless [`takes_bf16_gradient`] holds for `g`.
+pub fn conv2d_backward_input_bf16(dy: &[u16], weight: &[f32], g: &ConvGeom) -> Vec<f32> {
     assert!(takes_bf16_gradient(g), "a bf16 gradient needs the direct bf16 kernels");
-    direct::backward_input_of(direct::Map::Bf16(dy), weight, g, Precision::Bf16, add_to)
+    direct::backward_input(direct::Map::Bf16(dy), weight, g, Precision::Bf16)
+}
+
+/// [`conv2d_backward_input_add`] of an output gradient given as bf16 bits.
+///
+/// # Panics
+/// Unless [`takes_bf16_gradient`] holds for `g`; a `dx` of the wrong length.
+pub fn conv2d_backward_input_bf16_add(dy: &[u16], weight: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+    assert!(takes_bf16_gradient(g), "a bf16 gradient needs the direct bf16 kernels");
+    direct::backward_input_add(direct::Map::Bf16(dy), weight, g, Precision::Bf16, dx);
 }
 
 /// [`conv2d_backward_input`] through a matrix product and col2im per chunk of images.
@@ -545,7 +552,7 @@ pub fn im2col_backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom) -> Vec<f3
 /// The [`direct`] kernels where they apply (see the module doc); else [`im2col_backward_weight`].
 pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
     match direct_for(Precision::current(), g, ConvPass::WeightGradient) {
-        Some(prec) => direct::backward_weight(x, dy, g, prec),
+        Some(prec) => direct::backward_weight(x, direct::Map::F32(dy), g, prec),
         None => im2col_backward_weight(x, dy, g),
     }
 }

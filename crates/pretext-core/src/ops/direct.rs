@@ -530,29 +530,14 @@ pub struct ImageHook<'a> {
 /// through the taps `ky ≡ ry + pad (mod s)`: `ky = ky0 + s·j`, reading
 /// `dy[qy + dy0 − j]` with `dy0 = ⌊(ry + pad)/s⌋`. Per class that is a
 /// stride-1 correlation of `dy` with `nj = ⌈(kh − ky0)/s⌉` flipped taps.
-pub fn backward_input(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision) -> Vec<f32> {
-    input_gradient(Map::F32(dy), weight, g, prec, None)
-}
-
-/// [`backward_input`] (with `dx: None`) or [`backward_input_add`] (into
-/// `dx`) of a `dy` given as a [`Map`]: a bf16 one with bf16 products only
-/// (and an even channel count `o`). Call only where [`available`] (and
-/// [`available_bf16`] for bf16).
+///
+/// `dy` is f32, or bf16 with bf16 products only (and an even channel count
+/// `o`). Call only where [`available`] (and [`available_bf16`] for bf16).
 ///
 /// # Panics
-/// A bf16 `dy` with f32 products or an odd `o`; a `dx` of the wrong length.
-pub fn backward_input_of(
-    dy: Map<'_>,
-    weight: &[f32],
-    g: &ConvGeom,
-    prec: Precision,
-    dx: Option<&mut [f32]>,
-) -> Vec<f32> {
-    assert!(
-        matches!(dy, Map::F32(_)) || (prec == Precision::Bf16 && g.o.is_multiple_of(2)),
-        "backward_input_of: a bf16 dy needs bf16 products and an even channel count"
-    );
-    input_gradient(dy, weight, g, prec, dx)
+/// A bf16 `dy` with f32 products or an odd `o`.
+pub fn backward_input(dy: Map<'_>, weight: &[f32], g: &ConvGeom, prec: Precision) -> Vec<f32> {
+    input_gradient(dy, weight, g, prec, None)
 }
 
 /// [`backward_input`] added to `dx` (NHWC `(n, h, w, c)`): each value
@@ -560,14 +545,18 @@ pub fn backward_input_of(
 /// it. Call only where [`available`] (and [`available_bf16`] for bf16).
 ///
 /// # Panics
-/// If `dx` does not hold `n·h·w·c` values.
-pub fn backward_input_add(dy: &[f32], weight: &[f32], g: &ConvGeom, prec: Precision, dx: &mut [f32]) {
-    input_gradient(Map::F32(dy), weight, g, prec, Some(dx));
+/// As [`backward_input`]; if `dx` does not hold `n·h·w·c` values.
+pub fn backward_input_add(dy: Map<'_>, weight: &[f32], g: &ConvGeom, prec: Precision, dx: &mut [f32]) {
+    input_gradient(dy, weight, g, prec, Some(dx));
 }
 
 /// The input gradient, written to a new vector (returned) or added to `dx`
 /// (an empty vector returned).
 fn input_gradient(dy: Map<'_>, weight: &[f32], g: &ConvGeom, prec: Precision, dx: Option<&mut [f32]>) -> Vec<f32> {
+    assert!(
+        matches!(dy, Map::F32(_)) || (prec == Precision::Bf16 && g.o.is_multiple_of(2)),
+        "backward_input: a bf16 dy needs bf16 products and an even channel count"
+    );
     let bf16 = prec == Precision::Bf16;
     let s = g.stride;
     // zero rows/columns around dy: enough for every class's first tap
@@ -765,21 +754,16 @@ fn run_passes_into(
 /// `(o, c, kh, kw)`, products in `prec` as in [`forward`] (bf16: pairs of
 /// consecutive pixels of an output row). Call only where [`available`] (and
 /// [`available_bf16`] for bf16).
-pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, prec: Precision) -> Vec<f32> {
-    backward_weight_of(x, Map::F32(dy), g, prec)
-}
-
-/// [`backward_weight`] of a `dy` given as a [`Map`]: a bf16 one with bf16
-/// products only. Call only where [`available`] (and [`available_bf16`]
-/// for bf16).
+///
+/// `dy` is f32, or bf16 with bf16 products only.
 ///
 /// # Panics
 /// A bf16 `dy` with f32 products.
-pub fn backward_weight_of(x: &[f32], dy: Map<'_>, g: &ConvGeom, prec: Precision) -> Vec<f32> {
+pub fn backward_weight(x: &[f32], dy: Map<'_>, g: &ConvGeom, prec: Precision) -> Vec<f32> {
     let bf16 = prec == Precision::Bf16;
     assert!(
         bf16 || matches!(dy, Map::F32(_)),
-        "backward_weight_of: a bf16 dy needs bf16 products"
+        "backward_weight: a bf16 dy needs bf16 products"
     );
     // f32 words: the bf16 kernel pairs pixels, not channels (`window_pairs`)
     let pad = Padded::around_input(g, g.c);
@@ -1429,9 +1413,9 @@ mod tests {
             });
             let gap = relative_gap(&forward(&x, &wt, &g, Precision::F32), &y0);
             assert!(gap < 1e-5, "forward {g:?}: {gap}");
-            let gap = relative_gap(&backward_weight(&x, &dy, &g, Precision::F32), &dw0);
+            let gap = relative_gap(&backward_weight(&x, Map::F32(&dy), &g, Precision::F32), &dw0);
             assert!(gap < 1e-5, "weight gradient {g:?}: {gap}");
-            let gap = relative_gap(&backward_input(&dy, &wt, &g, Precision::F32), &dx0);
+            let gap = relative_gap(&backward_input(Map::F32(&dy), &wt, &g, Precision::F32), &dx0);
             assert!(gap < 1e-5, "input gradient {g:?}: {gap}");
             if available_bf16() {
                 // bf16 products: both operands rounded (relative error
@@ -1440,7 +1424,7 @@ mod tests {
                 // rounds the same operands, agrees to f32 rounding.
                 let bf = Precision::Bf16;
                 let yb = forward(&x, &wt, &g, bf);
-                let dxb = backward_input(&dy, &wt, &g, bf);
+                let dxb = backward_input(Map::F32(&dy), &wt, &g, bf);
                 let gap = relative_gap(&yb, &y0);
                 assert!(gap < 2e-2, "bf16 forward {g:?}: {gap}");
                 let gap = relative_gap(&dxb, &dx0);
@@ -1450,7 +1434,7 @@ mod tests {
                 assert!(gap < 1e-5, "bf16 forward vs bf16 im2col {g:?}: {gap}");
                 let gap = relative_gap(&dxb, &dxi);
                 assert!(gap < 1e-5, "bf16 input gradient vs bf16 im2col {g:?}: {gap}");
-                let dwb = backward_weight(&x, &dy, &g, bf);
+                let dwb = backward_weight(&x, Map::F32(&dy), &g, bf);
                 let gap = relative_gap(&dwb, &dw0);
                 assert!(gap < 2e-2, "bf16 weight gradient {g:?}: {gap}");
                 let dwi = bf.scope(|| im2col_backward_weight(&x, &dy, &g));
@@ -1461,21 +1445,21 @@ mod tests {
             if available_bf16() && o % 2 == 0 {
                 let bf = Precision::Bf16;
                 let dyb: Vec<u16> = dy.iter().map(|v| crate::ops::bf16::round_bits(*v)).collect();
-                let dx = backward_input_of(Map::Bf16(&dyb), &wt, &g, bf, None);
+                let dx = backward_input(Map::Bf16(&dyb), &wt, &g, bf);
                 assert_eq!(
                     bits(&dx),
-                    bits(&backward_input(&dy, &wt, &g, bf)),
+                    bits(&backward_input(Map::F32(&dy), &wt, &g, bf)),
                     "bf16 dy, input gradient {g:?}"
                 );
-                let dw = backward_weight_of(&x, Map::Bf16(&dyb), &g, bf);
+                let dw = backward_weight(&x, Map::Bf16(&dyb), &g, bf);
                 assert_eq!(
                     bits(&dw),
-                    bits(&backward_weight(&x, &dy, &g, bf)),
+                    bits(&backward_weight(&x, Map::F32(&dy), &g, bf)),
                     "bf16 dy, weight gradient {g:?}"
                 );
                 let base = hashed_values(n * h * w * c, 5);
                 let mut sum = base.clone();
-                backward_input_of(Map::Bf16(&dyb), &wt, &g, bf, Some(&mut sum));
+                backward_input_add(Map::Bf16(&dyb), &wt, &g, bf, &mut sum);
                 let want: Vec<f32> = base.iter().zip(&dx).map(|(a, b)| a + b).collect();
                 assert_eq!(bits(&sum), bits(&want), "bf16 dy, input gradient added {g:?}");
             }
@@ -1486,9 +1470,9 @@ mod tests {
                     continue;
                 }
                 let base = hashed_values(n * h * w * c, 4);
-                let dx = backward_input(&dy, &wt, &g, prec);
+                let dx = backward_input(Map::F32(&dy), &wt, &g, prec);
                 let mut sum = base.clone();
-                backward_input_add(&dy, &wt, &g, prec, &mut sum);
+                backward_input_add(Map::F32(&dy), &wt, &g, prec, &mut sum);
                 let want: Vec<f32> = base.iter().zip(&dx).map(|(a, b)| a + b).collect();
                 assert_eq!(bits(&sum), bits(&want), "input gradient added {g:?} {prec:?}");
             }

@@ -179,10 +179,9 @@ impl Conv2d {
     /// # Errors
     /// Shapes that do not fit.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = ops::conv2d_nhwc(x, &self.weight, self.stride, self.pad)?;
         match &self.bias {
-            Some(b) => ops::add_bias(&y, b),
-            None => Ok(y),
+            Some(b) => ops::conv::conv2d_bias_nhwc(x, &self.weight, b, self.stride, self.pad, false),
+            None => ops::conv2d_nhwc(x, &self.weight, self.stride, self.pad),
         }
     }
 
@@ -191,10 +190,9 @@ impl Conv2d {
     /// # Errors
     /// Shapes that do not fit.
     pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = ops::conv2d_nhwc(x, &self.weight, self.stride, self.pad)?;
         match &self.bias {
-            Some(b) => ops::add_bias_relu(&y, b),
-            None => ops::relu(&y),
+            Some(b) => ops::conv::conv2d_bias_nhwc(x, &self.weight, b, self.stride, self.pad, true),
+            None => ops::relu(&ops::conv2d_nhwc(x, &self.weight, self.stride, self.pad)?),
         }
     }
 
@@ -253,10 +251,22 @@ impl ConvTranspose2d {
     /// # Errors
     /// Shapes that do not fit.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = ops::conv_transpose2d_nhwc(x, &self.weight, self.stride, self.pad, self.out_pad)?;
+        self.forward_with(x, false)
+    }
+
+    /// The transposed convolution with its bias (then ReLU with `relu`).
+    fn forward_with(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
+        let geometry = (self.stride, self.pad, self.out_pad);
         match &self.bias {
-            Some(b) => ops::add_bias(&y, b),
-            None => Ok(y),
+            Some(b) => ops::conv::conv_transpose2d_bias_nhwc(x, &self.weight, b, geometry, relu),
+            None => {
+                let y = ops::conv_transpose2d_nhwc(x, &self.weight, self.stride, self.pad, self.out_pad)?;
+                if relu {
+                    ops::relu(&y)
+                } else {
+                    Ok(y)
+                }
+            }
         }
     }
 
@@ -265,11 +275,7 @@ impl ConvTranspose2d {
     /// # Errors
     /// Shapes that do not fit.
     pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = ops::conv_transpose2d_nhwc(x, &self.weight, self.stride, self.pad, self.out_pad)?;
-        match &self.bias {
-            Some(b) => ops::add_bias_relu(&y, b),
-            None => ops::relu(&y),
-        }
+        self.forward_with(x, true)
     }
 }
 

@@ -341,19 +341,12 @@ impl candle_core::InplaceOp1 for AdamInPlace<'_> {
 
     fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
         use rayon::prelude::*;
-        use std::mem::MaybeUninit;
         let (candle_core::CpuStorage::F32(all), Some((a, b))) = (storage, layout.contiguous_offsets()) else {
             candle_core::bail!("AdamW: the parameter is not a contiguous f32 tensor")
         };
         let th = &mut all[a..b];
         let n = th.len();
-        let h = self.h;
-        let decay = (1.0 - h.lr * h.wd) as f32;
-        let (b1, b2) = (h.b1 as f32, h.b2 as f32);
-        let (c1, c2) = ((1.0 - h.b1) as f32, (1.0 - h.b2) as f32);
-        let sbc2 = h.bc2.sqrt() as f32;
-        let eps = h.eps as f32;
-        let step = (h.lr / h.bc1) as f32;
+        let k = AdamConstants::of(self.h);
         let (mut mm, mut vv) = (Vec::<f32>::with_capacity(n), Vec::<f32>::with_capacity(n));
         const CHUNK: usize = 1 << 14;
         th.par_chunks_mut(CHUNK)
@@ -361,19 +354,9 @@ impl candle_core::InplaceOp1 for AdamInPlace<'_> {
             .zip(vv.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
             .enumerate()
             .for_each(|(ci, ((t, m), v))| {
-                let at = ci * CHUNK;
-                let g = &self.g[at..at + t.len()];
-                for i in 0..t.len() {
-                    let gi = g[i];
-                    // the first step's moments are zeros: 0·β + x is x, bit for bit
-                    let (m0, v0) = (self.m.map_or(0.0, |m| m[at + i]), self.v.map_or(0.0, |v| v[at + i]));
-                    let mi = m0 * b1 + gi * c1;
-                    let vi = v0 * b2 + gi * gi * c2;
-                    m[i] = MaybeUninit::new(mi);
-                    v[i] = MaybeUninit::new(vi);
-                    let denom = vi.sqrt() / sbc2 + eps;
-                    t[i] = t[i] * decay - mi / denom * step;
-                }
+                let at = ci * CHUNK..ci * CHUNK + t.len();
+                let old = self.m.zip(self.v).map(|(m0, v0)| (&m0[at.clone()], &v0[at.clone()]));
+                adamw_chunk(t, &self.g[at], old, m, v, &k);
             });
         // SAFETY: the loop above wrote all `n` values of both.
         unsafe {
@@ -382,6 +365,79 @@ impl candle_core::InplaceOp1 for AdamInPlace<'_> {
         }
         *self.moments.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((mm, vv));
         Ok(())
+    }
+}
+
+/// The step's scalars of [`AdamInPlace`], in f32.
+struct AdamConstants {
+    /// `1 − lr·wd`: the decoupled weight decay's factor.
+    decay: f32,
+    b1: f32,
+    b2: f32,
+    /// `1 − β₁`, `1 − β₂`.
+    c1: f32,
+    c2: f32,
+    /// `√(1 − β₂ᵗ)`.
+    sbc2: f32,
+    eps: f32,
+    /// `lr / (1 − β₁ᵗ)`.
+    step: f32,
+}
+
+impl AdamConstants {
+    fn of(h: &AdamHyper) -> Self {
+        Self {
+            decay: (1.0 - h.lr * h.wd) as f32,
+            b1: h.b1 as f32,
+            b2: h.b2 as f32,
+            c1: (1.0 - h.b1) as f32,
+            c2: (1.0 - h.b2) as f32,
+            sbc2: h.bc2.sqrt() as f32,
+            eps: h.eps as f32,
+            step: (h.lr / h.bc1) as f32,
+        }
+    }
+}
+
+crate::ops::vector::multiversion! {
+    /// One chunk of the AdamW update: the new moments into `m` and `v`
+    /// from `old` (`None`: zeros, the first step) and the gradient `g`, and
+    /// the parameter `t` updated in place. Element by element, with no
+    /// reordering and no contracted multiply-add, so every instruction set
+    /// gives the same bits (`sqrt` and `/` are correctly rounded).
+    fn adamw_chunk(
+        t: &mut [f32],
+        g: &[f32],
+        old: Option<(&[f32], &[f32])>,
+        m: &mut [std::mem::MaybeUninit<f32>],
+        v: &mut [std::mem::MaybeUninit<f32>],
+        k: &AdamConstants,
+    ) {
+        #[inline(always)]
+        fn one(t: &mut f32, g: f32, (m0, v0): (f32, f32), m: &mut std::mem::MaybeUninit<f32>, v: &mut std::mem::MaybeUninit<f32>, k: &AdamConstants) {
+            let mi = m0 * k.b1 + g * k.c1;
+            let vi = v0 * k.b2 + g * g * k.c2;
+            *m = std::mem::MaybeUninit::new(mi);
+            *v = std::mem::MaybeUninit::new(vi);
+            let denom = vi.sqrt() / k.sbc2 + k.eps;
+            *t = *t * k.decay - mi / denom * k.step;
+        }
+        let n = t.len();
+        let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+        match old {
+            Some((m0, v0)) => {
+                let (m0, v0) = (&m0[..n], &v0[..n]);
+                for i in 0..n {
+                    one(&mut t[i], g[i], (m0[i], v0[i]), &mut m[i], &mut v[i], k);
+                }
+            }
+            // the first step's moments are zeros: 0·β + x is x, bit for bit
+            None => {
+                for i in 0..n {
+                    one(&mut t[i], g[i], (0.0, 0.0), &mut m[i], &mut v[i], k);
+                }
+            }
+        }
     }
 }
 
@@ -563,6 +619,34 @@ pub fn l2_norm(t: &Tensor) -> Result<f64> {
     Ok(sum_of_squares(t)?.sqrt())
 }
 
+/// Partial sums of [`squares_in_lanes`]: eight 512-bit registers of f64.
+const SQUARE_LANES: usize = 32;
+
+crate::ops::vector::multiversion! {
+    /// `Σ x²` of a block in f64, in [`SQUARE_LANES`] partial sums (value `i`
+    /// into lane `i mod 32`) added in lane order, then the tail: an order
+    /// fixed by the lanes, not by the instruction set, so the vector and
+    /// the portable compilations give the same bits. A single running sum
+    /// was one add's latency per value.
+    fn squares_in_lanes(x: &[f32]) -> f64 {
+        let mut acc = [0f64; SQUARE_LANES];
+        let mut chunks = x.chunks_exact(SQUARE_LANES);
+        for c in &mut chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += f64::from(v) * f64::from(v);
+            }
+        }
+        let mut s = 0f64;
+        for a in acc {
+            s += a;
+        }
+        for &v in chunks.remainder() {
+            s += f64::from(v) * f64::from(v);
+        }
+        s
+    }
+}
+
 /// `Σ t²` accumulated in f64. On a contiguous f32 CPU tensor this is one
 /// parallel pass (fixed blocks added in order, so the result does not depend
 /// on scheduling); elsewhere candle's ops.
@@ -572,10 +656,7 @@ pub fn l2_norm(t: &Tensor) -> Result<f64> {
 pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
     use rayon::prelude::*;
     let fast = with_cpu_f32(t, |v| {
-        let parts: Vec<f64> = v
-            .par_chunks(1 << 15)
-            .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
-            .collect();
+        let parts: Vec<f64> = v.par_chunks(1 << 15).map(squares_in_lanes).collect();
         parts.iter().sum::<f64>()
     });
     match fast {
@@ -642,6 +723,12 @@ mod tests {
         assert_eq!(sum_of_squares(&t.t()?)?, want);
         assert_eq!(sum_of_squares(&t.to_dtype(DType::F64)?)?, want);
         assert!((l2_norm(&Tensor::new(&[3f32, 4.0], &Device::Cpu)?)? - 5.0).abs() < 1e-12);
+        // a block's lanes: the same bits on every kernel family, within f64
+        // rounding of the single running sum (a ragged tail of 7 values)
+        let v = crate::ops::testing::hashed_values(32 * 40 + 7, 9);
+        let serial: f64 = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        crate::ops::testing::same_on_every_family(|| squares_in_lanes(&v).to_bits());
+        assert!((squares_in_lanes(&v) - serial).abs() <= serial * 1e-14);
         Ok(())
     }
 
@@ -743,6 +830,50 @@ mod tests {
         close(&state["big.weight.exp_avg"].to_vec1::<f32>()?, &m);
         close(&state["big.weight.exp_avg_sq"].to_vec1::<f32>()?, &v);
         Ok(())
+    }
+
+    /// The vector-compiled update chunk gives the portable chunk's bits on
+    /// every kernel family, with and without old moments, and those bits
+    /// are the scalar formula's.
+    #[test]
+    fn adamw_chunk_is_the_same_on_every_family() {
+        use crate::ops::testing::{bits, hashed_values, out_buffer, out_values, same_on_every_family};
+        let n = 1000 + 13; // a ragged vector tail
+        let g: Vec<f32> = hashed_values(n, 1).iter().map(|x| x * 0.01).collect();
+        let (m0, v0) = (
+            hashed_values(n, 2),
+            hashed_values(n, 3).iter().map(|x| x.abs()).collect::<Vec<_>>(),
+        );
+        let k = AdamConstants::of(&AdamHyper {
+            lr: 0.003,
+            wd: 0.05,
+            b1: 0.9,
+            b2: 0.999,
+            eps: 1e-8,
+            bc1: 1.0 - 0.9f64.powi(7),
+            bc2: 1.0 - 0.999f64.powi(7),
+        });
+        for old in [Some((&m0[..], &v0[..])), None] {
+            let run = || {
+                let (mut t, mut m, mut v) = (hashed_values(n, 4), out_buffer(n), out_buffer(n));
+                adamw_chunk(&mut t, &g, old, &mut m, &mut v, &k);
+                (bits(&t), bits(&out_values(&m)), bits(&out_values(&v)))
+            };
+            same_on_every_family(run);
+            let (t, m, v) = run();
+            let t0 = hashed_values(n, 4);
+            for i in 0..n {
+                let (mo, vo) = old.map_or((0.0, 0.0), |(m0, v0)| (m0[i], v0[i]));
+                let mi = mo * k.b1 + g[i] * k.c1;
+                let vi = vo * k.b2 + g[i] * g[i] * k.c2;
+                let ti = t0[i] * k.decay - mi / (vi.sqrt() / k.sbc2 + k.eps) * k.step;
+                assert_eq!(
+                    (t[i], m[i], v[i]),
+                    (ti.to_bits(), mi.to_bits(), vi.to_bits()),
+                    "value {i}"
+                );
+            }
+        }
     }
 
     #[test]

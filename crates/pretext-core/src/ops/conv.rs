@@ -27,6 +27,7 @@ use super::direct;
 use super::fast_path;
 use super::fused::{apply, apply_no_grad, FusedOp, Operand};
 use super::gemm::{product, Mat};
+use super::linear::{add_bias_in_place, bias_backward};
 use super::vector::multiversion;
 use candle_core::{bail, Shape, Tensor};
 use rayon::prelude::*;
@@ -844,6 +845,112 @@ pub fn reference_conv_transpose2d_nhwc(
         .conv_transpose2d(weight, pad, out_pad, stride, 1)?
         .permute((0, 2, 3, 1))?
         .contiguous()
+}
+
+/// A convolution node (`Conv2dOp`, `ConvTranspose2dOp`) with its bias, and
+/// ReLU with `relu`, as one node: the bias is added to the convolution's
+/// output in place, and the backward pass hands the bias's gradient to the
+/// convolution's directly. As two nodes the bias pass wrote a second map,
+/// and candle summed the convolution's output gradient into a zeroed map
+/// of its own.
+struct WithBias<T> {
+    conv: T,
+    relu: bool,
+}
+
+impl<T: FusedOp<2>> FusedOp<3> for WithBias<T> {
+    const NAME: &'static str = "pretext-conv-bias";
+
+    fn name(&self) -> &'static str {
+        if self.relu {
+            "pretext-conv-bias-relu"
+        } else {
+            Self::NAME
+        }
+    }
+
+    fn forward(&self, [x, w, b]: [Operand<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (mut y, shape) = self.conv.forward([x, w])?;
+        if b.dims.len() != 1 || shape.dims().last() != Some(&b.data.len()) {
+            bail!(
+                "{}: the bias {:?} does not fit the output {:?}",
+                self.name(),
+                b.dims,
+                shape.dims()
+            );
+        }
+        add_bias_in_place(&mut y, b.data, self.relu);
+        Ok((y, shape))
+    }
+
+    fn backward(&self, [x, w, _]: [&Tensor; 3], y: &Tensor, dy: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
+        let (g, db) = bias_backward(y, dy, self.relu)?;
+        let [dx, dw] = self.conv.backward([x, w], y, &g)?;
+        Ok([dx, dw, Some(db)])
+    }
+}
+
+/// `y + bias` (`bias` `(c)` over the last dimension), then ReLU with `relu`,
+/// through candle's ops: the other devices' path of the fused nodes.
+fn reference_bias(y: Tensor, bias: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
+    let y = y.broadcast_add(bias)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
+/// [`conv2d_nhwc`] plus a per-channel `bias` `(o)`, then ReLU with `relu`:
+/// one graph node on CPU f32, candle's ops elsewhere.
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn conv2d_bias_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    pad: usize,
+    relu: bool,
+) -> candle_core::Result<Tensor> {
+    if fast_path(&[x, weight, bias]) {
+        apply(
+            [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?],
+            WithBias {
+                conv: Conv2dOp { stride, pad },
+                relu,
+            },
+        )
+    } else {
+        reference_bias(reference_conv2d_nhwc(x, weight, stride, pad)?, bias, relu)
+    }
+}
+
+/// [`conv_transpose2d_nhwc`] plus a per-channel `bias` `(cout)`, then ReLU
+/// with `relu`: one graph node on CPU f32, candle's ops elsewhere.
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn conv_transpose2d_bias_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    (stride, pad, out_pad): (usize, usize, usize),
+    relu: bool,
+) -> candle_core::Result<Tensor> {
+    if fast_path(&[x, weight, bias]) {
+        apply(
+            [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?],
+            WithBias {
+                conv: ConvTranspose2dOp { stride, pad, out_pad },
+                relu,
+            },
+        )
+    } else {
+        let y = reference_conv_transpose2d_nhwc(x, weight, stride, pad, out_pad)?;
+        reference_bias(y, bias, relu)
+    }
 }
 
 #[cfg(test)]

@@ -208,29 +208,71 @@ impl FusedOp<2> for BiasOp {
         if b.dims.len() != 1 || x.dims.last() != Some(&c) {
             bail!("bias: x {:?} does not end in the bias's {:?}", x.dims, b.dims);
         }
-        let mut y = vec![0f32; x.data.len()];
-        if c > 0 {
-            let relu = self.relu;
-            y.par_chunks_mut(rows_per_task(c, CONV_TASK) * c)
-                .zip(x.data.par_chunks(rows_per_task(c, CONV_TASK) * c))
-                .for_each(|(y, x)| {
-                    for (yr, xr) in y.chunks_mut(c).zip(x.chunks(c)) {
-                        for ((y, x), b) in yr.iter_mut().zip(xr).zip(b.data) {
-                            let v = x + b;
-                            *y = if relu { v.max(0.0) } else { v };
-                        }
-                    }
-                });
-        }
+        let relu = self.relu;
+        // SAFETY: every chunk of `y` is written in full, row by row.
+        let y = unsafe {
+            super::written_by(x.data.len(), 0, |y| {
+                if c > 0 {
+                    y.par_chunks_mut(rows_per_task(c, CONV_TASK) * c)
+                        .zip(x.data.par_chunks(rows_per_task(c, CONV_TASK) * c))
+                        .for_each(|(y, x)| {
+                            for (yr, xr) in y.chunks_mut(c).zip(x.chunks(c)) {
+                                for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b.data) {
+                                    *y = std::mem::MaybeUninit::new(biased(x, b, relu));
+                                }
+                            }
+                        });
+                }
+            })
+        };
         Ok((y, Shape::from(x.dims.to_vec())))
     }
 
     fn backward(&self, _xs: [&Tensor; 2], y: &Tensor, dy: &Tensor) -> candle_core::Result<[Option<Tensor>; 2]> {
-        let dy = dy.contiguous()?;
-        let g = if self.relu { relu_backward(&dy, y)? } else { dy };
-        let db = apply_no_grad([&g], ColumnSumOp)?;
+        let (g, db) = bias_backward(y, dy, self.relu)?;
         Ok([Some(g), Some(db)])
     }
+}
+
+/// `x + b`, through `max(·, 0)` with `relu`: the one formula of the bias
+/// passes, out of place ([`BiasOp`]) and in place ([`add_bias_in_place`]).
+#[inline(always)]
+fn biased(x: f32, b: f32, relu: bool) -> f32 {
+    let v = x + b;
+    if relu {
+        v.max(0.0)
+    } else {
+        v
+    }
+}
+
+/// Adds the per-channel bias `b` to the rows of `y` in place (then ReLU
+/// with `relu`): the epilogue of a convolution node that owns its output.
+///
+/// # Panics
+/// If `y`'s length is not a multiple of `b`'s.
+pub(crate) fn add_bias_in_place(y: &mut [f32], b: &[f32], relu: bool) {
+    let c = b.len();
+    if c == 0 {
+        return;
+    }
+    assert!(y.len().is_multiple_of(c), "bias of {c} over {} values", y.len());
+    y.par_chunks_mut(rows_per_task(c, CONV_TASK) * c).for_each(|y| {
+        for yr in y.chunks_mut(c) {
+            for (y, &b) in yr.iter_mut().zip(b) {
+                *y = biased(*y, b, relu);
+            }
+        }
+    });
+}
+
+/// The gradients of `y = bias(x) [then ReLU]` from `dy`: the input's
+/// (`dy` masked where `y ≤ 0` with `relu`) and the bias's (its column sum).
+pub(crate) fn bias_backward(y: &Tensor, dy: &Tensor, relu: bool) -> candle_core::Result<(Tensor, Tensor)> {
+    let dy = dy.contiguous()?;
+    let g = if relu { relu_backward(&dy, y)? } else { dy };
+    let db = apply_no_grad([&g], ColumnSumOp)?;
+    Ok((g, db))
 }
 
 /// `x + bias`, the bias `(c)` broadcast over the leading dimensions of `x` `(…, c)`.

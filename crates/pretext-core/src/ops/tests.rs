@@ -193,6 +193,76 @@ fn conv_transpose_forward_and_gradients_match_candle() -> candle_core::Result<()
     Ok(())
 }
 
+/// A convolution with its bias (and ReLU) as one node gives the bits of the
+/// convolution and the bias as two nodes, forward and every gradient, for
+/// the plain and the transposed convolution; candle's ops agree.
+#[test]
+fn conv_with_bias_is_conv_then_bias() -> candle_core::Result<()> {
+    use super::conv::{conv2d_bias_nhwc, conv_transpose2d_bias_nhwc};
+    let bits = |t: &Tensor| -> candle_core::Result<Vec<u32>> {
+        Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+    };
+    for relu in [false, true] {
+        for transposed in [false, true] {
+            // (n, h, w, cin, cout, k, stride, pad)
+            let (n, h, w, c, o, k, s, p) = (3, 8, 6, 5, 4, 4, 2, 1);
+            let x = Var::from_tensor(&rand_tensor(&[n, h, w, c], 1)?)?;
+            let wdims = if transposed { [c, o, k, k] } else { [o, c, k, k] };
+            let wt = Var::from_tensor(&rand_tensor(&wdims, 2)?)?;
+            let b = Var::from_tensor(&rand_tensor(&[o], 3)?)?;
+            let (xv, wv, bv) = (x.as_tensor(), wt.as_tensor(), b.as_tensor());
+            let (fused, two, slow) = if transposed {
+                let y = conv_transpose2d_nhwc(xv, wv, s, p, 1)?;
+                let slow = reference_conv_transpose2d_nhwc(xv, wv, s, p, 1)?.broadcast_add(bv)?;
+                let two = if relu {
+                    add_bias_relu(&y, bv)?
+                } else {
+                    add_bias(&y, bv)?
+                };
+                (conv_transpose2d_bias_nhwc(xv, wv, bv, (s, p, 1), relu)?, two, slow)
+            } else {
+                let y = conv2d_nhwc(xv, wv, s, p)?;
+                let slow = reference_conv2d_nhwc(xv, wv, s, p)?.broadcast_add(bv)?;
+                let two = if relu {
+                    add_bias_relu(&y, bv)?
+                } else {
+                    add_bias(&y, bv)?
+                };
+                (conv2d_bias_nhwc(xv, wv, bv, s, p, relu)?, two, slow)
+            };
+            let slow = if relu { slow.relu()? } else { slow };
+            let case = format!("relu {relu}, transposed {transposed}");
+            assert_eq!(bits(&fused)?, bits(&two)?, "{case}: forward");
+            assert!(rel_err(&fused, &slow)? < 1e-4, "{case}: forward against candle");
+            if relu {
+                let zeros = fused
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .filter(|v| **v == 0.0)
+                    .count();
+                assert!(zeros > 0, "{case}: the ReLU clamps some outputs");
+            }
+            let r = rand_tensor(fused.dims(), 4)?;
+            let gf = (&fused * &r)?.sum_all()?.backward()?;
+            let gt = (&two * &r)?.sum_all()?.backward()?;
+            let gs = (&slow * &r)?.sum_all()?.backward()?;
+            for (name, v) in [("input", &x), ("weight", &wt), ("bias", &b)] {
+                let grad = |g: &candle_core::backprop::GradStore| g.get(v.as_tensor()).cloned().expect("a gradient");
+                assert_eq!(bits(&grad(&gf))?, bits(&grad(&gt))?, "{case}: {name} gradient");
+                let e = rel_err(&grad(&gf), &grad(&gs))?;
+                assert!(e < 1e-4, "{case}: {name} gradient against candle, rel err {e}");
+            }
+        }
+    }
+    // a bias that does not fit the output channels is refused
+    let x = rand_tensor(&[1, 5, 5, 2], 5)?;
+    let err = conv2d_bias_nhwc(&x, &rand_tensor(&[3, 2, 3, 3], 6)?, &rand_tensor(&[4], 7)?, 1, 1, false)
+        .expect_err("a bias of 4 for 3 channels");
+    assert!(err.to_string().contains("bias"), "{err}");
+    Ok(())
+}
+
 #[test]
 fn max_pool_forward_and_backward() -> candle_core::Result<()> {
     // distinct values so every window has one maximum

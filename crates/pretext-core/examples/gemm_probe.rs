@@ -1,5 +1,5 @@
 //! GFLOP/s of pretext's matrix products in f32 and bf16 on the shapes of the
-//! SimCLR and MLM steps: `cargo run --release -p pretext-core --example gemm_probe`.
+//! SimCLR, MLM and conv VAE steps: `cargo run --release -p pretext-core --example gemm_probe`.
 
 use std::time::Instant;
 
@@ -28,6 +28,13 @@ fn main() {
             threads,
         ),
         ("square 2048", 2048, 2048, 2048, false, false, threads),
+        // the conv VAE's linear layers at batch 64 (6272 = 128 × 7 × 7)
+        ("vae enc fwd 6272 -> 64", 64, 64, 6272, false, true, threads),
+        ("vae enc dx", 64, 6272, 64, false, false, threads),
+        ("vae enc dw", 64, 6272, 64, true, false, threads),
+        ("vae dec fwd 64 -> 6272", 64, 6272, 64, false, true, threads),
+        ("vae dec dx", 64, 64, 6272, false, false, threads),
+        ("vae dec dw", 6272, 64, 64, true, false, threads),
     ];
     for (label, m, n, k, ta, tb, th) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();

@@ -52,6 +52,13 @@ enum Task {
         /// Print only; do not append to docs/performance.md.
         #[arg(long)]
         no_record: bool,
+        /// Rounds of measurement, ours and the reference's interleaved
+        /// (ours, the reference, ours again in each). The tables give
+        /// medians, each ratio paired within its round, and list the ratios
+        /// round by round: the machine's speed drifts by up to 2× within the
+        /// hour, more than some of the gaps measured.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+        rounds: u32,
     },
     /// Pretrain and probe every paradigm on the shipped data in turn (SimCLR,
     /// MoCo v2, VAE, MLM by default; `--methods` chooses), then write
@@ -239,76 +246,189 @@ fn find(results: &[(String, f64)], needle: &str) -> Option<f64> {
     results.iter().find(|(w, _)| w.contains(needle)).map(|(_, v)| *v)
 }
 
-/// Ours in f32 and bf16, the same before and after the reference: `[f32, bf16]` means.
-fn ours_twice(
-    mut bench: impl FnMut(&str) -> Result<f64>,
-    between: impl FnOnce() -> Result<()>,
-) -> Result<[(f64, f64, f64); 2]> {
-    let before = [bench(PRECISIONS[0])?, bench(PRECISIONS[1])?];
-    between()?;
-    let after = [bench(PRECISIONS[0])?, bench(PRECISIONS[1])?];
-    Ok([0, 1].map(|i| (before[i], after[i], (before[i] + after[i]) / 2.0)))
+/// The figures of interleaved rounds: each round runs ours in f32 and bf16,
+/// then the reference's side (`between`, its named figures), then ours
+/// again. The machine's speed drifts by up to 2× within the hour, so each of
+/// our figures is paired with the reference's of the same round.
+struct Rounds {
+    /// Per round, per precision ([`PRECISIONS`]): our runs before and after.
+    ours: Vec<[(f64, f64); 2]>,
+    /// Per round: the reference's figures by name.
+    refs: Vec<Vec<(&'static str, f64)>>,
 }
 
-/// The table's rows for our two precisions: figures, and ratios against
-/// our own f32 step.
-fn our_rows(what: &str, unit_fmt: fn(f64) -> String, ours: &[(f64, f64, f64); 2]) -> String {
-    let [(a, b, f), (c, d, h)] = *ours;
-    let (u, v) = (unit_fmt(a), unit_fmt(b));
-    let (x, y) = (unit_fmt(c), unit_fmt(d));
-    let what = if what.is_empty() {
-        String::new()
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
     } else {
-        format!(" {what}")
-    };
-    format!(
-        "| pretext{what}, f32 products (runs before and after the reference: {u}, {v}) | {} | 1.00 | {:.2} |\n\
-         | pretext{what}, bf16 products (`train.precision = \"bf16\"`; {x}, {y}) | {} | {:.2} | 1.00 |\n",
-        unit_fmt(f),
-        f / h,
-        unit_fmt(h),
-        h / f
-    )
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
-fn bench_conv(iters: usize) -> Result<String> {
+impl Rounds {
+    fn run(
+        rounds: usize,
+        mut bench: impl FnMut(&str) -> Result<f64>,
+        mut between: impl FnMut() -> Result<Vec<(&'static str, f64)>>,
+    ) -> Result<Self> {
+        let mut out = Self {
+            ours: Vec::new(),
+            refs: Vec::new(),
+        };
+        for round in 0..rounds.max(1) {
+            if rounds > 1 {
+                eprintln!("round {} of {rounds}", round + 1);
+            }
+            let before = [bench(PRECISIONS[0])?, bench(PRECISIONS[1])?];
+            out.refs.push(between()?);
+            let after = [bench(PRECISIONS[0])?, bench(PRECISIONS[1])?];
+            out.ours.push([0, 1].map(|p| (before[p], after[p])));
+        }
+        Ok(out)
+    }
+
+    /// Our figure of each round in precision `p`: the mean of its two runs.
+    fn ours_by_round(&self, p: usize) -> Vec<f64> {
+        self.ours.iter().map(|r| (r[p].0 + r[p].1) / 2.0).collect()
+    }
+
+    /// The reference's figure `name` of each round.
+    fn reference_by_round(&self, name: &str) -> Result<Vec<f64>> {
+        self.refs
+            .iter()
+            .map(|r| find_named(r, name).with_context(|| format!("no {name} figure from the reference")))
+            .collect()
+    }
+
+    /// Ours in precision `p` over `name`'s figure, round by round.
+    fn ratios(&self, p: usize, name: &str) -> Result<Vec<f64>> {
+        let theirs = self.reference_by_round(name)?;
+        Ok(self.ours_by_round(p).iter().zip(theirs).map(|(o, t)| o / t).collect())
+    }
+
+    /// The table's rows for our two precisions (the median round's
+    /// figures, every run listed) and for the reference's `rows` (label,
+    /// figure name): medians over the rounds, ratios paired within rounds.
+    /// With several rounds, a line of each ratio round by round follows.
+    fn table(&self, what: &str, unit_fmt: fn(f64) -> String, rows: &[(String, &str)]) -> Result<String> {
+        let what = if what.is_empty() {
+            String::new()
+        } else {
+            format!(" {what}")
+        };
+        let runs = |p: usize| {
+            self.ours
+                .iter()
+                .flat_map(|r| [unit_fmt(r[p].0), unit_fmt(r[p].1)])
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (f, h) = (median(self.ours_by_round(0)), median(self.ours_by_round(1)));
+        // bf16 over f32, round by round: the f32 row's `bf16 / this`, and
+        // its inverse the bf16 row's `f32 / this`
+        let own: Vec<f64> = self
+            .ours
+            .iter()
+            .map(|r| (r[1].0 + r[1].1) / (r[0].0 + r[0].1))
+            .collect();
+        let n = self.ours.len();
+        let when = if n > 1 {
+            format!("medians of {n} rounds; runs before and after the reference's in each")
+        } else {
+            "runs before and after the reference".to_string()
+        };
+        let mut md = format!(
+            "| pretext{what}, f32 products ({when}: {}) | {} | 1.00 | {:.2} |\n\
+             | pretext{what}, bf16 products (`train.precision = \"bf16\"`; {}) | {} | {:.2} | 1.00 |\n",
+            runs(0),
+            unit_fmt(f),
+            median(own.clone()),
+            runs(1),
+            unit_fmt(h),
+            1.0 / median(own),
+        );
+        let mut by_round = Vec::new();
+        for (label, name) in rows {
+            let (r32, r16) = (self.ratios(0, name)?, self.ratios(1, name)?);
+            let t = median(self.reference_by_round(name)?);
+            md.push_str(&format!(
+                "| {label} | {} | {:.2} | {:.2} |\n",
+                unit_fmt(t),
+                median(r32.clone()),
+                median(r16.clone())
+            ));
+            let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
+            by_round.push(format!("f32 / {name} {}; bf16 / {name} {}", list(&r32), list(&r16)));
+        }
+        if n > 1 {
+            md.push_str(&format!(
+                "\nRatios round by round (ours over the reference's figure of the same round): {}.\n",
+                by_round.join("; ")
+            ));
+        }
+        Ok(md)
+    }
+}
+
+/// The figure named `name` (exactly) among a round's reference figures.
+fn find_named(figures: &[(&'static str, f64)], name: &str) -> Option<f64> {
+    figures.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+}
+
+fn bench_conv(iters: usize, rounds: usize) -> Result<String> {
     let mut md = String::new();
     let one = |x: f64| format!("{x:.1}");
     match reference() {
         Some(r) => {
-            let mut refs = None;
-            let ours = ours_twice(
+            let steps = iters.to_string();
+            let res = Rounds::run(
+                rounds,
                 |p| ours_simclr(iters, p),
                 || {
-                    let nchw = reference_simclr(&r, &["--skip-aug", "--iters", &iters.to_string()])?;
-                    let cl = reference_simclr(
-                        &r,
-                        &["--skip-aug", "--channels-last", "--bf16", "--iters", &iters.to_string()],
-                    )?;
-                    refs = Some((nchw, cl));
-                    Ok(())
+                    let nchw = reference_simclr(&r, &["--skip-aug", "--iters", &steps])?;
+                    let cl = reference_simclr(&r, &["--skip-aug", "--channels-last", "--bf16", "--iters", &steps])?;
+                    let mut figures = vec![
+                        (
+                            "NCHW",
+                            find(&nchw, "fp32, NCHW, pre-augmented")
+                                .or_else(|| find(&nchw, "pre-augmented"))
+                                .context("no NCHW step figure from the reference")?,
+                        ),
+                        (
+                            "channels_last",
+                            find(&cl, "fp32, channels_last, pre-augmented")
+                                .context("no channels_last step figure from the reference")?,
+                        ),
+                        (
+                            "autocast",
+                            find(&cl, "bf16 autocast").context("no bf16 autocast step figure from the reference")?,
+                        ),
+                    ];
+                    if let Some(p) = find(&cl, "sgemm probe") {
+                        figures.push(("sgemm", p));
+                    }
+                    Ok(figures)
                 },
             )?;
-            let (nchw, cl) = refs.context("reference not run")?;
-            let t_nchw = find(&nchw, "fp32, NCHW, pre-augmented")
-                .or_else(|| find(&nchw, "pre-augmented"))
-                .context("no NCHW step figure from the reference")?;
-            let t_cl = find(&cl, "fp32, channels_last, pre-augmented")
-                .context("no channels_last step figure from the reference")?;
-            let t_bf = find(&cl, "bf16 autocast").context("no bf16 autocast step figure from the reference")?;
-            let (f, h) = (ours[0].2, ours[1].2);
-            md.push_str("| SimCLR step, batch 256 pairs | images/s | pretext f32 / this | pretext bf16 / this |\n|---|---|---|---|\n");
-            md.push_str(&our_rows("(fused NHWC trunk)", one, &ours));
             let torch = torch_name(&r);
-            for (name, t) in [
-                ("NCHW, fp32", t_nchw),
-                ("channels_last, fp32", t_cl),
-                ("channels_last, bf16 autocast", t_bf),
-            ] {
-                md.push_str(&format!("| {torch}, {name} | {t:.1} | {:.2} | {:.2} |\n", f / t, h / t));
-            }
-            if let Some(p) = find(&cl, "sgemm probe") {
-                md.push_str(&format!("\nsgemm probe during the reference runs: {p:.0} GFLOP/s (the machine's speed drifts; compare ratios).\n"));
+            md.push_str("| SimCLR step, batch 256 pairs | images/s | pretext f32 / this | pretext bf16 / this |\n|---|---|---|---|\n");
+            md.push_str(&res.table(
+                "(fused NHWC trunk)",
+                one,
+                &[
+                    (format!("{torch}, NCHW, fp32"), "NCHW"),
+                    (format!("{torch}, channels_last, fp32"), "channels_last"),
+                    (format!("{torch}, channels_last, bf16 autocast"), "autocast"),
+                ],
+            )?);
+            if let Ok(p) = res.reference_by_round("sgemm") {
+                let p: Vec<String> = p.iter().map(|v| format!("{v:.0}")).collect();
+                md.push_str(&format!("\nsgemm probe during the reference runs: {} GFLOP/s (the machine's speed drifts; compare ratios).\n", p.join(", ")));
             }
         }
         None => {
@@ -419,45 +539,42 @@ fn twin_conv_vae(r: &Reference, layout: &str) -> Result<f64> {
 }
 
 /// The default conv VAE against its PyTorch twin, both precisions of ours.
-fn bench_conv_vae(r: &Reference) -> Result<String> {
-    let mut twin = (0.0, 0.0);
-    let ours = ours_twice(ours_conv_vae, || {
-        twin = (twin_conv_vae(r, "nchw")?, twin_conv_vae(r, "cl")?);
-        Ok(())
+fn bench_conv_vae(r: &Reference, rounds: usize) -> Result<String> {
+    let res = Rounds::run(rounds, ours_conv_vae, || {
+        Ok(vec![
+            ("NCHW", twin_conv_vae(r, "nchw")?),
+            ("channels_last", twin_conv_vae(r, "cl")?),
+        ])
     })?;
     let torch = torch_name(r);
     let mut md = String::from("\n| Conv VAE training (the default: 32/128 encoder, 128 → 96 → 1 decoder, latent 64, batch 64, Adam; ours with its weight averaging) | images/s | pretext f32 / this | pretext bf16 / this |\n|---|---|---|---|\n");
-    md.push_str(&our_rows("", |x| format!("{x:.0}"), &ours));
-    for (name, t) in [("NCHW", twin.0), ("channels_last", twin.1)] {
-        md.push_str(&format!(
-            "| {torch} fp32 twin (`benches/conv_vae_pytorch.py`), {name} | {t:.0} | {:.2} | {:.2} |\n",
-            ours[0].2 / t,
-            ours[1].2 / t
-        ));
-    }
+    let rows: Vec<(String, &str)> = ["NCHW", "channels_last"]
+        .into_iter()
+        .map(|name| {
+            (
+                format!("{torch} fp32 twin (`benches/conv_vae_pytorch.py`), {name}"),
+                name,
+            )
+        })
+        .collect();
+    md.push_str(&res.table("", |x| format!("{x:.0}"), &rows)?);
     Ok(md)
 }
 
-fn bench_vae() -> Result<String> {
+fn bench_vae(rounds: usize) -> Result<String> {
     let mut md = String::new();
     let zero = |x: f64| format!("{x:.0}");
     match reference() {
         Some(r) => {
-            let mut res = Vec::new();
-            let ours = ours_twice(ours_vae, || {
-                res = reference_results(&r, &["vae", "--epochs", "2"])?;
-                Ok(())
+            let res = Rounds::run(rounds, ours_vae, || {
+                let res = reference_results(&r, &["vae", "--epochs", "2"])?;
+                let t = find(&res, "training throughput").context("no throughput figure from the reference VAE")?;
+                Ok(vec![("reference", t)])
             })?;
-            let t = find(&res, "training throughput").context("no throughput figure from the reference VAE")?;
             md.push_str("| VAE training (MLP 784-512-256-32, batch 128, Adam) | images/s | pretext f32 / this | pretext bf16 / this |\n|---|---|---|---|\n");
-            md.push_str(&our_rows("", zero, &ours));
-            md.push_str(&format!(
-                "| {} fp32 (`reference.py vae`, 2 epochs) | {t:.0} | {:.2} | {:.2} |\n",
-                torch_name(&r),
-                ours[0].2 / t,
-                ours[1].2 / t
-            ));
-            md.push_str(&bench_conv_vae(&r)?);
+            let label = format!("{} fp32 (`reference.py vae`, 2 epochs)", torch_name(&r));
+            md.push_str(&res.table("", zero, &[(label, "reference")])?);
+            md.push_str(&bench_conv_vae(&r, rounds)?);
         }
         None => {
             let (a, b) = (ours_vae("f32")?, ours_vae("bf16")?);
@@ -502,45 +619,43 @@ fn twin_mlm(r: &Reference) -> Result<(f64, f64)> {
     Ok((figure("fp32")?, figure("bf16")?))
 }
 
-fn bench_mlm(iters: usize) -> Result<String> {
+fn bench_mlm(iters: usize, rounds: usize) -> Result<String> {
     let mut md = String::new();
     let zero = |x: f64| format!("{x:.0}");
     match reference() {
         Some(r) => {
-            let mut res = Vec::new();
-            let mut twin = (0.0, 0.0);
-            let ours = ours_twice(
+            let res = Rounds::run(
+                rounds,
                 |p| ours_mlm(iters, p),
                 || {
-                    res = reference_results(&r, &["mlm", "--budget-min", "1"])?;
-                    twin = twin_mlm(&r)?;
-                    Ok(())
+                    let res = reference_results(&r, &["mlm", "--budget-min", "1"])?;
+                    let t = find(&res, "MLM train tokens/s").context("no tokens/s figure from the reference MLM")?;
+                    let (fp32, bf16) = twin_mlm(&r)?;
+                    Ok(vec![("reference", t), ("fp32", fp32), ("autocast", bf16)])
                 },
             )?;
-            let t = find(&res, "MLM train tokens/s").context("no tokens/s figure from the reference MLM")?;
             md.push_str("| BERT-mini MLM training (4 × 256, vocab 8000, batch 32 × 128, AdamW) | tokens/s | pretext f32 / this | pretext bf16 / this |\n|---|---|---|---|\n");
-            md.push_str(&our_rows("", zero, &ours));
             let torch = torch_name(&r);
-            for (what, v) in [
-                (
-                    "transformers `BertForMaskedLM` fp32 (`reference.py mlm --budget-min 1`)".to_string(),
-                    t,
-                ),
-                (
-                    format!("transformers `BertForMaskedLM` fp32, {torch} (`benches/mlm_pytorch.py`)"),
-                    twin.0,
-                ),
-                (
-                    format!("transformers `BertForMaskedLM` under bf16 autocast, {torch} (`benches/mlm_pytorch.py`)"),
-                    twin.1,
-                ),
-            ] {
-                md.push_str(&format!(
-                    "| {what} | {v:.0} | {:.2} | {:.2} |\n",
-                    ours[0].2 / v,
-                    ours[1].2 / v
-                ));
-            }
+            md.push_str(&res.table(
+                "",
+                zero,
+                &[
+                    (
+                        "transformers `BertForMaskedLM` fp32 (`reference.py mlm --budget-min 1`)".to_string(),
+                        "reference",
+                    ),
+                    (
+                        format!("transformers `BertForMaskedLM` fp32, {torch} (`benches/mlm_pytorch.py`)"),
+                        "fp32",
+                    ),
+                    (
+                        format!(
+                            "transformers `BertForMaskedLM` under bf16 autocast, {torch} (`benches/mlm_pytorch.py`)"
+                        ),
+                        "autocast",
+                    ),
+                ],
+            )?);
         }
         None => {
             let (a, b) = (ours_mlm(iters, "f32")?, ours_mlm(iters, "bf16")?);
@@ -567,9 +682,15 @@ fn record(section: &str, body: &str) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
-        Task::Bench { what, iters, no_record } => (|| -> Result<()> {
+        Task::Bench {
+            what,
+            iters,
+            no_record,
+            rounds,
+        } => (|| -> Result<()> {
+            let rounds = rounds as usize;
             if matches!(what, BenchWhat::Conv | BenchWhat::All) {
-                let md = on_this_cpu(bench_conv(iters)?);
+                let md = on_this_cpu(bench_conv(iters, rounds)?);
                 println!("{md}");
                 if !no_record {
                     record("SimCLR training step", &md)?;
@@ -583,14 +704,14 @@ fn main() -> ExitCode {
                 }
             }
             if matches!(what, BenchWhat::Vae | BenchWhat::All) {
-                let md = on_this_cpu(bench_vae()?);
+                let md = on_this_cpu(bench_vae(rounds)?);
                 println!("{md}");
                 if !no_record {
                     record("VAE training", &md)?;
                 }
             }
             if matches!(what, BenchWhat::Mlm | BenchWhat::All) {
-                let md = on_this_cpu(bench_mlm(iters.max(20))?);
+                let md = on_this_cpu(bench_mlm(iters.max(20), rounds)?);
                 println!("{md}");
                 if !no_record {
                     record("MLM training", &md)?;
@@ -620,6 +741,52 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
+
+    /// Ratios pair our figure with the reference's of the same round, the
+    /// table gives their medians, and the own-precision columns read as
+    /// the header says (`bf16 / f32` in the f32 row).
+    #[test]
+    fn rounds_pair_ratios_within_rounds() {
+        // round 1: ours f32 100 (90, 110), bf16 150; reference 80 → 1.25, 1.875
+        // round 2: the machine twice as fast: ours 200, 300; reference 250 → 0.8, 1.2
+        // round 3: ours 100, 160; reference 100 → 1.0, 1.6
+        let res = Rounds {
+            ours: vec![
+                [(90.0, 110.0), (150.0, 150.0)],
+                [(200.0, 200.0), (300.0, 300.0)],
+                [(100.0, 100.0), (160.0, 160.0)],
+            ],
+            refs: vec![vec![("torch", 80.0)], vec![("torch", 250.0)], vec![("torch", 100.0)]],
+        };
+        assert_eq!(res.ratios(0, "torch").unwrap(), vec![1.25, 0.8, 1.0]);
+        assert!(res.ratios(0, "other").is_err());
+        let md = res
+            .table("", |x| format!("{x:.0}"), &[("PyTorch".into(), "torch")])
+            .unwrap();
+        let rows: Vec<&str> = md.lines().collect();
+        // medians: ours 100 / 160, reference 100, ratios 1.00 / 1.60; bf16
+        // over f32 paired within rounds: 1.5, 1.5, 1.6
+        assert!(
+            rows[0].contains(
+                "runs before and after the reference's in each: 90, 110, 200, 200, 100, 100) | 100 | 1.00 | 1.50 |"
+            ),
+            "{}",
+            rows[0]
+        );
+        assert!(rows[1].ends_with("| 160 | 0.67 | 1.00 |"), "{}", rows[1]);
+        assert_eq!(rows[2], "| PyTorch | 100 | 1.00 | 1.60 |");
+        assert!(
+            md.contains("f32 / torch 1.25, 0.80, 1.00; bf16 / torch 1.88, 1.20, 1.60"),
+            "{md}"
+        );
+    }
 
     #[test]
     fn parses_result_fields() {

@@ -363,11 +363,17 @@ impl Rounds {
                 median(r16.clone())
             ));
             let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
-            by_round.push(format!("f32 / {name} {}; bf16 / {name} {}", list(&r32), list(&r16)));
+            let figures: Vec<String> = self.reference_by_round(name)?.into_iter().map(unit_fmt).collect();
+            by_round.push(format!(
+                "{name} {} (f32 / {name} {}; bf16 / {name} {})",
+                figures.join(", "),
+                list(&r32),
+                list(&r16)
+            ));
         }
         if n > 1 {
             md.push_str(&format!(
-                "\nRatios round by round (ours over the reference's figure of the same round): {}.\n",
+                "\nThe reference's figures round by round, and ours over each of the same round: {}.\n",
                 by_round.join("; ")
             ));
         }

@@ -890,6 +890,20 @@ impl<T: FusedOp<2>> FusedOp<3> for WithBias<T> {
     }
 }
 
+/// The node of `conv` with its bias (then ReLU with `relu`) over contiguous operands.
+fn with_bias<T: FusedOp<2>>(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    conv: T,
+    relu: bool,
+) -> candle_core::Result<Tensor> {
+    apply(
+        [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?],
+        WithBias { conv, relu },
+    )
+}
+
 /// `y + bias` (`bias` `(c)` over the last dimension), then ReLU with `relu`,
 /// through candle's ops: the other devices' path of the fused nodes.
 fn reference_bias(y: Tensor, bias: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
@@ -915,13 +929,7 @@ pub fn conv2d_bias_nhwc(
     relu: bool,
 ) -> candle_core::Result<Tensor> {
     if fast_path(&[x, weight, bias]) {
-        apply(
-            [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?],
-            WithBias {
-                conv: Conv2dOp { stride, pad },
-                relu,
-            },
-        )
+        with_bias(x, weight, bias, Conv2dOp { stride, pad }, relu)
     } else {
         reference_bias(reference_conv2d_nhwc(x, weight, stride, pad)?, bias, relu)
     }
@@ -940,13 +948,7 @@ pub fn conv_transpose2d_bias_nhwc(
     relu: bool,
 ) -> candle_core::Result<Tensor> {
     if fast_path(&[x, weight, bias]) {
-        apply(
-            [&x.contiguous()?, &weight.contiguous()?, &bias.contiguous()?],
-            WithBias {
-                conv: ConvTranspose2dOp { stride, pad, out_pad },
-                relu,
-            },
-        )
+        with_bias(x, weight, bias, ConvTranspose2dOp { stride, pad, out_pad }, relu)
     } else {
         let y = reference_conv_transpose2d_nhwc(x, weight, stride, pad, out_pad)?;
         reference_bias(y, bias, relu)

@@ -414,6 +414,22 @@ mod tests {
         }
     }
 
+    /// A fine-tuning value that cannot work stops the config when it
+    /// loads, before pretraining or probing, with its key.
+    #[test]
+    fn a_bad_fine_tuning_value_is_refused_with_the_config() {
+        let mut cfg = ContrastiveConfig::default();
+        cfg.eval.finetune.warmup_fraction = 1.0;
+        let err = cfg.validate().expect_err("warm-up over the whole run");
+        assert_eq!(err.key, "eval.finetune.warmup_fraction", "{err}");
+        let mut cfg = ContrastiveConfig::default();
+        cfg.eval.finetune.crop_scale = (0.9, 0.2);
+        assert_eq!(
+            cfg.validate().expect_err("an empty crop range").key,
+            "eval.finetune.crop_scale"
+        );
+    }
+
     #[test]
     fn view_scale_is_checked_and_a_vit_gets_whole_patches() {
         let mut cfg = ContrastiveConfig::default();

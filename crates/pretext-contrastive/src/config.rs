@@ -197,6 +197,7 @@ impl ContrastiveConfig {
         self.schedule.validate()?;
         self.train.validate()?;
         self.data.augment.validate()?;
+        self.eval.finetune.validate()?;
         if self.data.channels != 1 && self.data.channels != 3 {
             return Err(InvalidSetting::value(
                 "data.channels",

@@ -53,6 +53,58 @@ pub struct FineTuneConfig {
     pub patience: u64,
 }
 
+impl FineTuneConfig {
+    /// Checks every value, naming the key (`eval.finetune.…`) that cannot
+    /// work: the configs call it when they load, so a bad value stops the
+    /// command before any pretraining or probing, not when fine-tuning
+    /// starts.
+    ///
+    /// # Errors
+    /// The first key whose value cannot work.
+    pub fn validate(&self) -> pretext_core::SettingResult {
+        use pretext_core::InvalidSetting;
+        let key = |k: &str| format!("eval.finetune.{k}");
+        for (k, v) in [
+            ("budget_images", self.budget_images),
+            ("batch_size", self.batch_size),
+            ("max_epochs", self.max_epochs as usize),
+        ] {
+            if v == 0 {
+                return Err(InvalidSetting::value(key(k), v, "must be at least 1"));
+            }
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(InvalidSetting::value(key("lr"), self.lr, "must be > 0"));
+        }
+        if !(0.0..1.0).contains(&self.warmup_fraction) {
+            return Err(InvalidSetting::value(
+                key("warmup_fraction"),
+                self.warmup_fraction,
+                "must be in [0, 1): the share of the fine-tuning steps spent warming up",
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(InvalidSetting::value(
+                key("weight_decay"),
+                self.weight_decay,
+                "must be ≥ 0",
+            ));
+        }
+        let (a, b) = self.crop_scale;
+        if !(a > 0.0 && a <= b && b <= 1.0) {
+            return Err(InvalidSetting::value(
+                key("crop_scale"),
+                format!("[{a}, {b}]"),
+                "must be two areas with 0 < low ≤ high ≤ 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.flip_p) {
+            return Err(InvalidSetting::value(key("flip_p"), self.flip_p, "must be in [0, 1]"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for FineTuneConfig {
     fn default() -> Self {
         Self {
@@ -355,12 +407,7 @@ pub fn train_classifier(
             "fine-tuning needs non-empty training and test sets".into(),
         ));
     }
-    if !(0.0..1.0).contains(&cfg.warmup_fraction) {
-        return Err(Error::Invalid(format!(
-            "eval.finetune.warmup_fraction = {} must be in [0, 1): the share of the fine-tuning steps spent warming up",
-            cfg.warmup_fraction
-        )));
-    }
+    cfg.validate().map_err(|e| Error::Invalid(e.to_string()))?;
     let classes = data.classes;
     let n = train.len();
     let batch_size = cfg.batch_size.min((n / 4).max(1)).max(1);
@@ -573,6 +620,41 @@ pub fn classify_images(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each value that cannot work is refused with its key; the defaults
+    /// and the edges of each range pass.
+    #[test]
+    fn validate_names_the_bad_key() {
+        FineTuneConfig::default().validate().expect("the defaults are valid");
+        let edges = FineTuneConfig {
+            warmup_fraction: 0.99,
+            weight_decay: 0.0,
+            crop_scale: (1.0, 1.0),
+            flip_p: 1.0,
+            ..FineTuneConfig::default()
+        };
+        edges.validate().expect("the ranges' edges are valid");
+        type Change = fn(&mut FineTuneConfig);
+        let bad: [(&str, Change); 11] = [
+            ("budget_images", |c| c.budget_images = 0),
+            ("batch_size", |c| c.batch_size = 0),
+            ("max_epochs", |c| c.max_epochs = 0),
+            ("lr", |c| c.lr = 0.0),
+            ("lr", |c| c.lr = f64::NAN),
+            ("warmup_fraction", |c| c.warmup_fraction = 1.0),
+            ("warmup_fraction", |c| c.warmup_fraction = -0.1),
+            ("weight_decay", |c| c.weight_decay = -1e-4),
+            ("crop_scale", |c| c.crop_scale = (0.8, 0.5)),
+            ("crop_scale", |c| c.crop_scale = (0.0, 1.0)),
+            ("flip_p", |c| c.flip_p = 1.5),
+        ];
+        for (key, set) in bad {
+            let mut c = FineTuneConfig::default();
+            set(&mut c);
+            let err = c.validate().expect_err(key);
+            assert_eq!(err.key, format!("eval.finetune.{key}"), "{err}");
+        }
+    }
 
     #[test]
     fn early_stopping_keeps_the_best_epoch_and_stops_after_patience() -> Result<()> {

@@ -1021,4 +1021,15 @@ mod tests {
         assert!(!vae.contains("[mae]") && !vae.contains("patch_size"));
         assert_eq!(without_tables(CONFIG, &[]), CONFIG);
     }
+
+    /// A fine-tuning value that cannot work stops the config when it loads,
+    /// with its key (MAE fine-tunes; the VAE's config carries the same
+    /// section).
+    #[test]
+    fn a_bad_fine_tuning_value_is_refused_with_the_config() {
+        let mut cfg = crate::GenerativeConfig::default();
+        cfg.validate().expect("the defaults are valid");
+        cfg.eval.finetune.lr = -1e-3;
+        assert_eq!(cfg.validate().expect_err("a negative rate").key, "eval.finetune.lr");
+    }
 }

@@ -160,6 +160,7 @@ impl GenerativeConfig {
         use pretext_core::InvalidSetting;
         let method = GenerativeMethod::parse(&self.method)?;
         self.optim.validate()?;
+        self.eval.finetune.validate()?;
         self.schedule.validate()?;
         self.train.validate()?;
         if self.data.channels != 1 && self.data.channels != 3 {

@@ -280,8 +280,10 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 /// dozen intermediate tensors. The parameter is updated in place (candle's
 /// in-place op on the variable's storage) and the new moments are written
 /// straight from the old ones, so nothing is copied. Returns the new moments;
-/// `None` when a tensor is not a contiguous f32 CPU tensor (the caller then
-/// takes the tensor path, and nothing has changed).
+/// `None` when a tensor is not a contiguous f32 CPU tensor, or when only one
+/// of the two moments exists (a partial state; the kernel takes both or
+/// neither): the caller then takes the tensor path, which treats each
+/// moment on its own, and nothing has changed.
 fn adamw_fused_cpu(
     theta: &Tensor,
     g: &Tensor,
@@ -291,7 +293,11 @@ fn adamw_fused_cpu(
 ) -> Result<Option<(Tensor, Tensor)>> {
     use crate::ops::fused::borrowed;
     let n = theta.elem_count();
-    if g.elem_count() != n || m.is_some_and(|m| m.elem_count() != n) || v.is_some_and(|v| v.elem_count() != n) {
+    if m.is_some() != v.is_some()
+        || g.elem_count() != n
+        || m.is_some_and(|m| m.elem_count() != n)
+        || v.is_some_and(|v| v.elem_count() != n)
+    {
         return Ok(None);
     }
     let Some(gs) = borrowed(g) else {
@@ -874,6 +880,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A state with only the first moment (the second absent, as zeros)
+    /// updates with that moment and a zero second one, as torch's formula
+    /// does with each moment on its own.
+    #[test]
+    fn adamw_with_one_moment_in_its_state_uses_it() -> Result<()> {
+        let cfg = OptimConfig {
+            lr: 0.1,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let (var, mut opt) = setup(&cfg)?;
+        let m0 = [0.5f32, -0.25, 0.125];
+        let state: HashMap<String, Tensor> = [
+            ("step".to_string(), Tensor::new(&[3i64], &Device::Cpu)?),
+            ("layer.weight.exp_avg".to_string(), Tensor::new(&m0, &Device::Cpu)?),
+        ]
+        .into_iter()
+        .collect();
+        opt.load_state(&state)?;
+        opt.step(&grads_for(&var)?, 0.1)?;
+        let want: Vec<f64> = (0..3)
+            .map(|i| {
+                let g = f64::from(G[i]);
+                let m = 0.9 * f64::from(m0[i]) + 0.1 * g;
+                let v = 0.001 * g * g;
+                let (mh, vh) = (m / (1.0 - 0.9f64.powi(4)), v / (1.0 - 0.999f64.powi(4)));
+                f64::from(W0[i]) - 0.1 * mh / (vh.sqrt() + 1e-8)
+            })
+            .collect();
+        close(&values(&var), &want);
+        Ok(())
     }
 
     #[test]

@@ -90,18 +90,21 @@ impl FineTuneConfig {
                 "must be ≥ 0",
             ));
         }
-        let (a, b) = self.crop_scale;
-        if !(a > 0.0 && a <= b && b <= 1.0) {
-            return Err(InvalidSetting::value(
-                key("crop_scale"),
-                format!("[{a}, {b}]"),
-                "must be two areas with 0 < low ≤ high ≤ 1",
-            ));
+        // the crop and flip by the pipeline's own rules, under this section's keys
+        self.augment(Vec::new(), Vec::new())
+            .validate()
+            .map_err(|e| InvalidSetting::new(e.key.replacen("data.augment.", "eval.finetune.", 1), e.reason))
+    }
+
+    /// The fine-tuning batches' augmentation (random resized crop and
+    /// flip) of images normalised by `mean` and `std`.
+    fn augment(&self, mean: Vec<f32>, std: Vec<f32>) -> AugmentConfig {
+        AugmentConfig {
+            crop: true,
+            crop_scale: self.crop_scale,
+            flip_p: self.flip_p,
+            ..AugmentConfig::none(mean, std)
         }
-        if !(0.0..=1.0).contains(&self.flip_p) {
-            return Err(InvalidSetting::value(key("flip_p"), self.flip_p, "must be in [0, 1]"));
-        }
-        Ok(())
     }
 }
 
@@ -411,12 +414,7 @@ pub fn train_classifier(
     let classes = data.classes;
     let n = train.len();
     let batch_size = cfg.batch_size.min((n / 4).max(1)).max(1);
-    let augment = AugmentConfig {
-        crop: true,
-        crop_scale: cfg.crop_scale,
-        flip_p: cfg.flip_p,
-        ..AugmentConfig::none(mean.to_vec(), std.to_vec())
-    };
+    let augment = cfg.augment(mean.to_vec(), std.to_vec());
     let pipeline = Arc::new(Pipeline::new(augment, size, size).map_err(pretext_core::Error::from)?);
     let mut batcher = ImageBatcher::new(
         Arc::new(train.clone()),

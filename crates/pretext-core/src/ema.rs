@@ -94,11 +94,9 @@ impl candle_core::InplaceOp1 for BlendInPlace<'_> {
 
     fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
         use rayon::prelude::*;
-        let (candle_core::CpuStorage::F32(all), Some((a, b))) = (storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("EMA: the target is not a contiguous f32 tensor")
-        };
+        let target = crate::ops::fused::in_place_values(storage, layout, "EMA: the target")?;
         let (m, r) = (self.keep, self.take);
-        all[a..b]
+        target
             .par_chunks_mut(1 << 15)
             .zip(self.s.par_chunks(1 << 15))
             .for_each(|(t, s)| {

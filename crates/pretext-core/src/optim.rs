@@ -347,10 +347,7 @@ impl candle_core::InplaceOp1 for AdamInPlace<'_> {
 
     fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
         use rayon::prelude::*;
-        let (candle_core::CpuStorage::F32(all), Some((a, b))) = (storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("AdamW: the parameter is not a contiguous f32 tensor")
-        };
-        let th = &mut all[a..b];
+        let th = crate::ops::fused::in_place_values(storage, layout, "AdamW: the parameter")?;
         let n = th.len();
         let k = AdamConstants::of(self.h);
         let (mut mm, mut vv) = (Vec::<f32>::with_capacity(n), Vec::<f32>::with_capacity(n));

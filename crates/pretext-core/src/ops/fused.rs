@@ -65,6 +65,23 @@ pub fn borrowed(t: &Tensor) -> Option<Values<'_>> {
     }
 }
 
+/// The values an in-place op (candle's `InplaceOp1::cpu_fwd`) may write:
+/// the contiguous f32 span of `storage` that `layout` covers.
+///
+/// # Errors
+/// Other storage or a strided layout: "`{what}` is not a contiguous f32
+/// tensor".
+pub(crate) fn in_place_values<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(all), Some((a, b))) => Ok(&mut all[a..b]),
+        _ => bail!("{what} is not a contiguous f32 tensor"),
+    }
+}
+
 /// `t`'s values, row-major, borrowed where it can be (see [`Values`]).
 ///
 /// # Errors
